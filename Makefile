@@ -1,0 +1,51 @@
+# dpkit — `make demo` (train → export → evaluate in C++ → benchmark → report) and `make test`.
+# Both do every set-up step on a fresh machine: venv, pinned Python packages, apt packages,
+# ONNX Runtime headers, the C++ build.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+# Bounded training time for the demo (seconds of optimizer steps; the whole demo stays under ~15 min).
+DEMO_TRAIN_SECONDS ?= 480
+
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help setup install test pytest demo bench clean
+
+help:
+	@echo "make demo   - set up, train on PushT, export, evaluate with the C++ runtime, benchmark, report"
+	@echo "make test   - set up, build, run the C++ tests (plain + ASan/UBSan), the consumer build and pytest"
+	@echo "make bench  - full latency benchmark (dpkit-bench) into benchmarks/results/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Pinned packages (torch==2.13.0 CPU and the rest: requirements-lock.txt); re-run when the lock changes.
+$(VENV)/.deps-stamp: requirements-lock.txt | $(PY)
+	$(PIP) install -q -r requirements-lock.txt
+	touch $@
+
+setup: $(VENV)/.deps-stamp cpp-deps
+
+# The dpkit package itself (editable) with its C++ extension; the CMake build dir persists in build/.
+install: setup
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+-include cpp/cpp.mk
+
+pytest: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: install cpp-test cpp-test-asan cpp-consumer-test pytest
+
+demo: install
+	$(PY) -m dpkit.demo --train-seconds $(DEMO_TRAIN_SECONDS) --out demo_out
+
+bench: install
+	$(VENV)/bin/dpkit-bench
+
+clean:
+	rm -rf build demo_out .pytest_cache
