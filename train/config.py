@@ -121,6 +121,8 @@ class TrainConfig:
     ema_power: float = 0.75
     ema_max_decay: float = 0.9999
     seed: int = 42
+    time_limit_s: float = 0.0
+    """Stop (and checkpoint) after this many seconds of training, before `steps` if need be (0: no limit)."""
     log_every: int = 10
     val_every: int = 500
     val_batches: int = 8
@@ -141,6 +143,7 @@ class TrainConfig:
         _check(0 < self.ema_max_decay < 1, "train.ema_max_decay must be in (0, 1)")
         for k in ("log_every", "val_every", "checkpoint_every"):
             _check(getattr(self, k) >= 1, f"train.{k} must be >= 1")
+        _check(self.time_limit_s >= 0, "train.time_limit_s must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.eval_every >= 0 and self.eval_episodes >= 1, "train.eval_every must be >= 0, eval_episodes >= 1")
 
