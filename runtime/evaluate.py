@@ -1,0 +1,396 @@
+"""Score a policy in gym-pusht with the original Diffusion Policy protocol.
+
+    dpkit-eval --random --episodes 50 --json demo_out/random.json      # the random baseline
+    dpkit-eval --bundle bundles/tiny --backend cpp --video-dir demo_out/videos --json demo_out/eval.json
+    dpkit-eval --checkpoint runs/tiny --episodes 10 --max-steps 100     # PyTorch, quick look
+
+Protocol: episode i starts from the legacy state of seed `seed_start + i` (test seeds 100000..100049),
+runs at most 300 steps, the policy sees the last `To` observations (at reset the first one repeated) and
+`Ta` actions are executed per chunk (receding horizon). An episode's result is its max reward
+(clip(coverage / 0.95, 0, 1)); the score is the mean over episodes. An episode stops early on success
+(coverage > 0.95): its reward is then 1, the cap, so its max reward is what running on would give.
+
+All environments step together: each chunk, the policy is called once for every running episode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from dpkit.errors import DpkitError, cli_entry
+from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_file
+from dpkit.runtime import BACKENDS, pusht
+
+OBS_KEYS = {"image": ("image", "agent_pos"), "lowdim": ("obs",)}
+"""The observations each mode gives a policy (bundle-format.md: the encoder's inputs)."""
+MAX_ENVS = 50
+"""Default cap on environments stepped together (the 50 test episodes fit in one batch)."""
+
+
+class Policy(Protocol):
+    """What evaluation needs from a policy (every `dpkit.runtime.load_policy` backend provides it).
+
+    Optional: `backend` (a name for the report); keyword arguments `seed` (the evaluation passes one per
+    chunk, so sampling noise and with it the result are reproducible), `sampler` and `steps` (K).
+    """
+
+    obs_mode: str
+    n_obs_steps: int
+    n_action_steps: int
+    obs_keys: Sequence[str]
+
+    def predict_action(self, obs: dict[str, np.ndarray], **options: Any) -> np.ndarray:
+        """obs: {key: (B, To, ...)} float32 -> absolute targets (B, Ta, 2) in pixels."""
+        ...
+
+
+class RandomPolicy:
+    """The baseline: every action an independent uniform target in [0, 512]^2."""
+
+    backend = "random"
+
+    def __init__(self, obs_mode: str = "lowdim", n_obs_steps: int = 2, n_action_steps: int = 8):
+        if obs_mode not in OBS_KEYS:
+            raise DpkitError(f"unknown observation mode {obs_mode!r}")
+        self.obs_mode = obs_mode
+        self.n_obs_steps = n_obs_steps
+        self.n_action_steps = n_action_steps
+        self.obs_keys = OBS_KEYS[obs_mode]
+
+    def predict_action(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+        batch = len(obs[self.obs_keys[0]])
+        return np.random.default_rng(seed).uniform(0.0, 512.0, size=(batch, self.n_action_steps, 2))
+
+
+@dataclasses.dataclass
+class _Episode:
+    index: int
+    seed: int
+    history: dict[str, collections.deque]
+    frames: list[np.ndarray] | None
+    max_reward: float = 0.0
+    steps: int = 0
+    success: bool = False
+
+
+def _check_policy(policy: Any) -> None:
+    for attr in ("obs_mode", "n_obs_steps", "n_action_steps", "obs_keys", "predict_action"):
+        if not hasattr(policy, attr):
+            raise DpkitError(f"policy {type(policy).__name__} has no {attr!r}; it cannot be evaluated")
+    if policy.obs_mode not in OBS_KEYS:
+        raise DpkitError(f"policy observation mode {policy.obs_mode!r} is not one PushT offers ({', '.join(OBS_KEYS)})")
+    expected = OBS_KEYS[policy.obs_mode]
+    if tuple(policy.obs_keys) != expected:
+        raise DpkitError(
+            f"policy inputs {list(policy.obs_keys)} do not match PushT's {policy.obs_mode} observations {list(expected)}"
+        )
+    if int(policy.n_obs_steps) < 1 or int(policy.n_action_steps) < 1:
+        raise DpkitError(f"policy needs n_obs_steps >= 1 and n_action_steps >= 1, has {policy.n_obs_steps}, {policy.n_action_steps}")
+
+
+def _call_options(policy: Any, sampler: str | None, steps: int | None) -> tuple[dict[str, Any], bool]:
+    """predict_action keyword arguments for `sampler`/`steps`, and whether it takes a `seed`."""
+    try:
+        params = inspect.signature(policy.predict_action).parameters
+    except (TypeError, ValueError):  # e.g. a C++ method without a signature: assume the common interface
+        params = {}
+    takes_any = not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+    for name in options:
+        if not (takes_any or name in params):
+            raise DpkitError(f"policy {type(policy).__name__} does not take a {name!r} option")
+    return options, takes_any or "seed" in params
+
+
+def _start(env: Any, policy: Any, index: int, seed: int, record: bool) -> _Episode:
+    raw = pusht.reset_legacy(env, seed)
+    first = pusht.observe(env, policy.obs_mode, raw)
+    # As the original: the history starts as the first observation repeated To times.
+    history = {k: collections.deque([v] * policy.n_obs_steps, maxlen=policy.n_obs_steps) for k, v in first.items()}
+    frames = [pusht.render_frame(env, pusht.coverage(env), 0, seed)] if record else None
+    return _Episode(index=index, seed=seed, history=history, frames=frames)
+
+
+def _encode_video(frames: list[np.ndarray], stem: Path) -> tuple[Path, bytes]:
+    """MP4 when imageio's ffmpeg plugin is installed, else GIF: (path with its suffix, file bytes)."""
+    import imageio.v3 as iio
+
+    try:
+        import imageio_ffmpeg  # noqa: F401
+
+        path, kwargs = stem.with_suffix(".mp4"), {"fps": 10}
+    except ImportError:
+        path, kwargs = stem.with_suffix(".gif"), {"duration": 100, "loop": 0}  # 10 Hz, like the env
+    return path, iio.imwrite("<bytes>", np.stack(frames), extension=path.suffix, **kwargs)
+
+
+def evaluate_policy(
+    policy: Any,
+    episodes: int = pusht.N_TEST_EPISODES,
+    seed_start: int = pusht.LEGACY_TEST_SEED,
+    max_steps: int = pusht.MAX_STEPS,
+    n_envs: int | None = None,
+    video_dir: str | os.PathLike | None = None,
+    n_videos: int = 4,
+    progress: bool = True,
+    sampler: str | None = None,
+    steps: int | None = None,
+    sample_seed: int = 0,
+) -> dict[str, Any]:
+    """Roll `policy` out on episodes seeded `seed_start .. seed_start + episodes - 1`; returns the report.
+
+    n_envs: environments stepped together (default min(episodes, 50)); a free one takes the next
+    episode. sampler, steps: the reverse process (None: the policy's default). Chunk c is sampled with
+    `seed` = a hash of (sample_seed, c), so the same policy, backend, seeds and n_envs give the same
+    report. Videos of the first `n_videos` episodes go to `video_dir` when given.
+    """
+    _check_policy(policy)
+    if episodes < 1:
+        raise DpkitError(f"episodes must be >= 1, got {episodes}")
+    if max_steps < 1:
+        raise DpkitError(f"max_steps must be >= 1, got {max_steps}")
+    if not 0 <= seed_start <= 2**32 - 1 - episodes:
+        raise DpkitError(f"seed_start must be in [0, 2**32 - episodes), got {seed_start}")
+    n_envs = min(episodes, MAX_ENVS) if n_envs is None else min(int(n_envs), episodes)
+    if n_envs < 1:
+        raise DpkitError(f"n_envs must be >= 1, got {n_envs}")
+    video_dir = Path(video_dir) if video_dir is not None else None
+    n_videos = n_videos if video_dir is not None else 0
+
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    options, takes_seed = _call_options(policy, sampler, steps)
+    mode, to, ta = policy.obs_mode, int(policy.n_obs_steps), int(policy.n_action_steps)
+    envs = [pusht.make_env(mode) for _ in range(n_envs)]
+    pending = collections.deque(range(episodes))
+    running: dict[int, _Episode] = {}  # env slot -> its episode
+    finished: list[_Episode] = []
+    videos: list[tuple[Path, bytes]] = []  # written only once every episode is done
+    latencies: list[float] = []
+    bar = tqdm(total=episodes * max_steps, unit="step", desc=f"eval {getattr(policy, 'backend', '')}".strip(),
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        while pending or running:
+            for slot in range(n_envs):
+                if slot not in running and pending:
+                    i = pending.popleft()
+                    running[slot] = _start(envs[slot], policy, i, seed_start + i, record=i < n_videos)
+            slots = sorted(running)
+            obs = {
+                k: np.stack([np.stack(running[s].history[k]) for s in slots]).astype(np.float32, copy=False)
+                for k in OBS_KEYS[mode]
+            }
+            if takes_seed:
+                options["seed"] = int(np.random.SeedSequence([sample_seed, len(latencies)]).generate_state(1)[0])
+            t0 = time.perf_counter()
+            actions = np.asarray(policy.predict_action(obs, **options))
+            latencies.append(time.perf_counter() - t0)
+            if actions.ndim != 3 or actions.shape[0] != len(slots) or actions.shape[1] < ta or actions.shape[2] != 2:
+                raise DpkitError(f"policy returned actions of shape {actions.shape}, expected ({len(slots)}, {ta}, 2)")
+            if not np.all(np.isfinite(actions[:, :ta])):
+                raise DpkitError("policy returned non-finite actions")
+            for row, slot in enumerate(slots):
+                ep, env = running[slot], envs[slot]
+                steps_before = ep.steps
+                for action in actions[row, :ta]:
+                    raw, reward, terminated, _, info = env.step(action.astype(np.float64))
+                    ep.steps += 1
+                    ep.max_reward = max(ep.max_reward, float(reward))
+                    for k, v in pusht.observe(env, mode, raw).items():
+                        ep.history[k].append(v)
+                    if ep.frames is not None:
+                        ep.frames.append(pusht.render_frame(env, float(info["coverage"]), ep.steps, ep.seed))
+                    if terminated or ep.steps >= max_steps:
+                        ep.success = bool(info["is_success"])
+                        break
+                bar.update(ep.steps - steps_before)
+                if ep.success or ep.steps >= max_steps:
+                    bar.update(max_steps - ep.steps)  # the rest of a successful episode is skipped
+                    del running[slot]
+                    finished.append(ep)
+                    if ep.frames is not None:
+                        stem = video_dir / f"episode{ep.index:03d}_seed{ep.seed}"
+                        videos.append(_encode_video(ep.frames, stem))
+                        ep.frames = None
+                    bar.set_postfix(done=len(finished), score=f"{np.mean([e.max_reward for e in finished]):.3f}")
+    finally:
+        bar.close()
+        for env in envs:
+            env.close()
+
+    for path, data in videos:
+        atomic_write_bytes(path, data)
+    finished.sort(key=lambda e: e.index)
+    rewards = [e.max_reward for e in finished]
+    report = {
+        "score": float(np.mean(rewards)),
+        "success_rate": float(np.mean([e.success for e in finished])),
+        "backend": str(getattr(policy, "backend", type(policy).__name__)),
+        "obs_mode": mode,
+        "n_obs_steps": to,
+        "n_action_steps": ta,
+        "mean_chunk_latency_ms": float(np.mean(latencies) * 1e3),
+        "n_chunks": len(latencies),
+        "n_episodes": episodes,
+        "seed_start": seed_start,
+        "max_steps": max_steps,
+        "n_envs": n_envs,
+        "sample_seed": sample_seed,
+        "wall_s": round(time.perf_counter() - t_start, 3),
+        "videos": [str(path) for path, _ in videos],
+        "episodes": [
+            {"seed": e.seed, "max_reward": e.max_reward, "steps": e.steps, "success": e.success} for e in finished
+        ],
+    }
+    if sampler is not None or steps is not None:
+        report["sampler"], report["steps"] = sampler, steps
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad arguments as a DpkitError (one line, via cli_entry) instead of usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise DpkitError(f"{message} (see dpkit-eval --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _ArgumentParser(prog="dpkit-eval", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="PATH_OR_RUN_DIR", help="a training checkpoint or run folder (backend torch)")
+    src.add_argument("--bundle", metavar="DIR", help="an exported bundle (backend ort or cpp)")
+    src.add_argument("--random", action="store_true", help="the uniform random baseline")
+    p.add_argument("--backend", help="torch (checkpoint) | ort | cpp (bundle); default: torch for a checkpoint, cpp for a bundle")
+    p.add_argument("--episodes", type=int, default=pusht.N_TEST_EPISODES, help="default %(default)s")
+    p.add_argument("--seed-start", type=int, default=pusht.LEGACY_TEST_SEED, help="default %(default)s")
+    p.add_argument("--max-steps", type=int, default=pusht.MAX_STEPS, help="default %(default)s")
+    p.add_argument("--n-envs", type=int, default=None, help=f"environments stepped together (default min(episodes, {MAX_ENVS}))")
+    p.add_argument("--sampler", help="ddpm | ddim (default: the bundle's / checkpoint's default)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps K for --sampler")
+    p.add_argument("--json", metavar="PATH", help="write the report here (atomically)")
+    p.add_argument("--video-dir", metavar="DIR", help="write rollout videos of the first --n-videos episodes here")
+    p.add_argument("--n-videos", type=int, default=4, help="default %(default)s")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.episodes < 1:
+        raise DpkitError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.max_steps < 1:
+        raise DpkitError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.n_envs is not None and args.n_envs < 1:
+        raise DpkitError(f"--n-envs must be >= 1, got {args.n_envs}")
+    if not 0 <= args.seed_start <= 2**32 - 1 - args.episodes:
+        raise DpkitError(f"--seed-start must be in [0, 2**32 - episodes), got {args.seed_start}")
+    if args.n_videos < 0:
+        raise DpkitError(f"--n-videos must be >= 0, got {args.n_videos}")
+    if args.sampler is not None and args.sampler not in ("ddpm", "ddim"):
+        raise DpkitError(f"unknown --sampler {args.sampler!r} (expected ddpm or ddim)")
+    if args.steps is not None and args.steps < 1:
+        raise DpkitError(f"--steps must be >= 1, got {args.steps}")
+    if args.random:
+        if args.backend is not None or args.sampler is not None or args.steps is not None:
+            raise DpkitError("--random takes no --backend, --sampler or --steps")
+        return
+    if args.backend is None:
+        args.backend = "torch" if args.checkpoint else "cpp"
+    if args.backend not in BACKENDS:
+        raise DpkitError(f"unknown backend {args.backend!r} (expected one of {', '.join(BACKENDS)})")
+    if args.checkpoint:
+        if args.backend != "torch":
+            raise DpkitError(f"a checkpoint runs with --backend torch; export it (dpkit-export) to use {args.backend}")
+        if not Path(args.checkpoint).exists():
+            raise DpkitError(f"checkpoint {args.checkpoint} does not exist")
+    else:
+        if args.backend == "torch":
+            raise DpkitError("a bundle runs with --backend ort or cpp; use --checkpoint for torch")
+        if not (Path(args.bundle) / "policy.json").is_file():
+            raise DpkitError(f"{args.bundle} is not a bundle: {Path(args.bundle) / 'policy.json'} is missing")
+
+
+def _check_writable_dir(path: str) -> None:
+    d = Path(path)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DpkitError(f"cannot create video folder {d}: {e.strerror}") from None
+    if not os.access(d, os.W_OK):
+        raise DpkitError(f"video folder {d} is not writable")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    if args.random:
+        return RandomPolicy()
+    try:
+        from dpkit.runtime import load_policy
+    except ImportError as e:
+        raise DpkitError(f"dpkit.runtime.load_policy is not available: {e}") from None
+    return load_policy(args.checkpoint or args.bundle, backend=args.backend)
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    n = report["n_episodes"]
+    wins = sum(e["success"] for e in report["episodes"])
+    first = report["seed_start"]
+    rows = [
+        ("backend", f"{report['backend']} ({report['obs_mode']}, To={report['n_obs_steps']}, Ta={report['n_action_steps']})"),
+        ("episodes", f"{n} (seeds {first}..{first + n - 1}, at most {report['max_steps']} steps, {report['n_envs']} envs)"),
+        ("score", f"{report['score']:.3f}  (mean of each episode's max reward)"),
+        ("success rate", f"{report['success_rate']:.3f}  ({wins}/{n} with coverage > {pusht.SUCCESS_COVERAGE})"),
+        ("chunk latency", f"{report['mean_chunk_latency_ms']:.2f} ms mean over {report['n_chunks']} batched calls"),
+        ("wall time", f"{report['wall_s']:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _validate(args)
+    # Fail on unwritable outputs before the long run, not after it.
+    if args.json:
+        check_writable_file(args.json)
+    if args.video_dir:
+        _check_writable_dir(args.video_dir)
+    policy = _load(args)
+    report = evaluate_policy(
+        policy,
+        episodes=args.episodes,
+        seed_start=args.seed_start,
+        max_steps=args.max_steps,
+        n_envs=args.n_envs,
+        video_dir=args.video_dir,
+        n_videos=args.n_videos,
+        progress=not args.quiet,
+        sampler=args.sampler,
+        steps=args.steps,
+    )
+    print(format_summary(report))
+    for v in report["videos"]:
+        print(f"video         {v}")
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"report        {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
