@@ -1,0 +1,161 @@
+// dpkit runtime: sample a Diffusion Policy bundle (docs/bundle-format.md) over ONNX Runtime.
+//
+//   #include <dpkit/runtime.hpp>
+//
+//   dpkit::PolicyParams params;                 // CPU, 2 threads, batch 1, seed 0
+//   dpkit::Policy policy("bundles/tiny", params);
+//   const dpkit::PolicyInfo& info = policy.info();
+//   std::vector<float> obs(info.observation_size(0));            // (1, To, 20) for a low-dim bundle
+//   std::vector<float> actions(info.actions_size());             // (1, Ta, A), un-normalized
+//   dpkit::SampleRequest req;
+//   req.observations = {{obs.data(), obs.size()}};
+//   req.sampler = policy.find_sampler("ddim", 10);              // once, outside the control loop
+//   policy.sample(req, {{}, {actions.data(), actions.size()}});
+//
+// Thread safety: a Policy is NOT safe to use from two threads at once (it owns its buffers and random
+// generator). Use one Policy per thread; separate Policy objects never share mutable state, so they may
+// sample concurrently. `info()` and `find_sampler()` are const and safe to call at any time.
+//
+// Errors: every failure throws dpkit::Error (a std::runtime_error) whose message names the file, tensor
+// or expected shape. Bad caller input (shapes, NaN/Inf, unknown sampler) throws dpkit::InputError.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace dpkit {
+
+// Any failure: unreadable or inconsistent bundle, ONNX Runtime errors, unavailable providers.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The caller passed something wrong (shape, size, NaN/Inf, unknown sampler, batch too large).
+class InputError : public Error {
+ public:
+  using Error::Error;
+};
+
+// Read-only view of caller memory: `size` floats at `data`.
+struct ConstFloatSpan {
+  const float* data = nullptr;
+  std::size_t size = 0;
+};
+
+// Writable view of caller memory.
+struct FloatSpan {
+  float* data = nullptr;
+  std::size_t size = 0;
+};
+
+struct PolicyParams {
+  // Execution provider: "cpu", "cuda" or "tensorrt". An unavailable one is an Error, never a fallback.
+  std::string provider = "cpu";
+  // ONNX Runtime intra-op threads per session (0 = ORT's default, one per core).
+  int intra_op_threads = 2;
+  // Let idle intra-op threads spin between runs: lower latency, more CPU burned.
+  bool allow_spinning = true;
+  // Largest batch `sample` accepts; buffers are sized for it at load.
+  int max_batch = 1;
+  // Seed of the generator that draws noise the caller does not inject.
+  std::uint64_t seed = 0;
+  // Path of libonnxruntime.so. Empty: $DPKIT_ORT_LIBRARY, then the system's libonnxruntime.so.1.
+  // The library is loaded once per process; later Policies reuse the first one loaded.
+  std::string ort_library;
+  // Check the sha256 of encoder.onnx / denoiser.onnx against policy.json before loading them.
+  bool verify_sha256 = true;
+  // GPU index for the "cuda" and "tensorrt" providers.
+  int device_id = 0;
+};
+
+struct ObservationInfo {
+  std::string name;             // encoder input name, e.g. "obs", "image", "agent_pos"
+  std::vector<int64_t> shape;   // per step, without B and To, e.g. {20} or {3, 96, 96}
+  std::size_t step_size = 0;    // product of `shape`
+};
+
+struct SamplerInfo {
+  std::string name;             // e.g. "ddim-10"
+  std::string sampler;          // "ddpm" or "ddim"
+  int num_inference_steps = 0;  // K
+};
+
+// What the bundle describes, plus what this Policy was built with.
+struct PolicyInfo {
+  std::string bundle_dir;
+  std::string obs_mode;          // "lowdim" or "image"
+  int n_obs_steps = 0;           // To
+  int horizon = 0;               // H
+  int n_action_steps = 0;        // Ta
+  int action_dim = 0;            // A
+  int first_action_index = 0;
+  int cond_dim = 0;              // C
+  int max_batch = 0;
+  std::vector<ObservationInfo> observations;  // encoder inputs, in graph order
+  std::vector<SamplerInfo> samplers;
+  int default_sampler = 0;       // index into `samplers`
+  std::string provider;          // the provider in use ("cpu", "cuda", "tensorrt")
+  std::string ort_version;       // version string of the loaded ONNX Runtime library
+  std::string ort_library;       // path it was loaded from
+
+  // Float counts for a batch of `batch`: observation i (batch, To, *shape), trajectory (batch, H, A),
+  // actions (batch, Ta, A), step noise for sampler s (K, batch, H, A).
+  std::size_t observation_size(std::size_t i, int batch = 1) const;
+  std::size_t trajectory_size(int batch = 1) const;
+  std::size_t actions_size(int batch = 1) const;
+  std::size_t step_noise_size(int sampler, int batch = 1) const;
+};
+
+struct SampleRequest {
+  int batch = 1;
+  // One span per PolicyInfo::observations entry, in that order: (batch, To, *shape) float32, C order.
+  std::vector<ConstFloatSpan> observations;
+  // Index from Policy::find_sampler; -1 = the bundle's default sampler.
+  int sampler = -1;
+  // Optional injected noise (empty span = draw from the Policy's generator):
+  // initial sample (batch, H, A) and per-step noise (K, batch, H, A) (only DDPM uses it).
+  ConstFloatSpan initial_noise;
+  ConstFloatSpan step_noise;
+};
+
+struct SampleOutput {
+  FloatSpan trajectory;  // optional: (batch, H, A), normalized
+  FloatSpan actions;     // optional: (batch, Ta, A), un-normalized executed actions
+};
+
+// A loaded bundle with its ONNX Runtime sessions and preallocated buffers. Move-only.
+class Policy {
+ public:
+  explicit Policy(const std::string& bundle_dir, const PolicyParams& params = PolicyParams());
+  ~Policy();
+  Policy(Policy&&) noexcept;
+  Policy& operator=(Policy&&) noexcept;
+  Policy(const Policy&) = delete;
+  Policy& operator=(const Policy&) = delete;
+
+  const PolicyInfo& info() const;
+
+  // Index of the bundle's sampler ("ddpm" or "ddim", K steps). InputError lists the available ones.
+  int find_sampler(const std::string& sampler, int num_inference_steps) const;
+
+  // Restart the noise generator (same seed => same noise sequence).
+  void reseed(std::uint64_t seed);
+
+  // Encode the observations once, run the K reverse steps, write the results into `out`.
+  // Allocates nothing (every buffer was sized for max_batch at load).
+  void sample(const SampleRequest& request, const SampleOutput& out);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Version string of the ONNX Runtime library a Policy loaded ("" before the first Policy).
+std::string ort_version();
+
+}  // namespace dpkit

@@ -1,0 +1,130 @@
+// dpkit.runtime._core: dpkit::Policy for Python. Used through dpkit.runtime.cpp_policy.CppPolicy.
+//
+// numpy in: float32 C-contiguous arrays are read in place (others are converted once by pybind11).
+// numpy out: the result arrays are allocated here and C++ writes into them directly. The GIL is
+// released while sampling, so Python threads (one Policy each) run concurrently.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "dpkit/runtime.hpp"
+
+namespace py = pybind11;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+namespace {
+
+dpkit::ConstFloatSpan span_of(const FloatArray& a) { return {a.data(), static_cast<std::size_t>(a.size())}; }
+
+std::string shape_of(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// The batch comes from the first observation's leading dimension; C++ then checks every size.
+py::tuple sample(dpkit::Policy& self, const std::vector<FloatArray>& observations, int sampler,
+                 std::optional<FloatArray> initial_noise, std::optional<FloatArray> step_noise) {
+  const dpkit::PolicyInfo& info = self.info();
+  if (observations.empty() || observations[0].ndim() < 2)
+    throw dpkit::InputError("observations: expected " + std::to_string(info.observations.size()) +
+                            " arrays shaped (B, To, ...), the first one (B, " + std::to_string(info.n_obs_steps) + ", ...)");
+  for (std::size_t i = 0; i < observations.size() && i < info.observations.size(); ++i) {
+    const auto& o = info.observations[i];
+    if (static_cast<std::size_t>(observations[i].ndim()) != 2 + o.shape.size())
+      throw dpkit::InputError("observation '" + o.name + "': expected " + std::to_string(2 + o.shape.size()) +
+                              " dimensions (B, To, ...), got shape " + shape_of(observations[i]));
+  }
+  const int B = static_cast<int>(observations[0].shape(0));
+  dpkit::SampleRequest req;
+  req.batch = B;
+  req.sampler = sampler;
+  for (const auto& a : observations) req.observations.push_back(span_of(a));
+  if (initial_noise) req.initial_noise = span_of(*initial_noise);
+  if (step_noise) req.step_noise = span_of(*step_noise);
+
+  FloatArray traj({B, info.horizon, info.action_dim});
+  FloatArray actions({B, info.n_action_steps, info.action_dim});
+  dpkit::SampleOutput out{{traj.mutable_data(), static_cast<std::size_t>(traj.size())},
+                          {actions.mutable_data(), static_cast<std::size_t>(actions.size())}};
+  {
+    py::gil_scoped_release release;
+    self.sample(req, out);
+  }
+  return py::make_tuple(traj, actions);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "dpkit C++ runtime (see dpkit.runtime.cpp_policy.CppPolicy)";
+
+  // Python classes that are both DpkitError (so CLIs print one line) and the builtin a caller expects.
+  py::object dpkit_error = py::module_::import("dpkit.errors").attr("DpkitError");
+  static py::handle input_error, runtime_error;
+  input_error = PyErr_NewException("dpkit.runtime._core.InputError",
+                                   py::make_tuple(dpkit_error, py::handle(PyExc_ValueError)).ptr(), nullptr);
+  runtime_error = PyErr_NewException("dpkit.runtime._core.Error",
+                                     py::make_tuple(dpkit_error, py::handle(PyExc_RuntimeError)).ptr(), nullptr);
+  m.attr("InputError") = input_error;
+  m.attr("Error") = runtime_error;
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const dpkit::InputError& e) {
+      PyErr_SetString(input_error.ptr(), e.what());
+    } catch (const dpkit::Error& e) {
+      PyErr_SetString(runtime_error.ptr(), e.what());
+    }
+  });
+
+  py::class_<dpkit::Policy>(m, "Policy")
+      .def(py::init([](const std::string& bundle_dir, const std::string& provider, int threads, int max_batch,
+                       std::uint64_t seed, const std::string& ort_library, bool verify_sha256, int device_id,
+                       bool allow_spinning) {
+             dpkit::PolicyParams p;
+             p.provider = provider;
+             p.intra_op_threads = threads;
+             p.max_batch = max_batch;
+             p.seed = seed;
+             p.ort_library = ort_library;
+             p.verify_sha256 = verify_sha256;
+             p.device_id = device_id;
+             p.allow_spinning = allow_spinning;
+             py::gil_scoped_release release;  // loading sessions can take a while
+             return dpkit::Policy(bundle_dir, p);
+           }),
+           py::arg("bundle_dir"), py::arg("provider") = "cpu", py::arg("threads") = 2, py::arg("max_batch") = 1,
+           py::arg("seed") = 0, py::arg("ort_library") = "", py::arg("verify_sha256") = true, py::arg("device_id") = 0,
+           py::arg("allow_spinning") = true)
+      .def("find_sampler", &dpkit::Policy::find_sampler, py::arg("sampler"), py::arg("num_inference_steps") = 0)
+      .def("reseed", &dpkit::Policy::reseed, py::arg("seed"))
+      .def("sample", &sample, py::arg("observations"), py::arg("sampler") = -1, py::arg("initial_noise") = py::none(),
+           py::arg("step_noise") = py::none(),
+           "observations: list of float32 arrays in info order -> (trajectory (B,H,A), actions (B,Ta,A))")
+      .def_property_readonly("info", [](const dpkit::Policy& self) {
+        const dpkit::PolicyInfo& i = self.info();
+        py::list obs, samplers;
+        for (const auto& o : i.observations) obs.append(py::make_tuple(o.name, py::tuple(py::cast(o.shape))));
+        for (const auto& s : i.samplers) samplers.append(py::make_tuple(s.name, s.sampler, s.num_inference_steps));
+        py::dict d;
+        d["bundle_dir"] = i.bundle_dir;
+        d["obs_mode"] = i.obs_mode;
+        d["n_obs_steps"] = i.n_obs_steps;
+        d["horizon"] = i.horizon;
+        d["n_action_steps"] = i.n_action_steps;
+        d["action_dim"] = i.action_dim;
+        d["first_action_index"] = i.first_action_index;
+        d["cond_dim"] = i.cond_dim;
+        d["max_batch"] = i.max_batch;
+        d["observations"] = obs;
+        d["samplers"] = samplers;
+        d["default_sampler"] = i.default_sampler;
+        d["provider"] = i.provider;
+        d["ort_version"] = i.ort_version;
+        d["ort_library"] = i.ort_library;
+        return d;
+      });
+}

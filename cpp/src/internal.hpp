@@ -1,0 +1,77 @@
+// Internal pieces of the runtime, declared here so the unit tests can reach them. Not installed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dpkit/runtime.hpp"
+
+namespace dpkit {
+namespace detail {
+
+// ---- sha256 (FIPS 180-4), self-written so the runtime needs no crypto library -------------------------
+std::string sha256_hex(const void* data, std::size_t size);
+std::string sha256_file_hex(const std::string& path);  // Error naming the file when it cannot be read
+
+// ---- policy.json ---------------------------------------------------------------------------------------
+struct ModelEntry {
+  std::string file;
+  std::string sha256;
+  std::vector<std::string> inputs;
+  std::vector<std::string> outputs;
+  std::string dtype;
+};
+
+struct SamplerEntry {
+  std::string name;
+  std::string sampler;  // "ddpm" | "ddim"
+  int num_inference_steps = 0;
+  std::vector<int64_t> timesteps;
+  std::vector<int64_t> prev_timesteps;
+  double final_alpha_cumprod = 1.0;
+  double eta = 0.0;
+};
+
+struct Manifest {
+  std::string obs_mode;
+  int n_obs_steps = 0, horizon = 0, n_action_steps = 0, action_dim = 0, first_action_index = 0, cond_dim = 0;
+  std::vector<ObservationInfo> observations;
+  std::vector<float> action_scale, action_offset;
+  // scheduler
+  int num_train_timesteps = 0;
+  std::string prediction_type, variance_type;
+  bool clip_sample = false;
+  double clip_sample_range = 1.0;
+  std::vector<double> betas, alphas_cumprod;
+  std::vector<SamplerEntry> samplers;
+  int default_sampler = 0;
+  ModelEntry encoder, denoiser;
+  bool has_tensorrt = false;
+  std::string tensorrt_precision;
+};
+
+// Parse and validate policy.json text; `where` (the file path) prefixes every error message.
+Manifest parse_manifest(const std::string& json_text, const std::string& where);
+Manifest load_manifest(const std::string& bundle_dir);
+
+// ---- the reverse step (docs/bundle-format.md) ----------------------------------------------------------
+// Per-step coefficients computed once at load from the manifest arrays, so that a step is
+//   x0 = clamp((x - sqrt_1m_at * eps) * inv_sqrt_at, -r, r)      (clamp only when clip)
+//   x  = c_x0 * x0 + c_x * x + c_eps * eps + sigma * noise        (sigma = 0: no noise term)
+// DDPM has c_eps = 0; DDIM (eta = 0) has c_x = 0 and sigma = 0.
+struct StepCoefficients {
+  int64_t timestep = 0;
+  float sqrt_1m_at = 0, inv_sqrt_at = 0;
+  float c_x0 = 0, c_x = 0, c_eps = 0, sigma = 0;
+};
+
+std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& s);
+
+// One reverse step over n floats, in place on x. `noise` may be null when step.sigma == 0.
+void apply_step(const StepCoefficients& step, bool clip, float clip_range, float* x, const float* eps,
+                const float* noise, std::size_t n);
+
+}  // namespace detail
+}  // namespace dpkit

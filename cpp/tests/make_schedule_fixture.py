@@ -1,0 +1,56 @@
+"""Regenerate cpp/tests/data/schedule_fixture.json: reverse steps computed by diffusers, for test_schedule.
+
+    .venv/bin/python cpp/tests/make_schedule_fixture.py
+
+For each sampler the fixture holds, per step k, a random x and eps, the standard-normal noise diffusers
+drew, and diffusers' `prev_sample` (float32). The C++ test applies its own coefficients (built from the
+same manifest `scheduler` object) and must match. Committed; rerun only when the step definition changes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_test_bundle import T_TRAIN, scheduler_json  # noqa: E402
+
+N = 8  # floats per step: enough to hit the clip on both sides
+
+
+def main() -> int:
+    sched = scheduler_json()
+    torch.manual_seed(0)
+    cases = []
+    for name in ["ddpm-100", "ddpm-10", "ddim-10"]:
+        entry = next(s for s in sched["samplers"] if s["name"] == name)
+        kw = dict(num_train_timesteps=T_TRAIN, beta_schedule="squaredcos_cap_v2", clip_sample=True,
+                  prediction_type="epsilon")
+        sch = (DDPMScheduler(variance_type="fixed_small", **kw) if entry["sampler"] == "ddpm"
+               else DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **kw))
+        sch.set_timesteps(entry["num_inference_steps"])
+        steps = []
+        for t in sch.timesteps:
+            x = torch.randn(1, N) * 1.5
+            eps = torch.randn(1, N) * 1.5
+            g = torch.Generator().manual_seed(int(t) + 1000)
+            noise = torch.randn((1, N), generator=torch.Generator().manual_seed(int(t) + 1000))
+            if entry["sampler"] == "ddpm":
+                out = sch.step(eps, t, x, generator=g).prev_sample
+            else:
+                out = sch.step(eps, t, x, eta=0.0).prev_sample
+            steps.append({"t": int(t), "x": x[0].tolist(), "eps": eps[0].tolist(), "noise": noise[0].tolist(),
+                          "out": out[0].tolist()})
+        cases.append({"sampler": name, "steps": steps})
+    out = Path(__file__).parent / "data" / "schedule_fixture.json"
+    out.write_text(json.dumps({"scheduler": sched, "cases": cases}) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

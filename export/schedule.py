@@ -1,0 +1,81 @@
+"""The `scheduler` object of policy.json, computed once with diffusers (the training scheduler's source).
+
+Runtimes never recompute the schedule: they read these arrays. Timesteps and previous timesteps are
+taken from diffusers' own `set_timesteps` / step rules so every runtime walks exactly the chain the
+PyTorch policy walks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from dpkit.errors import DpkitError
+
+# DDIM step counts listed in every bundle (plus the config's own `ddim_steps`); the C++ runtime and the
+# "ort" backend can only run listed ones. Steps that do not divide 100 are fine: diffusers' "leading"
+# spacing gives them, and they are listed exactly as it does.
+DEFAULT_DDIM_STEPS = (1, 2, 4, 5, 8, 10, 16, 20, 25, 50, 100)
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    """`--ddim-steps 1,2,5,10` -> (1, 2, 5, 10)."""
+    try:
+        steps = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise DpkitError(f"--ddim-steps expects a comma-separated list of integers, got {text!r}") from None
+    if not steps:
+        raise DpkitError("--ddim-steps is empty")
+    return steps
+
+
+def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS) -> dict[str, Any]:
+    """The `scheduler` manifest object for a DiffusionPolicy: arrays plus the table of listed samplers.
+
+    The schedulers come from `policy.make_scheduler`, the same objects `policy.sample` steps with.
+    """
+    policy_cfg = policy.cfg
+    n = policy_cfg.num_train_timesteps
+    steps = sorted({int(k) for k in ddim_steps} | {int(policy_cfg.ddim_steps)})
+    bad = [k for k in steps if not 1 <= k <= n]
+    if bad:
+        raise DpkitError(f"DDIM step counts {bad} are outside [1, {n}] (num_train_timesteps)")
+
+    samplers = []
+    ddpm = policy.make_scheduler("ddpm", n)
+    ts = [int(t) for t in ddpm.timesteps]
+    samplers.append({
+        "name": f"ddpm-{n}",
+        "sampler": "ddpm",
+        "num_inference_steps": n,
+        "timesteps": ts,
+        "prev_timesteps": [max(int(ddpm.previous_timestep(t)), -1) for t in ts],
+        "final_alpha_cumprod": float(ddpm.one),
+        "eta": 0.0,
+    })
+    for k in steps:
+        ddim = policy.make_scheduler("ddim", k)
+        ts = [int(t) for t in ddim.timesteps]
+        # DDIMScheduler.step's rule: prev = t - num_train // K; negative means "use final_alpha_cumprod".
+        ratio = n // ddim.num_inference_steps
+        samplers.append({
+            "name": f"ddim-{k}",
+            "sampler": "ddim",
+            "num_inference_steps": k,
+            "timesteps": ts,
+            "prev_timesteps": [t - ratio if t - ratio >= 0 else -1 for t in ts],
+            "final_alpha_cumprod": float(ddim.final_alpha_cumprod),
+            "eta": 0.0,
+        })
+    return {
+        "type": "ddpm",
+        "num_train_timesteps": n,
+        "beta_schedule": policy_cfg.beta_schedule,
+        "prediction_type": policy_cfg.prediction_type,
+        "clip_sample": bool(policy_cfg.clip_sample),
+        "clip_sample_range": float(ddpm.config.clip_sample_range),
+        "variance_type": str(ddpm.config.variance_type),
+        "betas": [float(b) for b in ddpm.betas],
+        "alphas_cumprod": [float(a) for a in ddpm.alphas_cumprod],
+        "default_sampler": f"ddim-{policy_cfg.ddim_steps}",
+        "samplers": samplers,
+    }

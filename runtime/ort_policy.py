@@ -1,0 +1,99 @@
+"""The "ort" backend: the bundle's two ONNX graphs in ONNX Runtime, driven by the numpy reverse loop.
+
+    from dpkit.runtime import load_policy
+    policy = load_policy("bundles/tiny", backend="ort")
+    traj = policy.sample(obs, sampler="ddim", steps=10, seed=0)     # (B, H, A), normalized
+
+The schedule comes from policy.json only (never diffusers), so this backend is the reference the C++
+runtime is checked against, and what `dpkit-export` verifies the graphs with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpkit.errors import DpkitError
+from dpkit.runtime.bundle import Bundle, load_bundle, validate_obs
+from dpkit.runtime.sampling import StepPlan, draw_noise, run_reverse
+
+
+def make_session(path: str | Path, providers: list[Any] | None = None, threads: int | None = None):
+    """An ORT InferenceSession on CPU by default; raises DpkitError when the file cannot be loaded."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3  # keep ORT's own warnings (e.g. provider fallbacks) out of user output
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types (InvalidProtobuf, Fail, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DpkitError(f"ONNX Runtime cannot load {path}: {first}") from None
+
+
+class OrtPolicy:
+    backend = "ort"
+
+    def __init__(self, bundle: str | Path | Bundle, providers: list[Any] | None = None,
+                 threads: int | None = None, verify_sha256: bool = True):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_sha256=verify_sha256)
+        b = self.bundle
+        self.obs_mode = b.obs_mode
+        self.n_obs_steps = b.n_obs_steps
+        self.horizon = b.horizon
+        self.n_action_steps = b.n_action_steps
+        self.action_dim = b.action_dim
+        self.obs_keys = b.obs_keys
+        if threads is None and os.environ.get("DPKIT_ORT_THREADS"):
+            threads = int(os.environ["DPKIT_ORT_THREADS"])
+        self.encoder = make_session(b.graph_files["encoder"], providers, threads)
+        self.denoiser = make_session(b.graph_files["denoiser"], providers, threads)
+        self.providers = self.denoiser.get_providers()
+        self._check_graph_io()
+        self._plans: dict[str, StepPlan] = {}
+
+    def _check_graph_io(self) -> None:
+        enc_in = [i.name for i in self.encoder.get_inputs()]
+        if enc_in != list(self.obs_keys):
+            raise DpkitError(f"{self.bundle.graph_files['encoder']}: inputs {enc_in} do not match policy.json "
+                             f"observations {list(self.obs_keys)}")
+        den_in = [i.name for i in self.denoiser.get_inputs()]
+        if den_in != ["sample", "timestep", "cond"]:
+            raise DpkitError(f"{self.bundle.graph_files['denoiser']}: inputs {den_in}, expected [sample, timestep, cond]")
+        # Graphs exported with --fp16 keep float32 inputs and outputs (casts are inside), so the loop is
+        # the same for both precisions.
+
+    def plan(self, sampler: str | None, steps: int | None) -> StepPlan:
+        spec = self.bundle.schedule.find(sampler, steps)
+        if spec.name not in self._plans:
+            self._plans[spec.name] = StepPlan.build(self.bundle.schedule, spec)
+        return self._plans[spec.name]
+
+    def encode(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        arrays, _ = validate_obs(obs, self.bundle.observations, self.n_obs_steps)
+        return self.encoder.run(["cond"], arrays)[0]
+
+    def denoise(self, sample: np.ndarray, timestep: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        return self.denoiser.run(["noise_pred"], {"sample": sample, "timestep": timestep, "cond": cond})[0]
+
+    def sample(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None,
+               initial_noise: np.ndarray | None = None, step_noise: np.ndarray | None = None,
+               seed: int | None = None) -> np.ndarray:
+        """(B, H, A) normalized trajectory; the same injected noise gives the same result in every backend."""
+        plan = self.plan(sampler, steps)
+        arrays, batch = validate_obs(obs, self.bundle.observations, self.n_obs_steps)
+        cond = self.encoder.run(["cond"], arrays)[0]
+        x, noise = draw_noise((batch, self.horizon, self.action_dim), plan.num_steps, plan.uses_step_noise,
+                              initial_noise, step_noise, seed)
+        run = self.denoiser.run
+        return run_reverse(lambda s, t: run(["noise_pred"], {"sample": s, "timestep": t, "cond": cond})[0],
+                           plan, x, noise)
+
+    def predict_action(self, obs: dict[str, np.ndarray], **kw) -> np.ndarray:
+        """(B, Ta, A) actions in environment units: the executed slice of `sample`, un-normalized."""
+        return self.bundle.unnormalize_actions(self.sample(obs, **kw))

@@ -1,0 +1,159 @@
+"""The numpy reference of the DDPM/DDIM reverse process: the one Python home of its arithmetic.
+
+    from dpkit.runtime.sampling import StepPlan, run_reverse
+    plan = StepPlan.build(schedule, schedule.find("ddim", 10))
+    traj = run_reverse(lambda x, t: denoiser(x, t, cond), plan, initial_noise, step_noise)
+
+It reads only the arrays a bundle's `policy.json` carries (never diffusers), and implements exactly the
+step written in docs/bundle-format.md. The "ort" backend samples with it, and the export stage and the
+tests use it as the oracle the PyTorch policy and the C++ runtime are compared against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from dpkit.errors import DpkitError
+from dpkit.runtime.bundle import SamplerSpec, Schedule
+
+# Floor of the DDPM posterior variance before its square root (as in the spec; keeps sqrt finite at t=0).
+MIN_VARIANCE = 1e-20
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Per-step constants of one sampler, derived once from the schedule arrays (float64).
+
+    Step k maps (x, eps) to `c_x0[k] * x0 + c_x[k] * x + c_eps[k] * eps + sigma[k] * noise_k` with
+    `x0 = clip((x - sqrt_1m_at[k] * eps) / sqrt_at[k])`. The spec's DDPM and DDIM formulas are the two
+    choices of coefficients below; writing them as one affine update keeps the loop free of branches.
+    """
+
+    sampler: SamplerSpec
+    timesteps: np.ndarray  # (K,) int64
+    sqrt_at: np.ndarray
+    sqrt_1m_at: np.ndarray
+    c_x0: np.ndarray
+    c_x: np.ndarray
+    c_eps: np.ndarray
+    sigma: np.ndarray  # 0 where no noise is added (DDIM, and DDPM at t = 0)
+    clip: float | None  # clip_sample_range, or None when clip_sample is off
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def uses_step_noise(self) -> bool:
+        return bool(np.any(self.sigma > 0))
+
+    @classmethod
+    def build(cls, schedule: Schedule, sampler: SamplerSpec) -> "StepPlan":
+        acp = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
+        t = np.asarray(sampler.timesteps, dtype=np.int64)
+        p = np.asarray(sampler.prev_timesteps, dtype=np.int64)
+        a_t = acp[t]
+        a_p = np.where(p >= 0, acp[np.maximum(p, 0)], float(sampler.final_alpha_cumprod))
+        zeros = np.zeros_like(a_t)
+        if sampler.sampler == "ddpm":
+            b_t = 1.0 - a_t / a_p
+            c_x0 = np.sqrt(a_p) * b_t / (1.0 - a_t)
+            c_x = np.sqrt(a_t / a_p) * (1.0 - a_p) / (1.0 - a_t)
+            c_eps = zeros
+            var = np.maximum((1.0 - a_p) / (1.0 - a_t) * b_t, MIN_VARIANCE)
+            sigma = np.where(t > 0, np.sqrt(var), 0.0)
+        elif sampler.sampler == "ddim":
+            if sampler.eta != 0.0:
+                raise DpkitError(f"sampler {sampler.name}: only eta = 0 is supported, got {sampler.eta}")
+            c_x0 = np.sqrt(a_p)
+            c_x = zeros
+            c_eps = np.sqrt(1.0 - a_p)
+            sigma = zeros
+        else:
+            raise DpkitError(f"sampler {sampler.name}: unknown kind {sampler.sampler!r} (expected ddpm or ddim)")
+        return cls(
+            sampler=sampler,
+            timesteps=t,
+            sqrt_at=np.sqrt(a_t),
+            sqrt_1m_at=np.sqrt(1.0 - a_t),
+            c_x0=c_x0,
+            c_x=c_x,
+            c_eps=c_eps,
+            sigma=sigma,
+            clip=float(schedule.clip_sample_range) if schedule.clip_sample else None,
+        )
+
+    def step(self, k: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        """One reverse step k: x_t -> x_prev (float32 arrays of the same shape)."""
+        x0 = (x - np.float32(self.sqrt_1m_at[k]) * eps) / np.float32(self.sqrt_at[k])
+        if self.clip is not None:
+            np.clip(x0, -self.clip, self.clip, out=x0)
+        out = np.float32(self.c_x0[k]) * x0
+        if self.c_x[k] != 0.0:
+            out += np.float32(self.c_x[k]) * x
+        if self.c_eps[k] != 0.0:
+            out += np.float32(self.c_eps[k]) * eps
+        if self.sigma[k] != 0.0:
+            if noise is None:
+                raise DpkitError(f"{self.sampler.name}: step {k} (t={self.timesteps[k]}) needs noise")
+            out += np.float32(self.sigma[k]) * noise
+        return out
+
+
+def draw_noise(
+    shape: tuple[int, int, int],
+    num_steps: int,
+    needs_step_noise: bool,
+    initial_noise: np.ndarray | None,
+    step_noise: np.ndarray | None,
+    seed: int | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Check injected noise against (B, H, A) / (K, B, H, A), or draw it from a generator seeded `seed`.
+
+    Draw order (initial, then all K step noises) is fixed so every Python backend given the same seed
+    uses the same noise. Injected step noise is ignored by samplers that add none (DDIM, eta = 0).
+    """
+    rng = np.random.default_rng(seed)
+    if initial_noise is None:
+        initial_noise = rng.standard_normal(shape, dtype=np.float32)
+    else:
+        initial_noise = _check_noise("initial_noise", initial_noise, shape)
+    if not needs_step_noise:
+        return initial_noise, None
+    full = (num_steps, *shape)
+    if step_noise is None:
+        step_noise = rng.standard_normal(full, dtype=np.float32)
+    else:
+        step_noise = _check_noise("step_noise", step_noise, full)
+    return initial_noise, step_noise
+
+
+def run_reverse(
+    denoise: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    plan: StepPlan,
+    initial_noise: np.ndarray,
+    step_noise: np.ndarray | None,
+) -> np.ndarray:
+    """Run all K steps from `initial_noise`; `denoise(x, t_batch) -> eps` with t_batch (B,) int64."""
+    x = np.array(initial_noise, dtype=np.float32, copy=True)
+    batch = x.shape[0]
+    # Timestep tensors are built before the loop so the loop itself only runs the model and the update.
+    t_batches = [np.full((batch,), t, dtype=np.int64) for t in plan.timesteps]
+    for k in range(plan.num_steps):
+        eps = np.asarray(denoise(x, t_batches[k]), dtype=np.float32)
+        x = plan.step(k, x, eps, None if step_noise is None else step_noise[k])
+    return x
+
+
+def _check_noise(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.shape != tuple(shape):
+        raise DpkitError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DpkitError(f"{name} must be a float array, got {arr.dtype}")
+    if not np.all(np.isfinite(arr)):
+        raise DpkitError(f"{name} contains NaN or Inf")
+    return arr.astype(np.float32, copy=False)

@@ -1,0 +1,223 @@
+"""dpkit-export end to end on tiny checkpoints (low-dim and image), the bundle contract, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpkit.errors import DpkitError
+from dpkit.export import cli
+from dpkit.export.tensorrt import TensorRTUnavailable, check_available
+from dpkit.runtime import load_policy
+from dpkit.runtime.bundle import load_bundle, sha256_file
+from synthetic import make_synthetic_pusht
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Tiny models: threading buys nothing, and two OpenMP threads on a loaded 2-core machine can be 100x
+    # slower than one.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_synthetic_pusht(tmp_path_factory.mktemp("data") / "pusht.zarr", n_episodes=3)
+
+
+def _make_run(root: Path, store: Path, obs_mode: str) -> Path:
+    """A tiny checkpoint with random weights and EMA weights that differ from them (to test --no-ema)."""
+    from dpkit.train.checkpoint import save_checkpoint
+    from dpkit.train.config import load_config
+    from dpkit.train.data import load_datasets
+    from dpkit.train.policy import DiffusionPolicy
+
+    cfg = load_config("tiny", [f"policy.obs_mode={obs_mode}", f"data.path={store}", "policy.down_dims=[32,64]"])
+    train, _ = load_datasets(cfg)
+    torch.manual_seed(0)
+    model = DiffusionPolicy(cfg.policy, train.fit_normalizer())
+    ema = DiffusionPolicy(cfg.policy, model.normalizer)
+    run = root / f"run_{obs_mode}"
+    save_checkpoint(run, 5, model=model, ema_model=ema,
+                    state={"config": cfg.to_dict(), "normalizer": model.normalizer.to_dict()})
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, store) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {m: _make_run(root, store, m) for m in ("lowdim", "image")}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, runs) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for mode, run in runs.items():
+        out[mode] = root / mode
+        cli.export_bundle(run, out[mode], ddim_steps=(5, 10), log=lambda s: None)
+    return out
+
+
+def _obs(policy, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {o["name"]: (rng.uniform(0, 1, (batch, policy.n_obs_steps, *o["shape"])) * (1 if o["name"] == "image" else 500)).astype(np.float32)
+            for o in policy.bundle.observations}
+
+
+@pytest.mark.parametrize("mode", ["lowdim", "image"])
+def test_bundle_contract_and_parity(bundles, runs, mode):
+    b = load_bundle(bundles[mode])
+    m = b.manifest
+    assert sorted(p.name for p in bundles[mode].iterdir()) == ["denoiser.onnx", "encoder.onnx", "policy.json"]
+    assert m["obs_mode"] == mode and m["first_action_index"] == m["n_obs_steps"] - 1
+    assert [o["name"] for o in m["observations"]] == (["image", "agent_pos"] if mode == "image" else ["obs"])
+    assert m["export"]["opset"] == 20 and m["export"]["ema"] is True and m["source"]["step"] == 5
+    assert {s["name"] for s in m["scheduler"]["samplers"]} == {"ddpm-100", "ddim-5", "ddim-10"}
+    assert set(m["parity"]) == {"encoder", "denoiser", "traj_ddpm", "traj_ddim"}
+    assert all(0 <= v < 1e-4 for v in m["parity"].values()), m["parity"]
+    rows = m["parity_details"]["fp32"]["rows"]
+    assert {(r["check"], r["inputs"], r["batch"]) for r in rows} >= {
+        (g, i, n) for g in ("encoder", "denoiser") for i in ("dataset", "random") for n in (1, 8)}
+    assert m["parity_details"]["inputs"].startswith("dataset")
+
+
+@pytest.mark.parametrize("mode", ["lowdim", "image"])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddim", 5)])
+def test_ort_backend_matches_torch_with_injected_noise(bundles, runs, mode, sampler, steps):
+    ort_p = load_policy(bundles[mode], backend="ort")
+    torch_p = load_policy(runs[mode], backend="torch")
+    for attr in ("n_obs_steps", "horizon", "n_action_steps", "action_dim", "obs_mode", "obs_keys"):
+        assert getattr(ort_p, attr) == getattr(torch_p, attr), attr
+    obs = _obs(ort_p, batch=3)  # a batch size the export never saw: the batch axis is dynamic
+    kw = dict(sampler=sampler, steps=steps, seed=7)
+    a, b = ort_p.sample(obs, **kw), torch_p.sample(obs, **kw)
+    assert a.shape == (3, ort_p.horizon, ort_p.action_dim)
+    assert np.abs(a - b).max() < 1e-4
+    # Different noise gives a different trajectory (the comparison above is not vacuous).
+    assert np.abs(ort_p.sample(obs, sampler=sampler, steps=steps, seed=8) - a).max() > 1e-3
+    acts_o, acts_t = ort_p.predict_action(obs, **kw), torch_p.predict_action(obs, **kw)
+    assert acts_o.shape == (3, ort_p.n_action_steps, 2)
+    assert np.abs(acts_o - acts_t).max() < 1e-2  # environment units (pixels)
+
+
+@pytest.mark.slow
+def test_fp16_bundle_reports_its_own_parity(tmp_path, runs, bundles):
+    out = tmp_path / "half"
+    summary = cli.export_bundle(runs["lowdim"], out, fp16=True, ddim_steps=(10,), log=lambda s: None)
+    m = load_bundle(out).manifest
+    assert m["export"]["fp16"] is True and m["models"]["denoiser"]["dtype"] == "float16"
+    assert set(m["parity_details"]) >= {"fp32", "fp16"}
+    assert m["parity"] == m["parity_details"]["fp16"]["max"] == summary["parity"]
+    assert 1e-6 < m["parity"]["denoiser"] < 5e-2  # fp16 rounding is visible, and bounded
+    # fp16 weights: the denoiser file is about half the size of the fp32 one.
+    assert (out / "denoiser.onnx").stat().st_size < 0.8 * (bundles["lowdim"] / "denoiser.onnx").stat().st_size
+
+
+def test_sha256_mismatch_and_format_version_are_refused(tmp_path, bundles):
+    bad = tmp_path / "b"
+    shutil.copytree(bundles["lowdim"], bad)
+    load_policy(bad, backend="ort")  # intact copy loads
+    data = bytearray((bad / "denoiser.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (bad / "denoiser.onnx").write_bytes(bytes(data))
+    with pytest.raises(DpkitError, match="sha256"):
+        load_policy(bad, backend="ort")
+
+    shutil.rmtree(bad)
+    shutil.copytree(bundles["lowdim"], bad)
+    m = json.loads((bad / "policy.json").read_text())
+    m["format_version"] = 2
+    (bad / "policy.json").write_text(json.dumps(m))
+    with pytest.raises(DpkitError, match="format_version 2"):
+        load_policy(bad, backend="ort")
+    with pytest.raises(DpkitError, match="does not exist"):
+        load_policy(tmp_path / "nope", backend="ort")
+
+
+def test_runtime_input_errors(bundles):
+    p = load_policy(bundles["image"], backend="ort")
+    obs = _obs(p, 2)
+    with pytest.raises(DpkitError, match="missing"):
+        p.sample({"image": obs["image"]})
+    with pytest.raises(DpkitError, match="no sampler ddim with steps=7"):
+        p.sample(obs, sampler="ddim", steps=7)
+    with pytest.raises(DpkitError, match="initial_noise has shape"):
+        p.sample(obs, initial_noise=np.zeros((1, 16, 2), np.float32))
+    with pytest.raises(DpkitError, match="unknown backend"):
+        load_policy(bundles["image"], backend="tensorflow")
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_cli_bad_input(tmp_path, runs, bundles, capsys):
+    code, err = _cli([str(tmp_path / "missing"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "does not exist" in err and not (tmp_path / "o").exists()
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(runs["lowdim"], corrupt)
+    ckpt = next((corrupt / "checkpoints").glob("step_*"))
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, err = _cli([str(corrupt), "--out", str(tmp_path / "o")], capsys)
+    assert code == 1 and "corrupt" in err and not (tmp_path / "o").exists()
+
+    before = sha256_file(bundles["lowdim"] / "policy.json")
+    code, err = _cli([str(runs["lowdim"]), "--out", str(bundles["lowdim"])], capsys)
+    assert code == 1 and "--force" in err and sha256_file(bundles["lowdim"] / "policy.json") == before
+
+    code, err = _cli([str(runs["lowdim"]), "--out", str(tmp_path / "o"), "--opset", "9"], capsys)
+    assert code == 1 and "--opset" in err
+    code, err = _cli([str(runs["lowdim"]), "--out", str(tmp_path / "o"), "--ddim-steps", "ten"], capsys)
+    assert code == 1 and "--ddim-steps" in err
+    code, err = _cli([str(runs["lowdim"]), "--out", str(tmp_path / "o"), "--ddim-steps", "500"], capsys)
+    assert code == 1 and "outside [1, 100]" in err
+    assert not (tmp_path / "o").exists()
+    code, _ = _cli([str(runs["lowdim"]), "--out", str(tmp_path / "o"), "--max-batch", "zero"], capsys)
+    assert code == 2  # argparse usage error
+    assert not list(tmp_path.glob(".o.*"))  # no temp folders left behind
+
+
+def test_failed_parity_leaves_no_bundle(tmp_path, runs, bundles, monkeypatch):
+    import dpkit.export.verify as verify
+
+    def copy_graphs(policy, out_dir, opset, fp16=False):  # skip the slow exporter: reuse good graphs
+        return {g: Path(shutil.copy(bundles["lowdim"] / f"{g}.onnx", out_dir)) for g in ("encoder", "denoiser")}
+
+    monkeypatch.setattr(cli, "export_policy", copy_graphs)
+    monkeypatch.setattr(verify, "FP32_TOLERANCE", 0.0)  # any rounding difference now fails
+    out = tmp_path / "b"
+    with pytest.raises(DpkitError, match="parity check failed"):
+        cli.export_bundle(runs["lowdim"], out, ddim_steps=(10,), log=lambda s: None)
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_no_ema_and_missing_tensorrt(tmp_path, runs, bundles, capsys):
+    """--no-ema exports other weights; --tensorrt without GPU/TensorRT exits 2 and keeps a valid bundle."""
+    try:
+        check_available()
+        trt_missing = False
+    except TensorRTUnavailable:
+        trt_missing = True
+    out, summary = tmp_path / "raw", tmp_path / "s.json"
+    code, err = _cli([str(runs["lowdim"]), "--out", str(out), "--no-ema", "--tensorrt", "--ddim-steps", "10",
+                      "--json", str(summary)], capsys)
+    if trt_missing:
+        assert code == 2 and "missing" in err and "NVIDIA GPU" in err
+    else:
+        assert code == 0 and (out / "trt_cache").is_dir()
+    raw, ema = load_bundle(out), load_bundle(bundles["lowdim"])  # still a valid bundle
+    assert raw.manifest["export"]["ema"] is False
+    assert raw.manifest["models"]["denoiser"]["sha256"] != ema.manifest["models"]["denoiser"]["sha256"]
+    assert json.loads(summary.read_text())["parity"]["denoiser"] < 1e-4

@@ -1,0 +1,245 @@
+"""The trainer, its checkpoints and the dpkit-train CLI, on small synthetic stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpkit.errors import DpkitError
+from dpkit.train import checkpoint as ckpt_io
+from dpkit.train.cli import main as cli_main
+from dpkit.train.config import load_config
+from dpkit.train.trainer import EMA, EpochBatches, train
+from synthetic import make_synthetic_pusht
+
+ROOT = Path(__file__).resolve().parents[1]
+# A very small U-Net keeps each run to a couple of seconds on 2 cores.
+SMALL = [
+    "policy.down_dims=[16,32]",
+    "policy.diffusion_step_embed_dim=16",
+    "train.batch_size=8",
+    "train.lr_warmup_steps=2",
+    "train.log_every=1",
+    "train.val_every=3",
+    "train.val_batches=2",
+    "data.val_ratio=0.25",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is as fast, and spares the runs the 10-50x slow-down of
+    OpenMP threads waiting on each other when other jobs share the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return make_synthetic_pusht(tmp_path_factory.mktemp("data") / "pusht.zarr", n_episodes=4)
+
+
+def _cfg(store, *extra):
+    return load_config("tiny", [*SMALL, f"data.path={store}", *extra])
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_resume_continues_exactly(store, tmp_path):
+    cfg = _cfg(store, "train.steps=8", "train.checkpoint_every=100", "train.grad_accum_steps=2", "train.batch_size=4")
+    straight = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False, stop_after=4)
+    assert [p.name for p in ckpt_io.step_dirs(tmp_path / "b")] == ["step_000004"]
+    resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == list(range(1, 9))  # metrics.jsonl reads as one run
+    np.testing.assert_allclose([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)], rtol=0, atol=1e-6)
+    assert len(set(a.values())) == 8  # not a constant curve that would pass trivially
+    assert straight["steps"] == resumed["steps"] == 8 and resumed["steps_this_run"] == 4
+    wa = ckpt_io.read_weights(tmp_path / "a" / "checkpoints" / "step_000008", "ema")
+    wb = ckpt_io.read_weights(tmp_path / "b" / "checkpoints" / "step_000008", "ema")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    summary = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    assert summary["checkpoint"].endswith("step_000008") and summary["val_loss"] is not None
+
+
+def test_checkpoints_rotation_latest_and_loading(store, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(store, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.log_every=3")
+    train(cfg, run, progress=False)
+    assert [p.name for p in ckpt_io.step_dirs(run)] == ["step_000004", "step_000006"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp leftovers
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+    assert all(k in records[0] for k in ("loss", "lr", "samples_per_s")) and "val_loss" in records[0]
+
+    policy, state = ckpt_io.load_checkpoint(run)  # run folder -> latest, EMA weights
+    assert state["step"] == 6 and state["config"]["name"] == "tiny" and "action" in state["normalizer"]
+    assert not policy.training
+    model, _ = ckpt_io.load_checkpoint(run / "checkpoints" / "step_000006", ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), model.state_dict().values()))
+    obs = {"obs": torch.full((3, 2, 20), 250.0)}
+    act = policy.predict_action(obs, sampler="ddim", steps=4, generator=torch.Generator().manual_seed(0))
+    assert act.shape == (3, 8, 2) and torch.isfinite(act).all()
+
+
+def test_damaged_checkpoints_name_the_file(store, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(store, "train.steps=1"), run, progress=False)
+    ck = run / "checkpoints" / "step_000001"
+    weights = ck / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DpkitError, match=r"model\.safetensors is corrupt or truncated"):
+        ckpt_io.load_checkpoint(run)
+    weights.write_bytes(data)
+    (ck / "state.json").write_text('{"format": "dpkit-checkpoint", "conf')
+    with pytest.raises(DpkitError, match=r"state\.json is corrupt or truncated"):
+        ckpt_io.load_checkpoint(ck)
+    (ck / "state.json").unlink()
+    with pytest.raises(DpkitError, match=r"state\.json is missing"):
+        ckpt_io.load_checkpoint(ck)
+    (ck / "trainer_state.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(DpkitError, match=r"trainer_state\.pt is corrupt"):
+        ckpt_io.read_trainer_state(ck)
+    with pytest.raises(DpkitError, match="holds no checkpoint"):
+        ckpt_io.load_checkpoint(tmp_path)
+    with pytest.raises(DpkitError, match="does not exist"):
+        ckpt_io.load_checkpoint(tmp_path / "nowhere")
+
+
+def _cli(*argv) -> int:
+    with pytest.raises(SystemExit) as e:
+        cli_main(list(argv))
+    return e.value.code
+
+
+def test_cli_run_refuse_resume_force_and_bad_input(store, tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["--config", "tiny", "--data", str(store), "--out", str(run), "--no-progress", *SMALL]
+    assert _cli(*base, "--steps", "2", "--json", str(tmp_path / "s.json")) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["steps"] == 2
+    capsys.readouterr()
+    assert _cli(*base, "--steps", "3") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--resume" in err and err.count("\n") == 1
+    assert _cli("--out", str(run), "--resume", "--steps", "3", "--no-progress") == 0
+    assert ckpt_io.read_state(ckpt_io.latest_checkpoint(run))["step"] == 3
+    assert _cli(*base, "--steps", "1", "--force") == 0
+    assert [p.name for p in ckpt_io.step_dirs(run)] == ["step_000001"]
+    assert sorted(_losses(run)) == [1]
+
+    capsys.readouterr()
+    for argv, message in [
+        ([*base, "--steps", "1", "--resume", "--force"], "contradict"),
+        (["--out", str(tmp_path / "empty"), "--resume"], "no checkpoint"),
+        (["--config", "tiny", "--out", str(tmp_path / "x"), "train.no_such_key=1"], "unknown config key"),
+        (["--config", "nope"], "not found"),
+        (["--config", "tiny", "--data", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "y")], "does not exist"),
+    ]:
+        assert _cli(*argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_image_mode_trains_and_reloads(tmp_path):
+    store = make_synthetic_pusht(tmp_path / "img.zarr", lengths=[18, 22])
+    cfg = load_config(
+        "tiny",
+        [*SMALL, f"data.path={store}", "policy.obs_mode=image", "policy.resnet_width=8", "train.batch_size=4",
+         "train.steps=2", "data.val_ratio=0"],
+    )
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["val_loss"] is None and np.isfinite(summary["final_loss"])
+    policy, state = ckpt_io.load_checkpoint(tmp_path / "run")
+    assert state["config"]["policy"]["obs_mode"] == "image" and set(state["normalizer"]) == {"action", "agent_pos"}
+
+
+def test_rollout_hook_keeps_best_checkpoint(store, tmp_path, monkeypatch):
+    import dpkit.runtime.evaluate as evaluate
+
+    scores = iter([0.3, 0.7, 0.5])
+    seen = []
+
+    def fake_evaluate(policy, episodes, max_steps, **kw):
+        seen.append((policy.obs_mode, tuple(policy.obs_keys), episodes, max_steps))
+        actions = policy.predict_action({"obs": np.full((1, 2, 20), 250.0, dtype=np.float32)})
+        assert actions.shape == (1, 8, 2)
+        return {"score": next(scores)}
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", fake_evaluate)
+    run = tmp_path / "run"
+    cfg = _cfg(store, "train.steps=3", "train.eval_every=1", "train.eval_episodes=2", "train.eval_max_steps=5",
+               "policy.ddim_steps=2")
+    summary = train(cfg, run, progress=False)
+    assert seen == [("lowdim", ("obs",), 2, 5)] * 3
+    assert summary["best_score"] == 0.7
+    best = ckpt_io.read_state(run / "checkpoints" / "best")
+    assert best["step"] == 2 and best["metrics"]["score"] == 0.7
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def test_ema_warmup_and_epoch_batches():
+    lin = torch.nn.Linear(2, 2)
+    ema = EMA(lin, power=0.75, max_decay=0.9999)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema.update(lin)  # first update copies
+    torch.testing.assert_close(ema.module.weight, lin.weight)
+    assert ema.decay() == pytest.approx(1 - 2**-0.75)
+    with torch.no_grad():
+        lin.weight.fill_(3.0)
+    ema.update(lin)
+    d = 1 - 2**-0.75
+    torch.testing.assert_close(ema.module.weight, torch.full((2, 2), d * 1.0 + (1 - d) * 3.0))
+    ema.updates = 10**9
+    assert ema.decay() == 0.9999
+
+    ranks = [EpochBatches(50, 4, r, 2, seed=7) for r in (0, 1)]
+    its = [iter(s) for s in ranks]
+    epoch0 = [np.concatenate([next(its[0]), next(its[1])]) for _ in range(6)]  # 50 // 8 = 6 batches
+    flat = np.concatenate(epoch0)
+    assert len(set(flat)) == 48  # ranks take disjoint windows; the 2 left over are dropped
+    later = iter(EpochBatches(50, 4, 1, 2, seed=7, start=7))
+    np.testing.assert_array_equal(next(later), [next(its[1]) for _ in range(2)][1])  # resumes mid-epoch 1
+    with pytest.raises(DpkitError, match="fewer than one batch"):
+        EpochBatches(5, 4, 0, 2, seed=0)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(store, tmp_path):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "dpkit.train.cli", "--config", "tiny", "--data", str(store), "--out", str(run), "--steps", "3",
+           "--no-progress", "--json", str(tmp_path / "s.json"), *SMALL, "train.checkpoint_every=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert " x2;" in out and out.count("trained 3 steps") == 1  # rank 0 alone reports
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 3
+    assert [p.name for p in ckpt_io.step_dirs(run)] == ["step_000002", "step_000003"]
+    assert ckpt_io.read_state(run / "checkpoints" / "step_000003")["world_size"] == 2
+    assert sorted(_losses(run)) == [1, 2, 3]  # one line per step: written once, not by both ranks
+    # Rank 0 draws what a 1-process run draws (same shard of global batch 0, same noise seed); rank 1
+    # trains on other windows; the logged loss is their mean.
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    single = train(_cfg(store, "train.steps=1"), tmp_path / "single", progress=False)
+    assert first["rank_losses"][0] == pytest.approx(single["final_loss"], abs=1e-6)
+    assert abs(first["rank_losses"][1] - first["rank_losses"][0]) > 1e-4
+    assert first["loss"] == pytest.approx(np.mean(first["rank_losses"]), abs=1e-6)

@@ -1,0 +1,113 @@
+"""dpkit-train: train a Diffusion Policy on the PushT demonstrations.
+
+    dpkit-train --config tiny --steps 300 --out runs/tiny
+    dpkit-train --out runs/tiny --resume --steps 600                 # continue the same run
+    dpkit-train --config pusht_image train.batch_size=32 policy.horizon=10
+    torchrun --nproc_per_node 2 -m dpkit.train.cli --config tiny     # 2 processes (CPU: gloo)
+
+`--steps` is the total number of optimizer steps (resumed runs count from their checkpoint); the run
+folder (default runs/<config name>) receives checkpoints/, metrics.jsonl and train_summary.json.
+`key=value` overrides any config field. With --resume the checkpoint's config is used and --steps,
+--seed, --data and overrides apply on top of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dpkit.errors import DpkitError, cli_entry
+from dpkit.io import atomic_write_json, check_writable_file
+from dpkit.train.config import Config, load_config, parse_override
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dpkit-train",
+        description="Train a Diffusion Policy on the PushT demonstrations (see the module docstring for examples).",
+    )
+    p.add_argument("--config", help="named config (tiny, pusht_lowdim, pusht_image) or a YAML path")
+    p.add_argument("--data", help="dataset: .zarr folder, .zarr.zip, or a folder containing one")
+    p.add_argument("--out", help="run folder (default: runs/<config name>)")
+    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--seed", type=int, help="training seed (overrides train.seed)")
+    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in the run folder")
+    p.add_argument("--force", action="store_true", help="wipe the run folder's checkpoints and metrics and start over")
+    p.add_argument("--json", help="also write the training summary to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
+    return p
+
+
+def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    d = cfg.to_dict()
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = d
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                raise DpkitError(f"unknown config key {'.'.join(keys)!r}")
+            node = node[k]
+        node[keys[-1]] = value
+    return Config.from_dict(d)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config to train and the run folder, from the command line (and the checkpoint on --resume)."""
+    from dpkit.train import checkpoint as ckpt_io
+
+    extra = list(args.overrides)
+    if args.steps is not None:
+        extra.append(f"train.steps={args.steps}")
+    if args.seed is not None:
+        extra.append(f"train.seed={args.seed}")
+    if args.resume and args.force:
+        raise DpkitError("--resume and --force contradict each other")
+    if args.resume:
+        if args.out is None and args.config is None:
+            raise DpkitError("--resume needs --out RUN_DIR (or --config NAME for runs/NAME)")
+        run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        found = ckpt_io.latest_checkpoint(run_dir)
+        if found is None:
+            raise DpkitError(f"--resume: no checkpoint in {run_dir}/checkpoints to continue from")
+        try:
+            cfg = Config.from_dict(ckpt_io.read_state(found)["config"])
+        except DpkitError as e:
+            raise DpkitError(f"cannot resume from {found}: {e}") from None
+        cfg = _with_overrides(cfg, extra)
+    else:
+        if args.config is None:
+            raise DpkitError("--config NAME|PATH is required (named configs: tiny, pusht_lowdim, pusht_image)")
+        cfg = load_config(args.config, extra)
+        run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    if args.data is not None:
+        cfg.data.path = args.data
+    return cfg, run_dir
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg, run_dir = resolve_config(args)
+    if args.json:
+        check_writable_file(args.json)
+    from dpkit.train.trainer import train
+
+    summary = train(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        if args.json:
+            atomic_write_json(args.json, summary)
+        loss = summary["final_loss"]
+        print(
+            f"trained {summary['steps']} steps: loss {loss:.4f}" if loss is not None else f"at step {summary['steps']}",
+            f"val {summary['val_loss']:.4f}" if summary["val_loss"] is not None else "",
+            f"{summary['samples_per_s']:.0f} samples/s" if summary["samples_per_s"] else "",
+            f"-> {summary['checkpoint']}",
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    main()

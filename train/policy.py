@@ -1,0 +1,285 @@
+"""Diffusion Policy: observation encoder + conditional U-Net denoiser + diffusers noise schedulers.
+
+    policy = DiffusionPolicy(cfg.policy, Normalizer.fit({"action": a, "obs": o}))
+    loss = policy({"obs": {"obs": obs}, "action": actions})             # training: eps-prediction MSE
+    policy.eval()
+    actions = policy.predict_action({"obs": obs}, sampler="ddim")       # (B, Ta, A) env units
+
+The two halves are exported separately: `policy.encoder` (raw observations -> condition, normalization
+and center crop inside) and `policy.denoiser` (noisy trajectory, step, condition -> noise). `sample()`
+is the PyTorch reference the ONNX and C++ runtimes are checked against: it drives diffusers' own
+`step()`, so the reverse-step arithmetic is not written out here. Noise can be injected
+(`initial_noise`, `step_noise`) so that every runtime can be compared on the same draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from torch import Tensor, nn
+
+from dpkit.errors import DpkitError
+from dpkit.train.config import IMAGE_SIZE, LOWDIM_OBS_DIM, PolicyConfig
+from dpkit.train.normalizer import Normalizer
+from dpkit.train.unet import ConditionalUnet1D
+from dpkit.train.vision import ImageEncoder
+
+AGENT_POS_DIM = 2
+SAMPLERS = ("ddpm", "ddim")
+
+# Per-step observation layout of each mode, in encoder input order: (name, shape, description).
+OBS_SPECS: dict[str, list[tuple[str, tuple[int, ...], str]]] = {
+    "image": [
+        ("image", (3, IMAGE_SIZE, IMAGE_SIZE), "RGB image, channels first, float in [0, 1]"),
+        ("agent_pos", (AGENT_POS_DIM,), "agent x, y in pixels"),
+    ],
+    "lowdim": [
+        ("obs", (LOWDIM_OBS_DIM,), "9 block keypoints x0, y0, ..., x8, y8 then agent x, y, in pixels"),
+    ],
+}
+
+
+class ObsEncoder(nn.Module):
+    """Raw observation history -> condition vector (exported as encoder.onnx).
+
+    image:  forward(image (B, To, 3, 96, 96) in [0, 1], agent_pos (B, To, 2) px) -> (B, To * (F + 2))
+    lowdim: forward(obs (B, To, 20) px) -> (B, To * 20)
+    """
+
+    def __init__(self, cfg: PolicyConfig, normalizer: Normalizer):
+        super().__init__()
+        self.obs_mode = cfg.obs_mode
+        self.n_obs_steps = cfg.n_obs_steps
+        self.obs_keys = [name for name, _, _ in OBS_SPECS[cfg.obs_mode]]
+        if cfg.obs_mode == "image":
+            self.image_encoder = ImageEncoder(
+                IMAGE_SIZE, cfg.crop_size, cfg.resnet_width, cfg.spatial_softmax_keypoints, cfg.image_feature_dim
+            )
+            self.normalizer = normalizer.subset(["agent_pos"])
+            self.out_dim = cfg.n_obs_steps * (cfg.image_feature_dim + AGENT_POS_DIM)
+        else:
+            self.normalizer = normalizer.subset(["obs"])
+            self.out_dim = cfg.n_obs_steps * LOWDIM_OBS_DIM
+
+    def forward(self, x: Tensor, agent_pos: Tensor | None = None) -> Tensor:
+        """x is `obs` (lowdim) or `image` (image mode, which also takes `agent_pos`)."""
+        if self.obs_mode == "lowdim":
+            return self.normalizer.normalize("obs", x).flatten(1)
+        # One shared trunk for every step: fold time into the batch, then unfold.
+        feat = self.image_encoder(x.flatten(0, 1) * 2.0 - 1.0)
+        feat = feat.unflatten(0, (-1, self.n_obs_steps))
+        pos = self.normalizer.normalize("agent_pos", agent_pos)
+        return torch.cat([feat, pos], dim=-1).flatten(1)
+
+
+class Denoiser(nn.Module):
+    """(sample (B, H, A) normalized, timestep (B,) int64, cond (B, C)) -> predicted noise (exported as denoiser.onnx)."""
+
+    def __init__(self, cfg: PolicyConfig, cond_dim: int):
+        super().__init__()
+        self.unet = ConditionalUnet1D(
+            input_dim=cfg.action_dim,
+            global_cond_dim=cond_dim,
+            diffusion_step_embed_dim=cfg.diffusion_step_embed_dim,
+            down_dims=tuple(cfg.down_dims),
+            kernel_size=cfg.kernel_size,
+            n_groups=cfg.n_groups,
+            skip_connection=cfg.skip_connection,
+        )
+
+    def forward(self, sample: Tensor, timestep: Tensor, cond: Tensor) -> Tensor:
+        return self.unet(sample, timestep, cond)
+
+
+class DiffusionPolicy(nn.Module):
+    """Encoder + denoiser + normalizer; `forward` is the training loss, `sample`/`predict_action` infer."""
+
+    def __init__(self, cfg: PolicyConfig, normalizer: Normalizer):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.obs_specs = OBS_SPECS[cfg.obs_mode]
+        self.obs_keys = [name for name, _, _ in self.obs_specs]
+        for key, dim in [("action", cfg.action_dim)] + [(n, s[-1]) for n, s, _ in self.obs_specs if len(s) == 1]:
+            if key not in normalizer.keys:
+                raise DpkitError(f"normalizer lacks statistics for {key!r} (has: {', '.join(normalizer.keys)})")
+            got = normalizer.dim(key)
+            if got != dim:
+                raise DpkitError(f"normalizer {key!r} has {got} dimensions, policy expects {dim}")
+        self.normalizer = normalizer
+        self.encoder = ObsEncoder(cfg, normalizer)
+        self.cond_dim = self.encoder.out_dim
+        self.denoiser = Denoiser(cfg, self.cond_dim)
+        self.noise_scheduler = self.make_scheduler("ddpm", cfg.num_train_timesteps)
+
+    # ---- observations -------------------------------------------------------------------------------
+
+    def observation_spec(self) -> list[dict[str, Any]]:
+        """The bundle's `observations` entries, in encoder input order."""
+        return [{"name": n, "shape": list(s), "dtype": "float32", "description": d} for n, s, d in self.obs_specs]
+
+    def example_obs(self, batch_size: int = 1) -> dict[str, Tensor]:
+        """Plausible raw observations (mid-grey image, positions mid-table) for tracing and smoke tests."""
+        device = next(self.parameters()).device
+        obs = {}
+        for name, shape, _ in self.obs_specs:
+            fill = 0.5 if name == "image" else 256.0
+            obs[name] = torch.full((batch_size, self.cfg.n_obs_steps, *shape), fill, device=device)
+        return obs
+
+    def _check_obs(self, obs: Mapping[str, Any], check_finite: bool) -> list[Tensor]:
+        """Encoder inputs in order, as float32 on the model's device; DpkitError on anything malformed."""
+        if not isinstance(obs, Mapping):
+            raise DpkitError(f"observations must be a dict of tensors, got {type(obs).__name__}")
+        missing = [k for k in self.obs_keys if k not in obs]
+        if missing:
+            raise DpkitError(f"observation {missing[0]!r} missing (expected keys: {', '.join(self.obs_keys)})")
+        device = next(self.parameters()).device
+        out, batch = [], None
+        for name, shape, _ in self.obs_specs:
+            x = obs[name]
+            if not isinstance(x, Tensor):
+                x = torch.as_tensor(np.asarray(x))
+            if not (x.is_floating_point()):
+                raise DpkitError(f"observation {name!r} must be floating point, got {x.dtype}")
+            b = x.shape[0] if x.dim() > 0 else None
+            expected = (b if batch is None else batch, self.cfg.n_obs_steps, *shape)
+            if x.dim() != len(expected) or tuple(x.shape) != expected:
+                want = ", ".join(["B" if batch is None else str(batch), *map(str, expected[1:])])
+                raise DpkitError(f"observation {name!r}: expected shape ({want}), got {tuple(x.shape)}")
+            batch = b
+            if check_finite and not bool(torch.isfinite(x).all()):
+                raise DpkitError(f"observation {name!r} contains NaN or Inf")
+            out.append(x.to(device=device, dtype=torch.float32))
+        return out
+
+    # ---- training -----------------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, Any]) -> Tensor:
+        """Epsilon-prediction MSE on {"obs": {name: (B, To, ...)}, "action": (B, H, A) env units}."""
+        if "obs" not in batch or "action" not in batch:
+            raise DpkitError("training batch must have 'obs' and 'action'")
+        inputs = self._check_obs(batch["obs"], check_finite=False)
+        action = batch["action"]
+        expected = (inputs[0].shape[0], self.cfg.horizon, self.cfg.action_dim)
+        if tuple(action.shape) != expected:
+            raise DpkitError(f"action: expected shape {expected}, got {tuple(action.shape)}")
+        cond = self.encoder(*inputs)
+        x0 = self.normalizer.normalize("action", action.to(cond.dtype))
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (x0.shape[0],), device=x0.device, dtype=torch.int64)
+        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        return F.mse_loss(self.denoiser(noisy, t, cond), noise)
+
+    # ---- inference ----------------------------------------------------------------------------------
+
+    def make_scheduler(self, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
+        """A diffusers scheduler with the training betas, `set_timesteps(steps)` already called."""
+        if sampler not in SAMPLERS:
+            raise DpkitError(f"unknown sampler {sampler!r} (choose from: {', '.join(SAMPLERS)})")
+        T = self.cfg.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+            raise DpkitError(f"{sampler} steps must be an integer in [1, {T}], got {steps!r}")
+        common = dict(
+            num_train_timesteps=T,
+            beta_schedule=self.cfg.beta_schedule,
+            clip_sample=self.cfg.clip_sample,
+            prediction_type=self.cfg.prediction_type,
+        )
+        if sampler == "ddpm":
+            sched = DDPMScheduler(**common, variance_type="fixed_small")
+        else:
+            sched = DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0)
+        sched.set_timesteps(int(steps))
+        return sched
+
+    @torch.no_grad()
+    def sample(
+        self,
+        obs: Mapping[str, Any],
+        sampler: str = "ddpm",
+        steps: int | None = None,
+        initial_noise: Tensor | None = None,
+        step_noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Run the reverse process; returns the normalized trajectory (B, H, A).
+
+        Uses the module's current mode: call `eval()` first for inference behaviour (center crop).
+        `initial_noise` (B, H, A) replaces the first draw; `step_noise` (K, B, H, A) supplies the noise of
+        DDPM step k (DDIM with eta = 0 uses none). Undrawn noise comes from `generator`.
+        """
+        if steps is None:
+            steps = self.cfg.num_train_timesteps if sampler == "ddpm" else self.cfg.ddim_steps
+        sched = self.make_scheduler(sampler, steps)
+        inputs = self._check_obs(obs, check_finite=True)
+        device = inputs[0].device
+        shape = (inputs[0].shape[0], self.cfg.horizon, self.cfg.action_dim)
+        num_steps = len(sched.timesteps)
+        initial_noise = _check_noise("initial_noise", initial_noise, shape, device)
+        step_noise = _check_noise("step_noise", step_noise, (num_steps, *shape), device)
+
+        cond = self.encoder(*inputs)
+        x = initial_noise if initial_noise is not None else randn_tensor(shape, generator=generator, device=device)
+        # DDPMScheduler.step draws its own noise; with injected noise it draws from this scratch generator
+        # and `_swap_ddpm_noise` replaces that draw by the injected one.
+        scratch = torch.Generator(device=device) if sampler == "ddpm" and step_noise is not None else None
+        for k, t in enumerate(sched.timesteps):
+            eps = self.denoiser(x, t.to(device=device, dtype=torch.int64).expand(shape[0]), cond)
+            if sampler == "ddim":
+                noise_k = step_noise[k] if step_noise is not None else None
+                x = sched.step(eps, t, x, eta=0.0, variance_noise=noise_k).prev_sample
+            elif scratch is None:
+                x = sched.step(eps, t, x, generator=generator).prev_sample
+            else:
+                snapshot = scratch.get_state()
+                x_prev = sched.step(eps, t, x, generator=scratch).prev_sample
+                x = _swap_ddpm_noise(sched, t, x_prev, scratch, snapshot, step_noise[k])
+        return x
+
+    @torch.no_grad()
+    def predict_action(self, obs: Mapping[str, Any], **sample_kwargs) -> Tensor:
+        """(B, Ta, A) actions in env units: the executed slice of the unnormalized trajectory."""
+        traj = self.normalizer.unnormalize("action", self.sample(obs, **sample_kwargs))
+        start = self.cfg.first_action_index
+        return traj[:, start : start + self.cfg.n_action_steps]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _swap_ddpm_noise(
+    sched: DDPMScheduler, t: Tensor, x_prev: Tensor, scratch: torch.Generator, snapshot: Tensor, noise: Tensor
+) -> Tensor:
+    """x_prev = mean + sigma_t * z with z drawn from `scratch`; return mean + sigma_t * noise.
+
+    Re-draws z from the generator state taken before `step()` (same call diffusers makes), so the
+    injected noise enters with exactly the scheduler's own sigma_t. At t = 0 step() adds no noise.
+    """
+    if int(t) == 0:
+        return x_prev
+    scratch.set_state(snapshot)
+    z = randn_tensor(x_prev.shape, generator=scratch, device=x_prev.device, dtype=x_prev.dtype)
+    sigma = sched._get_variance(t) ** 0.5
+    return x_prev + sigma.to(x_prev.device) * (noise - z)
+
+
+def _check_noise(name: str, noise: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor | None:
+    if noise is None:
+        return None
+    if not isinstance(noise, Tensor):
+        noise = torch.as_tensor(np.asarray(noise))
+    if tuple(noise.shape) != tuple(shape):
+        raise DpkitError(f"{name}: expected shape {tuple(shape)}, got {tuple(noise.shape)}")
+    if not bool(torch.isfinite(noise).all()):
+        raise DpkitError(f"{name} contains NaN or Inf")
+    return noise.to(device=device, dtype=torch.float32)
+
+
+def build_policy(cfg: PolicyConfig, normalizer: Normalizer) -> DiffusionPolicy:
+    return DiffusionPolicy(cfg, normalizer)

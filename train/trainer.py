@@ -1,0 +1,457 @@
+"""The training loop: accelerate (devices, mixed precision, accumulation, multi-process), AdamW, cosine
+LR with warm-up, EMA, validation loss, checkpoints, exact resume.
+
+    from dpkit.train.config import load_config
+    from dpkit.train.trainer import train
+    summary = train(load_config("tiny", ["train.steps=300"]), "runs/tiny")
+
+Exact resume: the data order is a pure function of (seed, epoch) and the random draws of each
+micro-batch (diffusion noise and timesteps, crops) come from generators reseeded from
+(seed, process rank, micro-batch number). So "where we are" is fully described by the step counter
+saved in the checkpoint, on every process, without gathering generator states across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+import dpkit
+from dpkit.errors import DpkitError
+from dpkit.io import atomic_write_json
+from dpkit.train import checkpoint as ckpt_io
+from dpkit.train.config import Config
+from dpkit.train.data import PushTDataset, load_datasets, to_tensors
+
+METRICS = "metrics.jsonl"
+SUMMARY = "train_summary.json"
+
+
+class EMA:
+    """Exponential moving average of a model's weights with the warm-up of the paper's EMAModel:
+    decay after k updates = min(max_decay, 1 - (1 + k)^-power), 0 for the first update (a copy).
+    Buffers (e.g. the normalizer's statistics) are copied, not averaged."""
+
+    def __init__(self, model: torch.nn.Module, power: float = 0.75, max_decay: float = 0.9999):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.power, self.max_decay = power, max_decay
+        self.updates = 0
+
+    def decay(self) -> float:
+        if self.updates == 0:
+            return 0.0
+        return min(self.max_decay, 1.0 - (1.0 + self.updates) ** -self.power)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        weight = 1.0 - self.decay()
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach().to(e.dtype), weight)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+        self.updates += 1
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Endless batches of window indices for one process, starting at global batch `start`.
+
+    Epoch e visits a permutation seeded by (seed, e); each global batch of batch_size * world windows
+    is split between the processes; the incomplete tail of an epoch is dropped so all processes
+    take the same number of steps. Batch b of the run is therefore the same whenever it is drawn.
+    """
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, start: int = 0):
+        self.n, self.batch_size, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
+        self.per_epoch = n // (batch_size * world)
+        if self.per_epoch == 0:
+            raise DpkitError(
+                f"the training split has {n} windows, fewer than one batch (batch_size {batch_size} x {world} processes)"
+            )
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        b = self.start
+        epoch, perm = -1, None
+        while True:
+            e, k = divmod(b, self.per_epoch)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+            first = (k * self.world + self.rank) * self.batch_size
+            yield perm[first : first + self.batch_size]
+            b += 1
+
+
+def _seed_micro(seed: int, rank: int, micro: int) -> None:
+    s = int(np.random.SeedSequence([seed, rank, micro]).generate_state(1)[0])
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def validation_loss(policy: torch.nn.Module, ds: PushTDataset, batch_size: int, n_batches: int, seed: int, device) -> float | None:
+    """Mean diffusion loss over the first `n_batches` batches of a fixed shuffle of `ds` (None if empty).
+
+    Seeded, so successive validations of one run compare the same windows, noise and timesteps."""
+    if len(ds) == 0:
+        return None
+    order = np.random.default_rng([seed, 1]).permutation(len(ds))
+    was_training = policy.training
+    policy.eval()
+    torch.manual_seed(seed)
+    total, count = 0.0, 0
+    for i in range(n_batches):
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        if len(idx) == 0:
+            break
+        batch = _to_device(to_tensors(ds.__getitems__(idx)), device)
+        total += float(policy(batch)) * len(idx)
+        count += len(idx)
+    policy.train(was_training)
+    return total / count
+
+
+class _RolloutPolicy:
+    """The in-training DiffusionPolicy seen through the runtime's policy protocol (numpy in and out)."""
+
+    backend = "torch (training)"
+
+    def __init__(self, policy: torch.nn.Module, cfg: Config):
+        self.policy = policy
+        self.obs_mode = cfg.policy.obs_mode
+        self.n_obs_steps = cfg.policy.n_obs_steps
+        self.n_action_steps = cfg.policy.n_action_steps
+        self.obs_keys = tuple(policy.obs_keys)
+        self.generator = None
+
+    def set_seed(self, seed: int) -> None:
+        device = next(self.policy.parameters()).device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.no_grad()
+    def predict_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        actions = self.policy.predict_action(obs, sampler="ddim", generator=self.generator)
+        return actions.float().cpu().numpy()
+
+
+def _evaluate_rollouts(policy, cfg: Config) -> float:
+    from dpkit.runtime.evaluate import evaluate_policy
+
+    was_training = policy.training
+    policy.eval()
+    try:
+        result = evaluate_policy(
+            _RolloutPolicy(policy, cfg), episodes=cfg.train.eval_episodes, max_steps=cfg.train.eval_max_steps, progress=False
+        )
+    finally:
+        policy.train(was_training)
+    if isinstance(result, dict):
+        for key in ("score", "mean_score"):
+            if key in result:
+                return float(result[key])
+        raise DpkitError("evaluate_policy returned no 'score'")
+    return float(result)
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuse to mix runs."""
+    existing = ckpt_io.latest_checkpoint(run_dir)
+    if resume:
+        if existing is None:
+            raise DpkitError(f"--resume: no checkpoint in {run_dir}/checkpoints to continue from")
+        return existing
+    if existing is not None and not force:
+        raise DpkitError(f"{run_dir} already holds checkpoints; pass --resume to continue or --force to start over")
+    return None
+
+
+class _Metrics:
+    """metrics.jsonl (+ TensorBoard when installed); only the main process writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None):
+        self.path = run_dir / METRICS
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            # Drop records past the checkpoint (a run that died after it) so the file reads as one run.
+            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train `cfg` into `run_dir` (checkpoints/, metrics.jsonl, train_summary.json); return the summary.
+
+    Runs in every process of a `torchrun` launch; only the main process writes files. `stop_after`
+    ends the run early at that step with a checkpoint, as an interruption would (the LR schedule still
+    spans `cfg.train.steps`), so a later `resume=True` continues it.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from dpkit.train.policy import DiffusionPolicy
+
+    t = cfg.train
+    run_dir = Path(run_dir)
+    if t.eval_every > 0:
+        try:
+            from dpkit.runtime.evaluate import evaluate_policy  # noqa: F401
+        except ImportError as e:
+            raise DpkitError(f"train.eval_every > 0 needs dpkit.runtime.evaluate (gym-pusht): {e}") from None
+
+    acc = Accelerator(
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.grad_accum_steps,
+        # accelerate only sets up a multi-process CPU run (gloo, under torchrun) when told cpu=True.
+        cpu=not _has_accelerator(),
+    )
+    try:
+        resume_from = _check_run_dir(run_dir, resume, force)
+        if force and resume_from is None and acc.is_main_process:
+            for p in (ckpt_io.checkpoints_dir(run_dir), run_dir / METRICS, run_dir / SUMMARY, run_dir / "tensorboard"):
+                if p.is_dir():
+                    import shutil
+
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        acc.wait_for_everyone()
+        end = t.steps if stop_after is None else min(stop_after, t.steps)
+        return _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_scheduler, DiffusionPolicy)
+    finally:
+        acc.end_training()
+        # Let a later train() in the same process build an Accelerator with other settings.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+
+
+def _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_scheduler, DiffusionPolicy) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    t = cfg.train
+    main = acc.is_main_process
+    rank, world = acc.process_index, acc.num_processes
+    state = ckpt_io.read_state(resume_from) if resume_from is not None else None
+    if state is not None and state.get("world_size", world) != world and main:
+        print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
+
+    train_ds, val_ds = load_datasets(cfg)
+    set_seed(t.seed)  # identical initial weights on every process
+    if state is not None:
+        from dpkit.train.normalizer import Normalizer
+
+        normalizer = Normalizer.from_dict(state["normalizer"])
+    else:
+        normalizer = train_ds.fit_normalizer()
+    policy = DiffusionPolicy(cfg.policy, normalizer)
+    if state is not None:
+        ckpt_io.load_weights_into(policy, resume_from, "model")
+    policy.to(acc.device)
+    ema = EMA(policy, t.ema_power, t.ema_max_decay) if t.ema else None
+    if ema is not None and state is not None:
+        ckpt_io.load_weights_into(ema.module, resume_from, "ema")
+        ema.updates = int(state.get("ema_updates", state["step"]))
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps
+    )
+    step = 0
+    if state is not None:
+        ts = ckpt_io.read_trainer_state(resume_from)
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+        step = int(state["step"])
+    model, optimizer = acc.prepare(policy, optimizer)
+    unwrapped = acc.unwrap_model(model)
+    eval_policy = ema.module if ema is not None else unwrapped
+
+    sampler = EpochBatches(len(train_ds), t.batch_size, rank, world, t.seed, start=step * t.grad_accum_steps)
+    loader = torch.utils.data.DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        collate_fn=to_tensors,
+        num_workers=cfg.data.num_workers,
+        pin_memory=acc.device.type == "cuda",
+    )
+    metrics = _Metrics(run_dir, main, resume_step=step if state is not None else None)
+    saved_best = state.get("best_score") if state is not None else None
+    best_score = float(saved_best) if saved_best is not None else -math.inf
+    if main:
+        n_params = sum(p.numel() for p in unwrapped.parameters())
+        print(
+            f"dpkit-train: {cfg.name} ({cfg.policy.obs_mode}, {n_params / 1e6:.2f} M parameters) on "
+            f"{acc.device} x{world}; {len(train_ds)} train / {len(val_ds)} val windows from "
+            f"{train_ds.replay.path}; steps {step} -> {t.steps}"
+        )
+
+    def save(current_step: int, last_loss: float | None, val: float | None, score: float | None = None) -> Path:
+        return ckpt_io.save_checkpoint(
+            run_dir,
+            current_step,
+            model=unwrapped,
+            ema_model=ema.module if ema is not None else None,
+            keep=t.keep_checkpoints,
+            state={
+                "config": cfg.to_dict(),
+                "normalizer": normalizer.to_dict(),
+                "epoch": (current_step * t.grad_accum_steps) // sampler.per_epoch,
+                "ema_updates": ema.updates if ema is not None else 0,
+                "world_size": world,
+                "data_path": str(train_ds.replay.path),
+                "best_score": best_score if math.isfinite(best_score) else None,
+                "rng": "reseeded per micro-batch from (train.seed, rank, step * grad_accum_steps + i)",
+                "metrics": {"loss": last_loss, "val_loss": val, "score": score},
+            },
+            trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        )
+
+    model.train()
+    data_iter = iter(loader)
+    bar = tqdm(total=t.steps, initial=step, disable=not (main and progress), dynamic_ncols=True, mininterval=0.5)
+    samples_per_step = t.batch_size * world * t.grad_accum_steps
+    window_loss = torch.zeros((), device=acc.device)
+    window_steps = 0
+    last_loss = val_loss = score = None
+    last_ckpt = resume_from
+    train_time, t_window, steps_done = 0.0, time.perf_counter(), 0
+    wall0 = time.perf_counter()
+    while step < end:
+        step_loss = torch.zeros((), device=acc.device)
+        for i in range(t.grad_accum_steps):
+            batch = _to_device(next(data_iter), acc.device)
+            _seed_micro(t.seed, rank, step * t.grad_accum_steps + i)
+            with acc.accumulate(model):
+                loss = model(batch)
+                acc.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / t.grad_accum_steps
+        if not acc.sync_gradients:  # cannot happen with the counter aligned; guards a silent no-op step
+            raise RuntimeError("gradient accumulation out of step with the optimizer")
+        scheduler.step()
+        if ema is not None:
+            ema.update(unwrapped)
+        step += 1
+        steps_done += 1
+        window_loss += step_loss
+        window_steps += 1
+
+        if step % t.log_every == 0 or step == end:
+            now = time.perf_counter()
+            train_time += now - t_window
+            rank_losses = acc.gather((window_loss / window_steps).reshape(1))
+            last_loss = float(rank_losses.mean())
+            lr = scheduler.get_last_lr()[0]
+            record = {
+                "step": step,
+                "epoch": (step * t.grad_accum_steps) // sampler.per_epoch,
+                "loss": last_loss,
+                "lr": lr,
+                "samples_per_s": window_steps * samples_per_step / max(now - t_window, 1e-9),
+            }
+            if world > 1:  # each process trains on its own shard: show that they all did
+                record["rank_losses"] = [float(x) for x in rank_losses]
+            window_loss.zero_()
+            window_steps = 0
+            if step % t.val_every == 0 or step == end:
+                if main:
+                    val_loss = validation_loss(eval_policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device)
+                    if val_loss is not None:
+                        record["val_loss"] = val_loss
+                acc.wait_for_everyone()
+            metrics.log(record)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            t_window = time.perf_counter()
+        bar.update(1)
+
+        evaluate_now = t.eval_every > 0 and step % t.eval_every == 0
+        if step % t.checkpoint_every == 0 or step == end or evaluate_now:
+            t0 = time.perf_counter()
+            if main:
+                if evaluate_now:
+                    score = _evaluate_rollouts(eval_policy, cfg)
+                    best = score > best_score
+                    best_score = max(best_score, score)
+                    metrics.log({"step": step, "score": score, "best_score": best_score})
+                    print(f"\nstep {step}: rollout score {score:.3f} (best {best_score:.3f})")
+                last_ckpt = save(step, last_loss, val_loss, score if evaluate_now else None)
+                if evaluate_now and best:
+                    ckpt_io.copy_checkpoint(last_ckpt, run_dir, ckpt_io.BEST)
+            acc.wait_for_everyone()
+            t_window += time.perf_counter() - t0  # checkpoint/eval time is not training throughput
+    bar.close()
+    metrics.close()
+
+    wall = time.perf_counter() - wall0
+    summary = {
+        "config": cfg.name,
+        "run_dir": str(run_dir),
+        "steps": step,
+        "steps_this_run": steps_done,
+        "final_loss": last_loss,
+        "val_loss": val_loss,
+        "best_score": best_score if math.isfinite(best_score) else None,
+        "samples_per_s": steps_done * samples_per_step / train_time if train_time > 0 else None,
+        "wall_s": wall,
+        "checkpoint": str(ckpt_io.checkpoints_dir(run_dir) / f"step_{step:06d}"),
+        "processes": world,
+        "device": str(acc.device),
+        "dpkit_version": dpkit.__version__,
+    }
+    if main:
+        atomic_write_json(run_dir / SUMMARY, summary)
+    acc.wait_for_everyone()
+    return summary
