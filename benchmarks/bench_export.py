@@ -12,7 +12,7 @@ ONNX export, parity verification (dataset samples when available), bundle write.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import platform
 import sys
 import tempfile
@@ -49,7 +49,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="tiny,pusht_lowdim,pusht_image")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export.json"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine, 2 OpenMP threads that lose "
+                        "their core to another process make small ops up to 100x slower)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +71,7 @@ def main() -> None:
             s.pop("bundle"), s.pop("checkpoint")
             results.append({"config": name, **s, "bundle_bytes": sum(s["sizes_bytes"].values())})
     report = {
+        "load_average_at_end": list(os.getloadavg()),
         "what": "dpkit-export on random-weight checkpoints: wall seconds (total / ONNX export / verification) "
                 "and bundle file sizes",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.python_version()}",

@@ -6,7 +6,7 @@
 One timed step is what the trainer does per optimizer step: a batch from the DataLoader (the trainer's
 sampler and collate), forward + backward, AdamW, the EMA update. The real dataset is used when found
 (see dpkit.train.data.resolve_dataset_path), else a synthetic store. Each config runs `--steps` steps
-or until `--budget` seconds pass (at least 3), after 2 warm-up steps. Results go to
+or until `--budget` seconds pass (at least 2), after 1 warm-up step. Results go to
 benchmarks/results/train_throughput.json with the machine's details, including its load average:
 on a shared machine, other jobs slow every number here.
 """
@@ -60,7 +60,7 @@ def bench_loader(ds, batch_size: int, seconds: float = 3.0) -> dict:
     return {"batch_size": batch_size, "batches": n, "samples_per_s": n * batch_size / dt}
 
 
-def bench_config(name: str, data_path: str, steps: int, budget: float, batch: int | None) -> dict:
+def bench_config(name: str, data_path: str, steps: int, budget: float, batch: int | None, bf16: bool) -> dict:
     from dpkit.train.policy import DiffusionPolicy
 
     overrides = [f"data.path={data_path}"] + ([f"train.batch_size={batch}"] if batch else [])
@@ -74,18 +74,19 @@ def bench_config(name: str, data_path: str, steps: int, budget: float, batch: in
     it = _loader(train_ds, t.batch_size)
 
     def step() -> float:
-        loss = policy(next(it))
+        # What accelerate's mixed_precision="bf16" does on CPU: autocast the forward pass.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = policy(next(it))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(policy)
-        return float(loss)
+        return float(loss.detach())
 
-    for _ in range(2):
-        step()
+    step()  # warm-up
     times, losses = [], []
     t_start = time.perf_counter()
-    while len(times) < steps and (len(times) < 3 or time.perf_counter() - t_start < budget):
+    while len(times) < steps and (len(times) < 2 or time.perf_counter() - t_start < budget):
         t0 = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - t0)
@@ -95,6 +96,7 @@ def bench_config(name: str, data_path: str, steps: int, budget: float, batch: in
         "obs_mode": cfg.policy.obs_mode,
         "parameters": policy.num_parameters(),
         "batch_size": t.batch_size,
+        "mixed_precision": "bf16" if bf16 else "no",
         "steps_timed": len(times),
         "step_s_median": float(np.median(times)),
         "samples_per_s": len(times) * t.batch_size / total,
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help="seconds of timed steps per config (at most)")
     p.add_argument("--batch", type=int, help="override every config's batch size")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (train.mixed_precision=bf16)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     if args.threads:
@@ -120,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data_path, kind = _dataset_path(Path(tmp))
         for name in args.configs:
-            r = bench_config(name, data_path, args.steps, args.budget, args.batch)
+            r = bench_config(name, data_path, args.steps, args.budget, args.batch, args.bf16)
             results.append(r)
             print(
-                f"{name:13s} {r['obs_mode']:6s} {r['parameters'] / 1e6:7.2f} M params  batch {r['batch_size']:3d}  "
+                f"{name:13s} {r['obs_mode']:6s} {r['mixed_precision']:4s} {r['parameters'] / 1e6:7.2f} M params  batch {r['batch_size']:3d}  "
                 f"{r['samples_per_s']:8.1f} samples/s train ({r['step_s_median']:.3f} s/step, {r['steps_timed']} steps)  "
                 f"loader alone {r['loader']['samples_per_s']:9.0f} samples/s"
             )

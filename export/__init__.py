@@ -1,1 +1,11 @@
-"""placeholder"""
+"""Export stage: checkpoint -> verified ONNX bundle (docs/bundle-format.md), plus optional TensorRT engines.
+
+    dpkit-export runs/tiny --out bundles/tiny
+
+    from dpkit.export.cli import export_bundle
+    summary = export_bundle("runs/tiny", "bundles/tiny", ddim_steps=(10,))
+
+Modules: `onnx_export` (PyTorch -> ONNX), `schedule` (the manifest's scheduler arrays, from diffusers),
+`verify` (ONNX Runtime vs PyTorch parity), `tensorrt` (engines), `cli` (the command and `export_bundle`).
+This is the only writer of bundles; `dpkit.runtime` reads them and never imports this package.
+"""

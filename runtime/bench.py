@@ -194,6 +194,8 @@ def machine_info(threads: int, quick: bool) -> dict[str, Any]:
         "numpy": np.__version__,
         "dpkit": dpkit.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # Other jobs on the machine slow every number: the 1-minute load average says how busy it was.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
     try:
         import torch
@@ -595,7 +597,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['threads']} threads used"
         f"{', GPU ' + m['cuda'] if m.get('cuda') else ''}); fp32 GEMM {m['gemm_fp32_gflops']} GFLOP/s, "
-        f"memory copy {m['mem_gbps']} GB/s; torch {m['torch']}, onnxruntime {m['onnxruntime']}; {m['date']}.",
+        f"memory copy {m['mem_gbps']} GB/s; load average {m.get('load_avg_1m')}; torch {m['torch']}, onnxruntime {m['onnxruntime']}; {m['date']}.",
         "",
         "Latency of one action chunk (encoder + K denoiser steps), random weights. `encoder` / `denoiser` rows "
         "are one call each. % peak: achieved GFLOP/s (FLOPs / p50) over the fp32 GEMM peak above. "

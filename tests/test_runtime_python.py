@@ -138,3 +138,16 @@ def test_validate_obs_errors():
         validate_obs({**good, "agent_pos": np.full((2, 2, 2), np.inf)}, spec, 2)
     with pytest.raises(DpkitError, match="dtype"):
         validate_obs({**good, "agent_pos": np.full((2, 2, 2), "a")}, spec, 2)
+
+
+def test_unknown_and_unavailable_backends(tmp_path):
+    import importlib.util
+
+    from dpkit.runtime import load_policy
+
+    with pytest.raises(DpkitError, match="unknown backend"):
+        load_policy(tmp_path, backend="onnx")
+    if importlib.util.find_spec("dpkit.runtime.cpp_policy") is not None:
+        pytest.skip("the C++ backend module exists in this checkout")
+    with pytest.raises(DpkitError, match="'cpp' backend is not available"):
+        load_policy(tmp_path, backend="cpp")

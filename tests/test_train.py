@@ -33,16 +33,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is as fast, and spares the runs the 10-50x slow-down of
-    OpenMP threads waiting on each other when other jobs share the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_synthetic_pusht(tmp_path_factory.mktemp("data") / "pusht.zarr", n_episodes=4)
@@ -62,6 +52,8 @@ def test_resume_continues_exactly(store, tmp_path):
     straight = train(cfg, tmp_path / "a", progress=False)
     train(cfg, tmp_path / "b", progress=False, stop_after=4)
     assert [p.name for p in ckpt_io.step_dirs(tmp_path / "b")] == ["step_000004"]
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:  # as if it died after the checkpoint, mid-write
+        f.write('{"step": 5, "loss": 9.0}\n{"step": 6, "lo')
     resumed = train(cfg, tmp_path / "b", resume=True, progress=False)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == list(range(1, 9))  # metrics.jsonl reads as one run
@@ -154,6 +146,17 @@ def test_cli_run_refuse_resume_force_and_bad_input(store, tmp_path, capsys):
         assert _cli(*argv) == 1, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+
+def test_time_limit_stops_with_a_checkpoint_that_resumes(store, tmp_path):
+    run = tmp_path / "run"
+    cfg = _cfg(store, "train.steps=1000", "train.time_limit_s=0.5", "train.checkpoint_every=1000")
+    summary = train(cfg, run, progress=False)
+    assert summary["stopped_by_time_limit"] and 1 <= summary["steps"] < 1000
+    assert ckpt_io.read_state(ckpt_io.latest_checkpoint(run))["step"] == summary["steps"]
+    assert max(_losses(run)) == summary["steps"]
+    cfg2 = _cfg(store, f"train.steps={summary['steps'] + 2}", "train.checkpoint_every=1000")
+    assert train(cfg2, run, resume=True, progress=False)["steps"] == summary["steps"] + 2
 
 
 def test_image_mode_trains_and_reloads(tmp_path):

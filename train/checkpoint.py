@@ -180,8 +180,8 @@ def load_weights_into(module: torch.nn.Module, ckpt: Path, prefix: str) -> None:
 def load_checkpoint(path: str | Path, ema: bool = True, device: str | torch.device = "cpu"):
     """(DiffusionPolicy in eval mode, state dict from state.json) from a checkpoint or run folder.
 
-    `ema=True` loads the EMA weights (what the paper evaluates); falls back to an error if the
-    checkpoint was trained without EMA.
+    `ema=True` loads the EMA weights (what the paper evaluates) when the run kept them
+    (train.ema), else the trained weights; `state["weights"]` says which.
     """
     from dpkit.train.config import Config
     from dpkit.train.normalizer import Normalizer
@@ -195,7 +195,9 @@ def load_checkpoint(path: str | Path, ema: bool = True, device: str | torch.devi
         raise DpkitError(f"checkpoint file {ckpt / STATE}: {e}") from None
     normalizer = Normalizer.from_dict(state["normalizer"])
     policy = DiffusionPolicy(cfg.policy, normalizer)
-    load_weights_into(policy, ckpt, "ema" if ema else "model")
+    prefix = "ema" if ema and cfg.train.ema else "model"
+    load_weights_into(policy, ckpt, prefix)
+    state["weights"] = prefix
     policy.to(device).eval()
     state["checkpoint_path"] = str(ckpt)
     return policy, state

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -171,6 +172,16 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
+def _out_of_time(acc, start: float, limit_s: float) -> bool:
+    """Rank 0's clock decides, so every process stops after the same step."""
+    over = torch.tensor([time.perf_counter() - start >= limit_s], dtype=torch.int32, device=acc.device)
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast
+
+        over = broadcast(over, from_process=0)
+    return bool(over.item())
+
+
 def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuse to mix runs."""
     existing = ckpt_io.latest_checkpoint(run_dir)
@@ -181,6 +192,14 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path | None:
     if existing is not None and not force:
         raise DpkitError(f"{run_dir} already holds checkpoints; pass --resume to continue or --force to start over")
     return None
+
+
+def _record_step(line: str) -> float:
+    """A metrics line's step; a blank or half-written line (a crash mid-write) sorts after everything."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class _Metrics:
@@ -197,7 +216,7 @@ class _Metrics:
             self.path.write_text("")
         elif self.path.exists():
             # Drop records past the checkpoint (a run that died after it) so the file reads as one run.
-            keep = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            keep = [l for l in self.path.read_text().splitlines() if _record_step(l) <= resume_step]
             self.path.write_text("".join(l + "\n" for l in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -237,10 +256,7 @@ def train(
     spans `cfg.train.steps`), so a later `resume=True` continues it.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
-    from dpkit.train.policy import DiffusionPolicy
+    from accelerate.state import AcceleratorState
 
     t = cfg.train
     run_dir = Path(run_dir)
@@ -261,24 +277,25 @@ def train(
         if force and resume_from is None and acc.is_main_process:
             for p in (ckpt_io.checkpoints_dir(run_dir), run_dir / METRICS, run_dir / SUMMARY, run_dir / "tensorboard"):
                 if p.is_dir():
-                    import shutil
-
                     shutil.rmtree(p)
                 elif p.exists():
                     p.unlink()
         acc.wait_for_everyone()
         end = t.steps if stop_after is None else min(stop_after, t.steps)
-        return _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_scheduler, DiffusionPolicy)
+        return _train(cfg, run_dir, acc, resume_from, progress, end)
     finally:
         acc.end_training()
         # Let a later train() in the same process build an Accelerator with other settings.
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state()
 
 
-def _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_scheduler, DiffusionPolicy) -> dict[str, Any]:
+def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int) -> dict[str, Any]:
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
+
+    from dpkit.train.normalizer import Normalizer
+    from dpkit.train.policy import DiffusionPolicy
 
     t = cfg.train
     main = acc.is_main_process
@@ -290,8 +307,6 @@ def _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_schedule
     train_ds, val_ds = load_datasets(cfg)
     set_seed(t.seed)  # identical initial weights on every process
     if state is not None:
-        from dpkit.train.normalizer import Normalizer
-
         normalizer = Normalizer.from_dict(state["normalizer"])
     else:
         normalizer = train_ds.fit_normalizer()
@@ -366,6 +381,7 @@ def _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_schedule
     window_steps = 0
     last_loss = val_loss = score = None
     last_ckpt = resume_from
+    stopped_early = False
     train_time, t_window, steps_done = 0.0, time.perf_counter(), 0
     wall0 = time.perf_counter()
     while step < end:
@@ -388,12 +404,17 @@ def _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_schedule
         steps_done += 1
         window_loss += step_loss
         window_steps += 1
+        if t.time_limit_s > 0 and step < end and _out_of_time(acc, wall0, t.time_limit_s):
+            end = step  # log, validate and checkpoint this step as the last one; --resume continues
+            stopped_early = True
 
         if step % t.log_every == 0 or step == end:
             now = time.perf_counter()
             train_time += now - t_window
             rank_losses = acc.gather((window_loss / window_steps).reshape(1))
             last_loss = float(rank_losses.mean())
+            if not math.isfinite(last_loss):
+                raise DpkitError(f"training diverged: loss is {last_loss} at step {step} (try a lower train.lr)")
             lr = scheduler.get_last_lr()[0]
             record = {
                 "step": step,
@@ -441,6 +462,7 @@ def _train(cfg, run_dir, acc, resume_from, progress, end, set_seed, get_schedule
         "run_dir": str(run_dir),
         "steps": step,
         "steps_this_run": steps_done,
+        "stopped_by_time_limit": stopped_early,
         "final_loss": last_loss,
         "val_loss": val_loss,
         "best_score": best_score if math.isfinite(best_score) else None,

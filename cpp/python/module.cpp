@@ -31,11 +31,21 @@ py::tuple sample(dpkit::Policy& self, const std::vector<FloatArray>& observation
   if (observations.empty() || observations[0].ndim() < 2)
     throw dpkit::InputError("observations: expected " + std::to_string(info.observations.size()) +
                             " arrays shaped (B, To, ...), the first one (B, " + std::to_string(info.n_obs_steps) + ", ...)");
+  // Full shape checks here, where the numpy shape is known, so messages show what the caller passed.
+  const py::ssize_t B0 = observations[0].shape(0);
   for (std::size_t i = 0; i < observations.size() && i < info.observations.size(); ++i) {
     const auto& o = info.observations[i];
-    if (static_cast<std::size_t>(observations[i].ndim()) != 2 + o.shape.size())
-      throw dpkit::InputError("observation '" + o.name + "': expected " + std::to_string(2 + o.shape.size()) +
-                              " dimensions (B, To, ...), got shape " + shape_of(observations[i]));
+    std::vector<py::ssize_t> want = {B0, info.n_obs_steps};
+    want.insert(want.end(), o.shape.begin(), o.shape.end());
+    const auto& a = observations[i];
+    bool ok = static_cast<std::size_t>(a.ndim()) == want.size();
+    for (std::size_t d = 0; ok && d < want.size(); ++d) ok = a.shape(static_cast<py::ssize_t>(d)) == want[d];
+    if (!ok) {
+      std::string w = "(B";
+      for (std::size_t d = 1; d < want.size(); ++d) w += ", " + std::to_string(want[d]);
+      throw dpkit::InputError("observation '" + o.name + "' has shape " + shape_of(a) + ", expected " + w +
+                              ") with the same B for every input");
+    }
   }
   const int B = static_cast<int>(observations[0].shape(0));
   dpkit::SampleRequest req;

@@ -15,7 +15,9 @@ namespace detail {
 namespace {
 
 std::mutex g_mutex;
-std::unique_ptr<OrtRuntime> g_runtime;
+// Never freed, and reachable from here: the library stays loaded for the process (closing loaded code
+// and tearing ORT down during static destruction are both riskier than keeping them).
+OrtRuntime* g_runtime = nullptr;
 std::string g_version;
 
 using GetApiBaseFn = const OrtApiBase* (*)();
@@ -53,12 +55,8 @@ const OrtRuntime& ort_runtime(const std::string& requested) {
       throw Error("ONNX Runtime " + version + " at " + path + " does not offer API version " +
                   std::to_string(ORT_API_VERSION) + " that dpkit was built with; install a newer onnxruntime");
     Ort::InitApi(api);
-    auto rt = std::make_unique<OrtRuntime>();
-    rt->library = path;
-    rt->version = version;
-    rt->env = new Ort::Env(ORT_LOGGING_LEVEL_WARNING, "dpkit");  // intentionally leaked, see header
+    g_runtime = new OrtRuntime{path, version, new Ort::Env(ORT_LOGGING_LEVEL_WARNING, "dpkit")};
     g_version = version;
-    g_runtime = std::move(rt);
     return *g_runtime;
   }
   throw Error("cannot load the ONNX Runtime library (set PolicyParams::ort_library or DPKIT_ORT_LIBRARY to "

@@ -77,22 +77,26 @@ struct Policy::Impl {
   PolicyInfo info;
   Manifest m;
   std::vector<std::vector<StepCoefficients>> steps;  // per sampler
-  Ort::Session encoder{nullptr}, denoiser{nullptr};
-  Ort::RunOptions run_options;
 
   // Owned buffers for max_batch; the Ort::Values below are views of them.
   std::vector<std::vector<float>> obs;
   std::vector<float> cond, x, eps, noise;
   std::vector<int64_t> timestep;
 
-  // Tensors for each batch size b (index b - 1), made once at load so `sample` creates none.
+  // Every ORT object lives here, created only once the library is loaded: even a null Ort:: handle
+  // calls into the API when destroyed, so none may exist before (e.g. when policy.json is bad).
   struct Views {
     std::vector<Ort::Value> enc_in;
     Ort::Value enc_out{nullptr};
     std::vector<Ort::Value> den_in;  // sample, timestep, cond
     Ort::Value den_out{nullptr};
   };
-  std::vector<Views> views;
+  struct OrtState {
+    Ort::Session encoder{nullptr}, denoiser{nullptr};
+    Ort::RunOptions run_options;
+    std::vector<Views> views;  // tensors for each batch size b (index b - 1), made once at load
+  };
+  std::unique_ptr<OrtState> ort;
   std::vector<const char*> enc_in_names;
   const char* enc_out_names[1] = {"cond"};
   const char* den_in_names[3] = {"sample", "timestep", "cond"};
@@ -127,6 +131,11 @@ void Policy::Impl::load(const std::string& dir, const PolicyParams& p) {
   }
 
   const detail::OrtRuntime& rt = detail::ort_runtime(p.ort_library);
+  ort = std::make_unique<OrtState>();
+  Ort::Session& encoder = ort->encoder;
+  Ort::Session& denoiser = ort->denoiser;
+  const Ort::RunOptions& run_options = ort->run_options;
+  std::vector<Views>& views = ort->views;
   PolicyParams enc_params = p;
   enc_params.allow_spinning = false;  // runs once per chunk; spinning would steal cores from the denoiser
   const bool fp16 = m.tensorrt_precision == "fp16";
@@ -218,13 +227,16 @@ void Policy::Impl::make_views(int max_batch) {
     v.den_in.push_back(Ort::Value::CreateTensor<int64_t>(mem, timestep.data(), static_cast<std::size_t>(b), tdims, 1));
     v.den_in.push_back(Ort::Value::CreateTensor<float>(mem, cond.data(), static_cast<std::size_t>(b * C), cdims, 2));
     v.den_out = Ort::Value::CreateTensor<float>(mem, eps.data(), n, xdims, 3);
-    views.push_back(std::move(v));
+    ort->views.push_back(std::move(v));
   }
 }
 
 // The hot path: no allocation, no tensor creation, no name lookups.
 void Policy::Impl::run(int batch, int sampler, const float* initial_noise, const float* step_noise) {
-  Views& v = views[static_cast<std::size_t>(batch - 1)];
+  Views& v = ort->views[static_cast<std::size_t>(batch - 1)];
+  Ort::Session& encoder = ort->encoder;
+  Ort::Session& denoiser = ort->denoiser;
+  const Ort::RunOptions& run_options = ort->run_options;
   const std::size_t n = info.trajectory_size(batch);
   const bool clip = m.clip_sample;
   const float r = static_cast<float>(m.clip_sample_range);

@@ -1,6 +1,6 @@
 """Write small random bundles (format version 1) for the C++ and module tests.
 
-    .venv/bin/python cpp/tests/make_test_bundle.py OUT_DIR [--obs-mode lowdim|image] [--seed 0]
+    .venv/bin/python cpp/tests/make_test_bundle.py OUT_DIR [--obs-mode lowdim|image|both] [--seed 0]
 
 The graphs are tiny random torch modules with exactly the contract's input/output names
 (docs/bundle-format.md), exported with torch.onnx.export(dynamo=True); the schedule arrays and
@@ -148,10 +148,15 @@ def make_bundle(out: Path, obs_mode: str = "lowdim", seed: int = 0, n_obs_steps:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
-    ap.add_argument("--obs-mode", choices=["lowdim", "image"], default="lowdim")
+    ap.add_argument("--obs-mode", choices=["lowdim", "image", "both"], default="lowdim",
+                    help="both: write OUT/lowdim and OUT/image in one run (saves a torch import)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    make_bundle(args.out, args.obs_mode, args.seed)
+    if args.obs_mode == "both":
+        for mode in ("lowdim", "image"):
+            make_bundle(args.out / mode, mode, args.seed)
+    else:
+        make_bundle(args.out, args.obs_mode, args.seed)
     print(f"wrote {args.out}")
     return 0
 

@@ -1,0 +1,338 @@
+// dpkit::Policy end to end on the generated random bundles: results, determinism, batching, threads,
+// and every bad input or bad bundle raising a dpkit::Error that names it.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "dpkit/runtime.hpp"
+#include "internal.hpp"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+const std::string kLowdim = std::string(DPKIT_TEST_BUNDLES) + "/lowdim";
+const std::string kImage = std::string(DPKIT_TEST_BUNDLES) + "/image";
+
+dpkit::PolicyParams params(int max_batch = 1, std::uint64_t seed = 0) {
+  dpkit::PolicyParams p;
+  p.ort_library = DPKIT_TEST_ORT_LIBRARY;
+  p.intra_op_threads = 1;
+  p.allow_spinning = false;  // tests share 2 cores with other work
+  p.max_batch = max_batch;
+  p.seed = seed;
+  return p;
+}
+
+std::vector<float> randn(std::size_t n, unsigned seed, float scale = 1.0f, float offset = 0.0f) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d;
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(g) * scale + offset;
+  return v;
+}
+
+// Observations for batch b, realistic magnitudes (pixels around 256).
+std::vector<std::vector<float>> observations(const dpkit::PolicyInfo& info, int b, unsigned seed) {
+  std::vector<std::vector<float>> obs;
+  for (std::size_t i = 0; i < info.observations.size(); ++i)
+    obs.push_back(info.observations[i].name == "image" ? randn(info.observation_size(i, b), seed + 7u, 0.2f, 0.5f)
+                                                       : randn(info.observation_size(i, b), seed + 11u, 100.0f, 256.0f));
+  return obs;
+}
+
+struct Result {
+  std::vector<float> traj, actions;
+};
+
+Result run(dpkit::Policy& p, const std::vector<std::vector<float>>& obs, int b, int sampler = -1,
+           const std::vector<float>* init = nullptr, const std::vector<float>* steps = nullptr) {
+  dpkit::SampleRequest req;
+  req.batch = b;
+  req.sampler = sampler;
+  for (const auto& o : obs) req.observations.push_back({o.data(), o.size()});
+  if (init) req.initial_noise = {init->data(), init->size()};
+  if (steps) req.step_noise = {steps->data(), steps->size()};
+  Result r;
+  r.traj.resize(p.info().trajectory_size(b));
+  r.actions.resize(p.info().actions_size(b));
+  p.sample(req, {{r.traj.data(), r.traj.size()}, {r.actions.data(), r.actions.size()}});
+  return r;
+}
+
+float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  EXPECT_EQ(a.size(), b.size());
+  float m = 0;
+  for (std::size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::fabs(a[i] - b[i]));
+  return m;
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const dpkit::Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+#define EXPECT_MSG(msg, needle) EXPECT_NE((msg).find(needle), std::string::npos) << "message: " << (msg)
+
+// A writable copy of a bundle, for corrupting.
+std::string copy_bundle(const std::string& src, const std::string& name) {
+  const fs::path dst = fs::path(testing::TempDir()) / ("dpkit_" + name);
+  fs::remove_all(dst);
+  fs::copy(src, dst, fs::copy_options::recursive);
+  return dst.string();
+}
+
+json read_json(const std::string& path) { return json::parse(std::ifstream(path)); }
+void write_json(const std::string& path, const json& j) { std::ofstream(path) << j.dump(2); }
+
+}  // namespace
+
+TEST(Policy, LoadsLowdimAndReportsInfo) {
+  dpkit::Policy p(kLowdim, params());
+  const auto& info = p.info();
+  EXPECT_EQ(info.obs_mode, "lowdim");
+  EXPECT_EQ(info.horizon, 16);
+  EXPECT_EQ(info.n_action_steps, 8);
+  EXPECT_EQ(info.action_dim, 2);
+  EXPECT_EQ(info.samplers.size(), 4u);
+  EXPECT_EQ(info.samplers[static_cast<std::size_t>(info.default_sampler)].name, "ddim-10");
+  EXPECT_FALSE(info.ort_version.empty());
+  EXPECT_EQ(dpkit::ort_version(), info.ort_version);
+  EXPECT_EQ(p.find_sampler("ddpm", 100), 0);
+  EXPECT_EQ(p.find_sampler("ddim", 10), 2);
+  EXPECT_EQ(p.find_sampler("ddim", 0), 2);  // K <= 0: the first listed
+}
+
+TEST(Policy, InjectedNoiseDeterminesTheResult) {
+  dpkit::Policy p(kLowdim, params());
+  const auto obs = observations(p.info(), 1, 1);
+  const int ddpm = p.find_sampler("ddpm", 10), ddim = p.find_sampler("ddim", 10);
+  const auto init = randn(p.info().trajectory_size(), 3), steps = randn(p.info().step_noise_size(ddpm), 4);
+  const auto steps2 = randn(p.info().step_noise_size(ddpm), 5);
+  const Result a = run(p, obs, 1, ddpm, &init, &steps), b = run(p, obs, 1, ddpm, &init, &steps);
+  EXPECT_EQ(max_abs_diff(a.traj, b.traj), 0.0f);
+  EXPECT_GT(max_abs_diff(a.traj, run(p, obs, 1, ddpm, &init, &steps2).traj), 1e-4f);  // DDPM uses step noise
+  const Result c = run(p, obs, 1, ddim, &init, &steps), d = run(p, obs, 1, ddim, &init, &steps2);
+  EXPECT_EQ(max_abs_diff(c.traj, d.traj), 0.0f);  // DDIM (eta = 0) does not
+  for (float v : c.traj) EXPECT_TRUE(std::isfinite(v));
+  // Different observations give a different trajectory (the condition reaches the denoiser).
+  EXPECT_GT(max_abs_diff(c.traj, run(p, observations(p.info(), 1, 9), 1, ddim, &init).traj), 1e-4f);
+}
+
+TEST(Policy, SeededGeneratorRepeats) {
+  dpkit::Policy p(kLowdim, params(1, 42)), q(kLowdim, params(1, 42));
+  const auto obs = observations(p.info(), 1, 1);
+  const int ddpm = p.find_sampler("ddpm", 100);
+  const Result a = run(p, obs, 1, ddpm), b = run(q, obs, 1, ddpm);
+  EXPECT_EQ(max_abs_diff(a.traj, b.traj), 0.0f);
+  const Result a2 = run(p, obs, 1, ddpm);
+  EXPECT_GT(max_abs_diff(a.traj, a2.traj), 1e-4f);  // the stream moves on
+  p.reseed(42);
+  EXPECT_EQ(max_abs_diff(run(p, obs, 1, ddpm).traj, a.traj), 0.0f);
+}
+
+TEST(Policy, ActionsAreTheUnnormalizedSlice) {
+  dpkit::Policy p(kLowdim, params(3));
+  const auto& info = p.info();
+  const json m = read_json(kLowdim + "/policy.json");
+  const Result r = run(p, observations(info, 3, 2), 3);
+  for (int b = 0; b < 3; ++b)
+    for (int j = 0; j < info.n_action_steps; ++j)
+      for (int a = 0; a < info.action_dim; ++a) {
+        const float t = r.traj[(static_cast<std::size_t>(b) * info.horizon + info.first_action_index + j) * info.action_dim + a];
+        const float want = t * m["action_normalizer"]["scale"][a].get<float>() + m["action_normalizer"]["offset"][a].get<float>();
+        EXPECT_NEAR(r.actions[(static_cast<std::size_t>(b) * info.n_action_steps + j) * info.action_dim + a], want, 1e-3f);
+      }
+}
+
+TEST(Policy, BatchRowsMatchSingleRuns) {
+  for (const std::string& bundle : {kLowdim, kImage}) {
+    dpkit::Policy p(bundle, params(4));
+    const auto& info = p.info();
+    const int ddpm = p.find_sampler("ddpm", 10);
+    const auto obs = observations(info, 4, 5);
+    const auto init = randn(info.trajectory_size(4), 6), steps = randn(info.step_noise_size(ddpm, 4), 7);
+    const Result all = run(p, obs, 4, ddpm, &init, &steps);
+    const std::size_t n = info.trajectory_size(1), K = 10;
+    for (int b = 0; b < 4; ++b) {
+      std::vector<std::vector<float>> ob;
+      for (std::size_t i = 0; i < obs.size(); ++i) {
+        const std::size_t s = info.observation_size(i, 1);
+        ob.emplace_back(obs[i].begin() + static_cast<long>(b * s), obs[i].begin() + static_cast<long>((b + 1) * s));
+      }
+      std::vector<float> init1(init.begin() + static_cast<long>(b * n), init.begin() + static_cast<long>((b + 1) * n)), steps1;
+      for (std::size_t k = 0; k < K; ++k)
+        steps1.insert(steps1.end(), steps.begin() + static_cast<long>((k * 4 + b) * n), steps.begin() + static_cast<long>((k * 4 + b + 1) * n));
+      const Result one = run(p, ob, 1, ddpm, &init1, &steps1);
+      const std::vector<float> row(all.traj.begin() + static_cast<long>(b * n), all.traj.begin() + static_cast<long>((b + 1) * n));
+      EXPECT_LT(max_abs_diff(one.traj, row), 1e-5f) << bundle << " row " << b;
+    }
+  }
+}
+
+TEST(Policy, OnePolicyPerThreadRunsConcurrently) {
+  dpkit::Policy ref(kLowdim, params(1, 7));
+  const auto obs = observations(ref.info(), 1, 1);
+  std::vector<Result> want;
+  for (int i = 0; i < 10; ++i) want.push_back(run(ref, obs, 1, 0));
+  std::vector<std::vector<Result>> got(2);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 2; ++t)
+    threads.emplace_back([&, t] {
+      dpkit::Policy p(kLowdim, params(1, 7));
+      for (int i = 0; i < 10; ++i) got[static_cast<std::size_t>(t)].push_back(run(p, obs, 1, 0));
+    });
+  for (auto& th : threads) th.join();
+  for (const auto& g : got)
+    for (int i = 0; i < 10; ++i) EXPECT_EQ(max_abs_diff(g[static_cast<std::size_t>(i)].traj, want[static_cast<std::size_t>(i)].traj), 0.0f);
+}
+
+TEST(Policy, BadInputsAreInputErrors) {
+  dpkit::Policy p(kLowdim, params(2));
+  const auto& info = p.info();
+  auto obs = observations(info, 1, 1);
+  std::vector<float> traj(info.trajectory_size(1)), actions(info.actions_size(1));
+  auto call = [&](dpkit::SampleRequest req, dpkit::SampleOutput out) {
+    try {
+      p.sample(req, out);
+    } catch (const dpkit::InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no InputError)");
+  };
+  auto good = [&] {
+    dpkit::SampleRequest r;
+    r.observations = {{obs[0].data(), obs[0].size()}};
+    return r;
+  };
+  const dpkit::SampleOutput out{{traj.data(), traj.size()}, {actions.data(), actions.size()}};
+  EXPECT_EQ(call(good(), out), "(no InputError)");
+
+  auto r = good();
+  r.batch = 3;
+  EXPECT_MSG(call(r, out), "batch 3 is outside [1, max_batch = 2]");
+  r.batch = 0;
+  EXPECT_MSG(call(r, out), "batch 0");
+  r = good();
+  r.observations.push_back(r.observations[0]);
+  EXPECT_MSG(call(r, out), "expected 1 observation arrays");
+  r = good();
+  r.observations[0].size -= 1;
+  EXPECT_MSG(call(r, out), "observation 'obs': expected shape (1, 2, 20) = 40 floats, got 39");
+  r = good();
+  r.observations[0].data = nullptr;
+  EXPECT_MSG(call(r, out), "got 0");
+  obs[0][13] = NAN;
+  EXPECT_MSG(call(good(), out), "observation 'obs' holds NaN at flat index 13");
+  obs[0][13] = INFINITY;
+  EXPECT_MSG(call(good(), out), "holds Inf");
+  obs[0][13] = 1.0f;
+  r = good();
+  r.sampler = 9;
+  EXPECT_MSG(call(r, out), "sampler index 9");
+  std::vector<float> noise(5);
+  r = good();
+  r.initial_noise = {noise.data(), noise.size()};
+  EXPECT_MSG(call(r, out), "initial_noise: expected shape (1, 16, 2) = 32 floats, got 5");
+  r = good();
+  r.sampler = p.find_sampler("ddim", 10);
+  r.step_noise = {noise.data(), noise.size()};
+  EXPECT_MSG(call(r, out), "step_noise: expected shape (10, 1, 16, 2)");
+  std::vector<float> bad_init(info.trajectory_size(1), 0.0f);
+  bad_init[3] = NAN;
+  r = good();
+  r.initial_noise = {bad_init.data(), bad_init.size()};
+  EXPECT_MSG(call(r, out), "initial_noise holds NaN");
+  EXPECT_MSG(call(good(), {{traj.data(), 4}, {}}), "output trajectory: expected shape (1, 16, 2)");
+  EXPECT_MSG(call(good(), {{}, {actions.data(), 3}}), "output actions: expected shape (1, 8, 2)");
+
+  try {
+    p.find_sampler("ddim", 7);
+    FAIL();
+  } catch (const dpkit::InputError& e) {
+    EXPECT_MSG(std::string(e.what()), "no sampler ddim with 7 steps; available: ddpm-100, ddpm-10, ddim-10, ddim-100");
+  }
+  // After all those failures the policy still samples.
+  EXPECT_EQ(call(good(), out), "(no InputError)");
+}
+
+TEST(Policy, BadBundlesAreNamed) {
+  EXPECT_MSG(error_of([] { dpkit::Policy("/nonexistent/bundle", params()); }), "/nonexistent/bundle/policy.json");
+
+  const std::string missing = copy_bundle(kLowdim, "missing");
+  fs::remove(missing + "/denoiser.onnx");
+  EXPECT_MSG(error_of([&] { dpkit::Policy(missing, params()); }), "missing model file " + missing + "/denoiser.onnx");
+
+  const std::string tampered = copy_bundle(kLowdim, "tampered");
+  {
+    std::fstream f(tampered + "/encoder.onnx", std::ios::in | std::ios::out | std::ios::binary | std::ios::ate);
+    f.seekp(-5, std::ios::end);
+    f.put('\x7f');
+  }
+  EXPECT_MSG(error_of([&] { dpkit::Policy(tampered, params()); }), "sha256 mismatch for " + tampered + "/encoder.onnx");
+
+  const std::string version = copy_bundle(kLowdim, "version");
+  json m = read_json(version + "/policy.json");
+  m["format_version"] = 2;
+  write_json(version + "/policy.json", m);
+  EXPECT_MSG(error_of([&] { dpkit::Policy(version, params()); }), "format_version is 2");
+
+  // The encoder graph where the denoiser should be: its inputs are named, with what was expected.
+  const std::string swapped = copy_bundle(kLowdim, "swapped");
+  m = read_json(swapped + "/policy.json");
+  m["models"]["denoiser"]["file"] = "encoder.onnx";
+  m["models"]["denoiser"]["sha256"] = m["models"]["encoder"]["sha256"];
+  write_json(swapped + "/policy.json", m);
+  EXPECT_MSG(error_of([&] { dpkit::Policy(swapped, params()); }), swapped + "/encoder.onnx: expected 3 inputs");
+
+  // A cond_dim that disagrees with the graphs.
+  const std::string cond = copy_bundle(kLowdim, "cond");
+  m = read_json(cond + "/policy.json");
+  m["cond_dim"] = 5;
+  write_json(cond + "/policy.json", m);
+  EXPECT_MSG(error_of([&] { dpkit::Policy(cond, params()); }), "output 'cond' has shape (B, 24), expected (B, 5)");
+
+  const std::string junk = copy_bundle(kLowdim, "junk");
+  std::ofstream(junk + "/encoder.onnx") << "not a model";
+  EXPECT_MSG(error_of([&] {
+               auto p = params();
+               p.verify_sha256 = false;
+               dpkit::Policy(junk, p);
+             }),
+             "ONNX Runtime could not load the bundle");
+}
+
+TEST(Policy, ProvidersNeverFallBackSilently) {
+  auto p = params();
+  p.provider = "cuda";
+  const std::string msg = error_of([&] { dpkit::Policy(kLowdim, p); });
+  // The CPU onnxruntime wheel has no CUDA provider: a clear error, not a CPU session.
+  EXPECT_MSG(msg, "provider \"cuda\" is not available");
+  EXPECT_MSG(msg, "CPUExecutionProvider");
+  p.provider = "tensorrt";
+  EXPECT_MSG(error_of([&] { dpkit::Policy(kLowdim, p); }), "provider \"tensorrt\" is not available");
+  p.provider = "tpu";
+  EXPECT_MSG(error_of([&] { dpkit::Policy(kLowdim, p); }), "unknown provider \"tpu\"");
+  p.provider = "cpu";
+  p.max_batch = 0;
+  EXPECT_MSG(error_of([&] { dpkit::Policy(kLowdim, p); }), "max_batch must be >= 1");
+}
+
+TEST(Policy, MovedFromIsAnErrorNotACrash) {
+  dpkit::Policy p(kLowdim, params());
+  dpkit::Policy q(std::move(p));
+  EXPECT_EQ(q.info().horizon, 16);
+  dpkit::SampleRequest req;
+  EXPECT_MSG(error_of([&] { p.sample(req, {}); }), "moved from");  // NOLINT(bugprone-use-after-move)
+}

@@ -1,0 +1,151 @@
+"""The "cpp" backend (dpkit.runtime._core): parity with the numpy reference loop, errors, threads.
+
+    .venv/bin/pytest tests/test_cpp_runtime.py
+
+Bundles are the random test bundles of cpp/tests/make_test_bundle.py (real contract, tiny graphs). The
+oracle is the "ort" backend, i.e. the bundle's graphs in Python ONNX Runtime driven by
+dpkit.runtime.sampling, with identical injected noise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpkit.errors import DpkitError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_make_test_bundle():
+    spec = importlib.util.spec_from_file_location("make_test_bundle", ROOT / "cpp" / "tests" / "make_test_bundle.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, Path]:
+    make = _load_make_test_bundle().make_bundle
+    root = tmp_path_factory.mktemp("cpp_bundles")
+    return {mode: make(root / mode, mode, seed=1) for mode in ("lowdim", "image")}
+
+
+def random_obs(policy, batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in policy.info["observations"]:
+        full = (batch, policy.n_obs_steps, *shape)
+        out[name] = (rng.uniform(0, 1, full) if name == "image" else rng.uniform(50, 450, full)).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["lowdim", "image"])
+@pytest.mark.parametrize("sampler,steps", [("ddpm", 100), ("ddim", 10)])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_parity_with_reference_loop(bundles, mode, sampler, steps, batch):
+    from dpkit.runtime import load_policy
+
+    cpp = load_policy(bundles[mode], backend="cpp", threads=1, max_batch=8)
+    ref = load_policy(bundles[mode], backend="ort", threads=1)
+    obs = random_obs(cpp, batch, seed=batch)
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((batch, cpp.horizon, cpp.action_dim), dtype=np.float32)
+    noise = rng.standard_normal((steps, batch, cpp.horizon, cpp.action_dim), dtype=np.float32)
+    got = cpp.sample(obs, sampler=sampler, steps=steps, initial_noise=x0, step_noise=noise)
+    want = ref.sample(obs, sampler=sampler, steps=steps, initial_noise=x0, step_noise=noise)
+    assert got.shape == want.shape == (batch, cpp.horizon, cpp.action_dim)
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.abs(got).max() > 0.05  # not a degenerate all-zero trajectory
+    acts = cpp.predict_action(obs, sampler=sampler, steps=steps, initial_noise=x0, step_noise=noise)
+    np.testing.assert_allclose(acts, ref.predict_action(obs, sampler=sampler, steps=steps, initial_noise=x0,
+                                                        step_noise=noise), atol=1e-4 * 300, rtol=0)
+
+
+def test_interface_and_defaults(bundles):
+    from dpkit.runtime.cpp_policy import CppPolicy
+
+    p = CppPolicy(bundles["lowdim"], threads=1, max_batch=2, seed=3)
+    assert (p.backend, p.obs_mode, p.obs_keys) == ("cpp", "lowdim", ("obs",))
+    assert (p.n_obs_steps, p.horizon, p.n_action_steps, p.action_dim) == (2, 16, 8, 2)
+    assert p.ort_version.startswith("1.")
+    obs = random_obs(p, 2, 0)
+    a = p.sample(obs, seed=5)
+    np.testing.assert_array_equal(a, p.sample(obs, seed=5))  # seed= restarts the generator
+    assert not np.array_equal(p.sample(obs, sampler="ddpm", seed=5), p.sample(obs, sampler="ddpm", seed=6))
+    # Non-contiguous float64 input is converted, not rejected.
+    obs64 = {"obs": np.asfortranarray(obs["obs"].astype(np.float64))}
+    np.testing.assert_allclose(p.sample(obs64, seed=5), a, atol=1e-6)
+    assert p.predict_action(obs, steps=10).shape == (2, 8, 2)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"obs": np.zeros((1, 3, 20), np.float32)}, r"observation 'obs' has shape \(1, 3, 20\), expected \(B, 2, 20\)"),
+    ({"obs": np.zeros((3, 2, 20), np.float32)}, r"batch 3 is outside \[1, max_batch = 2\]"),
+    ({"obs": np.full((1, 2, 20), np.nan, np.float32)}, r"observation 'obs' holds NaN at flat index 0"),
+    ({"obs": np.full((1, 2, 20), np.inf, np.float32)}, r"holds Inf"),
+    ({"state": np.zeros((1, 2, 20), np.float32)}, r"obs keys \['state'\] do not match"),
+])
+def test_bad_observations_are_value_errors(bundles, bad, match):
+    from dpkit.runtime.cpp_policy import CppPolicy
+
+    p = CppPolicy(bundles["lowdim"], threads=1, max_batch=2)
+    with pytest.raises(ValueError, match=match) as info:
+        p.sample(bad)
+    assert isinstance(info.value, DpkitError)  # CLIs print it as one line
+
+
+def test_bad_noise_sampler_and_provider(bundles):
+    from dpkit.runtime.cpp_policy import CppPolicy
+
+    p = CppPolicy(bundles["lowdim"], threads=1)
+    obs = random_obs(p, 1, 0)
+    with pytest.raises(ValueError, match=r"initial_noise: expected shape \(1, 16, 2\)"):
+        p.sample(obs, initial_noise=np.zeros((1, 15, 2), np.float32))
+    with pytest.raises(ValueError, match=r"step_noise: expected shape \(100, 1, 16, 2\)"):
+        p.sample(obs, sampler="ddpm", steps=100, step_noise=np.zeros((10, 1, 16, 2), np.float32))
+    with pytest.raises(DpkitError, match="ddim-10"):
+        p.sample(obs, sampler="ddim", steps=7)
+    with pytest.raises(RuntimeError, match=r'provider "cuda" is not available') as info:
+        CppPolicy(bundles["lowdim"], provider="cuda")
+    assert isinstance(info.value, DpkitError)
+    with pytest.raises(RuntimeError, match="policy.json"):
+        CppPolicy(bundles["lowdim"] / "nope")
+
+
+def test_tampered_bundle_is_refused(bundles, tmp_path):
+    import shutil
+
+    from dpkit.runtime.cpp_policy import CppPolicy
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles["lowdim"], b)
+    data = bytearray((b / "denoiser.onnx").read_bytes())
+    data[-3] ^= 0xFF
+    (b / "denoiser.onnx").write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="sha256 mismatch for .*denoiser.onnx"):
+        CppPolicy(b)
+
+
+def test_one_policy_per_thread(bundles):
+    from dpkit.runtime.cpp_policy import CppPolicy
+
+    obs = random_obs(CppPolicy(bundles["image"], threads=1), 1, 2)
+    want = [CppPolicy(bundles["image"], threads=1).sample(obs, sampler="ddpm", steps=10, seed=s) for s in range(4)]
+    got: dict[int, np.ndarray] = {}
+
+    def work(s: int) -> None:
+        pol = CppPolicy(bundles["image"], threads=1)
+        got[s] = pol.sample(obs, sampler="ddpm", steps=10, seed=s)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in range(4):
+        np.testing.assert_array_equal(got[s], want[s])
