@@ -76,7 +76,7 @@ def _graph_inputs(policy, samples: dict | None, batch: int, seed: int) -> dict[s
 
 def verify_bundle(policy, bundle_dir: Path, samples: dict | None, seed: int = 0) -> tuple[list[ParityRow], dict[str, float]]:
     """Parity rows and the `parity` summary (max abs error per check) for the bundle in `bundle_dir`."""
-    ort_policy = OrtPolicy(bundle_dir, threads=1)  # one thread: no ORT pool spinning against torch
+    ort_policy = OrtPolicy(bundle_dir, spin=False)  # ORT's idle threads must not spin against torch's
     sessions = {"encoder": ort_policy.encoder, "denoiser": ort_policy.denoiser}
     modules = {"encoder": policy.encoder, "denoiser": policy.denoiser}
     outputs = {"encoder": "cond", "denoiser": "noise_pred"}

@@ -26,7 +26,7 @@ def load_policy(path: str | Path, backend: str = "torch", **options: Any):
     """A policy for `path`: a checkpoint or run folder ("torch") or a bundle folder ("ort", "cpp").
 
     `options` go to the backend: torch: `ema=True, device="cpu"`; ort: `providers=None, threads=None,
-    verify_sha256=True`; cpp: see dpkit.runtime.cpp_policy.
+    verify_sha256=True, spin=True`; cpp: see dpkit.runtime.cpp_policy.
     """
     if backend == "torch":
         from dpkit.runtime.torch_policy import TorchPolicy  # imports torch: only for this backend

@@ -389,7 +389,7 @@ class Loaded:
     """batch -> a no-argument call of the denoiser at that batch (inputs prepared once)."""
 
 
-def load_backend(backend: str, model: ModelArtifacts, threads: int) -> Loaded:
+def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: int) -> Loaded:
     from dpkit.runtime import load_policy
 
     kind, provider = BACKENDS[backend]
@@ -439,10 +439,8 @@ def load_backend(backend: str, model: ModelArtifacts, threads: int) -> Loaded:
 
         return Loaded(pol, provider, encode=pol.encode, make_denoise=make_denoise)
 
-    try:
-        pol = load_policy(model.bundle, backend="cpp", provider=provider, threads=threads)
-    except TypeError:  # an older cpp_policy without these keywords
-        pol = load_policy(model.bundle, backend="cpp")
+    # Buffers are preallocated for max_batch; an unavailable provider is an error there, not a fallback.
+    pol = load_policy(model.bundle, backend="cpp", provider=provider, threads=threads, max_batch=max_batch)
     return Loaded(pol, provider)
 
 
@@ -537,7 +535,7 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
     for m, b in plan:
         peak = machine.get("gpu_gemm_fp32_gflops") if BACKENDS[b][1] != "cpu" else machine["gemm_fp32_gflops"]
         try:
-            loaded = load_backend(b, m, s.threads)
+            loaded = load_backend(b, m, s.threads, max(s.batches))
         except (BackendUnavailable, DpkitError) as e:
             skipped.append({"backend": b, "model": m.name, "reason": str(e)})
             write(f"skipping {b} on {m.name}: {e}")

@@ -21,13 +21,20 @@ from dpkit.runtime.bundle import Bundle, load_bundle, validate_obs
 from dpkit.runtime.sampling import StepPlan, draw_noise, run_reverse
 
 
-def make_session(path: str | Path, providers: list[Any] | None = None, threads: int | None = None):
-    """An ORT InferenceSession on CPU by default; raises DpkitError when the file cannot be loaded."""
+def make_session(path: str | Path, providers: list[Any] | None = None, threads: int | None = None,
+                 spin: bool = True):
+    """An ORT InferenceSession on CPU by default; raises DpkitError when the file cannot be loaded.
+
+    `spin=False` stops idle pool threads from busy-waiting: needed when ORT alternates with other
+    compute in one process (export verification runs PyTorch between ORT calls).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # keep ORT's own warnings (e.g. provider fallbacks) out of user output
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
@@ -40,7 +47,7 @@ class OrtPolicy:
     backend = "ort"
 
     def __init__(self, bundle: str | Path | Bundle, providers: list[Any] | None = None,
-                 threads: int | None = None, verify_sha256: bool = True):
+                 threads: int | None = None, verify_sha256: bool = True, spin: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_sha256=verify_sha256)
         b = self.bundle
         self.obs_mode = b.obs_mode
@@ -51,8 +58,8 @@ class OrtPolicy:
         self.obs_keys = b.obs_keys
         if threads is None and os.environ.get("DPKIT_ORT_THREADS"):
             threads = int(os.environ["DPKIT_ORT_THREADS"])
-        self.encoder = make_session(b.graph_files["encoder"], providers, threads)
-        self.denoiser = make_session(b.graph_files["denoiser"], providers, threads)
+        self.encoder = make_session(b.graph_files["encoder"], providers, threads, spin)
+        self.denoiser = make_session(b.graph_files["denoiser"], providers, threads, spin)
         self.providers = self.denoiser.get_providers()
         self._check_graph_io()
         self._plans: dict[str, StepPlan] = {}
