@@ -25,7 +25,7 @@ echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror tri
 opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=$work/etc/sources.list.d"
       -o "Dir::Etc::Preferences=$work/etc/preferences" -o "Dir::Etc::PreferencesParts=$work/etc/preferences.d"
       -o "Dir::State::Lists=$work/lists" -o "Dir::Cache::Archives=$work/archives"
-      -o "APT::Architecture=amd64" -o "Debug::NoLocking=1")
+      -o "APT::Architecture=amd64" -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root")
 apt-get "${opts[@]}" -qq update
 (cd "$work" && apt-get "${opts[@]}" -qq download libonnxruntime-dev)
 deb="$(ls "$work"/libonnxruntime-dev_*.deb)"
