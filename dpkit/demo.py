@@ -90,7 +90,7 @@ def _report(out: Path, args: argparse.Namespace, timings: dict[str, float]) -> s
     ]
     lines += [f"| {k} | {v:.2e} |" for k, v in export.get("parity", {}).items() if isinstance(v, (int, float))]
     lines += ["", "## Latency (dpkit-bench --quick)", ""]
-    md = out / "bench" / "latency.md"
+    md = out / "bench" / "latency_quick.md"
     lines.append(md.read_text() if md.exists() else json.dumps(bench.get("rows", []), indent=1))
     lines += ["", "## Rollouts", ""]
     lines += [f"![{v.stem}]({v.relative_to(out)})" for v in videos[:4]] or ["(no video written)"]

@@ -2,10 +2,19 @@
 
     dpkit-export runs/tiny --out bundles/tiny
 
-    from dpkit.export.cli import export_bundle
+    from dpkit.export import export_bundle
     summary = export_bundle("runs/tiny", "bundles/tiny", ddim_steps=(10,))
 
 Modules: `onnx_export` (PyTorch -> ONNX), `schedule` (the manifest's scheduler arrays, from diffusers),
 `verify` (ONNX Runtime vs PyTorch parity), `tensorrt` (engines), `cli` (the command and `export_bundle`).
 This is the only writer of bundles; `dpkit.runtime` reads them and never imports this package.
 """
+
+
+def __getattr__(name: str):
+    # `from dpkit.export import export_bundle` without importing torch/onnx for `import dpkit.export`.
+    if name == "export_bundle":
+        from dpkit.export.cli import export_bundle
+
+        return export_bundle
+    raise AttributeError(f"module 'dpkit.export' has no attribute {name!r}")

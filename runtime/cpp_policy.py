@@ -22,6 +22,7 @@ import numpy as np
 from dpkit.errors import DpkitError
 from dpkit.runtime import _core
 from dpkit.runtime.bundle import load_bundle
+from dpkit.runtime.sampling import draw_noise
 
 
 def onnxruntime_library() -> str:
@@ -72,10 +73,16 @@ class CppPolicy:
         if not isinstance(obs, dict) or set(obs) != set(self.obs_keys):
             got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
             raise _core.InputError(f"obs keys {got} do not match the policy's {list(self.obs_keys)}")
-        index = self._index[self.bundle.schedule.find(sampler, steps).name]
-        if seed is not None:
-            self._policy.reseed(int(seed))
-        return self._policy.sample([obs[k] for k in self.obs_keys], index, initial_noise, step_noise)
+        spec = self.bundle.schedule.find(sampler, steps)
+        arrays = [obs[k] for k in self.obs_keys]
+        if seed is not None and (initial_noise is None or (spec.sampler == "ddpm" and step_noise is None)):
+            # A Python-level seed means the same noise as the "torch"/"ort" backends (numpy's generator,
+            # fixed draw order), so backends given one seed give the same trajectories; C++ only samples.
+            batch = arrays[0].shape[0] if getattr(arrays[0], "ndim", 0) else 0
+            initial_noise, step_noise = draw_noise((batch, self.horizon, self.action_dim),
+                                                   spec.num_inference_steps, spec.sampler == "ddpm",
+                                                   initial_noise, step_noise, seed)
+        return self._policy.sample(arrays, self._index[spec.name], initial_noise, step_noise)
 
     def sample(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None,
                initial_noise: np.ndarray | None = None, step_noise: np.ndarray | None = None,

@@ -57,8 +57,9 @@ def test_smoke_run_writes_json_markdown_and_png(smoke):
             flops = r["batch"] * (tiny["encoder_mflop"] + 2 * tiny["denoiser_mflop"]) * 1e6
             assert r["gflops"] == pytest.approx(flops / (r["p50_ms"] / 1e3) / 1e9, rel=1e-2)
             assert r["peak_share"] == pytest.approx(r["gflops"] / m["gemm_fp32_gflops"], rel=1e-2)
-            if r["backend"] in ("torch", "ort"):
+            if r["backend"] in ("torch", "ort", "cpp"):  # cpp: from the ort parts of the same bundle
                 assert isinstance(r["overhead_us_per_step"], float)
+                assert r["overhead_parts_from"] == ("ort" if r["backend"] == "cpp" else r["backend"])
     # A missing backend is recorded with its reason, never a crash.
     backends_seen = {r["backend"] for r in rows} | {s["backend"] for s in result["skipped"]}
     assert {"cpp", "ort-cuda"} <= backends_seen
