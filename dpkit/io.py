@@ -48,16 +48,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create `path` if needed and fail early (before long work) when it cannot be written into."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DpkitError(f"cannot create {what} {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise DpkitError(f"{what} {path} is not writable")
+    return path
+
+
 def check_writable_file(path: str | os.PathLike) -> Path:
     """Fail early (before long work) when `path` cannot be written."""
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DpkitError(f"cannot create folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise DpkitError(f"output folder {parent} is not writable")
+    check_writable_dir(path.parent if str(path.parent) else Path("."))
     if path.is_dir():
         raise DpkitError(f"{path} is a folder, expected a file path")
     return path

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from dpkit.errors import DpkitError, cli_entry
-from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_file
+from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_dir, check_writable_file
 from dpkit.runtime import BACKENDS, pusht
 
 OBS_KEYS = {"image": ("image", "agent_pos"), "lowdim": ("obs",)}
@@ -325,16 +325,6 @@ def _validate(args: argparse.Namespace) -> None:
             raise DpkitError(f"{args.bundle} is not a bundle: {Path(args.bundle) / 'policy.json'} is missing")
 
 
-def _check_writable_dir(path: str) -> None:
-    d = Path(path)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DpkitError(f"cannot create video folder {d}: {e.strerror}") from None
-    if not os.access(d, os.W_OK):
-        raise DpkitError(f"video folder {d} is not writable")
-
-
 def _load(args: argparse.Namespace) -> Any:
     if args.random:
         return RandomPolicy()
@@ -369,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         check_writable_file(args.json)
     if args.video_dir:
-        _check_writable_dir(args.video_dir)
+        check_writable_dir(args.video_dir, "video folder")
     policy = _load(args)
     report = evaluate_policy(
         policy,

@@ -184,7 +184,7 @@ def test_cli_writes_the_report(tmp_path, capsys):
         (["--bundle", "{tmp}/bundle", "--backend", "torch"], "a bundle runs with"),
         (["--checkpoint", "{tmp}/missing.safetensors"], "does not exist"),
         (["--checkpoint", "{tmp}/bundle", "--backend", "cpp"], "a checkpoint runs with"),
-        (["--random", "--json", "{tmp}/afile/r.json"], "cannot create folder"),
+        (["--random", "--json", "{tmp}/afile/r.json"], "cannot create output folder"),
         (["--random", "--json", "{tmp}"], "is a folder"),
         (["--random", "--sampler", "euler"], "unknown --sampler"),
         (["--episodes", "3"], "one of the arguments"),

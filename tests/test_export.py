@@ -18,15 +18,6 @@ from dpkit.runtime.bundle import load_bundle, sha256_file
 from synthetic import make_synthetic_pusht
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    # Tiny models: threading buys nothing, and two OpenMP threads on a loaded 2-core machine can be 100x
-    # slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:

@@ -15,14 +15,6 @@ from dpkit.train.unet import ConditionalUnet1D
 from dpkit.train.vision import ImageEncoder, ResNet18Trunk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second OpenMP thread only adds synchronization (30x slower on a loaded 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ---- Normalizer -----------------------------------------------------------------------------------
 

@@ -50,15 +50,6 @@ class Recorder(torch.nn.Module):
         return eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: a second OpenMP thread only adds synchronization, and on a loaded 2-core
-    # machine its spin-waiting made the sampling loops 30x slower (measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _ort_session(path):
     ort = pytest.importorskip("onnxruntime")
