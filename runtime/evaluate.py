@@ -162,6 +162,8 @@ def evaluate_policy(
     if not 0 <= seed_start <= 2**32 - 1 - episodes:
         raise DpkitError(f"seed_start must be in [0, 2**32 - episodes), got {seed_start}")
     n_envs = min(episodes, MAX_ENVS) if n_envs is None else min(int(n_envs), episodes)
+    # A backend with preallocated buffers (cpp) takes at most `max_batch` environments per call.
+    n_envs = min(n_envs, getattr(policy, "max_batch", n_envs))
     if n_envs < 1:
         raise DpkitError(f"n_envs must be >= 1, got {n_envs}")
     video_dir = Path(video_dir) if video_dir is not None else None
@@ -332,7 +334,10 @@ def _load(args: argparse.Namespace) -> Any:
         from dpkit.runtime import load_policy
     except ImportError as e:
         raise DpkitError(f"dpkit.runtime.load_policy is not available: {e}") from None
-    return load_policy(args.checkpoint or args.bundle, backend=args.backend)
+    options = {}
+    if args.backend == "cpp":  # its buffers are preallocated: size them for the vectorized batch
+        options["max_batch"] = min(args.episodes, args.n_envs or MAX_ENVS)
+    return load_policy(args.checkpoint or args.bundle, backend=args.backend, **options)
 
 
 def format_summary(report: dict[str, Any]) -> str:
