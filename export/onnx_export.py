@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dpkit.errors import DpkitError
+from dpkit.export.fast_conv import GemmConv1d, GemmConvTranspose1d, batch_gemm_convs
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18
@@ -35,7 +36,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 # normalization, the sinusoidal step embedding) stays fp32. These hold nearly all FLOPs, and keeping
 # normalization statistics and the step frequencies (t * f up to ~100 rad) in fp32 avoids fp16 rounding
 # where it hurts.
-HALF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.Linear)
+HALF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.Linear, GemmConv1d, GemmConvTranspose1d)
 
 
 class _ImageEncoderGraph(nn.Module):
@@ -75,11 +76,20 @@ def half_heavy_layers(module: nn.Module) -> nn.Module:
     return module
 
 
-def graph_modules(policy, fp16: bool = False) -> dict[str, nn.Module]:
-    """The two exportable modules (fresh copies, eval mode; fp16 ones converted by half_heavy_layers)."""
+def graph_modules(policy, fp16: bool = False, gemm_conv: bool = True) -> dict[str, nn.Module]:
+    """The two exportable modules (fresh copies, eval mode; fp16 ones converted by half_heavy_layers).
+
+    gemm_conv: the denoiser's 1D convolutions are exported as one batch-wide MatMul each (fast_conv.py)
+    instead of Conv nodes, whose ONNX Runtime CPU kernel runs one GEMM per batch sample. One denoiser
+    call, ORT CPU 2 threads, Conv graph -> GEMM graph: pusht_lowdim batch 1 / 4 / 50: 17.9 -> 12.2,
+    66 -> 28, 842 -> 270 ms (torch eager: 49, 46, 185 ms); tiny: 2.3 -> 2.3, 5.9 -> 4.3, 65 -> 31 ms.
+    Same numbers to ~1e-6. False exports plain Conv/ConvTranspose nodes.
+    """
     import copy
 
     enc, den = copy.deepcopy(policy.encoder).eval(), copy.deepcopy(policy.denoiser).eval()
+    if gemm_conv:
+        batch_gemm_convs(den)
     if fp16:
         half_heavy_layers(enc)
         half_heavy_layers(den)
@@ -131,9 +141,9 @@ def export_graph(module: nn.Module, inputs: dict[str, Tensor], output: str, path
         quiet.setLevel(old_level)
 
 
-def export_policy(policy, out_dir: Path, opset: int, fp16: bool = False) -> dict[str, Path]:
-    """Write encoder.onnx and denoiser.onnx into `out_dir`; returns their paths."""
-    modules = graph_modules(policy, fp16)
+def export_policy(policy, out_dir: Path, opset: int, fp16: bool = False, gemm_conv: bool = True) -> dict[str, Path]:
+    """Write encoder.onnx and denoiser.onnx into `out_dir`; returns their paths (gemm_conv: see graph_modules)."""
+    modules = graph_modules(policy, fp16, gemm_conv)
     inputs = example_inputs(policy)
     paths = {}
     for name, output in (("encoder", "cond"), ("denoiser", "noise_pred")):

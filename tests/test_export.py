@@ -212,3 +212,34 @@ def test_cli_no_ema_and_missing_tensorrt(tmp_path, runs, bundles, capsys):
     assert raw.manifest["export"]["ema"] is False
     assert raw.manifest["models"]["denoiser"]["sha256"] != ema.manifest["models"]["denoiser"]["sha256"]
     assert json.loads(summary.read_text())["parity"]["denoiser"] < 1e-4
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nn.Conv1d(6, 10, 5, padding=2),
+    lambda: torch.nn.Conv1d(6, 10, 3, stride=2, padding=1),
+    lambda: torch.nn.Conv1d(6, 10, 3, stride=2, bias=False),
+    lambda: torch.nn.Conv1d(6, 10, 1),
+    lambda: torch.nn.ConvTranspose1d(6, 10, 4, stride=2, padding=1),
+    lambda: torch.nn.ConvTranspose1d(6, 10, 3, stride=1, padding=1, bias=False),
+], ids=["k5", "k3s2", "k3s2-nobias-nopad", "k1", "T-k4s2", "T-k3s1"])
+def test_gemm_conv_matches_torch(make):
+    """The export-time GEMM stand-ins compute what nn.Conv1d / nn.ConvTranspose1d compute."""
+    from dpkit.export.fast_conv import batch_gemm_convs
+
+    torch.manual_seed(0)
+    conv = make()
+    gemm = batch_gemm_convs(torch.nn.Sequential(conv))[0]
+    assert type(gemm) is not type(conv)
+    for batch, length in ((1, 7), (3, 16), (5, 4)):
+        x = torch.randn(batch, 6, length)
+        want, got = conv(x), gemm(x)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_denoiser_has_no_conv(bundles):
+    """The default export writes the denoiser's convolutions as batch-wide MatMuls (see fast_conv.py)."""
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(bundles["lowdim"] / "denoiser.onnx")).graph.node}
+    assert not ops & {"Conv", "ConvTranspose"} and ops & {"MatMul", "Gemm"}, sorted(ops)
