@@ -28,7 +28,7 @@ DEFAULT_MAX_BATCH = 64
 
 
 def build_manifest(policy, state: dict[str, Any], paths: dict[str, Path], *, opset: int, ema: bool, fp16: bool,
-                   scheduler: dict[str, Any]) -> dict[str, Any]:
+                   scheduler: dict[str, Any], gemm_conv: bool = True) -> dict[str, Any]:
     import onnx
     import onnxruntime
     import torch
@@ -63,6 +63,7 @@ def build_manifest(policy, state: dict[str, Any], paths: dict[str, Path], *, ops
             "dpkit_version": dpkit.__version__,
             "ema": ema,
             "fp16": fp16,
+            "conv_lowering": "gemm" if gemm_conv else "conv",
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         },
         "source": {"checkpoint": str(state.get("checkpoint_path", "")), "step": int(state.get("step", 0))},
@@ -80,6 +81,7 @@ def export_bundle(
     fp16: bool = False,
     tensorrt: bool = False,
     opset: int = DEFAULT_OPSET,
+    gemm_conv: bool = True,
     ddim_steps=DEFAULT_DDIM_STEPS,
     data: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
@@ -117,9 +119,10 @@ def export_bundle(
         passes = [("fp32", False, FP32_TOLERANCE)] + ([("fp16", True, FP16_TOLERANCE)] if fp16 else [])
         for label, half, tol in passes:
             t = time.perf_counter()
-            paths = export_policy(policy, tmp, opset, fp16=half)
+            paths = export_policy(policy, tmp, opset, fp16=half, gemm_conv=gemm_conv)
             timings[f"export_{label}_s"] = time.perf_counter() - t
-            manifest = build_manifest(policy, state, paths, opset=opset, ema=ema, fp16=half, scheduler=scheduler)
+            manifest = build_manifest(policy, state, paths, opset=opset, ema=ema, fp16=half, scheduler=scheduler,
+                                      gemm_conv=gemm_conv)
             atomic_write_json(tmp / MANIFEST, manifest)
             t = time.perf_counter()
             rows, parity = verify_bundle(policy, tmp, samples)
@@ -179,6 +182,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
                    help=f"TensorRT optimization profile: batch 1..N (default {DEFAULT_MAX_BATCH})")
     p.add_argument("--opset", type=_positive_int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--plain-conv", action="store_true",
+                   help="keep the denoiser's Conv/ConvTranspose nodes (default: lowered to one batch-wide GEMM each)")
     p.add_argument("--ddim-steps", type=str, default=",".join(map(str, DEFAULT_DDIM_STEPS)),
                    help="DDIM step counts listed in the bundle (comma-separated; the config's ddim_steps is always added)")
     p.add_argument("--data", default=None, help="dataset for the parity inputs (default: the config's / usual places)")
@@ -191,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     export_bundle(
         args.checkpoint, args.out, force=args.force, ema=not args.no_ema, fp16=args.fp16, tensorrt=args.tensorrt,
-        opset=args.opset, ddim_steps=parse_steps(args.ddim_steps), data=args.data, max_batch=args.max_batch,
-        json_path=args.json,
+        opset=args.opset, gemm_conv=not args.plain_conv, ddim_steps=parse_steps(args.ddim_steps), data=args.data,
+        max_batch=args.max_batch, json_path=args.json,
     )
     return 0
 

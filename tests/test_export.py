@@ -183,7 +183,7 @@ def test_cli_bad_input(tmp_path, runs, bundles, capsys):
 def test_failed_parity_leaves_no_bundle(tmp_path, runs, bundles, monkeypatch):
     import dpkit.export.verify as verify
 
-    def copy_graphs(policy, out_dir, opset, fp16=False):  # skip the slow exporter: reuse good graphs
+    def copy_graphs(policy, out_dir, opset, fp16=False, gemm_conv=True):  # skip the slow exporter: reuse good graphs
         return {g: Path(shutil.copy(bundles["lowdim"] / f"{g}.onnx", out_dir)) for g in ("encoder", "denoiser")}
 
     monkeypatch.setattr(cli, "export_policy", copy_graphs)
@@ -243,3 +243,16 @@ def test_exported_denoiser_has_no_conv(bundles):
 
     ops = {n.op_type for n in onnx.load(str(bundles["lowdim"] / "denoiser.onnx")).graph.node}
     assert not ops & {"Conv", "ConvTranspose"} and ops & {"MatMul", "Gemm"}, sorted(ops)
+
+
+def test_plain_conv_option_keeps_conv_nodes(tmp_path, runs):
+    import onnx
+
+    out = tmp_path / "plain"
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(runs["lowdim"]), "--out", str(out), "--plain-conv", "--ddim-steps", "10"])
+    assert e.value.code == 0
+    ops = {n.op_type for n in onnx.load(str(out / "denoiser.onnx")).graph.node}
+    assert {"Conv", "ConvTranspose"} <= ops, sorted(ops)
+    assert json.loads((out / "policy.json").read_text())["export"]["conv_lowering"] == "conv"
+    assert load_bundle(out).manifest["parity"]["denoiser"] < 1e-4
