@@ -1,13 +1,14 @@
 """Per-chunk latency of every backend, on this machine, in one run (`dpkit-bench`).
 
-    dpkit-bench --quick                                   # ~1 min on 2 cores: tiny + pusht_lowdim, B 1/4
+    dpkit-bench --quick                                   # ~1 min on 2 cores: tiny + pusht_lowdim, B 1/4, DDIM-10
     dpkit-bench                                           # all models, batch 1 and 50, DDPM-100 / DDIM-10
     dpkit-bench --models tiny --backends ort cpp --batch 1 8 --samplers ddim-10 --json out.json
 
 For each model (random weights: latency does not depend on training) it builds a checkpoint and a bundle
 once (cached in `--cache-dir`), then times `policy.sample(obs, sampler, steps)` — one action chunk — for
 every backend and batch, plus the encoder alone and one denoiser call, from which the per-step overhead
-of each sampling loop follows: (chunk - encoder) / K - denoiser call. The same run measures the machine's
+of each Python sampling loop follows: (chunk - encoder) / K - denoiser call; the C++ runtime times its own
+networks inside each call, so its overhead is exact. The same run measures the machine's
 fp32 GEMM throughput and memory bandwidth and counts the model's FLOPs (torch's FlopCounterMode), so
 every row also says what share of the GEMM peak it achieves — a number that carries to other machines.
 
@@ -290,6 +291,16 @@ def _export_bundle(checkpoint: Path, out: Path, log: Callable[[str], None]) -> N
         raise
 
 
+def _exporter_digest() -> str:
+    """Hash of the export stage's source: a changed exporter makes new cached bundles, never stale ones."""
+    import dpkit.export
+
+    h = hashlib.sha256()
+    for f in sorted(Path(dpkit.export.__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def prepare_model(name: str, cache_dir: Path, log: Callable[[str], None] = print,
                   need_bundle: bool = True) -> ModelArtifacts:
     """Checkpoint + bundle of config `name` with random weights, built once per config in `cache_dir`.
@@ -304,7 +315,8 @@ def prepare_model(name: str, cache_dir: Path, log: Callable[[str], None] = print
     from dpkit.train.policy import DiffusionPolicy
 
     cfg = load_config(name)
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), dpkit.__version__, SEED], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([cfg.to_dict(), dpkit.__version__, SEED, _exporter_digest()],
+                                    sort_keys=True).encode()).hexdigest()[:12]
     root = cache_dir / f"{name}-{key}"
     run_dir, bundle_dir = root / "run", root / "bundle"
     try:
@@ -387,6 +399,8 @@ class Loaded:
     encode: Callable[[dict[str, np.ndarray]], Any] | None = None
     make_denoise: Callable[[int], Callable[[], Any]] | None = None
     """batch -> a no-argument call of the denoiser at that batch (inputs prepared once)."""
+    loop_ms: Callable[[], float] | None = None
+    """The backend's own measure of its last chunk's time outside the networks (the C++ runtime's timer)."""
 
 
 def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: int) -> Loaded:
@@ -447,7 +461,7 @@ def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: i
 
     # Buffers are preallocated for max_batch; an unavailable provider is an error there, not a fallback.
     pol = load_policy(model.bundle, backend="cpp", provider=provider, threads=threads, max_batch=max_batch)
-    return Loaded(pol, provider)
+    return Loaded(pol, provider, loop_ms=lambda: pol.last_timing["loop_ms"])
 
 
 # --------------------------------------------------------------------------- the run
@@ -482,18 +496,17 @@ def make_row(backend: str, provider: str, model: ModelArtifacts, kind: str, batc
 
 
 def add_overheads(rows: list[dict[str, Any]]) -> None:
-    """Per-step loop overhead of each chunk row: (chunk - encoder) / K - denoiser call, from p50s (µs).
+    """Per-step loop overhead of each chunk row without one: (chunk - encoder) / K - denoiser call (µs).
 
-    The parts are timed on the backend's own sessions; for "cpp", which exposes no internal timing, on
-    the same bundle's sessions in the "ort" backend with the same provider and threads.
+    From p50s of separately timed parts on the backend's own modules/sessions, so on a noisy machine the
+    difference can come out below zero. Rows that measured it inside the call keep theirs: the C++ runtime
+    times its networks itself (`overhead_parts_from` = "internal"), which is exact per call.
     """
     parts = {(r["backend"], r["model"], r["batch"], r["kind"]): r["p50_ms"] for r in rows if r["kind"] != "chunk"}
     for r in rows:
-        if r["kind"] != "chunk":
+        if r["kind"] != "chunk" or r.get("overhead_us_per_step") is not None:
             continue
         src = r["backend"]
-        if (src, r["model"], r["batch"], "denoiser") not in parts and src.startswith("cpp"):
-            src = "ort" + src[3:]
         enc = parts.get((src, r["model"], r["batch"], "encoder"))
         den = parts.get((src, r["model"], r["batch"], "denoiser"))
         if enc is None or den is None:
@@ -551,9 +564,14 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
             obs = random_obs(m, batch)
             for sampler, k in s.samplers:
                 bar.set_postfix_str(f"{m.name} {b} B={batch} {sampler}-{k}")
+                loops: list[float] = []
+
+                def chunk() -> None:
+                    loaded.policy.sample(obs, sampler=sampler, steps=k, seed=SEED)
+                    if loaded.loop_ms is not None:
+                        loops.append(loaded.loop_ms())
                 try:
-                    times = time_calls(lambda: loaded.policy.sample(obs, sampler=sampler, steps=k, seed=SEED),
-                                       s.repeats, s.warmup, s.row_seconds, s.min_repeats, loaded.sync)
+                    times = time_calls(chunk, s.repeats, s.warmup, s.row_seconds, s.min_repeats, loaded.sync)
                 except DpkitError as e:  # e.g. a (sampler, K) the bundle does not list
                     skipped.append({"backend": b, "model": m.name, "batch": batch, "sampler": f"{sampler}-{k}",
                                     "reason": str(e)})
@@ -561,6 +579,9 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
                 else:
                     rows.append(make_row(b, loaded.provider, m, "chunk", batch, sampler, k, times,
                                          m.chunk_flops(batch, k), peak))
+                    if loops:  # measured inside the call: the timed chunks' median
+                        rows[-1]["overhead_us_per_step"] = round(float(np.median(loops[-len(times):])) / k * 1e3, 2)
+                        rows[-1]["overhead_parts_from"] = "internal"
                 bar.update(1)
             rows.extend(part_rows(b, loaded, m, batch, s, peak))
         del loaded
@@ -605,7 +626,8 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         "Latency of one action chunk (encoder + K denoiser steps), random weights. `encoder` / `denoiser` rows "
         "are one call each. % peak: achieved GFLOP/s (FLOPs / p50) over the fp32 GEMM peak above. "
-        "Overhead: (chunk − encoder) / K − denoiser call, per step.",
+        "Overhead per step: torch/ort (chunk − encoder) / K − denoiser call, from separately timed p50s (noisy, "
+        "can fall below 0); cpp measured inside each call by the C++ runtime (time outside the two networks / K).",
         "",
         "| model | backend | batch | sampler | K | p50 ms | p90 ms | p99 ms | mean ms | n | GFLOP/s | % peak | overhead µs/step |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -715,9 +737,10 @@ def parse_samplers(values: list[str]) -> tuple[tuple[str, int], ...]:
 def settings_from_args(a: argparse.Namespace) -> Settings:
     if a.quick:
         # ~1 minute on 2 cores once the bundles are cached: the two low-dim models, batch 1 and a small
-        # vectorized batch, few repeats and a tight per-row budget.
-        s = Settings(models=("tiny", "pusht_lowdim"), batches=(1, 4), repeats=5, warmup=1, row_seconds=2.0,
-                     min_repeats=2, quick=True)
+        # vectorized batch, DDIM-10 (the control setting; DDPM-100 chunks of the 65 M U-Net alone would
+        # take a minute), few repeats and a tight per-row budget.
+        s = Settings(models=("tiny", "pusht_lowdim"), batches=(1, 4), samplers=(("ddim", 10),), repeats=5,
+                     warmup=1, row_seconds=2.0, min_repeats=2, quick=True)
     else:
         s = Settings()
     if a.models:

@@ -132,14 +132,15 @@ class Schedule:
         return sched
 
     def find(self, sampler: str | None = None, steps: int | None = None) -> SamplerSpec:
-        """The listed sampler for (kind, K); None picks the default sampler (or that kind's default K)."""
-        if sampler is None and steps is None:
-            return next(s for s in self.samplers if s.name == self.default_sampler)
-        if sampler is not None and sampler not in ("ddpm", "ddim"):
+        """The listed sampler for (kind, K). No kind: the default sampler's kind (as the torch backend);
+        no K: the default sampler when it is of that kind, else the kind's largest K."""
+        default = next(s for s in self.samplers if s.name == self.default_sampler)
+        if sampler is None:
+            sampler = default.sampler
+        if sampler not in ("ddpm", "ddim"):
             raise DpkitError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
-        kinds = [s for s in self.samplers if sampler is None or s.sampler == sampler]
+        kinds = [s for s in self.samplers if s.sampler == sampler]
         if steps is None:
-            default = next(s for s in self.samplers if s.name == self.default_sampler)
             if default in kinds:
                 return default
             return max(kinds, key=lambda s: s.num_inference_steps) if kinds else self._missing(sampler, steps)

@@ -6,7 +6,8 @@
     actions = policy.predict_action(obs)                            # (B, Ta, A), environment units
 
 The whole reverse loop runs in C++ with the GIL released; numpy float32 C-contiguous inputs are read in
-place. The ONNX Runtime library is the one inside the installed `onnxruntime` Python package, so the
+place. One CppPolicy may be shared by threads: its calls are serialized by a lock inside the module (for
+parallel sampling give each thread its own). The ONNX Runtime library is the one inside the installed `onnxruntime` Python package, so the
 module needs no system ONNX Runtime. Errors are `_core.InputError` (a DpkitError and a ValueError) for
 bad shapes/values and `_core.Error` (a DpkitError and a RuntimeError) for the rest.
 """
@@ -83,6 +84,12 @@ class CppPolicy:
                                                    spec.num_inference_steps, spec.sampler == "ddpm",
                                                    initial_noise, step_noise, seed)
         return self._policy.sample(arrays, self._index[spec.name], initial_noise, step_noise)
+
+    @property
+    def last_timing(self) -> dict[str, float]:
+        """Where the last call's time went, measured in C++ (ms): `total_ms`, `encoder_ms`, `denoiser_ms`
+        (all K runs), `loop_ms` (the rest: checks, copies, noise, step arithmetic) and `steps`."""
+        return self._policy.last_timing
 
     def sample(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None,
                initial_noise: np.ndarray | None = None, step_noise: np.ndarray | None = None,

@@ -104,15 +104,21 @@ def test_bad_noise_sampler_and_provider(bundles):
 
     p = CppPolicy(bundles["lowdim"], threads=1)
     obs = random_obs(p, 1, 0)
-    with pytest.raises(ValueError, match=r"initial_noise: expected shape \(1, 16, 2\)"):
+    with pytest.raises(ValueError, match=r"initial_noise has shape \(1, 15, 2\), expected \(1, 16, 2\)"):
         p.sample(obs, initial_noise=np.zeros((1, 15, 2), np.float32))
-    with pytest.raises(ValueError, match=r"step_noise: expected shape \(100, 1, 16, 2\)"):
+    with pytest.raises(ValueError, match=r"step_noise has shape \(10, 1, 16, 2\), expected \(100, 1, 16, 2\)"):
         p.sample(obs, sampler="ddpm", steps=100, step_noise=np.zeros((10, 1, 16, 2), np.float32))
+    # The right number of floats in the wrong layout is refused too, not silently reinterpreted.
+    with pytest.raises(ValueError, match=r"initial_noise has shape \(1, 2, 16\)"):
+        p.sample(obs, initial_noise=np.zeros((1, 2, 16), np.float32))
     with pytest.raises(DpkitError, match="ddim-10"):
         p.sample(obs, sampler="ddim", steps=7)
-    with pytest.raises(RuntimeError, match=r'provider "cuda" is not available') as info:
-        CppPolicy(bundles["lowdim"], provider="cuda")
-    assert isinstance(info.value, DpkitError)
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(RuntimeError, match=r'provider "cuda" is not available') as info:
+            CppPolicy(bundles["lowdim"], provider="cuda")
+        assert isinstance(info.value, DpkitError)
     with pytest.raises(RuntimeError, match="policy.json"):
         CppPolicy(bundles["lowdim"] / "nope")
 
@@ -149,3 +155,41 @@ def test_one_policy_per_thread(bundles):
         t.join()
     for s in range(4):
         np.testing.assert_array_equal(got[s], want[s])
+
+
+def test_one_policy_shared_by_threads_is_serialized(bundles):
+    """Sharing one CppPolicy between threads is safe (a lock inside the module): same results as in turn."""
+    from dpkit.runtime.cpp_policy import CppPolicy
+
+    pol = CppPolicy(bundles["lowdim"], threads=1, max_batch=4)
+    obs = [random_obs(pol, 4, s) for s in range(6)]
+    want = [pol.sample(o, sampler="ddpm", steps=100, seed=s) for s, o in enumerate(obs)]
+    got: dict[int, np.ndarray] = {}
+
+    def work(s: int) -> None:
+        for _ in range(3):
+            got[s] = pol.sample(obs[s], sampler="ddpm", steps=100, seed=s)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s in range(6):
+        np.testing.assert_array_equal(got[s], want[s])
+
+
+def test_last_timing_and_default_sampler_rule(bundles):
+    from dpkit.runtime import load_policy
+
+    cpp = load_policy(bundles["lowdim"], backend="cpp", threads=1)
+    ort = load_policy(bundles["lowdim"], backend="ort", threads=1)
+    obs = random_obs(cpp, 1, 0)
+    # steps without a sampler: the default sampler's kind (DDIM) on every backend, so ddim-100, not ddpm-100.
+    np.testing.assert_allclose(cpp.sample(obs, steps=100, seed=0), ort.sample(obs, sampler="ddim", steps=100, seed=0),
+                               atol=1e-4)
+    t = cpp.last_timing
+    assert t["steps"] == 100
+    assert t["encoder_ms"] > 0 and t["denoiser_ms"] > 0 and t["loop_ms"] >= 0
+    assert t["total_ms"] == pytest.approx(t["encoder_ms"] + t["denoiser_ms"] + t["loop_ms"])
+    assert cpp._policy.find_sampler("ddim") == cpp.info["default_sampler"]

@@ -2,11 +2,13 @@
 //
 // numpy in: float32 C-contiguous arrays are read in place (others are converted once by pybind11).
 // numpy out: the result arrays are allocated here and C++ writes into them directly. The GIL is
-// released while sampling, so Python threads (one Policy each) run concurrently.
+// released while sampling, so Python threads (one Policy each) run concurrently; calls on one Policy
+// from several threads are serialized by its lock (dpkit::Policy itself is one-thread-at-a-time).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <mutex>
 #include <optional>
 
 #include "dpkit/runtime.hpp"
@@ -16,6 +18,13 @@ using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>
 
 namespace {
 
+// dpkit::Policy plus the lock that makes one Python object safe to share between threads.
+struct PyPolicy {
+  PyPolicy(const std::string& dir, const dpkit::PolicyParams& p) : policy(dir, p) {}
+  dpkit::Policy policy;
+  std::mutex mutex;
+};
+
 dpkit::ConstFloatSpan span_of(const FloatArray& a) { return {a.data(), static_cast<std::size_t>(a.size())}; }
 
 std::string shape_of(const py::array& a) {
@@ -24,9 +33,21 @@ std::string shape_of(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// Injected noise must have exactly the documented shape (C++ alone sees only a float count).
+void check_noise(const std::optional<FloatArray>& a, const char* what, std::vector<py::ssize_t> want) {
+  if (!a) return;
+  bool ok = static_cast<std::size_t>(a->ndim()) == want.size();
+  for (std::size_t d = 0; ok && d < want.size(); ++d) ok = a->shape(static_cast<py::ssize_t>(d)) == want[d];
+  if (ok) return;
+  std::string w = "(";
+  for (std::size_t d = 0; d < want.size(); ++d) w += (d ? ", " : "") + std::to_string(want[d]);
+  throw dpkit::InputError(std::string(what) + " has shape " + shape_of(*a) + ", expected " + w + ")");
+}
+
 // The batch comes from the first observation's leading dimension; C++ then checks every size.
-py::tuple sample(dpkit::Policy& self, const std::vector<FloatArray>& observations, int sampler,
+py::tuple sample(PyPolicy& self_, const std::vector<FloatArray>& observations, int sampler,
                  std::optional<FloatArray> initial_noise, std::optional<FloatArray> step_noise) {
+  dpkit::Policy& self = self_.policy;
   const dpkit::PolicyInfo& info = self.info();
   if (observations.empty() || observations[0].ndim() < 2)
     throw dpkit::InputError("observations: expected " + std::to_string(info.observations.size()) +
@@ -48,6 +69,13 @@ py::tuple sample(dpkit::Policy& self, const std::vector<FloatArray>& observation
     }
   }
   const int B = static_cast<int>(observations[0].shape(0));
+  const int s = sampler < 0 ? info.default_sampler : sampler;
+  if (s >= static_cast<int>(info.samplers.size()))
+    throw dpkit::InputError("sampler index " + std::to_string(sampler) + " is not one of the bundle's " +
+                            std::to_string(info.samplers.size()) + " samplers");
+  check_noise(initial_noise, "initial_noise", {B, info.horizon, info.action_dim});
+  check_noise(step_noise, "step_noise", {info.samplers[static_cast<std::size_t>(s)].num_inference_steps, B,
+                                         info.horizon, info.action_dim});
   dpkit::SampleRequest req;
   req.batch = B;
   req.sampler = sampler;
@@ -61,6 +89,7 @@ py::tuple sample(dpkit::Policy& self, const std::vector<FloatArray>& observation
                           {actions.mutable_data(), static_cast<std::size_t>(actions.size())}};
   {
     py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(self_.mutex);
     self.sample(req, out);
   }
   return py::make_tuple(traj, actions);
@@ -90,7 +119,7 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
-  py::class_<dpkit::Policy>(m, "Policy")
+  py::class_<PyPolicy>(m, "Policy")
       .def(py::init([](const std::string& bundle_dir, const std::string& provider, int threads, int max_batch,
                        std::uint64_t seed, const std::string& ort_library, bool verify_sha256, int device_id,
                        bool allow_spinning) {
@@ -104,18 +133,39 @@ PYBIND11_MODULE(_core, m) {
              p.device_id = device_id;
              p.allow_spinning = allow_spinning;
              py::gil_scoped_release release;  // loading sessions can take a while
-             return dpkit::Policy(bundle_dir, p);
+             return std::make_unique<PyPolicy>(bundle_dir, p);
            }),
            py::arg("bundle_dir"), py::arg("provider") = "cpu", py::arg("threads") = 2, py::arg("max_batch") = 1,
            py::arg("seed") = 0, py::arg("ort_library") = "", py::arg("verify_sha256") = true, py::arg("device_id") = 0,
            py::arg("allow_spinning") = true)
-      .def("find_sampler", &dpkit::Policy::find_sampler, py::arg("sampler"), py::arg("num_inference_steps") = 0)
-      .def("reseed", &dpkit::Policy::reseed, py::arg("seed"))
+      .def("find_sampler", [](const PyPolicy& self, const std::string& sampler, int k) {
+             return self.policy.find_sampler(sampler, k);
+           }, py::arg("sampler"), py::arg("num_inference_steps") = 0)
+      .def("reseed", [](PyPolicy& self, std::uint64_t seed) {
+             py::gil_scoped_release release;
+             std::lock_guard<std::mutex> lock(self.mutex);
+             self.policy.reseed(seed);
+           }, py::arg("seed"))
       .def("sample", &sample, py::arg("observations"), py::arg("sampler") = -1, py::arg("initial_noise") = py::none(),
            py::arg("step_noise") = py::none(),
            "observations: list of float32 arrays in info order -> (trajectory (B,H,A), actions (B,Ta,A))")
-      .def_property_readonly("info", [](const dpkit::Policy& self) {
-        const dpkit::PolicyInfo& i = self.info();
+      .def_property_readonly("last_timing", [](PyPolicy& self) {
+        dpkit::SampleTiming t;
+        {
+          py::gil_scoped_release release;
+          std::lock_guard<std::mutex> lock(self.mutex);
+          t = self.policy.last_timing();
+        }
+        py::dict d;
+        d["total_ms"] = t.total_ms;
+        d["encoder_ms"] = t.encoder_ms;
+        d["denoiser_ms"] = t.denoiser_ms;
+        d["loop_ms"] = t.loop_ms();
+        d["steps"] = t.steps;
+        return d;
+      }, "where the last sample() call's time went (ms): total, encoder, denoiser (all K runs), loop (the rest)")
+      .def_property_readonly("info", [](const PyPolicy& self) {
+        const dpkit::PolicyInfo& i = self.policy.info();
         py::list obs, samplers;
         for (const auto& o : i.observations) obs.append(py::make_tuple(o.name, py::tuple(py::cast(o.shape))));
         for (const auto& s : i.samplers) samplers.append(py::make_tuple(s.name, s.sampler, s.num_inference_steps));

@@ -48,8 +48,12 @@ struct Manifest {
   std::vector<SamplerEntry> samplers;
   int default_sampler = 0;
   ModelEntry encoder, denoiser;
+  // `tensorrt` (present when dpkit-export --tensorrt built engines): ORT's engine cache folder inside the
+  // bundle, the batch range of its optimization profile, and the precision the engines were built with.
   bool has_tensorrt = false;
   std::string tensorrt_precision;
+  std::string tensorrt_cache_dir = "trt_cache";
+  int tensorrt_max_batch = 0;
 };
 
 // Parse and validate policy.json text; `where` (the file path) prefixes every error message.

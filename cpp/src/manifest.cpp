@@ -100,7 +100,9 @@ ModelEntry read_model(const Reader& r, const json& models, const std::string& na
   e.inputs = r.strings(m, "inputs", path);
   e.outputs = r.strings(m, "outputs", path);
   e.dtype = r.str(m, "dtype", path);
-  if (e.dtype != "float32") r.fail(path + ".dtype", "must be \"float32\" (the only one version 1 runtimes read), got \"" + e.dtype + "\"");
+  // float16 graphs (dpkit-export --fp16) still take and return float32: the casts are inside the graph.
+  if (e.dtype != "float32" && e.dtype != "float16")
+    r.fail(path + ".dtype", "must be \"float32\" or \"float16\", got \"" + e.dtype + "\"");
   if (e.outputs != outputs) {
     std::string want;
     for (const auto& o : outputs) want += (want.empty() ? "" : ", ") + o;
@@ -219,6 +221,13 @@ Manifest parse_manifest(const std::string& text, const std::string& where) {
   if (trt != j.end() && !trt->is_null()) {
     m.has_tensorrt = true;
     m.tensorrt_precision = r.str(*trt, "precision", "tensorrt");
+    m.tensorrt_max_batch = r.integer(*trt, "max_batch", "tensorrt", 1);
+    if (trt->contains("cache_dir")) {
+      m.tensorrt_cache_dir = r.str(*trt, "cache_dir", "tensorrt");
+      if (m.tensorrt_cache_dir.empty() || m.tensorrt_cache_dir.find('/') != std::string::npos ||
+          m.tensorrt_cache_dir.find("..") != std::string::npos)
+        r.fail("tensorrt.cache_dir", "must be a plain folder name inside the bundle");
+    }
   }
   return m;
 }

@@ -63,7 +63,7 @@ const OrtRuntime& ort_runtime(const std::string& requested) {
               "the path of libonnxruntime.so, e.g. the one inside the onnxruntime Python package's capi/ folder); tried:" + tried);
 }
 
-Ort::SessionOptions make_session_options(const PolicyParams& p, const std::string& trt_cache_dir, bool trt_fp16) {
+Ort::SessionOptions make_session_options(const PolicyParams& p, const TrtSettings& t) {
   Ort::SessionOptions opts;
   opts.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
   opts.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);  // tiny graphs: parallel branches only add sync
@@ -95,10 +95,13 @@ Ort::SessionOptions make_session_options(const PolicyParams& p, const std::strin
     Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&raw));
     std::unique_ptr<OrtTensorRTProviderOptionsV2, void (*)(OrtTensorRTProviderOptionsV2*)> trt(
         raw, [](OrtTensorRTProviderOptionsV2* o) { Ort::GetApi().ReleaseTensorRTProviderOptions(o); });
-    // Engines are built once by `dpkit-export --tensorrt` (or on first load) and reused from the bundle.
-    const char* keys[] = {"device_id", "trt_engine_cache_enable", "trt_engine_cache_path", "trt_fp16_enable"};
-    const char* vals[] = {device.c_str(), "1", trt_cache_dir.c_str(), trt_fp16 ? "1" : "0"};
-    Ort::ThrowOnError(api.UpdateTensorRTProviderOptions(trt.get(), keys, vals, 4));
+    // Engines are built once by `dpkit-export --tensorrt` (or on first load) and reused from the cache
+    // only when every option that keys them (precision, profile shapes) is the exporter's.
+    const char* keys[] = {"device_id", "trt_engine_cache_enable", "trt_engine_cache_path", "trt_fp16_enable",
+                          "trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes"};
+    const char* vals[] = {device.c_str(), "1", t.cache_dir.c_str(), t.fp16 ? "1" : "0",
+                          t.min_shapes.c_str(), t.opt_shapes.c_str(), t.max_shapes.c_str()};
+    Ort::ThrowOnError(api.UpdateTensorRTProviderOptions(trt.get(), keys, vals, 7));
     opts.AppendExecutionProvider_TensorRT_V2(*trt);
   }
   // CUDA also backs TensorRT for the nodes TensorRT does not take.

@@ -21,10 +21,18 @@ struct OrtRuntime {
 // Load the library (first call only; later calls return the same runtime) and initialize the C++ API.
 const OrtRuntime& ort_runtime(const std::string& requested_library);
 
-// Session options for `params` (provider appended, threads set). `trt_cache_dir` is the bundle's
-// trt_cache/ folder. Error when the provider is unknown or not in this ORT build.
-Ort::SessionOptions make_session_options(const PolicyParams& params, const std::string& trt_cache_dir,
-                                         bool trt_fp16);
+// What the TensorRT provider needs to reuse the engines dpkit-export cached: the same cache folder,
+// precision and optimization profile ("name:1x2x20,..." for min/opt/max) the exporter used
+// (dpkit.export.tensorrt.ort_trt_options). Ignored for the other providers.
+struct TrtSettings {
+  std::string cache_dir;
+  bool fp16 = false;
+  std::string min_shapes, opt_shapes, max_shapes;
+};
+
+// Session options for `params` (provider appended, threads set). Error when the provider is unknown
+// or not in this ORT build.
+Ort::SessionOptions make_session_options(const PolicyParams& params, const TrtSettings& trt);
 
 }  // namespace detail
 }  // namespace dpkit

@@ -1,7 +1,9 @@
 // dpkit::Policy: bundle -> two ORT sessions + buffers sized for max_batch -> the K-step reverse loop.
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -23,17 +25,32 @@ std::string shape_str(const Dims& dims) {
   return s + ")";
 }
 
-// NaN or Inf anywhere makes x*0 NaN; one vectorizable pass, the slow search only on failure.
+// NaN and Inf are the floats whose exponent bits are all ones. An integer OR-reduction over that test
+// vectorizes without -ffast-math (a float sum would not); the slow search runs only on failure.
 bool all_finite(const float* p, std::size_t n) {
-  float acc = 0.0f;
-  for (std::size_t i = 0; i < n; ++i) acc += p[i] * 0.0f;
-  return acc == 0.0f;
+  std::uint32_t bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, p + i, sizeof bits);
+    bad |= static_cast<std::uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+  }
+  return bad == 0;
 }
 
 std::size_t first_non_finite(const float* p, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i)
     if (!std::isfinite(p[i])) return i;
   return n;
+}
+
+// "name:BxD1xD2,..." for ORT's TensorRT profile options, batch first (dpkit.export.tensorrt.ort_trt_options).
+std::string profile_shapes(const std::vector<std::pair<std::string, std::vector<int64_t>>>& inputs, int batch) {
+  std::string s;
+  for (const auto& [name, dims] : inputs) {
+    s += (s.empty() ? "" : ",") + name + ":" + std::to_string(batch);
+    for (int64_t d : dims) s += "x" + std::to_string(d);
+  }
+  return s;
 }
 
 bool is_file(const std::string& path) {
@@ -104,6 +121,7 @@ struct Policy::Impl {
 
   std::mt19937_64 rng;
   std::normal_distribution<float> normal;
+  SampleTiming timing;
 
   void load(const std::string& dir, const PolicyParams& p);
   void make_views(int max_batch);
@@ -138,10 +156,37 @@ void Policy::Impl::load(const std::string& dir, const PolicyParams& p) {
   std::vector<Views>& views = ort->views;
   PolicyParams enc_params = p;
   enc_params.allow_spinning = false;  // runs once per chunk; spinning would steal cores from the denoiser
-  const bool fp16 = m.tensorrt_precision == "fp16";
+  // TensorRT: the exporter's engines are reused only with its profile (batch 1..its max_batch, opt
+  // min(8, max)); without exported engines ORT builds them at load into the same cache folder.
+  detail::TrtSettings enc_trt, den_trt;
+  if (p.provider == "tensorrt") {
+    int trt_max = p.max_batch;
+    if (m.has_tensorrt) {
+      if (p.max_batch > m.tensorrt_max_batch)
+        throw InputError("PolicyParams::max_batch = " + std::to_string(p.max_batch) + " exceeds the batch range 1.." +
+                         std::to_string(m.tensorrt_max_batch) + " of the bundle's TensorRT engines (re-export with "
+                         "dpkit-export --tensorrt --max-batch " + std::to_string(p.max_batch) + ")");
+      trt_max = m.tensorrt_max_batch;
+    }
+    const int opt = std::max(1, std::min(8, trt_max));
+    std::vector<std::pair<std::string, std::vector<int64_t>>> enc_in, den_in = {
+        {"sample", {m.horizon, m.action_dim}}, {"timestep", {}}, {"cond", {m.cond_dim}}};
+    for (const auto& o : m.observations) {
+      std::vector<int64_t> dims = {m.n_obs_steps};
+      dims.insert(dims.end(), o.shape.begin(), o.shape.end());
+      enc_in.emplace_back(o.name, dims);
+    }
+    for (auto [t, in] : {std::pair{&enc_trt, &enc_in}, std::pair{&den_trt, &den_in}}) {
+      t->cache_dir = dir + "/" + m.tensorrt_cache_dir;
+      t->fp16 = m.tensorrt_precision == "fp16";
+      t->min_shapes = profile_shapes(*in, 1);
+      t->opt_shapes = profile_shapes(*in, opt);
+      t->max_shapes = profile_shapes(*in, trt_max);
+    }
+  }
   try {
-    Ort::SessionOptions enc_opts = detail::make_session_options(enc_params, dir + "/trt_cache", fp16);
-    Ort::SessionOptions den_opts = detail::make_session_options(p, dir + "/trt_cache", fp16);
+    Ort::SessionOptions enc_opts = detail::make_session_options(enc_params, enc_trt);
+    Ort::SessionOptions den_opts = detail::make_session_options(p, den_trt);
     encoder = Ort::Session(*rt.env, enc_path.c_str(), enc_opts);
     denoiser = Ort::Session(*rt.env, den_path.c_str(), den_opts);
   } catch (const Ort::Exception& e) {
@@ -240,15 +285,21 @@ void Policy::Impl::run(int batch, int sampler, const float* initial_noise, const
   const std::size_t n = info.trajectory_size(batch);
   const bool clip = m.clip_sample;
   const float r = static_cast<float>(m.clip_sample_range);
+  using Clock = std::chrono::steady_clock;
+  Clock::duration in_denoiser{};
   try {
+    const Clock::time_point t0 = Clock::now();
     encoder.Run(run_options, enc_in_names.data(), v.enc_in.data(), enc_in_names.size(), enc_out_names, &v.enc_out, 1);
+    const Clock::duration in_encoder = Clock::now() - t0;
     if (initial_noise) std::memcpy(x.data(), initial_noise, n * sizeof(float));
     else draw(x.data(), n);
     const auto& ks = steps[static_cast<std::size_t>(sampler)];
     for (std::size_t k = 0; k < ks.size(); ++k) {
       const StepCoefficients& c = ks[k];
       std::fill(timestep.begin(), timestep.begin() + batch, c.timestep);
+      const Clock::time_point d0 = Clock::now();
       denoiser.Run(run_options, den_in_names, v.den_in.data(), 3, den_out_names, &v.den_out, 1);
+      in_denoiser += Clock::now() - d0;
       const float* nz = nullptr;
       if (c.sigma > 0.0f) {
         if (step_noise) nz = step_noise + k * n;
@@ -259,6 +310,10 @@ void Policy::Impl::run(int batch, int sampler, const float* initial_noise, const
       }
       detail::apply_step(c, clip, r, x.data(), eps.data(), nz, n);
     }
+    // Recorded only on success; sample() adds the total.
+    timing.encoder_ms = std::chrono::duration<double, std::milli>(in_encoder).count();
+    timing.denoiser_ms = std::chrono::duration<double, std::milli>(in_denoiser).count();
+    timing.steps = static_cast<int>(ks.size());
   } catch (const Ort::Exception& e) {
     throw Error(std::string("ONNX Runtime failed while sampling: ") + e.what());
   }
@@ -271,13 +326,29 @@ Policy::~Policy() = default;
 Policy::Policy(Policy&&) noexcept = default;
 Policy& Policy::operator=(Policy&&) noexcept = default;
 
-const PolicyInfo& Policy::info() const { return impl_->info; }
+Policy::Impl& Policy::impl() const {
+  if (!impl_) throw Error("dpkit::Policy used after it was moved from");
+  return *impl_;
+}
+
+const PolicyInfo& Policy::info() const { return impl().info; }
+
+const SampleTiming& Policy::last_timing() const { return impl().timing; }
 
 int Policy::find_sampler(const std::string& sampler, int num_inference_steps) const {
-  const auto& list = impl_->info.samplers;
+  const auto& list = impl().info.samplers;
+  if (num_inference_steps <= 0) {
+    // The Python backends' rule: the default sampler if it is of this kind, else the kind's largest K.
+    const int def = impl().info.default_sampler;
+    if (list[static_cast<std::size_t>(def)].sampler == sampler) return def;
+    int best = -1;
+    for (std::size_t i = 0; i < list.size(); ++i)
+      if (list[i].sampler == sampler && (best < 0 || list[i].num_inference_steps > list[static_cast<std::size_t>(best)].num_inference_steps))
+        best = static_cast<int>(i);
+    if (best >= 0) return best;
+  }
   for (std::size_t i = 0; i < list.size(); ++i)
-    if (list[i].sampler == sampler && (num_inference_steps <= 0 || list[i].num_inference_steps == num_inference_steps))
-      return static_cast<int>(i);
+    if (list[i].sampler == sampler && list[i].num_inference_steps == num_inference_steps) return static_cast<int>(i);
   std::string names;
   for (const auto& s : list) names += (names.empty() ? "" : ", ") + s.name;
   throw InputError("bundle " + impl_->info.bundle_dir + " has no sampler " + sampler +
@@ -286,13 +357,14 @@ int Policy::find_sampler(const std::string& sampler, int num_inference_steps) co
 }
 
 void Policy::reseed(std::uint64_t seed) {
-  impl_->rng.seed(seed);
-  impl_->normal.reset();
+  Impl& im = impl();
+  im.rng.seed(seed);
+  im.normal.reset();
 }
 
 void Policy::sample(const SampleRequest& req, const SampleOutput& out) {
-  if (!impl_) throw Error("dpkit::Policy used after it was moved from");
-  Impl& im = *impl_;
+  const auto t_start = std::chrono::steady_clock::now();
+  Impl& im = impl();
   const PolicyInfo& info = im.info;
   const int B = req.batch;
   if (B < 1 || B > info.max_batch)
@@ -356,6 +428,7 @@ void Policy::sample(const SampleRequest& req, const SampleOutput& out) {
       for (int j = 0; j < info.n_action_steps * A; ++j) *dst++ = src[j] * scale[j % A] + offset[j % A];
     }
   }
+  im.timing.total_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_start).count();
 }
 
 }  // namespace dpkit

@@ -76,7 +76,9 @@ TEST(Manifest, EveryCorruptionIsNamed) {
       {"/models/denoiser/inputs", json::array({"sample", "cond"}), "models.denoiser.inputs"},
       {"/models/encoder/outputs", json::array({"z"}), "models.encoder.outputs"},
       {"/models/encoder/inputs", json::array({"state"}), "models.encoder.inputs"},
-      {"/models/encoder/dtype", "float16", "models.encoder.dtype"},
+      {"/models/encoder/dtype", "bfloat16", "models.encoder.dtype"},
+      {"/tensorrt", json{{"precision", "fp16"}}, "tensorrt.max_batch is missing"},
+      {"/tensorrt", json{{"precision", "fp16"}, {"max_batch", 8}, {"cache_dir", "../x"}}, "tensorrt.cache_dir"},
       {"/observations", json::array(), "observations"},
       {"/observations/0/shape", json::array({0}), "observations[0].shape"},
       {"/scheduler", nullptr, "scheduler is missing"},
@@ -90,6 +92,19 @@ TEST(Manifest, EveryCorruptionIsNamed) {
     EXPECT_NE(msg.find(c.expect), std::string::npos) << c.pointer << ": got '" << msg << "'";
     EXPECT_EQ(msg.rfind("policy.json: ", 0), 0u) << msg;
   }
+}
+
+TEST(Manifest, Fp16GraphsAndTensorRTEntry) {
+  json j = bundle_manifest("lowdim");
+  j["models"]["denoiser"]["dtype"] = "float16";  // --fp16 graphs keep float32 inputs and outputs
+  j["tensorrt"] = {{"cache_dir", "engines"}, {"max_batch", 16}, {"precision", "fp16"}, {"route", "ort"}};
+  const d::Manifest m = d::parse_manifest(j.dump(), "x");
+  EXPECT_EQ(m.denoiser.dtype, "float16");
+  EXPECT_TRUE(m.has_tensorrt);
+  EXPECT_EQ(m.tensorrt_cache_dir, "engines");
+  EXPECT_EQ(m.tensorrt_max_batch, 16);
+  EXPECT_EQ(m.tensorrt_precision, "fp16");
+  EXPECT_FALSE(d::parse_manifest(bundle_manifest("lowdim").dump(), "x").has_tensorrt);
 }
 
 TEST(Manifest, NotJsonAndMissingFile) {

@@ -2,6 +2,7 @@
 // and every bad input or bad bundle raising a dpkit::Error that names it.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -111,7 +112,39 @@ TEST(Policy, LoadsLowdimAndReportsInfo) {
   EXPECT_EQ(dpkit::ort_version(), info.ort_version);
   EXPECT_EQ(p.find_sampler("ddpm", 100), 0);
   EXPECT_EQ(p.find_sampler("ddim", 10), 2);
-  EXPECT_EQ(p.find_sampler("ddim", 0), 2);  // K <= 0: the first listed
+  EXPECT_EQ(p.find_sampler("ddim", 0), 2);  // K <= 0: the default sampler, being a DDIM one
+  EXPECT_EQ(p.find_sampler("ddpm", 0), 0);  // ... else the kind's largest K (ddpm-100, not ddpm-10)
+}
+
+TEST(Policy, FindSamplerDoesNotDependOnListOrder) {
+  // dpkit-export lists DDIM step counts in ascending order (ddim-1 first): K <= 0 must still give the
+  // default sampler, as the Python backends do.
+  const std::string dir = copy_bundle(kLowdim, "order");
+  json m = read_json(dir + "/policy.json");
+  auto& list = m["scheduler"]["samplers"];
+  std::reverse(list.begin(), list.end());  // ddim-100, ddim-10, ddpm-10, ddpm-100
+  write_json(dir + "/policy.json", m);
+  dpkit::Policy p(dir, params());
+  EXPECT_EQ(p.info().samplers[static_cast<std::size_t>(p.find_sampler("ddim", 0))].name, "ddim-10");
+  EXPECT_EQ(p.info().samplers[static_cast<std::size_t>(p.find_sampler("ddpm", 0))].name, "ddpm-100");
+}
+
+TEST(Policy, LastTimingAccountsForTheCall) {
+  dpkit::Policy p(kLowdim, params());
+  EXPECT_EQ(p.last_timing().steps, 0);
+  const auto obs = observations(p.info(), 1, 1);
+  run(p, obs, 1, p.find_sampler("ddpm", 10));
+  const dpkit::SampleTiming t = p.last_timing();
+  EXPECT_EQ(t.steps, 10);
+  EXPECT_GT(t.encoder_ms, 0.0);
+  EXPECT_GT(t.denoiser_ms, 0.0);
+  EXPECT_GE(t.loop_ms(), 0.0);
+  EXPECT_LE(t.encoder_ms + t.denoiser_ms, t.total_ms);
+  // A failed call leaves the last good timing in place.
+  dpkit::SampleRequest bad;
+  bad.batch = 5;
+  error_of([&] { p.sample(bad, {}); });
+  EXPECT_EQ(p.last_timing().steps, 10);
 }
 
 TEST(Policy, InjectedNoiseDeterminesTheResult) {
@@ -315,13 +348,19 @@ TEST(Policy, BadBundlesAreNamed) {
 
 TEST(Policy, ProvidersNeverFallBackSilently) {
   auto p = params();
-  p.provider = "cuda";
-  const std::string msg = error_of([&] { dpkit::Policy(kLowdim, p); });
-  // The CPU onnxruntime wheel has no CUDA provider: a clear error, not a CPU session.
-  EXPECT_MSG(msg, "provider \"cuda\" is not available");
-  EXPECT_MSG(msg, "CPUExecutionProvider");
-  p.provider = "tensorrt";
-  EXPECT_MSG(error_of([&] { dpkit::Policy(kLowdim, p); }), "provider \"tensorrt\" is not available");
+  // Either the provider is there and in use, or a clear error lists what the ONNX Runtime has (the CPU
+  // wheel has no CUDA provider) -- never a CPU session under a GPU name.
+  for (const char* provider : {"cuda", "tensorrt"}) {
+    p.provider = provider;
+    try {
+      dpkit::Policy policy(kLowdim, p);
+      EXPECT_EQ(policy.info().provider, provider);
+    } catch (const dpkit::Error& e) {
+      const std::string msg = e.what();
+      EXPECT_MSG(msg, std::string("provider \"") + provider + "\" is not available");
+      EXPECT_MSG(msg, "CPUExecutionProvider");
+    }
+  }
   p.provider = "tpu";
   EXPECT_MSG(error_of([&] { dpkit::Policy(kLowdim, p); }), "unknown provider \"tpu\"");
   p.provider = "cpu";
@@ -334,5 +373,11 @@ TEST(Policy, MovedFromIsAnErrorNotACrash) {
   dpkit::Policy q(std::move(p));
   EXPECT_EQ(q.info().horizon, 16);
   dpkit::SampleRequest req;
-  EXPECT_MSG(error_of([&] { p.sample(req, {}); }), "moved from");  // NOLINT(bugprone-use-after-move)
+  // NOLINTBEGIN(bugprone-use-after-move)
+  EXPECT_MSG(error_of([&] { p.sample(req, {}); }), "moved from");
+  EXPECT_MSG(error_of([&] { p.info(); }), "moved from");
+  EXPECT_MSG(error_of([&] { p.find_sampler("ddim", 10); }), "moved from");
+  EXPECT_MSG(error_of([&] { p.reseed(1); }), "moved from");
+  EXPECT_MSG(error_of([&] { p.last_timing(); }), "moved from");
+  // NOLINTEND(bugprone-use-after-move)
 }

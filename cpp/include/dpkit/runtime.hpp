@@ -14,7 +14,8 @@
 //
 // Thread safety: a Policy is NOT safe to use from two threads at once (it owns its buffers and random
 // generator). Use one Policy per thread; separate Policy objects never share mutable state, so they may
-// sample concurrently. `info()` and `find_sampler()` are const and safe to call at any time.
+// sample concurrently. `info()` and `find_sampler()` are const and safe to call at any time. (The Python
+// module serializes calls on one object with a lock; see dpkit.runtime.cpp_policy.)
 //
 // Errors: every failure throws dpkit::Error (a std::runtime_error) whose message names the file, tensor
 // or expected shape. Bad caller input (shapes, NaN/Inf, unknown sampler) throws dpkit::InputError.
@@ -123,6 +124,17 @@ struct SampleRequest {
   ConstFloatSpan step_noise;
 };
 
+// Where the time of the last `sample` call went (steady clock, milliseconds). Cheap to record: two clock
+// reads per step. `loop_ms()` is everything the runtime did besides running the two networks (input
+// checks and copies, noise, the reverse-step arithmetic, un-normalization): the sampler's own overhead.
+struct SampleTiming {
+  double total_ms = 0;     // the whole call
+  double encoder_ms = 0;   // encoder.onnx
+  double denoiser_ms = 0;  // all K denoiser.onnx runs
+  int steps = 0;           // K
+  double loop_ms() const { return total_ms - encoder_ms - denoiser_ms; }
+};
+
 struct SampleOutput {
   FloatSpan trajectory;  // optional: (batch, H, A), normalized
   FloatSpan actions;     // optional: (batch, Ta, A), un-normalized executed actions
@@ -140,19 +152,26 @@ class Policy {
 
   const PolicyInfo& info() const;
 
-  // Index of the bundle's sampler ("ddpm" or "ddim", K steps). InputError lists the available ones.
+  // Index of the bundle's sampler ("ddpm" or "ddim", K steps; K <= 0: the default sampler when it is of
+  // that kind, else the kind's largest K). InputError lists the available ones.
   int find_sampler(const std::string& sampler, int num_inference_steps) const;
 
   // Restart the noise generator (same seed => same noise sequence).
   void reseed(std::uint64_t seed);
 
   // Encode the observations once, run the K reverse steps, write the results into `out`.
-  // Allocates nothing (every buffer was sized for max_batch at load).
+  // dpkit allocates nothing here: every buffer and tensor was made for batches 1..max_batch at load,
+  // and ONNX Runtime was warmed up at batch 1 and max_batch (its first run at another batch size
+  // plans that shape once).
   void sample(const SampleRequest& request, const SampleOutput& out);
+
+  // Timing of the last successful `sample` call (zeros before the first).
+  const SampleTiming& last_timing() const;
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  Impl& impl() const;  // Error when used after a move
 };
 
 // Version string of the ONNX Runtime library a Policy loaded ("" before the first Policy).
