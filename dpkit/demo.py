@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -102,7 +103,8 @@ def _report(out: Path, args: argparse.Namespace, timings: dict[str, float]) -> s
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dpkit.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="demo_out", help="output folder (replaced)")
+    ap.add_argument("--out", default="demo_out", help="output folder (an earlier demo output there is replaced "
+                    "once this run succeeds, and restored if it fails)")
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--data", default=None, help="PushT dataset (default: found automatically)")
     ap.add_argument("--train-seconds", type=float, default=480.0)
@@ -113,9 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         raise DpkitError("--train-seconds and --episodes must be positive")
 
     out = Path(args.out)
+    prev = out.with_name(f"{out.name}.prev")
     if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+        if not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").exists() and not (out / "run").exists()):
+            raise DpkitError(f"{out} exists and is not an earlier demo output; choose another --out")
+        shutil.rmtree(prev, ignore_errors=True)
+        os.replace(out, prev)  # kept until this run succeeds
+    try:
+        out.mkdir(parents=True)
+        _stages(out, args)
+    except BaseException:
+        if prev.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(prev, out)
+            print(f"[demo] failed; the previous results in {out} are restored", file=sys.stderr)
+        raise
+    shutil.rmtree(prev, ignore_errors=True)
+    return 0
+
+
+def _stages(out: Path, args: argparse.Namespace) -> None:
     timings: dict[str, float] = {}
     data = ["--data", args.data] if args.data else []
     episodes = ["--episodes", str(args.episodes)]
@@ -137,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(report, _report(out, args, timings))
     print(f"\n[demo] report: {report.resolve()}")
     print((out / "report.md").read_text())
-    return 0
 
 
 if __name__ == "__main__":

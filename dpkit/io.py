@@ -77,6 +77,9 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     and an existing `final` is left untouched.
     """
     final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if not final.exists() and old.is_dir():
+        os.replace(old, final)  # an earlier call was stopped between its two renames: put the old folder back
     if final.exists() and not force:
         raise DpkitError(f"{final} already exists (use --force to replace it)")
     try:
@@ -87,7 +90,6 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)

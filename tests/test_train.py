@@ -108,6 +108,16 @@ def test_damaged_checkpoints_name_the_file(store, tmp_path):
     (ck / "trainer_state.pt").write_bytes(b"\x00garbage")
     with pytest.raises(DpkitError, match=r"trainer_state\.pt is corrupt"):
         ckpt_io.read_trainer_state(ck)
+    good = {"format": "dpkit-checkpoint", "format_version": 1, "step": 1, "config": {}, "normalizer": {}}
+    (ck / "state.json").write_text(json.dumps({**good, "format_version": "one"}))
+    with pytest.raises(DpkitError, match="format_version must be an integer"):
+        ckpt_io.read_state(ck)
+    from dpkit.train.normalizer import Normalizer
+
+    with pytest.raises(DpkitError, match=r"normalizer action\.min must be a list of numbers"):
+        Normalizer.from_dict({"action": {"min": ["a"], "max": [1.0], "scale": [1.0], "offset": [0.0]}})
+    (run / "checkpoints" / "latest").write_bytes(b"\xff\xfe garbage")  # ignored: the highest step folder wins
+    assert ckpt_io.latest_checkpoint(run) == ck
     with pytest.raises(DpkitError, match="holds no checkpoint"):
         ckpt_io.load_checkpoint(tmp_path)
     with pytest.raises(DpkitError, match="does not exist"):
@@ -142,10 +152,28 @@ def test_cli_run_refuse_resume_force_and_bad_input(store, tmp_path, capsys):
         (["--config", "tiny", "--out", str(tmp_path / "x"), "train.no_such_key=1"], "unknown config key"),
         (["--config", "nope"], "not found"),
         (["--config", "tiny", "--data", str(tmp_path / "missing.zarr"), "--out", str(tmp_path / "y")], "does not exist"),
+        ([*base, "data.max_train_episodes=abc"], "data.max_train_episodes expects a number"),
+        ([*base, "data.path=[1]"], "data.path expects a string"),
+        ([*base, "policy.down_dims=[a,b]"], "policy.down_dims[0] expects a number"),
+        ([*base, "train.betas=[0.9]"], "train.betas must be a list of 2"),
+        ([*base, "train.weight_decay=-1"], "train.weight_decay must be >= 0"),
+        ([*base, "policy.clip_sample=1"], "policy.clip_sample must be true or false"),
     ]:
         assert _cli(*argv) == 1, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
+
+    # --force with a mistyped --data fails before it removes the earlier run.
+    assert _cli(*base, "--data", str(tmp_path / "typo.zarr"), "--steps", "1", "--force") == 1
+    assert [p.name for p in ckpt_io.step_dirs(run)] == ["step_000001"] and sorted(_losses(run)) == [1]
+
+
+def test_validation_steps_need_not_be_log_steps(store, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(store, "train.steps=6", "train.log_every=2", "train.val_every=3"), run, progress=False)
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 3, 4, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
 
 
 def test_time_limit_stops_with_a_checkpoint_that_resumes(store, tmp_path):

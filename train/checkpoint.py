@@ -54,8 +54,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     d = checkpoints_dir(run_dir)
     pointer = d / LATEST
     if pointer.is_file():
-        name = pointer.read_text().strip()
-        if name and (d / name).is_dir():
+        name = pointer.read_bytes().decode("utf-8", errors="replace").strip()  # a garbled pointer is ignored
+        if name and _STEP_DIR.match(name) and (d / name).is_dir():
             return d / name
     dirs = step_dirs(run_dir)
     return dirs[-1] if dirs else None
@@ -133,6 +133,8 @@ def read_state(ckpt: Path) -> dict[str, Any]:
         raise DpkitError(f"checkpoint file {path} is corrupt or truncated ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DpkitError(f"{path} is not a dpkit checkpoint state (no format: {FORMAT!r})")
+    if not isinstance(state.get("format_version", 0), int):
+        raise DpkitError(f"{path}: format_version must be an integer, got {state['format_version']!r}")
     if state.get("format_version", 0) > FORMAT_VERSION:
         raise DpkitError(f"{path} has format_version {state['format_version']}; this dpkit reads <= {FORMAT_VERSION}")
     for key in ("config", "normalizer", "step"):

@@ -11,6 +11,8 @@ checkpoint alone is enough to rebuild its model.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,8 @@ class TrainConfig:
         _check(self.steps >= 1, "train.steps must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size must be >= 1")
         _check(self.lr > 0, "train.lr must be > 0")
+        _check(all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)")
+        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
         _check(self.lr_scheduler in ("cosine", "constant", "linear"), "train.lr_scheduler must be cosine, constant or linear")
         _check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
         _check(self.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")
@@ -176,36 +180,53 @@ def _check(ok: bool, msg: str) -> None:
         raise DpkitError(f"bad config: {msg}")
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Convert a YAML/override value to the type of the field's default."""
-    if isinstance(value, str) and isinstance(current, (int, float)) and not isinstance(current, bool):
-        try:  # YAML reads "3e-4" as a string
-            value = float(value)
-        except ValueError:
-            raise DpkitError(f"bad config: {key} expects a number, got {value!r}") from None
-    if isinstance(current, tuple):
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/override value to the field's declared type (`int | None`, `tuple[int, ...]`, ...)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _coerce(value, inner[0], key)
+        raise DpkitError(f"bad config: {key} has an unsupported type {tp}")  # not used by any field
+    if typing.get_origin(tp) is tuple:
         if not isinstance(value, (list, tuple)):
             raise DpkitError(f"bad config: {key} must be a list, got {value!r}")
-        return tuple(value)
-    if isinstance(current, bool):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise DpkitError(f"bad config: {key} must be a list of {len(args)}, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
         if not isinstance(value, bool):
             raise DpkitError(f"bad config: {key} must be true or false, got {value!r}")
         return value
-    if isinstance(current, int) and not isinstance(value, bool) and isinstance(value, (int, float)):
-        if isinstance(value, float) and not value.is_integer():
-            raise DpkitError(f"bad config: {key} must be an integer, got {value!r}")
-        return int(value)
-    if isinstance(current, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if tp in (int, float):
+        if isinstance(value, str):
+            try:  # YAML reads "3e-4" as a string
+                value = float(value)
+            except ValueError:
+                raise DpkitError(f"bad config: {key} expects a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DpkitError(f"bad config: {key} expects a number, got {value!r}")
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise DpkitError(f"bad config: {key} must be an integer, got {value!r}")
+            return int(value)
         return float(value)
-    if current is None or value is None or isinstance(value, type(current)):
+    if tp is str:
+        if not isinstance(value, str):
+            raise DpkitError(f"bad config: {key} expects a string, got {value!r}")
         return value
-    raise DpkitError(f"bad config: {key} expects {type(current).__name__}, got {value!r}")
+    raise DpkitError(f"bad config: {key} has an unsupported type {tp}")
 
 
 def _apply(obj: Any, d: dict[str, Any], prefix: str) -> None:
     if not isinstance(d, dict):
         raise DpkitError(f"bad config: {prefix or 'top level'} must be a mapping")
     names = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in d.items():
         full = f"{prefix}{key}"
         if key not in names:
@@ -214,7 +235,7 @@ def _apply(obj: Any, d: dict[str, Any], prefix: str) -> None:
         if dataclasses.is_dataclass(current):
             _apply(current, value, prefix=f"{full}.")
         else:
-            setattr(obj, key, _coerce(value, current, full))
+            setattr(obj, key, _coerce(value, hints[key], full))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

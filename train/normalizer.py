@@ -43,7 +43,10 @@ class Normalizer(nn.Module):
             for field in ("min", "max", "scale", "offset"):
                 if field not in s:
                     raise DpkitError(f"normalizer entry {key!r} lacks {field!r}")
-                arr = np.asarray(s[field], dtype=np.float64)
+                try:
+                    arr = np.asarray(s[field], dtype=np.float64)
+                except (TypeError, ValueError):
+                    raise DpkitError(f"normalizer {key}.{field} must be a list of numbers") from None
                 if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
                     raise DpkitError(f"normalizer {key}.{field} must be a non-empty list of finite numbers")
                 arrays[field] = arr

@@ -27,7 +27,7 @@ import torch
 
 import dpkit
 from dpkit.errors import DpkitError
-from dpkit.io import atomic_write_json
+from dpkit.io import atomic_write_json, atomic_write_text
 from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.config import Config
 from dpkit.train.data import PushTDataset, load_datasets, to_tensors
@@ -213,11 +213,11 @@ class _Metrics:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
-            self.path.write_text("")
+            atomic_write_text(self.path, "")
         elif self.path.exists():
             # Drop records past the checkpoint (a run that died after it) so the file reads as one run.
             keep = [l for l in self.path.read_text().splitlines() if _record_step(l) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in keep))
+            atomic_write_text(self.path, "".join(l + "\n" for l in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -274,22 +274,25 @@ def train(
     )
     try:
         resume_from = _check_run_dir(run_dir, resume, force)
-        if force and resume_from is None and acc.is_main_process:
-            for p in (ckpt_io.checkpoints_dir(run_dir), run_dir / METRICS, run_dir / SUMMARY, run_dir / "tensorboard"):
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-        acc.wait_for_everyone()
         end = t.steps if stop_after is None else min(stop_after, t.steps)
-        return _train(cfg, run_dir, acc, resume_from, progress, end)
+        return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None)
     finally:
         acc.end_training()
         # Let a later train() in the same process build an Accelerator with other settings.
         AcceleratorState._reset_state()
 
 
-def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int) -> dict[str, Any]:
+def _clear_run(run_dir: Path) -> None:
+    """--force: remove an earlier run's outputs (only once the new run's inputs have loaded)."""
+    for p in (ckpt_io.checkpoints_dir(run_dir), run_dir / METRICS, run_dir / SUMMARY, run_dir / "tensorboard"):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int,
+           replace: bool = False) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -304,7 +307,10 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     if state is not None and state.get("world_size", world) != world and main:
         print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
 
-    train_ds, val_ds = load_datasets(cfg)
+    train_ds, val_ds = load_datasets(cfg)  # a bad --data fails here, before --force removes anything
+    if replace and main:
+        _clear_run(run_dir)
+    acc.wait_for_everyone()
     set_seed(t.seed)  # identical initial weights on every process
     if state is not None:
         normalizer = Normalizer.from_dict(state["normalizer"])
@@ -408,7 +414,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
             end = step  # log, validate and checkpoint this step as the last one; --resume continues
             stopped_early = True
 
-        if step % t.log_every == 0 or step == end:
+        # A record every log_every steps, and at every validation step (val_every need not be a multiple).
+        if step % t.log_every == 0 or step % t.val_every == 0 or step == end:
             now = time.perf_counter()
             train_time += now - t_window
             rank_losses = acc.gather((window_loss / window_steps).reshape(1))

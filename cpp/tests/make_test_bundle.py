@@ -65,13 +65,6 @@ class Denoiser(torch.nn.Module):
         return self.out(h).reshape(b, sample.shape[1], sample.shape[2])
 
 
-class TrivialDenoiser(torch.nn.Module):
-    """One cheap op per input: times the sampling loop itself (benchmarks/bench_runtime.py), not a network."""
-
-    def forward(self, sample, timestep, cond):
-        return sample * 0.1 + (timestep.to(torch.float32)[:, None, None] + cond[:, :1, None]) * 1e-3
-
-
 def scheduler_json(default: str = "ddim-10") -> dict:
     kw = dict(num_train_timesteps=T_TRAIN, beta_schedule="squaredcos_cap_v2", clip_sample=True,
               prediction_type="epsilon", variance_type="fixed_small")
@@ -104,7 +97,7 @@ def export(module: torch.nn.Module, args: tuple, names: list[str], path: Path, b
 
 
 def make_bundle(out: Path, obs_mode: str = "lowdim", seed: int = 0, n_obs_steps: int = 2, horizon: int = 16,
-                n_action_steps: int = 8, action_dim: int = 2, cond_dim: int = 24, trivial: bool = False) -> Path:
+                n_action_steps: int = 8, action_dim: int = 2, cond_dim: int = 24) -> Path:
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
     to, b = n_obs_steps, torch.export.Dim("batch", min=1, max=1024)
@@ -120,7 +113,7 @@ def make_bundle(out: Path, obs_mode: str = "lowdim", seed: int = 0, n_obs_steps:
             {"name": "agent_pos", "shape": [2], "dtype": "float32", "description": "agent x, y (pixels)"}]
         enc_args = (torch.rand(2, to, 3, 96, 96), torch.rand(2, to, 2) * 512)
         enc_dims = {"image": {0: b}, "agent_pos": {0: b}}
-    den = TrivialDenoiser() if trivial else Denoiser(horizon, action_dim, cond_dim)
+    den = Denoiser(horizon, action_dim, cond_dim)
     enc_names = [o["name"] for o in observations]
     with torch.no_grad():
         export(enc, enc_args, enc_names + ["cond"], out / "encoder.onnx", enc_dims)
