@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
-from dpkit.io import atomic_write_bytes
+from dpkit.io import atomic_dir, atomic_write_bytes
 
 CACHE_DIR = "trt_cache"
 
@@ -79,15 +79,22 @@ def build_engines(bundle_dir: Path, manifest: dict[str, Any], max_batch: int, fp
     if max_batch < 1:
         raise DpkitError(f"--max-batch must be >= 1, got {max_batch}")
     route = check_available()
-    cache = bundle_dir / CACHE_DIR
-    cache.mkdir(exist_ok=True)
     shapes = _profile_shapes(manifest)
-    for graph, inputs in shapes.items():
-        onnx_path = bundle_dir / manifest["models"][graph]["file"]
-        if route == "tensorrt":
-            _build_with_api(onnx_path, cache / f"{graph}.engine", inputs, max_batch, fp16)
-        else:
-            _build_with_ort(onnx_path, cache, inputs, max_batch, fp16)
+    # Built in a temp folder that replaces trt_cache/ only when both engines are done: a failed build
+    # leaves no partial cache (and an earlier complete one stays).
+    with atomic_dir(bundle_dir / CACHE_DIR, force=True) as cache:
+        for graph, inputs in shapes.items():
+            onnx_path = bundle_dir / manifest["models"][graph]["file"]
+            try:
+                if route == "tensorrt":
+                    _build_with_api(onnx_path, cache / f"{graph}.engine", inputs, max_batch, fp16)
+                else:
+                    _build_with_ort(onnx_path, cache, inputs, max_batch, fp16)
+            except DpkitError:
+                raise
+            except Exception as e:  # TensorRT / ONNX Runtime errors: one line naming the graph
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise DpkitError(f"TensorRT engine build for {onnx_path.name} failed: {msg}") from None
     return {"cache_dir": CACHE_DIR, "max_batch": max_batch, "precision": "fp16" if fp16 else "fp32", "route": route}
 
 

@@ -256,3 +256,31 @@ def test_plain_conv_option_keeps_conv_nodes(tmp_path, runs):
     assert {"Conv", "ConvTranspose"} <= ops, sorted(ops)
     assert json.loads((out / "policy.json").read_text())["export"]["conv_lowering"] == "conv"
     assert load_bundle(out).manifest["parity"]["denoiser"] < 1e-4
+
+
+def test_failed_engine_build_leaves_no_partial_cache(tmp_path, bundles, monkeypatch):
+    """A TensorRT/ORT error mid-build is one clear line, and neither a partial trt_cache/ nor a changed bundle."""
+    import dpkit.export.tensorrt as trt
+
+    b = tmp_path / "b"
+    shutil.copytree(bundles["lowdim"], b)
+    built = []
+
+    def fake_build(onnx_path, cache, inputs, max_batch, fp16):
+        built.append(onnx_path.name)
+        (cache / f"{onnx_path.stem}.engine").write_bytes(b"engine")
+        if onnx_path.name == "denoiser.onnx":
+            raise RuntimeError("[TensorRT EP] out of workspace memory\nlong native trace")
+
+    monkeypatch.setattr(trt, "check_available", lambda: "ort")
+    monkeypatch.setattr(trt, "_build_with_ort", fake_build)
+    manifest = json.loads((b / "policy.json").read_text())
+    with pytest.raises(DpkitError, match=r"^TensorRT engine build for denoiser.onnx failed: \[TensorRT EP\] out of "
+                                         r"workspace memory$"):
+        trt.build_engines(b, manifest, 8, False)
+    assert built == ["encoder.onnx", "denoiser.onnx"]
+    assert sorted(p.name for p in b.iterdir()) == ["denoiser.onnx", "encoder.onnx", "policy.json"]
+    monkeypatch.setattr(trt, "_build_with_ort", lambda o, c, i, m, f: (c / f"{o.stem}.engine").write_bytes(b"e"))
+    entry = trt.build_engines(b, manifest, 8, True)
+    assert entry == {"cache_dir": "trt_cache", "max_batch": 8, "precision": "fp16", "route": "ort"}
+    assert sorted(p.name for p in (b / "trt_cache").iterdir()) == ["denoiser.engine", "encoder.engine"]
