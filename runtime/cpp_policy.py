@@ -75,7 +75,10 @@ class CppPolicy:
             got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
             raise _core.InputError(f"obs keys {got} do not match the policy's {list(self.obs_keys)}")
         spec = self.bundle.schedule.find(sampler, steps)
-        arrays = [obs[k] for k in self.obs_keys]
+        arrays = [np.asarray(obs[k]) for k in self.obs_keys]
+        for k, a in zip(self.obs_keys, arrays):
+            if a.dtype.kind not in "fiu":
+                raise _core.InputError(f"observation '{k}' has dtype {a.dtype}, expected float32 (or another real number type)")
         if seed is not None and (initial_noise is None or (spec.sampler == "ddpm" and step_noise is None)):
             # A Python-level seed means the same noise as the "torch"/"ort" backends (numpy's generator,
             # fixed draw order), so backends given one seed give the same trajectories; C++ only samples.

@@ -89,6 +89,7 @@ def test_interface_and_defaults(bundles):
     ({"obs": np.full((1, 2, 20), np.nan, np.float32)}, r"observation 'obs' holds NaN at flat index 0"),
     ({"obs": np.full((1, 2, 20), np.inf, np.float32)}, r"holds Inf"),
     ({"state": np.zeros((1, 2, 20), np.float32)}, r"obs keys \['state'\] do not match"),
+    ({"obs": np.full((1, 2, 20), "a")}, r"observation 'obs' has dtype <U1, expected float32"),
 ])
 def test_bad_observations_are_value_errors(bundles, bad, match):
     from dpkit.runtime.cpp_policy import CppPolicy
@@ -137,24 +138,32 @@ def test_tampered_bundle_is_refused(bundles, tmp_path):
         CppPolicy(b)
 
 
+def _in_threads(work, n: int) -> list:
+    """work(0) .. work(n - 1), each on its own thread, started together; their results in order."""
+    results: list = [None] * n
+
+    def run(i: int) -> None:
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_one_policy_per_thread(bundles):
     from dpkit.runtime.cpp_policy import CppPolicy
 
     obs = random_obs(CppPolicy(bundles["image"], threads=1), 1, 2)
     want = [CppPolicy(bundles["image"], threads=1).sample(obs, sampler="ddpm", steps=10, seed=s) for s in range(4)]
-    got: dict[int, np.ndarray] = {}
 
-    def work(s: int) -> None:
-        pol = CppPolicy(bundles["image"], threads=1)
-        got[s] = pol.sample(obs, sampler="ddpm", steps=10, seed=s)
+    def work(s: int) -> np.ndarray:
+        return CppPolicy(bundles["image"], threads=1).sample(obs, sampler="ddpm", steps=10, seed=s)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for s in range(4):
-        np.testing.assert_array_equal(got[s], want[s])
+    for got, w in zip(_in_threads(work, 4), want):
+        np.testing.assert_array_equal(got, w)
 
 
 def test_one_policy_shared_by_threads_is_serialized(bundles):
@@ -164,19 +173,13 @@ def test_one_policy_shared_by_threads_is_serialized(bundles):
     pol = CppPolicy(bundles["lowdim"], threads=1, max_batch=4)
     obs = [random_obs(pol, 4, s) for s in range(6)]
     want = [pol.sample(o, sampler="ddpm", steps=100, seed=s) for s, o in enumerate(obs)]
-    got: dict[int, np.ndarray] = {}
 
-    def work(s: int) -> None:
-        for _ in range(3):
-            got[s] = pol.sample(obs[s], sampler="ddpm", steps=100, seed=s)
+    def work(s: int) -> list[np.ndarray]:
+        return [pol.sample(obs[s], sampler="ddpm", steps=100, seed=s) for _ in range(3)]
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for s in range(6):
-        np.testing.assert_array_equal(got[s], want[s])
+    for got, w in zip(_in_threads(work, 6), want):
+        for g in got:
+            np.testing.assert_array_equal(g, w)
 
 
 def test_last_timing_and_default_sampler_rule(bundles):

@@ -82,12 +82,18 @@ void check_io(const Ort::Session& s, bool input, std::size_t i, const std::strin
 }  // namespace
 
 std::size_t PolicyInfo::observation_size(std::size_t i, int batch) const {
-  return static_cast<std::size_t>(batch) * n_obs_steps * observations.at(i).step_size;
+  if (i >= observations.size())
+    throw InputError("observation index " + std::to_string(i) + " is out of range (the bundle has " +
+                     std::to_string(observations.size()) + ")");
+  return static_cast<std::size_t>(batch) * n_obs_steps * observations[i].step_size;
 }
 std::size_t PolicyInfo::trajectory_size(int batch) const { return static_cast<std::size_t>(batch) * horizon * action_dim; }
 std::size_t PolicyInfo::actions_size(int batch) const { return static_cast<std::size_t>(batch) * n_action_steps * action_dim; }
 std::size_t PolicyInfo::step_noise_size(int sampler, int batch) const {
-  return static_cast<std::size_t>(samplers.at(sampler).num_inference_steps) * trajectory_size(batch);
+  if (sampler < 0 || static_cast<std::size_t>(sampler) >= samplers.size())
+    throw InputError("sampler index " + std::to_string(sampler) + " is out of range (the bundle has " +
+                     std::to_string(samplers.size()) + ")");
+  return static_cast<std::size_t>(samplers[static_cast<std::size_t>(sampler)].num_inference_steps) * trajectory_size(batch);
 }
 
 struct Policy::Impl {

@@ -114,6 +114,8 @@ TEST(Policy, LoadsLowdimAndReportsInfo) {
   EXPECT_EQ(p.find_sampler("ddim", 10), 2);
   EXPECT_EQ(p.find_sampler("ddim", 0), 2);  // K <= 0: the default sampler, being a DDIM one
   EXPECT_EQ(p.find_sampler("ddpm", 0), 0);  // ... else the kind's largest K (ddpm-100, not ddpm-10)
+  EXPECT_MSG(error_of([&] { info.observation_size(1); }), "observation index 1 is out of range");
+  EXPECT_MSG(error_of([&] { info.step_noise_size(9); }), "sampler index 9 is out of range");
 }
 
 TEST(Policy, FindSamplerDoesNotDependOnListOrder) {
