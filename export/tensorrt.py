@@ -21,6 +21,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.io import atomic_dir, atomic_write_bytes
+from dpkit.runtime.bundle import ort_trt_options, trt_profile_inputs
 
 CACHE_DIR = "trt_cache"
 
@@ -66,20 +67,12 @@ def check_available() -> str:
     return "tensorrt" if have_api else "ort"
 
 
-def _profile_shapes(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Per graph, per input: the shape without batch (batch is the profile's only dynamic dim)."""
-    to, h, a, c = manifest["n_obs_steps"], manifest["horizon"], manifest["action_dim"], manifest["cond_dim"]
-    enc = {o["name"]: (to, *o["shape"]) for o in manifest["observations"]}
-    den = {"sample": (h, a), "timestep": (), "cond": (c,)}
-    return {"encoder": enc, "denoiser": den}
-
-
 def build_engines(bundle_dir: Path, manifest: dict[str, Any], max_batch: int, fp16: bool) -> dict[str, Any]:
     """Build both engines into `bundle_dir/trt_cache`; returns the manifest's `tensorrt` entry."""
     if max_batch < 1:
         raise DpkitError(f"--max-batch must be >= 1, got {max_batch}")
     route = check_available()
-    shapes = _profile_shapes(manifest)
+    shapes = trt_profile_inputs(manifest)
     # Built in a temp folder that replaces trt_cache/ only when both engines are done: a failed build
     # leaves no partial cache (and an earlier complete one stays).
     with atomic_dir(bundle_dir / CACHE_DIR, force=True) as cache:
@@ -120,22 +113,6 @@ def _build_with_api(onnx_path: Path, engine_path: Path, inputs: dict[str, tuple[
     if engine is None:
         raise DpkitError(f"TensorRT failed to build an engine for {onnx_path.name} (see its log above)")
     atomic_write_bytes(engine_path, bytes(engine))
-
-
-def ort_trt_options(cache: Path, inputs: dict[str, tuple[int, ...]], max_batch: int, fp16: bool) -> dict[str, Any]:
-    """TensorrtExecutionProvider options; runtimes must pass the same ones to reuse the cached engines."""
-    def dims(b: int) -> str:
-        return ",".join(f"{n}:{'x'.join(str(d) for d in (b, *s))}" for n, s in inputs.items())
-
-    opt = max(1, min(8, max_batch))
-    return {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache),
-        "trt_fp16_enable": fp16,
-        "trt_profile_min_shapes": dims(1),
-        "trt_profile_opt_shapes": dims(opt),
-        "trt_profile_max_shapes": dims(max_batch),
-    }
 
 
 def _build_with_ort(onnx_path: Path, cache: Path, inputs: dict[str, tuple[int, ...]], max_batch: int, fp16: bool) -> None:

@@ -436,11 +436,8 @@ def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: i
         raise BackendUnavailable(f"no bundle for {model.name}: {model.bundle_error}")
     if kind == "ort":
         providers: list[Any] = [ORT_PROVIDERS[provider]]
-        if provider == "tensorrt":
-            cache = model.bundle.parent / "trt_cache"
-            providers = [(ORT_PROVIDERS["tensorrt"], {"trt_engine_cache_enable": True,
-                                                       "trt_engine_cache_path": str(cache)}),
-                         ORT_PROVIDERS["cuda"]]
+        if provider == "tensorrt":  # OrtPolicy gives the bare name the bundle's engine-cache options
+            providers = [ORT_PROVIDERS["tensorrt"], ORT_PROVIDERS["cuda"]]
         pol = load_policy(model.bundle, backend="ort", providers=providers, threads=threads)
         if pol.providers[0] != ORT_PROVIDERS[provider]:  # ORT falls back to CPU silently
             raise BackendUnavailable(f"ONNX Runtime fell back to {pol.providers[0]}")

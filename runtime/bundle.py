@@ -186,6 +186,42 @@ class Bundle:
         return traj[:, i : i + self.n_action_steps] * self.action_scale.astype(np.float32) + self.action_offset.astype(np.float32)
 
 
+def trt_profile_inputs(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per graph, per input: the shape without batch (batch is a TensorRT profile's only dynamic dim)."""
+    to, h, a, c = manifest["n_obs_steps"], manifest["horizon"], manifest["action_dim"], manifest["cond_dim"]
+    enc = {o["name"]: (to, *o["shape"]) for o in manifest["observations"]}
+    den = {"sample": (h, a), "timestep": (), "cond": (c,)}
+    return {"encoder": enc, "denoiser": den}
+
+
+def ort_trt_options(cache: Path, inputs: dict[str, tuple[int, ...]], max_batch: int, fp16: bool) -> dict[str, Any]:
+    """TensorrtExecutionProvider options for one graph. The exporter builds engines with them and every
+    runtime (this package's "ort" backend, the C++ runtime) passes the same ones to reuse the cached engines:
+    ORT keys its cache on the precision and the min/opt/max profile (batch 1..max_batch, opt min(8, max))."""
+    def dims(b: int) -> str:
+        return ",".join(f"{n}:{'x'.join(str(d) for d in (b, *s))}" for n, s in inputs.items())
+
+    opt = max(1, min(8, max_batch))
+    return {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_fp16_enable": fp16,
+        "trt_profile_min_shapes": dims(1),
+        "trt_profile_opt_shapes": dims(opt),
+        "trt_profile_max_shapes": dims(max_batch),
+    }
+
+
+def bundle_trt_options(bundle: "Bundle", graph: str) -> dict[str, Any]:
+    """TensorRT options for `graph` ("encoder"/"denoiser"): those of the bundle's exported engines, or (no
+    engines exported) an engine cache in the bundle's trt_cache/ that ORT fills at the first load."""
+    trt = bundle.manifest.get("tensorrt")
+    if not trt:
+        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(bundle.path / "trt_cache")}
+    return ort_trt_options(bundle.path / trt.get("cache_dir", "trt_cache"), trt_profile_inputs(bundle.manifest)[graph],
+                           int(trt["max_batch"]), trt.get("precision") == "fp16")
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
-from dpkit.runtime.bundle import Bundle, load_bundle, validate_obs
+from dpkit.runtime.bundle import Bundle, bundle_trt_options, load_bundle, validate_obs
 from dpkit.runtime.sampling import StepPlan, draw_noise, run_reverse
 
 
@@ -58,11 +58,18 @@ class OrtPolicy:
         self.obs_keys = b.obs_keys
         if threads is None and os.environ.get("DPKIT_ORT_THREADS"):
             threads = int(os.environ["DPKIT_ORT_THREADS"])
-        self.encoder = make_session(b.graph_files["encoder"], providers, threads, spin)
-        self.denoiser = make_session(b.graph_files["denoiser"], providers, threads, spin)
+        self.encoder = make_session(b.graph_files["encoder"], self._providers(providers, "encoder"), threads, spin)
+        self.denoiser = make_session(b.graph_files["denoiser"], self._providers(providers, "denoiser"), threads, spin)
         self.providers = self.denoiser.get_providers()
         self._check_graph_io()
         self._plans: dict[str, StepPlan] = {}
+
+    def _providers(self, providers: list[Any] | None, graph: str) -> list[Any] | None:
+        """A bare "TensorrtExecutionProvider" gets the options that reuse the bundle's exported engines."""
+        if not providers:
+            return providers
+        return [("TensorrtExecutionProvider", bundle_trt_options(self.bundle, graph))
+                if p == "TensorrtExecutionProvider" else p for p in providers]
 
     def _check_graph_io(self) -> None:
         enc_in = [i.name for i in self.encoder.get_inputs()]

@@ -284,3 +284,21 @@ def test_failed_engine_build_leaves_no_partial_cache(tmp_path, bundles, monkeypa
     entry = trt.build_engines(b, manifest, 8, True)
     assert entry == {"cache_dir": "trt_cache", "max_batch": 8, "precision": "fp16", "route": "ort"}
     assert sorted(p.name for p in (b / "trt_cache").iterdir()) == ["denoiser.engine", "encoder.engine"]
+
+
+def test_ort_backend_reuses_exported_engines_options(bundles):
+    """A bare "TensorrtExecutionProvider" gets the exporter's cache folder, precision and batch profile."""
+    pol = load_policy(bundles["lowdim"], backend="ort", threads=1)
+    (name, opts), cuda = pol._providers(["TensorrtExecutionProvider", "CUDAExecutionProvider"], "denoiser")
+    assert (name, cuda) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+    assert opts == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(bundles["lowdim"] / "trt_cache")}
+    pol.bundle.manifest["tensorrt"] = {"cache_dir": "trt_cache", "max_batch": 16, "precision": "fp16", "route": "ort"}
+    (_, opts), _ = pol._providers(["TensorrtExecutionProvider", "CUDAExecutionProvider"], "denoiser")
+    c = pol.bundle.cond_dim
+    assert opts["trt_fp16_enable"] is True
+    assert (opts["trt_profile_min_shapes"], opts["trt_profile_opt_shapes"], opts["trt_profile_max_shapes"]) == (
+        f"sample:1x16x2,timestep:1,cond:1x{c}", f"sample:8x16x2,timestep:8,cond:8x{c}",
+        f"sample:16x16x2,timestep:16,cond:16x{c}")
+    (_, enc), = pol._providers(["TensorrtExecutionProvider"], "encoder")
+    assert enc["trt_profile_max_shapes"] == "obs:16x2x20"
+    assert pol._providers(["CPUExecutionProvider"], "encoder") == ["CPUExecutionProvider"]

@@ -23,7 +23,7 @@ const OrtRuntime& ort_runtime(const std::string& requested_library);
 
 // What the TensorRT provider needs to reuse the engines dpkit-export cached: the same cache folder,
 // precision and optimization profile ("name:1x2x20,..." for min/opt/max) the exporter used
-// (dpkit.export.tensorrt.ort_trt_options). Ignored for the other providers.
+// (dpkit.runtime.bundle.ort_trt_options). Ignored for the other providers.
 struct TrtSettings {
   std::string cache_dir;
   bool fp16 = false;

@@ -43,7 +43,7 @@ std::size_t first_non_finite(const float* p, std::size_t n) {
   return n;
 }
 
-// "name:BxD1xD2,..." for ORT's TensorRT profile options, batch first (dpkit.export.tensorrt.ort_trt_options).
+// "name:BxD1xD2,..." for ORT's TensorRT profile options, batch first (dpkit.runtime.bundle.ort_trt_options).
 std::string profile_shapes(const std::vector<std::pair<std::string, std::vector<int64_t>>>& inputs, int batch) {
   std::string s;
   for (const auto& [name, dims] : inputs) {
