@@ -103,6 +103,9 @@ def export_bundle(
         check_writable_file(json_path)
     if out.exists() and not force:  # before the slow part; atomic_dir checks again
         raise DpkitError(f"{out} already exists (use --force to replace it)")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        # --force replaces bundles, never a mistyped --out such as the training run itself
+        raise DpkitError(f"{out} exists and is not a bundle folder (no {MANIFEST}); --force only replaces bundles")
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise DpkitError(f"--opset must be in [{MIN_OPSET}, {onnx.defs.onnx_opset_version()}], got {opset}")
     t0 = time.perf_counter()

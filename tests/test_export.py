@@ -167,6 +167,10 @@ def test_cli_bad_input(tmp_path, runs, bundles, capsys):
     before = sha256_file(bundles["lowdim"] / "policy.json")
     code, err = _cli([str(runs["lowdim"]), "--out", str(bundles["lowdim"])], capsys)
     assert code == 1 and "--force" in err and sha256_file(bundles["lowdim"] / "policy.json") == before
+    # --force with --out naming the training run (not a bundle) is refused; the run stays.
+    n_files = len(list(runs["lowdim"].rglob("*")))
+    code, err = _cli([str(runs["lowdim"]), "--out", str(runs["lowdim"]), "--force"], capsys)
+    assert code == 1 and "is not a bundle folder" in err and len(list(runs["lowdim"].rglob("*"))) == n_files
 
     code, err = _cli([str(runs["lowdim"]), "--out", str(tmp_path / "o"), "--opset", "9"], capsys)
     assert code == 1 and "--opset" in err
