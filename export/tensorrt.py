@@ -21,9 +21,8 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.io import atomic_dir, atomic_write_bytes
+from dpkit.runtime.bundle import TRT_CACHE_DIR as CACHE_DIR
 from dpkit.runtime.bundle import ort_trt_options, trt_profile_inputs
-
-CACHE_DIR = "trt_cache"
 
 
 class TensorRTUnavailable(DpkitError):

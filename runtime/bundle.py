@@ -186,6 +186,10 @@ class Bundle:
         return traj[:, i : i + self.n_action_steps] * self.action_scale.astype(np.float32) + self.action_offset.astype(np.float32)
 
 
+# Where TensorRT engines live inside a bundle (the manifest's `tensorrt.cache_dir` as dpkit-export writes it).
+TRT_CACHE_DIR = "trt_cache"
+
+
 def trt_profile_inputs(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[int, ...]]]:
     """Per graph, per input: the shape without batch (batch is a TensorRT profile's only dynamic dim)."""
     to, h, a, c = manifest["n_obs_steps"], manifest["horizon"], manifest["action_dim"], manifest["cond_dim"]
@@ -217,8 +221,8 @@ def bundle_trt_options(bundle: "Bundle", graph: str) -> dict[str, Any]:
     engines exported) an engine cache in the bundle's trt_cache/ that ORT fills at the first load."""
     trt = bundle.manifest.get("tensorrt")
     if not trt:
-        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(bundle.path / "trt_cache")}
-    return ort_trt_options(bundle.path / trt.get("cache_dir", "trt_cache"), trt_profile_inputs(bundle.manifest)[graph],
+        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(bundle.path / TRT_CACHE_DIR)}
+    return ort_trt_options(bundle.path / trt.get("cache_dir", TRT_CACHE_DIR), trt_profile_inputs(bundle.manifest)[graph],
                            int(trt["max_batch"]), trt.get("precision") == "fp16")
 
 
