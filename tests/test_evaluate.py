@@ -12,7 +12,7 @@ pytest.importorskip("gym_pusht")
 
 from dpkit.errors import DpkitError  # noqa: E402
 from dpkit.runtime import evaluate, pusht  # noqa: E402
-from dpkit.runtime.evaluate import RandomPolicy, evaluate_policy  # noqa: E402
+from dpkit.eval.evaluate import RandomPolicy, evaluate_policy  # noqa: E402
 
 
 class TowardBlock:

@@ -99,7 +99,7 @@ def test_every_backend_samples_the_same_trajectory(trained, mode, sampler, steps
 
 
 def test_evaluation_agrees_across_backends(trained):
-    from dpkit.runtime.evaluate import evaluate_policy
+    from dpkit.eval.evaluate import evaluate_policy
 
     reports = {name: evaluate_policy(p, episodes=3, max_steps=24, progress=False, sampler="ddim", steps=10)
                for name, p in _policies(trained, "lowdim").items()}
@@ -112,7 +112,7 @@ def test_evaluation_agrees_across_backends(trained):
 
 
 def test_eval_cli_writes_json_for_cpp_bundle(trained, tmp_path):
-    from dpkit.runtime.evaluate import main as eval_main
+    from dpkit.eval.evaluate import main as eval_main
 
     out = tmp_path / "eval.json"
     with pytest.raises(SystemExit) as e:

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("gym_pusht")
 
 from dpkit.errors import DpkitError  # noqa: E402
-from dpkit.runtime import pusht  # noqa: E402
+from dpkit.eval import pusht  # noqa: E402
 
 DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "pusht" / "pusht_cchi_v7_replay.zarr.zip"
 

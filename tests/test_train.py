@@ -201,7 +201,7 @@ def test_image_mode_trains_and_reloads(tmp_path):
 
 
 def test_rollout_hook_keeps_best_checkpoint(store, tmp_path, monkeypatch):
-    import dpkit.runtime.evaluate as evaluate
+    import dpkit.eval.evaluate as evaluate
 
     scores = iter([0.3, 0.7, 0.5])
     seen = []
@@ -216,7 +216,7 @@ def test_rollout_hook_keeps_best_checkpoint(store, tmp_path, monkeypatch):
     run = tmp_path / "run"
     cfg = _cfg(store, "train.steps=3", "train.eval_every=1", "train.eval_episodes=2", "train.eval_max_steps=5",
                "policy.ddim_steps=2")
-    summary = train(cfg, run, progress=False)
+    summary = train(cfg, run, progress=False, rollout_eval=evaluate.rollout_evaluator(cfg))
     assert seen == [("lowdim", ("obs",), 2, 5)] * 3
     assert summary["best_score"] == 0.7
     best = ckpt_io.read_state(run / "checkpoints" / "best")

@@ -93,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         check_writable_file(args.json)
     from dpkit.train.trainer import train
 
-    summary = train(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
+    rollout_eval = None
+    if cfg.train.eval_every > 0:
+        # The CLI is where the stages meet: the trainer itself never imports the simulator.
+        try:
+            from dpkit.eval.evaluate import rollout_evaluator
+        except ImportError as e:
+            raise DpkitError(f"train.eval_every > 0 needs gym-pusht (pip install 'dpkit[eval]'): {e}") from None
+        rollout_eval = rollout_evaluator(cfg)
+    summary = train(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress,
+                    rollout_eval=rollout_eval)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -125,46 +125,13 @@ def validation_loss(policy: torch.nn.Module, ds: PushTDataset, batch_size: int, 
     return total / count
 
 
-class _RolloutPolicy:
-    """The in-training DiffusionPolicy seen through the runtime's policy protocol (numpy in and out)."""
-
-    backend = "torch (training)"
-
-    def __init__(self, policy: torch.nn.Module, cfg: Config):
-        self.policy = policy
-        self.obs_mode = cfg.policy.obs_mode
-        self.n_obs_steps = cfg.policy.n_obs_steps
-        self.n_action_steps = cfg.policy.n_action_steps
-        self.obs_keys = tuple(policy.obs_keys)
-        self.generator = None
-
-    def set_seed(self, seed: int) -> None:
-        device = next(self.policy.parameters()).device
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    @torch.no_grad()
-    def predict_action(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        actions = self.policy.predict_action(obs, sampler="ddim", generator=self.generator)
-        return actions.float().cpu().numpy()
-
-
-def _evaluate_rollouts(policy, cfg: Config) -> float:
-    from dpkit.runtime.evaluate import evaluate_policy
-
+def _score_rollouts(rollout_eval: Callable[[Any], float], policy: torch.nn.Module) -> float:
     was_training = policy.training
     policy.eval()
     try:
-        result = evaluate_policy(
-            _RolloutPolicy(policy, cfg), episodes=cfg.train.eval_episodes, max_steps=cfg.train.eval_max_steps, progress=False
-        )
+        return float(rollout_eval(policy))
     finally:
         policy.train(was_training)
-    if isinstance(result, dict):
-        for key in ("score", "mean_score"):
-            if key in result:
-                return float(result[key])
-        raise DpkitError("evaluate_policy returned no 'score'")
-    return float(result)
 
 
 def _has_accelerator() -> bool:
@@ -248,23 +215,25 @@ def train(
     force: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    rollout_eval: Callable[[Any], float] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `run_dir` (checkpoints/, metrics.jsonl, train_summary.json); return the summary.
 
     Runs in every process of a `torchrun` launch; only the main process writes files. `stop_after`
     ends the run early at that step with a checkpoint, as an interruption would (the LR schedule still
     spans `cfg.train.steps`), so a later `resume=True` continues it.
+
+    `rollout_eval(policy) -> score` scores the EMA policy every `train.eval_every` steps (the trainer does
+    not know the simulator: `dpkit-train` passes `dpkit.eval.evaluate.rollout_evaluator(cfg)`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     t = cfg.train
     run_dir = Path(run_dir)
-    if t.eval_every > 0:
-        try:
-            from dpkit.runtime.evaluate import evaluate_policy  # noqa: F401
-        except ImportError as e:
-            raise DpkitError(f"train.eval_every > 0 needs dpkit.runtime.evaluate (gym-pusht): {e}") from None
+    if t.eval_every > 0 and rollout_eval is None:
+        raise DpkitError("train.eval_every > 0 needs a rollout evaluator (dpkit-train passes the gym-pusht one; "
+                         "from Python: train(..., rollout_eval=dpkit.eval.evaluate.rollout_evaluator(cfg)))")
 
     acc = Accelerator(
         mixed_precision=t.mixed_precision,
@@ -275,7 +244,8 @@ def train(
     try:
         resume_from = _check_run_dir(run_dir, resume, force)
         end = t.steps if stop_after is None else min(stop_after, t.steps)
-        return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None)
+        return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None,
+                      rollout_eval=rollout_eval)
     finally:
         acc.end_training()
         # Let a later train() in the same process build an Accelerator with other settings.
@@ -292,7 +262,7 @@ def _clear_run(run_dir: Path) -> None:
 
 
 def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int,
-           replace: bool = False) -> dict[str, Any]:
+           replace: bool = False, rollout_eval: Callable[[Any], float] | None = None) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -450,7 +420,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
             t0 = time.perf_counter()
             if main:
                 if evaluate_now:
-                    score = _evaluate_rollouts(eval_policy, cfg)
+                    score = _score_rollouts(rollout_eval, eval_policy)
                     best = score > best_score
                     best_score = max(best_score, score)
                     metrics.log({"step": step, "score": score, "best_score": best_score})

@@ -29,7 +29,8 @@ import numpy as np
 
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_dir, check_writable_file
-from dpkit.runtime import BACKENDS, pusht
+from dpkit.eval import pusht
+from dpkit.runtime import BACKENDS
 
 OBS_KEYS = {"image": ("image", "agent_pos"), "lowdim": ("obs",)}
 """The observations each mode gives a policy (bundle-format.md: the encoder's inputs)."""
@@ -262,6 +263,20 @@ def evaluate_policy(
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
+
+
+def rollout_evaluator(cfg: Any) -> Any:
+    """`score(policy) -> float` for the trainer: an in-memory DiffusionPolicy scored with this protocol
+    (`train.eval_episodes` legacy seeds, `train.eval_max_steps` steps, the default sampler), through the
+    same "torch" backend `dpkit-eval --checkpoint` uses."""
+    from dpkit.runtime.torch_policy import TorchPolicy
+
+    def score(policy: Any) -> float:
+        report = evaluate_policy(TorchPolicy(policy=policy), episodes=cfg.train.eval_episodes,
+                                 max_steps=cfg.train.eval_max_steps, progress=False)
+        return float(report["score"])
+
+    return score
 
 
 class _ArgumentParser(argparse.ArgumentParser):

@@ -1,6 +1,6 @@
 """The PushT environment as the original Diffusion Policy evaluation saw it, on top of gym-pusht.
 
-    from dpkit.runtime.pusht import make_env, reset_legacy, observe
+    from dpkit.eval.pusht import make_env, reset_legacy, observe
     env = make_env("lowdim")
     raw = reset_legacy(env, 100000)           # the original protocol's first test start state
     step_obs = observe(env, "lowdim", raw)    # {"obs": (20,) float32}: 9 keypoints + agent x, y
@@ -41,7 +41,7 @@ GOAL_POSE = (256.0, 256.0, np.pi / 4)
 # top edge of the T's bar; the stem points along +y). Derived by `derive_block_keypoints` from the real
 # dataset (data/state + data/keypoint, all 25,650 steps): mean residual 0.003 px, max 2.17 px (a few
 # hundred recorded keypoints are off by up to 2 px; the rest agree to < 0.1 px).
-# `python -m dpkit.runtime.pusht --derive-keypoints DATASET` reprints them; a dataset test re-derives them.
+# `python -m dpkit.eval.pusht --derive-keypoints DATASET` reprints them; a dataset test re-derives them.
 BLOCK_KEYPOINTS_LOCAL = np.array(
     [
         [9.2695, 90.0411],
@@ -254,7 +254,7 @@ def load_dataset_keypoints(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 @cli_entry
 def _main() -> None:
-    """`python -m dpkit.runtime.pusht --derive-keypoints DATASET`: re-derive BLOCK_KEYPOINTS_LOCAL."""
+    """`python -m dpkit.eval.pusht --derive-keypoints DATASET`: re-derive BLOCK_KEYPOINTS_LOCAL."""
     import argparse
 
     p = argparse.ArgumentParser(description=_main.__doc__)
