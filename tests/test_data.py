@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +200,78 @@ def test_real_dataset():
     s = train[len(train) // 2]
     assert s["obs"]["obs"].shape == (2, 20) and s["action"].shape == (16, 2)
     assert 0 < replay.action.min() and replay.action.max() < 520
+
+
+# --------------------------------------------------------------------------------------------------
+# Damaged stores: one DpkitError line naming the dataset, the array and the chunk
+
+
+def _damage_chunk(store: Path, key: str, chunk: str) -> None:
+    """Invert the compressed bytes of one chunk file (its 16-byte Blosc header is kept)."""
+    f = store / key / chunk
+    raw = bytearray(f.read_bytes())
+    raw[16:] = bytes(b ^ 0xFF for b in raw[16:])
+    f.write_bytes(bytes(raw))
+
+
+def _flip_byte_in_zip_member(zip_path: Path, member: str) -> None:
+    """Flip one byte of a stored member's data, so only its CRC-32 check can notice."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo(member)
+    raw = bytearray(zip_path.read_bytes())
+    name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
+    data_start = info.header_offset + 30 + name_len + extra_len
+    assert info.compress_type == zipfile.ZIP_STORED and info.compress_size > 20
+    raw[data_start + info.compress_size // 2] ^= 0xFF
+    zip_path.write_bytes(bytes(raw))
+
+
+def _damaged_stores(store: Path, tmp_path: Path) -> dict[str, tuple[Path, str, str]]:
+    """name -> (store path, obs_mode, the message loading it must give)."""
+    chunk = _copy_store(store, tmp_path / "chunk.zarr")
+    _damage_chunk(chunk, "data/action", "1.0")
+    img = _copy_store(store, tmp_path / "img.zarr")
+    _damage_chunk(img, "data/img", "2.0.0.0")
+    crc = make_synthetic_pusht(tmp_path / "crc.zarr.zip", lengths=[12, 20, 7, 15], with_images=False, zip=True)
+    _flip_byte_in_zip_member(crc, "data/state/0.0")
+    truncated = make_synthetic_pusht(tmp_path / "cut.zarr.zip", lengths=[12, 20, 7, 15], with_images=False, zip=True)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    meta = _copy_store(store, tmp_path / "meta.zarr")
+    (meta / "data" / "keypoint" / ".zarray").write_text("{not json")
+    return {
+        "chunk": (chunk, "lowdim", r"dataset .*chunk\.zarr: cannot read data/action \(chunk 1\.0\): RuntimeError: .*blosc"),
+        "image chunk": (img, "image", r"dataset .*img\.zarr: cannot read data/img \(chunk 2\.0\.0\.0\): "),
+        "bad CRC": (crc, "lowdim", r"dataset .*crc\.zarr\.zip: cannot read data/state \(chunk 0\.0\): BadZipFile: Bad CRC-32"),
+        "truncated zip": (truncated, "lowdim", r"cannot open .*cut\.zarr\.zip as a zarr store: BadZipFile"),
+        "bad metadata": (meta, "lowdim", r"dataset .*meta\.zarr: cannot open data/keypoint: JSONDecodeError"),
+    }
+
+
+def test_damaged_stores_give_one_clear_error(store, tmp_path):
+    for name, (path, mode, message) in _damaged_stores(store, tmp_path).items():
+        with pytest.raises(DpkitError, match=message) as e:
+            load_replay(path, mode)
+        assert "\n" not in str(e.value) and len(str(e.value)) < 400, name
+
+
+def test_damaged_stores_through_dpkit_train(store, tmp_path, capsys):
+    from dpkit.train.cli import main
+
+    cases = {name: (path, message) for name, (path, mode, message) in _damaged_stores(store, tmp_path).items() if mode == "lowdim"}
+    not_a_store = tmp_path / "notes"
+    not_a_store.mkdir()
+    (not_a_store / "readme.txt").write_text("no zarr here")
+    cases["not a store"] = (not_a_store, r"notes is not a \.zarr folder, a \.zarr\.zip, or a folder containing one")
+    junk = tmp_path / "junk.zarr"
+    junk.mkdir()
+    (junk / "readme.txt").write_text("no zarr here")
+    cases["junk .zarr"] = (junk, r"cannot open .*junk\.zarr as a zarr store")
+    for name, (path, message) in cases.items():
+        with pytest.raises(SystemExit) as e:
+            main(["--config", "tiny", "--data", str(path), "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 1, name
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), (name, err)

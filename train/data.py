@@ -123,7 +123,14 @@ def _open_group(path: Path):
             return zarr.open_group(store, mode="r")
         return zarr.open_group(str(path), mode="r")
     except Exception as e:  # zarr raises several types for "not a zarr store"
-        raise DpkitError(f"cannot open {path} as a zarr store: {type(e).__name__}: {e}") from None
+        raise DpkitError(f"cannot open {path} as a zarr store: {_cause(e)}") from None
+
+
+def _cause(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _array(group, key: str, path: Path):
@@ -131,14 +138,43 @@ def _array(group, key: str, path: Path):
         return group[key]
     except KeyError:
         raise DpkitError(f"{path}: array {key!r} is missing (expected the PushT replay layout)") from None
+    except Exception as e:  # damaged metadata (.zarray), a bad CRC in a zip member
+        raise DpkitError(f"dataset {path}: cannot open {key}: {_cause(e)}") from None
 
 
-def _images_uint8(arr, n: int) -> np.ndarray:
+def _chunk_key(arr, coords: tuple[int, ...]) -> str:
+    try:
+        return arr.metadata.encode_chunk_key(coords)  # zarr 3 ("0.0" for the replay's zarr 2 arrays)
+    except AttributeError:
+        return ".".join(map(str, coords))
+
+
+def _read(arr, key: str, path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Steps start:stop of `arr` as numpy. A damaged chunk (bad compressed bytes, a bad CRC in a zip)
+    becomes one DpkitError naming the dataset, the array and the first chunk that fails on its own."""
+    stop = arr.shape[0] if stop is None else stop
+    try:
+        return np.asarray(arr[start:stop])
+    except Exception as e:
+        cause, where = e, ""
+        rows = max(int(arr.chunks[0]), 1)
+        first, last = start // rows, max(stop - 1, start) // rows
+        for c in np.ndindex(last - first + 1, *arr.cdata_shape[1:]):
+            coords = (first + c[0], *c[1:])
+            try:
+                arr.get_block_selection(coords)
+            except Exception as chunk_error:
+                cause, where = chunk_error, f" (chunk {_chunk_key(arr, coords)})"
+                break
+        raise DpkitError(f"dataset {path}: cannot read {key}{where}: {_cause(cause)} (damaged? replace the dataset)") from None
+
+
+def _images_uint8(arr, n: int, path: Path) -> np.ndarray:
     """Stored as float32 0-255 (2.8 GB for the real replay): convert one chunk at a time."""
     out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     step = max(int(arr.chunks[0]), 1)
     for s in range(0, n, step):
-        block = np.asarray(arr[s : min(s + step, n)])
+        block = _read(arr, "data/img", path, s, min(s + step, n))
         if block.dtype == np.uint8:
             out[s : s + len(block)] = block
         else:
@@ -150,7 +186,7 @@ def load_replay(path: str | os.PathLike, obs_mode: str) -> Replay:
     """Read and validate the arrays `obs_mode` needs ("image" or "lowdim")."""
     path = Path(path)
     group = _open_group(path)
-    ends = np.asarray(_array(group, "meta/episode_ends", path)[:]).astype(np.int64)
+    ends = _read(_array(group, "meta/episode_ends", path), "meta/episode_ends", path).astype(np.int64)
     if ends.ndim != 1 or len(ends) == 0:
         raise DpkitError(f"{path}: meta/episode_ends must be a non-empty 1-D array, got shape {ends.shape}")
     if ends[0] <= 0 or np.any(np.diff(ends) <= 0):
@@ -167,16 +203,16 @@ def load_replay(path: str | os.PathLike, obs_mode: str) -> Replay:
             )
         return arr
 
-    action = np.asarray(read("data/action", (2,))[:], dtype=np.float32)
-    state = np.asarray(read("data/state", (5,))[:], dtype=np.float32)
+    action = _read(read("data/action", (2,)), "data/action", path).astype(np.float32, copy=False)
+    state = _read(read("data/state", (5,)), "data/state", path).astype(np.float32, copy=False)
     agent_pos = np.ascontiguousarray(state[:, :2])
     lowdim = image = None
     if obs_mode == "lowdim":
-        kp = np.asarray(read("data/keypoint", (9, 2))[:], dtype=np.float32)
+        kp = _read(read("data/keypoint", (9, 2)), "data/keypoint", path).astype(np.float32, copy=False)
         lowdim = np.concatenate([kp.reshape(n, 18), agent_pos], axis=1)
         assert lowdim.shape[1] == LOWDIM_OBS_DIM
     elif obs_mode == "image":
-        image = _images_uint8(read("data/img", (IMAGE_SIZE, IMAGE_SIZE, 3)), n)
+        image = _images_uint8(read("data/img", (IMAGE_SIZE, IMAGE_SIZE, 3)), n, path)
     else:
         raise DpkitError(f"unknown obs_mode {obs_mode!r}")
     for name, a in (("data/action", action), ("data/state", state), ("data/keypoint", lowdim)):
