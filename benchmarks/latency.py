@@ -19,12 +19,8 @@ Results go to `--out-dir` (default benchmarks/results/) as latency.json, latency
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import hashlib
 import io
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,7 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-import dpkit
+from dpkit.benchmarks.machine import latency_stats, machine_info, time_calls, usable_cores
+from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_obs
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
 
@@ -51,7 +48,6 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 DEFAULT_SAMPLERS = ("ddpm-100", "ddim-10")
-SEED = 0
 
 
 @dataclass
@@ -73,288 +69,6 @@ class Settings:
     def __post_init__(self) -> None:
         if self.threads <= 0:
             self.threads = usable_cores()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def latency_stats(samples_s: list[float] | np.ndarray) -> dict[str, float]:
-    """p50/p90/p99/mean/min/max in milliseconds of chunk times in seconds (linear-interpolated percentiles).
-
-    With fewer than ~100 samples p99 is close to the maximum: rows record `n` so readers can tell.
-    """
-    x = np.asarray(samples_s, dtype=np.float64) * 1e3
-    if x.size == 0 or not np.all(np.isfinite(x)):
-        raise DpkitError("latency_stats needs at least one finite sample")
-    p50, p90, p99 = np.percentile(x, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(x.mean()),
-            "min_ms": float(x.min()), "max_ms": float(x.max()), "n": int(x.size)}
-
-
-def time_calls(fn: Callable[[], Any], repeats: int, warmup: int, budget_s: float = float("inf"),
-               min_repeats: int = 1, sync: Callable[[], None] | None = None) -> list[float]:
-    """Wall time of each of up to `repeats` calls after `warmup` untimed ones; stops early past `budget_s`."""
-    sync = sync or (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < repeats:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= min_repeats and time.perf_counter() - start > budget_s:
-            break
-    return times
-
-
-# --------------------------------------------------------------------------- machine
-
-
-def measure_gemm_gflops(threads: int, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """Best-of-`repeats` fp32 n x n matrix product throughput (GFLOP/s, 2 n^3 FLOPs each)."""
-    try:
-        import torch
-    except ImportError:  # runtime-only install: numpy's BLAS (its own thread count)
-        a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-        a @ a
-        best = min(_timed(lambda: a @ a) for _ in range(repeats))
-        return 2 * n**3 / best / 1e9
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        a = torch.randn(n, n, device=device)
-        b = torch.randn(n, n, device=device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        torch.mm(a, b)
-        sync()
-
-        def one():
-            torch.mm(a, b)
-            sync()
-
-        best = min(_timed(one) for _ in range(repeats))
-    finally:
-        torch.set_num_threads(old)
-    return 2 * n**3 / best / 1e9
-
-
-def measure_mem_gbps(mbytes: int = 256, repeats: int = 5) -> float:
-    """Best-of-`repeats` large array copy, counting bytes read + written (GB/s)."""
-    src = np.ones(mbytes * 2**20 // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # touch the pages first
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
-    return 2 * src.nbytes / best / 1e9
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_features() -> list[str]:
-    """The SIMD extensions that decide fp32/bf16 GEMM speed, as the kernel reports them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in flags]
-
-
-def machine_info(threads: int, quick: bool) -> dict[str, Any]:
-    """Versions, CPU, and the two roofline numbers: fp32 GEMM GFLOP/s and memory GB/s."""
-    info: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cpu_features": cpu_features(),
-        "cores": usable_cores(),
-        "threads": threads,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "dpkit": dpkit.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        # Other jobs on the machine slow every number: the 1-minute load average says how busy it was.
-        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:
-        info["torch"] = None
-        info["cuda"] = None
-    try:
-        import onnxruntime as ort
-
-        info["onnxruntime"] = ort.__version__
-        info["ort_providers"] = list(ort.get_available_providers())
-    except ImportError:
-        info["onnxruntime"] = None
-        info["ort_providers"] = []
-    info["gemm_n"] = 1024 if quick else 2048
-    info["gemm_fp32_gflops"] = round(measure_gemm_gflops(threads, n=info["gemm_n"]), 1)
-    info["mem_gbps"] = round(measure_mem_gbps(64 if quick else 256), 1)
-    if info["cuda"]:
-        info["gpu_gemm_fp32_gflops"] = round(measure_gemm_gflops(threads, n=4096, device="cuda"), 1)
-    return info
-
-
-# --------------------------------------------------------------------------- models
-
-
-@dataclass
-class ModelArtifacts:
-    name: str
-    checkpoint: Path
-    bundle: Path | None
-    bundle_error: str | None
-    params: int
-    encoder_flops: int  # per sample
-    denoiser_flops: int  # per sample, one call
-    obs_spec: list[dict[str, Any]]
-    n_obs_steps: int
-    horizon: int
-    action_dim: int
-
-    def chunk_flops(self, batch: int, steps: int) -> int:
-        return batch * (self.encoder_flops + steps * self.denoiser_flops)
-
-
-def synthetic_normalizer(policy_cfg):
-    """Min-max statistics spanning the PushT table: actions, agent position and keypoints in [0, 512] px."""
-    from dpkit.train.config import LOWDIM_OBS_DIM
-    from dpkit.train.normalizer import Normalizer
-
-    def span(dim: int) -> np.ndarray:
-        return np.array([[0.0] * dim, [512.0] * dim])
-
-    data = {"action": span(policy_cfg.action_dim)}
-    if policy_cfg.obs_mode == "image":
-        data["agent_pos"] = span(2)
-    else:
-        data["obs"] = span(LOWDIM_OBS_DIM)
-    return Normalizer.fit(data)
-
-
-def count_flops(policy) -> tuple[int, int]:
-    """(encoder FLOPs, one denoiser call's FLOPs) per sample, counted at batch 1 (both are linear in batch)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    cfg = policy.cfg
-    obs = policy.example_obs(1)
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as enc:
-            cond = policy.encoder(*[obs[k] for k in policy.obs_keys])
-        x = torch.zeros(1, cfg.horizon, cfg.action_dim)
-        t = torch.zeros(1, dtype=torch.int64)
-        with FlopCounterMode(display=False) as den:
-            policy.denoiser(x, t, cond)
-    return int(enc.get_total_flops()), int(den.get_total_flops())
-
-
-def _export_bundle(checkpoint: Path, out: Path, log: Callable[[str], None]) -> None:
-    """Export (and parity-verify) through the export stage, the only writer of bundles."""
-    try:
-        from dpkit.export.cli import export_bundle
-    except ImportError as e:
-        raise DpkitError(f"the export stage is not importable ({e})") from None
-    lines: list[str] = []
-    try:
-        export_bundle(checkpoint, out, force=True, log=lines.append)
-    except DpkitError:
-        for line in lines:  # its parity table explains a failure
-            log(line)
-        raise
-
-
-def _exporter_digest() -> str:
-    """Hash of the export stage's source: a changed exporter makes new cached bundles, never stale ones."""
-    import dpkit.export
-
-    h = hashlib.sha256()
-    for f in sorted(Path(dpkit.export.__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def prepare_model(name: str, cache_dir: Path, log: Callable[[str], None] = print,
-                  need_bundle: bool = True) -> ModelArtifacts:
-    """Checkpoint + bundle of config `name` with random weights, built once per config in `cache_dir`.
-
-    A bundle that fails to export is recorded (the torch backend still runs); the "ort"/"cpp" rows of
-    that model are then skipped with the reason. `need_bundle=False` (torch rows only) skips the export.
-    """
-    import torch
-
-    from dpkit.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
-    from dpkit.train.config import load_config
-    from dpkit.train.policy import DiffusionPolicy
-
-    cfg = load_config(name)
-    key = hashlib.sha256(json.dumps([cfg.to_dict(), dpkit.__version__, SEED, _exporter_digest()],
-                                    sort_keys=True).encode()).hexdigest()[:12]
-    root = cache_dir / f"{name}-{key}"
-    run_dir, bundle_dir = root / "run", root / "bundle"
-    try:
-        ckpt = resolve_checkpoint(run_dir)
-        policy, _ = load_checkpoint(ckpt)
-    except DpkitError:
-        log(f"[{name}] building a random-weight checkpoint in {run_dir}")
-        torch.manual_seed(SEED)
-        policy = DiffusionPolicy(cfg.policy, synthetic_normalizer(cfg.policy)).eval()
-        state = {"config": cfg.to_dict(), "normalizer": policy.normalizer.to_dict(), "epoch": 0,
-                 "note": "random weights for dpkit-bench"}
-        ckpt = save_checkpoint(run_dir, 0, model=policy, ema_model=policy, state=state, keep=1)
-    bundle_error = None if need_bundle else "not needed (no bundle backend requested)"
-    if need_bundle and not (bundle_dir / "policy.json").is_file():
-        log(f"[{name}] exporting the bundle to {bundle_dir}")
-        try:
-            _export_bundle(ckpt, bundle_dir, log)
-        except DpkitError as e:
-            bundle_error = f"export failed: {e}"
-        except Exception as e:  # an export bug must not take the torch rows down with it
-            bundle_error = f"export failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    enc_flops, den_flops = count_flops(policy)
-    return ModelArtifacts(
-        name=name, checkpoint=Path(ckpt), bundle=None if bundle_error else bundle_dir, bundle_error=bundle_error,
-        params=policy.num_parameters(), encoder_flops=enc_flops, denoiser_flops=den_flops,
-        obs_spec=policy.observation_spec(), n_obs_steps=cfg.policy.n_obs_steps, horizon=cfg.policy.horizon,
-        action_dim=cfg.policy.action_dim,
-    )
-
-
-def random_obs(model: ModelArtifacts, batch: int, seed: int = SEED) -> dict[str, np.ndarray]:
-    """Observations in the environment's ranges (images in [0, 1], positions in pixels)."""
-    rng = np.random.default_rng(seed)
-    obs = {}
-    for o in model.obs_spec:
-        hi = 1.0 if o["name"] == "image" else 512.0
-        obs[o["name"]] = (rng.random((batch, model.n_obs_steps, *o["shape"])) * hi).astype(np.float32)
-    return obs
 
 
 # --------------------------------------------------------------------------- backends
@@ -776,6 +490,19 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
     return s
 
 
+def check_measured(result: dict[str, Any]) -> None:
+    """A requested sampler with no chunk row in any backend is an error (e.g. `ddim-7` that no bundle lists),
+    not an empty table with exit 0. Nothing is written then; the skip reasons say why."""
+    measured = {f"{r['sampler']}-{r['steps']}" for r in result["rows"] if r["kind"] == "chunk"}
+    missing = [name for name in result["settings"]["samplers"] if name not in measured]
+    if missing:
+        reasons = sorted({s["reason"] for s in result["skipped"]
+                          if s.get("sampler") in missing or s.get("sampler") is None})
+        raise DpkitError(f"nothing was measured for {', '.join(missing)}"
+                         + (f": {reasons[0]}" + (f" (and {len(reasons) - 1} more reasons)" if len(reasons) > 1 else "")
+                            if reasons else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpkit-bench", description="Per-chunk latency of every dpkit backend.")
     p.add_argument("--quick", action="store_true", help="about a minute on 2 cores: tiny + pusht_lowdim, batch 1 and 4")
@@ -806,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json is not None:
         check_writable_file(a.json)
     result = run_benchmark(s, Path(a.cache_dir), progress=not a.no_progress)
+    check_measured(result)
     result["command"] = "dpkit-bench " + " ".join(sys.argv[1:] if argv is None else argv)
     paths = write_results(result, out_dir, a.json)
     print(markdown_report(result))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import inspect
 import os
 import sys
 import time
@@ -39,18 +38,20 @@ MAX_ENVS = 50
 
 
 class Policy(Protocol):
-    """What evaluation needs from a policy (every `dpkit.runtime.load_policy` backend provides it).
+    """What evaluation needs from a policy: the runtime's backend interface (dpkit.runtime.backend).
 
-    Optional: `backend` (a name for the report); keyword arguments `seed` (the evaluation passes one per
-    chunk, so sampling noise and with it the result are reproducible), `sampler` and `steps` (K).
+    Every `dpkit.runtime.load_policy` backend and `RandomPolicy` provide it. The evaluation passes
+    `sampler`, `steps` and a `seed` per chunk, so sampling noise and with it the result are reproducible.
     """
 
+    backend: str
     obs_mode: str
     n_obs_steps: int
     n_action_steps: int
     obs_keys: Sequence[str]
 
-    def predict_action(self, obs: dict[str, np.ndarray], **options: Any) -> np.ndarray:
+    def predict_action(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None, *,
+                       seed: int | None = None) -> np.ndarray:
         """obs: {key: (B, To, ...)} float32 -> absolute targets (B, Ta, 2) in pixels."""
         ...
 
@@ -59,6 +60,7 @@ class RandomPolicy:
     """The baseline: every action an independent uniform target in [0, 512]^2."""
 
     backend = "random"
+    max_batch = None
 
     def __init__(self, obs_mode: str = "lowdim", n_obs_steps: int = 2, n_action_steps: int = 8):
         if obs_mode not in OBS_KEYS:
@@ -68,7 +70,9 @@ class RandomPolicy:
         self.n_action_steps = n_action_steps
         self.obs_keys = OBS_KEYS[obs_mode]
 
-    def predict_action(self, obs: dict[str, np.ndarray], seed: int | None = None) -> np.ndarray:
+    def predict_action(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None, *,
+                       seed: int | None = None) -> np.ndarray:
+        """Uniform targets; `sampler` and `steps` are accepted and mean nothing here."""
         batch = len(obs[self.obs_keys[0]])
         return np.random.default_rng(seed).uniform(0.0, 512.0, size=(batch, self.n_action_steps, 2))
 
@@ -97,20 +101,6 @@ def _check_policy(policy: Any) -> None:
         )
     if int(policy.n_obs_steps) < 1 or int(policy.n_action_steps) < 1:
         raise DpkitError(f"policy needs n_obs_steps >= 1 and n_action_steps >= 1, has {policy.n_obs_steps}, {policy.n_action_steps}")
-
-
-def _call_options(policy: Any, sampler: str | None, steps: int | None) -> tuple[dict[str, Any], bool]:
-    """predict_action keyword arguments for `sampler`/`steps`, and whether it takes a `seed`."""
-    try:
-        params = inspect.signature(policy.predict_action).parameters
-    except (TypeError, ValueError):  # e.g. a C++ method without a signature: assume the common interface
-        params = {}
-    takes_any = not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    options = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
-    for name in options:
-        if not (takes_any or name in params):
-            raise DpkitError(f"policy {type(policy).__name__} does not take a {name!r} option")
-    return options, takes_any or "seed" in params
 
 
 def _start(env: Any, policy: Any, index: int, seed: int, record: bool) -> _Episode:
@@ -164,7 +154,7 @@ def evaluate_policy(
         raise DpkitError(f"seed_start must be in [0, 2**32 - episodes), got {seed_start}")
     n_envs = min(episodes, MAX_ENVS) if n_envs is None else min(int(n_envs), episodes)
     # A backend with preallocated buffers (cpp) takes at most `max_batch` environments per call.
-    n_envs = min(n_envs, getattr(policy, "max_batch", n_envs))
+    n_envs = min(n_envs, getattr(policy, "max_batch", None) or n_envs)
     if n_envs < 1:
         raise DpkitError(f"n_envs must be >= 1, got {n_envs}")
     video_dir = Path(video_dir) if video_dir is not None else None
@@ -173,7 +163,6 @@ def evaluate_policy(
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    options, takes_seed = _call_options(policy, sampler, steps)
     mode, to, ta = policy.obs_mode, int(policy.n_obs_steps), int(policy.n_action_steps)
     envs = [pusht.make_env(mode) for _ in range(n_envs)]
     pending = collections.deque(range(episodes))
@@ -194,10 +183,9 @@ def evaluate_policy(
                 k: np.stack([np.stack(running[s].history[k]) for s in slots]).astype(np.float32, copy=False)
                 for k in OBS_KEYS[mode]
             }
-            if takes_seed:
-                options["seed"] = int(np.random.SeedSequence([sample_seed, len(latencies)]).generate_state(1)[0])
+            chunk_seed = int(np.random.SeedSequence([sample_seed, len(latencies)]).generate_state(1)[0])
             t0 = time.perf_counter()
-            actions = np.asarray(policy.predict_action(obs, **options))
+            actions = np.asarray(policy.predict_action(obs, sampler, steps, seed=chunk_seed))
             latencies.append(time.perf_counter() - t0)
             if actions.ndim != 3 or actions.shape[0] != len(slots) or actions.shape[1] < ta or actions.shape[2] != 2:
                 raise DpkitError(f"policy returned actions of shape {actions.shape}, expected ({len(slots)}, {ta}, 2)")

@@ -18,12 +18,13 @@ import glob
 import os
 from pathlib import Path
 
+import numbers
+
 import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.runtime import _core
-from dpkit.runtime.bundle import load_bundle
-from dpkit.runtime.sampling import draw_noise
+from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
 
 
 def onnxruntime_library() -> str:
@@ -41,67 +42,46 @@ def onnxruntime_library() -> str:
     return found[0]
 
 
-class CppPolicy:
+class CppPolicy(PolicyBackend):
     backend = "cpp"
+    draws_own_noise = True  # no seed and nothing injected: the C++ generator draws, allocation-free
+    checks_obs_values = True  # shapes, batch and NaN/Inf are checked in C++
 
     def __init__(self, bundle_dir: str | Path, provider: str = "cpu", threads: int = 2, max_batch: int = 8,
                  seed: int = 0, verify_sha256: bool = True, device_id: int = 0, allow_spinning: bool = True):
         """Load the bundle. `threads`: ONNX Runtime intra-op threads; `max_batch`: largest batch `sample`
         takes (buffers are preallocated for it); `seed`: the noise generator used when no seed/noise is given.
         """
+        for name, value in (("threads", threads), ("max_batch", max_batch), ("seed", seed), ("device_id", device_id)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise DpkitError(f"{name} must be an integer, got {value!r}")
         self._policy = _core.Policy(str(bundle_dir), provider=provider, threads=int(threads),
                                     max_batch=int(max_batch), seed=int(seed), ort_library=onnxruntime_library(),
                                     verify_sha256=verify_sha256, device_id=int(device_id),
                                     allow_spinning=allow_spinning)
-        # C++ validated the bundle (and its sha256); the manifest is read in Python too (cheap, no hashing)
-        # so that sampler selection follows exactly the rule of the other backends.
-        self.bundle = load_bundle(bundle_dir, verify_sha256=False)
+        # C++ read and validated policy.json; everything Python needs comes from what it reports.
         info = self._policy.info
         self.info = info
-        self.obs_mode = info["obs_mode"]
-        self.n_obs_steps = info["n_obs_steps"]
-        self.horizon = info["horizon"]
-        self.n_action_steps = info["n_action_steps"]
-        self.action_dim = info["action_dim"]
-        self.obs_keys = tuple(name for name, _ in info["observations"])
+        observations = tuple({"name": name, "shape": list(shape), "dtype": "float32"}
+                             for name, shape in info["observations"])
+        super().__init__(PolicySpec(info["obs_mode"], info["n_obs_steps"], info["horizon"], info["n_action_steps"],
+                                    info["action_dim"], info["first_action_index"], observations,
+                                    np.asarray(info["action_scale"]), np.asarray(info["action_offset"])))
         self.max_batch = info["max_batch"]
         self.provider = info["provider"]
         self.ort_version = info["ort_version"]
-        self._index = {name: i for i, (name, _, _) in enumerate(info["samplers"])}
+        self._last_actions: np.ndarray | None = None
 
-    def _run(self, obs: dict[str, np.ndarray], sampler: str | None, steps: int | None,
-             initial_noise: np.ndarray | None, step_noise: np.ndarray | None, seed: int | None):
-        if not isinstance(obs, dict) or set(obs) != set(self.obs_keys):
-            got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
-            raise _core.InputError(f"obs keys {got} do not match the policy's {list(self.obs_keys)}")
-        spec = self.bundle.schedule.find(sampler, steps)
-        arrays = [np.asarray(obs[k]) for k in self.obs_keys]
-        for k, a in zip(self.obs_keys, arrays):
-            if a.dtype.kind not in "fiu":
-                raise _core.InputError(f"observation '{k}' has dtype {a.dtype}, expected float32 (or another real number type)")
-        if seed is not None and (initial_noise is None or (spec.sampler == "ddpm" and step_noise is None)):
-            # A Python-level seed means the same noise as the "torch"/"ort" backends (numpy's generator,
-            # fixed draw order), so backends given one seed give the same trajectories; C++ only samples.
-            batch = arrays[0].shape[0] if getattr(arrays[0], "ndim", 0) else 0
-            initial_noise, step_noise = draw_noise((batch, self.horizon, self.action_dim),
-                                                   spec.num_inference_steps, spec.sampler == "ddpm",
-                                                   initial_noise, step_noise, seed)
-        return self._policy.sample(arrays, self._index[spec.name], initial_noise, step_noise)
+    def _find(self, sampler: str | None, steps: int | None) -> SamplerChoice:
+        h = self._policy.find_sampler(sampler, steps)
+        return SamplerChoice(h.name, h.sampler, h.num_inference_steps, h.uses_step_noise, h)
+
+    def _run(self, arrays, batch, choice, initial_noise, step_noise) -> np.ndarray:
+        traj, _ = self._policy.sample(list(arrays.values()), choice.handle, initial_noise, step_noise)
+        return traj
 
     @property
     def last_timing(self) -> dict[str, float]:
         """Where the last call's time went, measured in C++ (ms): `total_ms`, `encoder_ms`, `denoiser_ms`
         (all K runs), `loop_ms` (the rest: checks, copies, noise, step arithmetic) and `steps`."""
         return self._policy.last_timing
-
-    def sample(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None,
-               initial_noise: np.ndarray | None = None, step_noise: np.ndarray | None = None,
-               seed: int | None = None) -> np.ndarray:
-        """(B, H, A) normalized trajectory. Injected noise: initial (B, H, A), per step (K, B, H, A)."""
-        return self._run(obs, sampler, steps, initial_noise, step_noise, seed)[0]
-
-    def predict_action(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None,
-                       initial_noise: np.ndarray | None = None, step_noise: np.ndarray | None = None,
-                       seed: int | None = None) -> np.ndarray:
-        """(B, Ta, A) actions in environment units (un-normalized in C++)."""
-        return self._run(obs, sampler, steps, initial_noise, step_noise, seed)[1]

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
-from dpkit.runtime.bundle import Bundle, bundle_trt_options, load_bundle, validate_obs
-from dpkit.runtime.sampling import StepPlan, draw_noise, run_reverse
+from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
+from dpkit.runtime.bundle import Bundle, bundle_trt_options, load_bundle
+from dpkit.runtime.sampling import StepPlan, run_reverse
 
 
 def make_session(path: str | Path, providers: list[Any] | None = None, threads: int | None = None,
@@ -43,21 +44,16 @@ def make_session(path: str | Path, providers: list[Any] | None = None, threads: 
         raise DpkitError(f"ONNX Runtime cannot load {path}: {first}") from None
 
 
-class OrtPolicy:
+class OrtPolicy(PolicyBackend):
     backend = "ort"
 
     def __init__(self, bundle: str | Path | Bundle, providers: list[Any] | None = None,
                  threads: int | None = None, verify_sha256: bool = True, spin: bool = True):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_sha256=verify_sha256)
-        b = self.bundle
-        self.obs_mode = b.obs_mode
-        self.n_obs_steps = b.n_obs_steps
-        self.horizon = b.horizon
-        self.n_action_steps = b.n_action_steps
-        self.action_dim = b.action_dim
-        self.obs_keys = b.obs_keys
+        super().__init__(PolicySpec.from_bundle(self.bundle))
         if threads is None and os.environ.get("DPKIT_ORT_THREADS"):
             threads = int(os.environ["DPKIT_ORT_THREADS"])
+        b = self.bundle
         self.encoder = make_session(b.graph_files["encoder"], self._providers(providers, "encoder"), threads, spin)
         self.denoiser = make_session(b.graph_files["denoiser"], self._providers(providers, "denoiser"), threads, spin)
         self.providers = self.denoiser.get_providers()
@@ -82,32 +78,26 @@ class OrtPolicy:
         # Graphs exported with --fp16 keep float32 inputs and outputs (casts are inside), so the loop is
         # the same for both precisions.
 
-    def plan(self, sampler: str | None, steps: int | None) -> StepPlan:
+    def plan(self, sampler: str | None = None, steps: int | None = None) -> StepPlan:
+        """The numpy step plan of the sampler `sample(sampler=..., steps=...)` runs."""
+        return self.resolve_sampler(sampler, steps).handle
+
+    def _find(self, sampler: str | None, steps: int | None) -> SamplerChoice:
         spec = self.bundle.schedule.find(sampler, steps)
         if spec.name not in self._plans:
             self._plans[spec.name] = StepPlan.build(self.bundle.schedule, spec)
-        return self._plans[spec.name]
+        plan = self._plans[spec.name]
+        return SamplerChoice(spec.name, spec.sampler, spec.num_inference_steps, plan.uses_step_noise, plan)
 
     def encode(self, obs: dict[str, np.ndarray]) -> np.ndarray:
-        arrays, _ = validate_obs(obs, self.bundle.observations, self.n_obs_steps)
+        arrays, _ = self.check_obs(obs)
         return self.encoder.run(["cond"], arrays)[0]
 
     def denoise(self, sample: np.ndarray, timestep: np.ndarray, cond: np.ndarray) -> np.ndarray:
         return self.denoiser.run(["noise_pred"], {"sample": sample, "timestep": timestep, "cond": cond})[0]
 
-    def sample(self, obs: dict[str, np.ndarray], sampler: str | None = None, steps: int | None = None,
-               initial_noise: np.ndarray | None = None, step_noise: np.ndarray | None = None,
-               seed: int | None = None) -> np.ndarray:
-        """(B, H, A) normalized trajectory; the same injected noise gives the same result in every backend."""
-        plan = self.plan(sampler, steps)
-        arrays, batch = validate_obs(obs, self.bundle.observations, self.n_obs_steps)
+    def _run(self, arrays, batch, choice, initial_noise, step_noise) -> np.ndarray:
         cond = self.encoder.run(["cond"], arrays)[0]
-        x, noise = draw_noise((batch, self.horizon, self.action_dim), plan.num_steps, plan.uses_step_noise,
-                              initial_noise, step_noise, seed)
         run = self.denoiser.run
         return run_reverse(lambda s, t: run(["noise_pred"], {"sample": s, "timestep": t, "cond": cond})[0],
-                           plan, x, noise)
-
-    def predict_action(self, obs: dict[str, np.ndarray], **kw) -> np.ndarray:
-        """(B, Ta, A) actions in environment units: the executed slice of `sample`, un-normalized."""
-        return self.bundle.unnormalize_actions(self.sample(obs, **kw))
+                           choice.handle, initial_noise, step_noise)

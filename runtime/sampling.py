@@ -110,22 +110,24 @@ def draw_noise(
     initial_noise: np.ndarray | None,
     step_noise: np.ndarray | None,
     seed: int | None,
-) -> tuple[np.ndarray, np.ndarray | None]:
+    fill: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Check injected noise against (B, H, A) / (K, B, H, A), or draw it from a generator seeded `seed`.
 
     Draw order (initial, then all K step noises) is fixed so every Python backend given the same seed
     uses the same noise. Injected step noise is ignored by samplers that add none (DDIM, eta = 0).
+    `fill=False` only checks what was injected and leaves the rest None (for a backend that draws it).
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if fill else None
     if initial_noise is None:
-        initial_noise = rng.standard_normal(shape, dtype=np.float32)
+        initial_noise = rng.standard_normal(shape, dtype=np.float32) if fill else None
     else:
         initial_noise = _check_noise("initial_noise", initial_noise, shape)
     if not needs_step_noise:
         return initial_noise, None
     full = (num_steps, *shape)
     if step_noise is None:
-        step_noise = rng.standard_normal(full, dtype=np.float32)
+        step_noise = rng.standard_normal(full, dtype=np.float32) if fill else None
     else:
         step_noise = _check_noise("step_noise", step_noise, full)
     return initial_noise, step_noise
@@ -149,7 +151,10 @@ def run_reverse(
 
 
 def _check_noise(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    arr = np.asarray(arr)
+    try:
+        arr = np.asarray(arr)
+    except ValueError as e:  # a ragged nested list
+        raise DpkitError(f"{name} is not a rectangular array ({str(e).splitlines()[0]})") from None
     if arr.shape != tuple(shape):
         raise DpkitError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
     if not np.issubdtype(arr.dtype, np.floating):

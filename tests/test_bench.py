@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dpkit.errors import DpkitError
-from dpkit.runtime import bench
+from dpkit.benchmarks import latency as bench
 
 REQUIRED_ROW_KEYS = {"backend", "model", "batch", "steps", "sampler", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                      "peak_share", "gflops", "n", "kind"}
@@ -121,6 +121,18 @@ def test_bad_options_exit_nonzero_with_one_line(args, message, capsys, tmp_path)
     assert exc.value.code != 0
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_sampler_no_backend_could_run_is_an_error(smoke, capsys, tmp_path):
+    """`--samplers ddim-7` with bundle backends only: the bundle lists no ddim-7, so nothing is measured."""
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--models", "tiny", "--backends", "ort", "--batch", "1", "--samplers", "ddim-7", "--repeats", "1",
+                    "--warmup", "0", "--threads", "1", "--no-progress", "--out-dir", str(tmp_path / "out"),
+                    "--cache-dir", str(smoke / "cache")])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing was measured for ddim-7" in err[0] and "ddim-7" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_out_dir_fails_before_measuring(tmp_path, capsys):

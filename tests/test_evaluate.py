@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("gym_pusht")
 
 from dpkit.errors import DpkitError  # noqa: E402
-from dpkit.runtime import evaluate, pusht  # noqa: E402
+from dpkit.eval import evaluate, pusht  # noqa: E402
 from dpkit.eval.evaluate import RandomPolicy, evaluate_policy  # noqa: E402
 
 
@@ -26,7 +26,7 @@ class TowardBlock:
         self.n_obs_steps, self.n_action_steps = n_obs_steps, n_action_steps
         self.calls = []
 
-    def predict_action(self, obs):
+    def predict_action(self, obs, sampler=None, steps=None, *, seed=None):
         x = obs["obs"]
         self.calls.append(x.copy())
         kp = x[:, -1, :18].reshape(-1, 9, 2).mean(axis=1)
@@ -47,7 +47,7 @@ class ImageProbe:
     def __init__(self):
         self.batches = []
 
-    def predict_action(self, obs):
+    def predict_action(self, obs, sampler=None, steps=None, *, seed=None):
         img, pos = obs["image"], obs["agent_pos"]
         b = len(img)
         assert img.shape == (b, 2, 3, 96, 96) and img.dtype == np.float32
@@ -123,28 +123,26 @@ def test_bad_policies_are_rejected():
         evaluate_policy(WrongKeys(), episodes=1, max_steps=5, progress=False)
 
     class WrongShape(TowardBlock):
-        def predict_action(self, obs):
+        def predict_action(self, obs, sampler=None, steps=None, *, seed=None):
             return np.zeros((len(obs["obs"]), 3))
 
     with pytest.raises(DpkitError, match="shape"):
         evaluate_policy(WrongShape(), episodes=1, max_steps=5, progress=False)
 
     class NaNs(TowardBlock):
-        def predict_action(self, obs):
+        def predict_action(self, obs, sampler=None, steps=None, *, seed=None):
             return np.full((len(obs["obs"]), self.n_action_steps, 2), np.nan)
 
     with pytest.raises(DpkitError, match="non-finite"):
         evaluate_policy(NaNs(), episodes=1, max_steps=5, progress=False)
     with pytest.raises(DpkitError, match="episodes"):
         evaluate_policy(TowardBlock(), episodes=0, progress=False)
-    with pytest.raises(DpkitError, match="does not take a 'sampler'"):
-        evaluate_policy(TowardBlock(), episodes=1, max_steps=5, sampler="ddim", progress=False)
 
 
 def test_sampling_options_and_seeds_reach_the_policy():
     class Recorder(TowardBlock):
-        def predict_action(self, obs, **options):
-            self.options = getattr(self, "options", []) + [options]
+        def predict_action(self, obs, sampler=None, steps=None, *, seed=None):
+            self.options = getattr(self, "options", []) + [{"sampler": sampler, "steps": steps, "seed": seed}]
             return super().predict_action(obs)
 
     a, b = Recorder(), Recorder()
@@ -206,7 +204,7 @@ def test_cli_failure_keeps_an_earlier_report(tmp_path, capsys, monkeypatch):
     out.write_text('{"score": 0.5}\n')
 
     class Breaks(TowardBlock):
-        def predict_action(self, obs):
+        def predict_action(self, obs, sampler=None, steps=None, *, seed=None):
             if len(self.calls) == 1:
                 raise DpkitError("sampler failed")
             return super().predict_action(obs)
@@ -222,7 +220,7 @@ def test_cli_failure_keeps_an_earlier_report(tmp_path, capsys, monkeypatch):
 
 
 class StandStill(TowardBlock):
-    def predict_action(self, obs):
+    def predict_action(self, obs, sampler=None, steps=None, *, seed=None):
         self.calls.append(obs["obs"].copy())
         return np.repeat(obs["obs"][:, -1:, 18:], self.n_action_steps, axis=1).astype(np.float64)
 

@@ -24,13 +24,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from dpkit.errors import DpkitError
+from dpkit.sampling_args import SAMPLERS, resolve_sampler
 from dpkit.train.config import IMAGE_SIZE, LOWDIM_OBS_DIM, PolicyConfig
 from dpkit.train.normalizer import Normalizer
 from dpkit.train.unet import ConditionalUnet1D
 from dpkit.train.vision import ImageEncoder
 
 AGENT_POS_DIM = 2
-SAMPLERS = ("ddpm", "ddim")
 
 # Per-step observation layout of each mode, in encoder input order: (name, shape, description).
 OBS_SPECS: dict[str, list[tuple[str, tuple[int, ...], str]]] = {
@@ -178,6 +178,11 @@ class DiffusionPolicy(nn.Module):
 
     # ---- inference ----------------------------------------------------------------------------------
 
+    def resolve_sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+        """(kind, K) that `sample(sampler=..., steps=...)` runs: the rule every backend shares."""
+        T = self.cfg.num_train_timesteps
+        return resolve_sampler(sampler, steps, default=("ddim", self.cfg.ddim_steps), largest={"ddpm": T, "ddim": T})
+
     def make_scheduler(self, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
         """A diffusers scheduler with the training betas, `set_timesteps(steps)` already called."""
         if sampler not in SAMPLERS:
@@ -202,7 +207,7 @@ class DiffusionPolicy(nn.Module):
     def sample(
         self,
         obs: Mapping[str, Any],
-        sampler: str = "ddpm",
+        sampler: str | None = None,
         steps: int | None = None,
         initial_noise: Tensor | None = None,
         step_noise: Tensor | None = None,
@@ -212,10 +217,11 @@ class DiffusionPolicy(nn.Module):
 
         Uses the module's current mode: call `eval()` first for inference behaviour (center crop).
         `initial_noise` (B, H, A) replaces the first draw; `step_noise` (K, B, H, A) supplies the noise of
-        DDPM step k (DDIM with eta = 0 uses none). Undrawn noise comes from `generator`.
+        DDPM step k (DDIM with eta = 0 uses none). Undrawn noise comes from `generator`. `sampler` and
+        `steps` default as in every backend (dpkit.sampling_args): DDIM with `ddim_steps`; DDPM with all
+        `num_train_timesteps`.
         """
-        if steps is None:
-            steps = self.cfg.num_train_timesteps if sampler == "ddpm" else self.cfg.ddim_steps
+        sampler, steps = self.resolve_sampler(sampler, steps)
         sched = self.make_scheduler(sampler, steps)
         inputs = self._check_obs(obs, check_finite=True)
         device = inputs[0].device

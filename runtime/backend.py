@@ -1,0 +1,182 @@
+"""The one Python backend contract: what every `load_policy` backend is, and the work they share.
+
+    from dpkit.runtime import load_policy
+    policy = load_policy("bundles/tiny", backend="ort")              # a PolicyBackend
+    traj = policy.sample(obs, sampler="ddim", steps=10, seed=0)      # (B, H, A) normalized
+    actions = policy.predict_action(obs, seed=0)                     # (B, Ta, A) environment units
+
+`PolicyBackend` owns everything that is not a network call — argument checks, observation validation,
+sampler resolution (through the shared rule in dpkit.sampling_args), noise drawing and the executed
+action slice — so "torch", "ort" and "cpp" agree by construction. A backend implements two hooks:
+
+  `_find(kind, K)`   -> SamplerChoice: the sampler it will run for an already-resolved (kind, K)
+  `_run(arrays, batch, choice, initial_noise, step_noise)` -> the (B, H, A) normalized trajectory
+
+Noise: given `seed`, the initial and per-step noise are drawn here from numpy's generator in a fixed order,
+so every backend given one seed samples the same trajectory. Without a seed or injected noise, a backend
+that has its own generator (cpp, allocation-free in C++) draws it there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from dpkit.errors import DpkitError
+from dpkit.runtime.sampling import draw_noise
+from dpkit.sampling_args import check_sampler, check_seed, check_steps
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """The sampler one call runs: its listed name, kind, K, and a backend-specific handle."""
+
+    name: str
+    sampler: str
+    num_inference_steps: int
+    uses_step_noise: bool
+    handle: Any = None
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """Shapes and the action normalizer every backend exposes (from the bundle, or the training config)."""
+
+    obs_mode: str
+    n_obs_steps: int
+    horizon: int
+    n_action_steps: int
+    action_dim: int
+    first_action_index: int
+    observations: tuple[dict[str, Any], ...]  # [{name, shape, dtype}] in encoder input order
+    action_scale: np.ndarray
+    action_offset: np.ndarray
+
+    @classmethod
+    def from_bundle(cls, bundle: Any) -> "PolicySpec":
+        """The spec a bundle's policy.json describes (dpkit.runtime.bundle.Bundle, already validated)."""
+        m = bundle.manifest
+        return cls(m["obs_mode"], m["n_obs_steps"], m["horizon"], m["n_action_steps"], m["action_dim"],
+                   m["first_action_index"], tuple(bundle.observations), np.asarray(bundle.action_scale),
+                   np.asarray(bundle.action_offset))
+
+
+class PolicyBackend:
+    """Base of the "torch", "ort" and "cpp" backends (see the module docstring)."""
+
+    backend: str = ""
+    #: Largest batch one call takes (None: no limit); evaluation sizes its vectorized batch by it.
+    max_batch: int | None = None
+    #: True when the backend's own generator draws noise that is neither injected nor seeded.
+    draws_own_noise: bool = False
+    #: True when the backend checks observation shapes and NaN/Inf itself (the C++ runtime does).
+    checks_obs_values: bool = False
+
+    def __init__(self, spec: PolicySpec):
+        self.spec = spec
+
+    # The interface's attributes, straight from the spec.
+    obs_mode = property(lambda self: self.spec.obs_mode)
+    n_obs_steps = property(lambda self: self.spec.n_obs_steps)
+    horizon = property(lambda self: self.spec.horizon)
+    n_action_steps = property(lambda self: self.spec.n_action_steps)
+    action_dim = property(lambda self: self.spec.action_dim)
+    observations = property(lambda self: list(self.spec.observations))
+    obs_keys = property(lambda self: tuple(o["name"] for o in self.spec.observations))
+
+    # ---- the interface ------------------------------------------------------------------------------
+
+    def resolve_sampler(self, sampler: str | None = None, steps: int | None = None, *,
+                        num_inference_steps: int | None = None) -> SamplerChoice:
+        """The sampler `sample(obs, sampler=..., steps=...)` runs (DpkitError when the backend lacks it)."""
+        return self._find(check_sampler(sampler), check_steps(steps, num_inference_steps))
+
+    def sample(self, obs: dict[str, Any], sampler: str | None = None, steps: int | None = None, *,
+               num_inference_steps: int | None = None, initial_noise: Any = None, step_noise: Any = None,
+               seed: int | None = None) -> np.ndarray:
+        """(B, H, A) normalized trajectory. `steps` (alias `num_inference_steps`) is K; injected noise:
+        initial (B, H, A), per step (K, B, H, A) (only DDPM uses it); `seed` draws both reproducibly."""
+        choice = self.resolve_sampler(sampler, steps, num_inference_steps=num_inference_steps)
+        seed = check_seed(seed)
+        arrays, batch = self.check_obs(obs)
+        if self.max_batch is not None and batch > self.max_batch:
+            raise DpkitError(f"batch {batch} exceeds this policy's max_batch {self.max_batch}")
+        # With no seed, a backend with its own generator (cpp) draws what is not injected; else numpy does.
+        fill = seed is not None or not self.draws_own_noise
+        initial_noise, step_noise = draw_noise((batch, self.horizon, self.action_dim), choice.num_inference_steps,
+                                               choice.uses_step_noise, initial_noise, step_noise, seed, fill=fill)
+        traj = self._run(arrays, batch, choice, initial_noise, step_noise)
+        return np.asarray(traj, dtype=np.float32)
+
+    def predict_action(self, obs: dict[str, Any], sampler: str | None = None, steps: int | None = None, *,
+                       num_inference_steps: int | None = None, initial_noise: Any = None, step_noise: Any = None,
+                       seed: int | None = None) -> np.ndarray:
+        """(B, Ta, A) actions in environment units: the executed slice of `sample`, un-normalized."""
+        traj = self.sample(obs, sampler, steps, num_inference_steps=num_inference_steps,
+                           initial_noise=initial_noise, step_noise=step_noise, seed=seed)
+        return self.executed_actions(traj)
+
+    def executed_actions(self, traj: np.ndarray) -> np.ndarray:
+        """(B, H, A) normalized trajectory -> (B, Ta, A) executed actions in environment units."""
+        s = self.spec
+        i = s.first_action_index
+        return (traj[:, i : i + s.n_action_steps] * s.action_scale.astype(np.float32)
+                + s.action_offset.astype(np.float32))
+
+    def check_obs(self, obs: Any) -> tuple[dict[str, np.ndarray], int]:
+        """Observation dict -> C-contiguous float32 arrays in encoder order, and the batch size."""
+        return validate_observations(obs, self.spec.observations, self.n_obs_steps,
+                                     check_values=not self.checks_obs_values)
+
+    # ---- the backend's part ---------------------------------------------------------------------------
+
+    def _find(self, sampler: str | None, steps: int | None) -> SamplerChoice:
+        raise NotImplementedError
+
+    def _run(self, arrays: dict[str, np.ndarray], batch: int, choice: SamplerChoice,
+             initial_noise: np.ndarray | None, step_noise: np.ndarray | None) -> np.ndarray:
+        raise NotImplementedError
+
+
+def validate_observations(obs: Any, spec: Sequence[dict[str, Any]], n_obs_steps: int,
+                          check_values: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    """Check an observation dict against the spec; return contiguous float32 arrays and the batch size.
+
+    `check_values=False` leaves the shape and NaN/Inf checks to a backend that makes them itself (C++)."""
+    if not isinstance(obs, dict):
+        raise DpkitError(f"obs must be a dict of numpy arrays, got {type(obs).__name__}")
+    names = [o["name"] for o in spec]
+    unknown = sorted(map(str, set(obs) - set(names)))
+    missing = [n for n in names if n not in obs]
+    if missing or unknown:
+        raise DpkitError(f"obs keys {sorted(map(str, obs))} do not match the policy's {names}"
+                         + (f" (missing {missing})" if missing else "") + (f" (unknown {unknown})" if unknown else ""))
+    out: dict[str, np.ndarray] = {}
+    batch = None
+    for o in spec:
+        name, arr = o["name"], obs[o["name"]]
+        if hasattr(arr, "detach"):  # a torch tensor: accept it, the contract is numpy
+            arr = arr.detach().cpu().numpy()
+        try:
+            arr = np.asarray(arr)
+        except ValueError as e:  # a ragged nested list
+            raise DpkitError(f"obs[{name!r}] is not a rectangular array ({str(e).splitlines()[0]})") from None
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) \
+                or arr.dtype == np.bool_:
+            raise DpkitError(f"obs[{name!r}] has dtype {arr.dtype}, expected {o['dtype']} (or another real number type)")
+        want = (n_obs_steps, *o["shape"])
+        if check_values and (arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != want):
+            raise DpkitError(f"obs[{name!r}] has shape {tuple(arr.shape)}, expected (B, {', '.join(map(str, want))})")
+        if arr.ndim == 0 or arr.shape[0] < 1:
+            raise DpkitError(f"obs[{name!r}] has shape {tuple(arr.shape)}: no batch dimension or batch size 0")
+        if batch is None:
+            batch = arr.shape[0]
+        elif arr.shape[0] != batch:
+            raise DpkitError(f"obs[{name!r}] has batch size {arr.shape[0]}, other inputs have {batch}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if check_values and not np.all(np.isfinite(arr)):
+            raise DpkitError(f"obs[{name!r}] contains NaN or Inf")
+        out[name] = arr
+    return out, int(batch)
