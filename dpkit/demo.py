@@ -5,6 +5,8 @@
 train a low-dim Diffusion Policy on the real PushT demonstrations for a bounded time → export the ONNX
 bundle (with parity checks) → evaluate it with the C++ runtime on the 50 legacy test seeds (plus the
 PyTorch policy and a random policy on the same seeds) → a short latency benchmark → `OUT/report.md`.
+Without --data, a machine that has no copy of the dataset first downloads it into data/pusht/
+(dpkit.train.download; --no-download turns that off).
 
 Each stage is the public CLI (`dpkit-train`, `dpkit-export`, `dpkit-eval`, `dpkit-bench`) writing JSON,
 so the demo shows exactly what a user would run.
@@ -106,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="demo_out", help="output folder (an earlier demo output there is replaced "
                     "once this run succeeds, and restored if it fails)")
     ap.add_argument("--config", default="tiny")
-    ap.add_argument("--data", default=None, help="PushT dataset (default: found automatically)")
+    ap.add_argument("--data", default=None, help="PushT dataset (default: found automatically, else downloaded "
+                    "into data/pusht/)")
+    ap.add_argument("--no-download", action="store_true", help="fail instead of downloading a dataset not found")
     ap.add_argument("--train-seconds", type=float, default=480.0)
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--backend", default="cpp", choices=["cpp", "ort"])
@@ -137,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
 def _stages(out: Path, args: argparse.Namespace) -> None:
     timings: dict[str, float] = {}
     data = ["--data", args.data] if args.data else []
+    if not args.data:  # found as dpkit-train would find it; on a fresh machine, the official pusht.zip is fetched
+        from dpkit.train.data import resolve_dataset_path
+        from dpkit.train.download import find_or_download
+
+        t0 = time.perf_counter()
+        data = ["--data", str(resolve_dataset_path(None) if args.no_download else find_or_download(None))]
+        timings["dataset"] = time.perf_counter() - t0
     episodes = ["--episodes", str(args.episodes)]
 
     _run("train", [_bin("dpkit-train"), "--config", args.config, *data, "--out", str(out / "run"),

@@ -242,9 +242,11 @@ def _damaged_stores(store: Path, tmp_path: Path) -> dict[str, tuple[Path, str, s
     meta = _copy_store(store, tmp_path / "meta.zarr")
     (meta / "data" / "keypoint" / ".zarray").write_text("{not json")
     return {
-        "chunk": (chunk, "lowdim", r"dataset .*chunk\.zarr: cannot read data/action \(chunk 1\.0\): RuntimeError: .*blosc"),
+        "chunk": (chunk, "lowdim", r"dataset .*chunk\.zarr: cannot read data/action \(chunk 1\.0\): RuntimeError: "
+                                   r".*blosc"),
         "image chunk": (img, "image", r"dataset .*img\.zarr: cannot read data/img \(chunk 2\.0\.0\.0\): "),
-        "bad CRC": (crc, "lowdim", r"dataset .*crc\.zarr\.zip: cannot read data/state \(chunk 0\.0\): BadZipFile: Bad CRC-32"),
+        "bad CRC": (crc, "lowdim", r"dataset .*crc\.zarr\.zip: cannot read data/state \(chunk 0\.0\): "
+                                   r"BadZipFile: Bad CRC-32"),
         "truncated zip": (truncated, "lowdim", r"cannot open .*cut\.zarr\.zip as a zarr store: BadZipFile"),
         "bad metadata": (meta, "lowdim", r"dataset .*meta\.zarr: cannot open data/keypoint: JSONDecodeError"),
     }
@@ -260,7 +262,8 @@ def test_damaged_stores_give_one_clear_error(store, tmp_path):
 def test_damaged_stores_through_dpkit_train(store, tmp_path, capsys):
     from dpkit.train.cli import main
 
-    cases = {name: (path, message) for name, (path, mode, message) in _damaged_stores(store, tmp_path).items() if mode == "lowdim"}
+    damaged = _damaged_stores(store, tmp_path)
+    cases = {name: (path, message) for name, (path, mode, message) in damaged.items() if mode == "lowdim"}
     not_a_store = tmp_path / "notes"
     not_a_store.mkdir()
     (not_a_store / "readme.txt").write_text("no zarr here")
@@ -271,7 +274,8 @@ def test_damaged_stores_through_dpkit_train(store, tmp_path, capsys):
     cases["junk .zarr"] = (junk, r"cannot open .*junk\.zarr as a zarr store")
     for name, (path, message) in cases.items():
         with pytest.raises(SystemExit) as e:
-            main(["--config", "tiny", "--data", str(path), "--out", str(tmp_path / "run"), "--steps", "1", "--no-progress"])
+            main(["--config", "tiny", "--data", str(path), "--out", str(tmp_path / "run"), "--steps", "1",
+                  "--no-progress"])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 1, name
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and re.search(message, err), (name, err)

@@ -35,6 +35,10 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Finding the dataset
 
 
+class DatasetNotFound(DpkitError):
+    """No dataset given and none found in the usual places (dpkit.train.download can fetch it)."""
+
+
 def _candidates_in(folder: Path) -> list[Path]:
     """Dataset stores directly inside `folder` or one level down (pusht.zip unpacks to pusht/...)."""
     found = []
@@ -80,7 +84,7 @@ def resolve_dataset_path(path: str | os.PathLike | None = None) -> Path:
                 found = _candidates_in(folder)
                 if found:
                     return found[0]
-    raise DpkitError(
+    raise DatasetNotFound(
         f"PushT dataset not found: dpkit trains on the PushT demonstrations of Diffusion Policy "
         f"({DATASET_NAME}, 206 episodes), published at {DATASET_URL}; unzip it into data/pusht/ or pass "
         f"--data PATH (a .zarr folder or .zarr.zip) or set ${ENV_VAR} (searched: {', '.join(dict.fromkeys(searched))})"
@@ -166,7 +170,9 @@ def _read(arr, key: str, path: Path, start: int = 0, stop: int | None = None) ->
             except Exception as chunk_error:
                 cause, where = chunk_error, f" (chunk {_chunk_key(arr, coords)})"
                 break
-        raise DpkitError(f"dataset {path}: cannot read {key}{where}: {_cause(cause)} (damaged? replace the dataset)") from None
+        raise DpkitError(
+            f"dataset {path}: cannot read {key}{where}: {_cause(cause)} (damaged? replace the dataset)"
+        ) from None
 
 
 def _images_uint8(arr, n: int, path: Path) -> np.ndarray:
