@@ -21,6 +21,7 @@ import numpy as np
 
 import dpkit
 from dpkit.errors import DpkitError
+from dpkit.runtime.parity import random_observations
 
 SEED = 0
 
@@ -78,7 +79,7 @@ def count_flops(policy) -> tuple[int, int]:
 def _export_bundle(checkpoint: Path, out: Path, log: Callable[[str], None]) -> None:
     """Export (and parity-verify) through the export stage, the only writer of bundles."""
     try:
-        from dpkit.export.cli import export_bundle
+        from dpkit.export.writer import export_bundle
     except ImportError as e:
         raise DpkitError(f"the export stage is not importable ({e})") from None
     lines: list[str] = []
@@ -148,9 +149,4 @@ def prepare_model(name: str, cache_dir: Path, log: Callable[[str], None] = print
 
 def random_obs(model: ModelArtifacts, batch: int, seed: int = SEED) -> dict[str, np.ndarray]:
     """Observations in the environment's ranges (images in [0, 1], positions in pixels)."""
-    rng = np.random.default_rng(seed)
-    obs = {}
-    for o in model.obs_spec:
-        hi = 1.0 if o["name"] == "image" else 512.0
-        obs[o["name"]] = (rng.random((batch, model.n_obs_steps, *o["shape"])) * hi).astype(np.float32)
-    return obs
+    return random_observations(model.obs_spec, model.n_obs_steps, batch, seed)

@@ -18,6 +18,7 @@ import torch
 
 from dpkit.errors import DpkitError
 from dpkit.runtime.ort_policy import OrtPolicy
+from dpkit.runtime.parity import max_abs_error, trajectory_errors
 from dpkit.runtime.torch_policy import TorchPolicy
 
 FP32_TOLERANCE = 1e-4
@@ -88,38 +89,26 @@ def verify_bundle(policy, bundle_dir: Path, samples: dict | None, seed: int = 0)
                 got = sessions[name].run([outputs[name]], feed)[0]
                 with torch.no_grad():
                     ref = modules[name](*[torch.from_numpy(v) for v in feed.values()]).numpy()
-                rows.append(ParityRow(name, kind, batch, _max_err(got, ref)))
+                rows.append(ParityRow(name, kind, batch, max_abs_error(got, ref)))
 
     # Whole trajectories: identical injected noise, PyTorch (diffusers) vs ONNX graphs + numpy loop.
     torch_policy = TorchPolicy(policy=policy)
     if samples is not None:
         obs, kind = {k: np.asarray(v[:TRAJ_BATCH], np.float32) for k, v in samples["obs"].items()}, "dataset"
     else:
-        obs = {k: v.numpy() for k, v in _graph_inputs(policy, None, TRAJ_BATCH, seed)["random"]["encoder"].items()}
+        obs = dict(_graph_inputs(policy, None, TRAJ_BATCH, seed)["random"]["encoder"])
         kind = "random"
     default = ort_policy.bundle.schedule.find()
     for check, sampler, steps in (("traj_ddpm", "ddpm", policy.cfg.num_train_timesteps),
                                   ("traj_ddim", "ddim", default.num_inference_steps if default.sampler == "ddim"
                                    else policy.cfg.ddim_steps)):
-        rng = np.random.default_rng(seed)
-        shape = (TRAJ_BATCH, policy.cfg.horizon, policy.cfg.action_dim)
-        x = rng.standard_normal(shape, dtype=np.float32)
-        noise = rng.standard_normal((steps, *shape), dtype=np.float32)
-        ref = torch_policy.sample(obs, sampler=sampler, steps=steps, initial_noise=x, step_noise=noise)
-        got = ort_policy.sample(obs, sampler=sampler, steps=steps, initial_noise=x, step_noise=noise)
-        rows.append(ParityRow(check, kind, TRAJ_BATCH, _max_err(got, ref)))
+        err = trajectory_errors(torch_policy, {"ort": ort_policy}, obs, sampler, steps, seed)["ort"]
+        rows.append(ParityRow(check, kind, TRAJ_BATCH, err))
 
     parity = {}
     for r in rows:
         parity[r.check] = max(parity.get(r.check, 0.0), r.max_abs_err)
     return rows, parity
-
-
-def _max_err(a: np.ndarray, b: np.ndarray) -> float:
-    if a.shape != b.shape:
-        raise DpkitError(f"parity check: ONNX output shape {a.shape} differs from PyTorch {b.shape}")
-    err = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    return err if np.isfinite(err) else float("inf")
 
 
 def format_table(rows: list[ParityRow], tolerance: float, title: str) -> str:

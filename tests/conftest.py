@@ -24,3 +24,50 @@ def real_dataset() -> Path:
     if not SHARED_DATASET.exists():
         pytest.skip(f"real PushT dataset not found at {SHARED_DATASET} (../shared is absent)")
     return SHARED_DATASET
+
+
+# ---- one tiny policy per observation mode, built and exported once per test session -------------------
+# Most of the suite's time used to be separate ONNX exports; tests that only need *a* valid bundle or
+# checkpoint share these (read-only: copy them before damaging anything).
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Path:
+    from synthetic import make_synthetic_pusht
+
+    return make_synthetic_pusht(tmp_path_factory.mktemp("data") / "pusht.zarr", n_episodes=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, synthetic_store) -> dict[str, Path]:
+    """Random-weight `tiny` checkpoints (lowdim, image) fitted to the synthetic store; EMA != raw weights."""
+    from dpkit.train.checkpoint import save_checkpoint
+    from dpkit.train.config import load_config
+    from dpkit.train.data import load_datasets
+    from dpkit.train.policy import DiffusionPolicy
+
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for mode in ("lowdim", "image"):
+        cfg = load_config("tiny", [f"policy.obs_mode={mode}", f"data.path={synthetic_store}", "policy.down_dims=[32,64]"])
+        train, _ = load_datasets(cfg)
+        torch.manual_seed(0)
+        model = DiffusionPolicy(cfg.policy, train.fit_normalizer())
+        ema = DiffusionPolicy(cfg.policy, model.normalizer)
+        runs[mode] = root / f"run_{mode}"
+        save_checkpoint(runs[mode], 5, model=model, ema_model=ema,
+                        state={"config": cfg.to_dict(), "normalizer": model.normalizer.to_dict()})
+    return runs
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tmp_path_factory, tiny_runs) -> dict[str, Path]:
+    """The shipped export path (dpkit.export.export_bundle, parity-verified) of `tiny_runs`, DDIM 2/5/10."""
+    from dpkit.export import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for mode, run in tiny_runs.items():
+        out[mode] = root / mode
+        export_bundle(run, out[mode], ddim_steps=(2, 5, 10), log=lambda s: None)
+    return out
