@@ -13,11 +13,12 @@ DEMO_TRAIN_SECONDS ?= 480
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup install test pytest demo bench clean
+.PHONY: help setup install test test-fast pytest demo bench clean
 
 help:
 	@echo "make demo   - set up, train on PushT, export, evaluate with the C++ runtime, benchmark, report"
 	@echo "make test   - set up, build, run the C++ tests (plain + ASan/UBSan), the consumer build and pytest"
+	@echo "make test-fast - the edit loop: pytest without the slow tests, stop at the first failure"
 	@echo "make bench  - full latency benchmark (dpkit-bench) into benchmarks/results/"
 
 $(PY):
@@ -40,6 +41,10 @@ pytest: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test: install cpp-test cpp-test-asan cpp-consumer-test pytest
+
+# The edit loop (not CI): no C++ suites, no tests marked slow, stop at the first failure.
+test-fast: install
+	$(VENV)/bin/pytest -x -q -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m dpkit.demo --train-seconds $(DEMO_TRAIN_SECONDS) --out demo_out
