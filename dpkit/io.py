@@ -1,16 +1,77 @@
-"""Atomic file and folder writes: a reader never sees a half-written result."""
+"""Atomic file and folder writes: a reader never sees a half-written result.
+
+Everything is written under a temp name beside its target and renamed into place. Temp names say who
+made them, `.<name>.dpkit-<host>-<pid>-<random>.tmp`, so a later write into the same folder can remove
+what a killed writer left behind: entries of that pattern whose process (on this host) is gone, or any
+older than STALE_TMP_AGE_S (a writer on another host that shares the folder).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
 from dpkit.errors import DpkitError
+
+
+STALE_TMP_AGE_S = 24 * 3600
+"""A temp entry this old is stale whoever made it (no write of dpkit's takes a day)."""
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TMP_NAME = re.compile(r"^\..+\.dpkit-([0-9a-f]{8})-(\d+)-[0-9a-f]+\.tmp$")
+
+
+def _tmp_path(final: Path) -> Path:
+    # The target's name is shortened so the temp name stays within the usual 255-byte limit.
+    return final.with_name(f".{final.name[:160]}.dpkit-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process (or a pid we cannot ask about): assume it is alive
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and folders of dead writers in `folder` (see the module docstring)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        m = _TMP_NAME.match(entry.name)
+        if m is None:
+            continue
+        host, pid = m.group(1), int(m.group(2))
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        dead = host == _HOST and pid != os.getpid() and not _pid_alive(pid)
+        if not dead and age < STALE_TMP_AGE_S:
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -18,7 +79,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temps(path.parent)
+        tmp = _tmp_path(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask gives the usual permissions
     except OSError as e:
         raise DpkitError(f"cannot write {path}: {e.strerror}") from None
     try:
@@ -26,18 +89,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -49,14 +105,28 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def check_writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create `path` if needed and fail early (before long work) when it cannot be written into."""
+    """Fail early (before long work) when `path` cannot be created or written into; leave nothing behind.
+
+    The folder itself, or else its nearest existing ancestor, is probed by really creating and removing a
+    file there (permission bits do not show a read-only mount, and root passes every permission check).
+    """
     path = Path(path)
+    probe_dir = path
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        while not probe_dir.exists() and not probe_dir.is_symlink():
+            if probe_dir.parent == probe_dir:
+                break
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            kind = "a dangling link" if probe_dir.is_symlink() and not probe_dir.exists() else "not a folder"
+            where = "it" if probe_dir == path else str(probe_dir)
+            raise DpkitError(f"cannot create {what} {path}: {where} is {kind}")
+        probe = _tmp_path(probe_dir / "write-probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
     except OSError as e:
-        raise DpkitError(f"cannot create {what} {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK):
-        raise DpkitError(f"{what} {path} is not writable")
+        where = "" if probe_dir == path else f" (creating a file in {probe_dir} failed)"
+        raise DpkitError(f"{what} {path} is not writable: {e.strerror}{where}") from None
     return path
 
 
@@ -74,7 +144,8 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` in one rename.
 
     If `final` exists and not `force`, raise before any work. On error the temp folder is removed
-    and an existing `final` is left untouched.
+    and an existing `final` is left untouched; temp folders of killed writers are removed on the next call
+    into the same parent.
     """
     final = Path(final)
     old = final.with_name(f".{final.name}.old")
@@ -84,7 +155,9 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         raise DpkitError(f"{final} already exists (use --force to replace it)")
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        remove_stale_temps(final.parent)
+        tmp = _tmp_path(final)
+        tmp.mkdir(0o777)  # the umask gives the usual permissions
     except OSError as e:
         raise DpkitError(f"cannot write into {final.parent}: {e.strerror}") from None
     try:

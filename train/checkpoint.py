@@ -15,12 +15,11 @@ file, replaced atomically) names the newest complete one. No pickled objects any
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 import dpkit
 from dpkit.errors import DpkitError
@@ -34,6 +33,9 @@ TRAINER_STATE = "trainer_state.pt"
 LATEST = "latest"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+if TYPE_CHECKING:  # torch is imported where tensors are touched, so reading state.json stays fast
+    import torch
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -59,6 +61,18 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return d / name
     dirs = step_dirs(run_dir)
     return dirs[-1] if dirs else None
+
+
+def check_run_dir(run_dir: str | Path, resume: bool, force: bool) -> Path | None:
+    """The checkpoint a training run into `run_dir` resumes from (None for a fresh run); refuse to mix runs."""
+    existing = latest_checkpoint(run_dir)
+    if resume:
+        if existing is None:
+            raise DpkitError(f"--resume: no checkpoint in {run_dir}/checkpoints to continue from")
+        return existing
+    if existing is not None and not force:
+        raise DpkitError(f"{run_dir} already holds checkpoints; pass --resume to continue or --force to start over")
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -92,6 +106,7 @@ def save_checkpoint(
     name: str | None = None,
 ) -> Path:
     """Write `checkpoints/<name or step_NNNNNN>/` atomically, point `latest` at it, prune old ones."""
+    import torch
     from safetensors.torch import save_file
 
     d = checkpoints_dir(run_dir)
@@ -140,7 +155,29 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     for key in ("config", "normalizer", "step"):
         if key not in state:
             raise DpkitError(f"checkpoint file {path} lacks {key!r}")
+    for key in ("config", "normalizer"):
+        if not isinstance(state[key], dict):
+            raise DpkitError(f"checkpoint file {path}: {key!r} must be an object, got {_kind(state[key])}")
+    # Counters the trainer resumes from and the exporter records: whole numbers in range.
+    for key, lo in (("step", 0), ("epoch", 0), ("ema_updates", 0), ("world_size", 1)):
+        if key in state and not (_is_int(state[key]) and state[key] >= lo):
+            raise DpkitError(f"checkpoint file {path}: {key!r} must be an integer >= {lo}, got {state[key]!r}")
+    m = _STEP_DIR.match(ckpt.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise DpkitError(f"checkpoint file {path} says step {state['step']} but its folder is {ckpt.name}")
+    best = state.get("best_score")
+    if best is not None and not (isinstance(best, (int, float)) and not isinstance(best, bool) and math.isfinite(best)):
+        raise DpkitError(f"checkpoint file {path}: 'best_score' must be a number or null, got {best!r}")
     return state
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), type(v).__name__)
 
 
 def read_weights(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -162,13 +199,71 @@ def read_weights(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    """trainer_state.pt's {"optimizer": ..., "scheduler": ...} state dicts, checked for their shape (not yet
+    against a model: `load_trainer_state` does that)."""
+    import torch
+
     path = ckpt / TRAINER_STATE
     if not path.is_file():
         raise DpkitError(f"checkpoint file {path} is missing (cannot resume the optimizer)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ts = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/EOFError/UnpicklingError for damaged files
         raise DpkitError(f"checkpoint file {path} is corrupt or truncated ({type(e).__name__})") from None
+    bad = f"checkpoint file {path} is not a dpkit trainer state:"
+    if not isinstance(ts, dict):
+        raise DpkitError(f"{bad} expected a dict of optimizer and scheduler states, got {type(ts).__name__}")
+    missing = [k for k in ("optimizer", "scheduler") if not isinstance(ts.get(k), dict)]
+    if missing:
+        raise DpkitError(f"{bad} {' and '.join(repr(k) for k in missing)} missing or not a dict")
+    opt, sched = ts["optimizer"], ts["scheduler"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]
+    ):
+        raise DpkitError(f"{bad} 'optimizer' lacks its 'state' dict or 'param_groups' list")
+    if not _is_int(sched.get("last_epoch")) or sched["last_epoch"] < 0:
+        raise DpkitError(f"{bad} 'scheduler' lacks a step counter ('last_epoch')")
+    return ts
+
+
+def load_trainer_state(ckpt: Path, state: dict[str, Any], optimizer, scheduler) -> None:
+    """Restore the optimizer and LR scheduler of a resumed run, refusing a trainer_state.pt that does not
+    belong to this model or to the step state.json names (it would fail, or train wrongly, later)."""
+    import torch
+
+    path = ckpt / TRAINER_STATE
+    ts = read_trainer_state(ckpt)
+    if ts["scheduler"]["last_epoch"] != state["step"]:
+        raise DpkitError(f"checkpoint file {path} is from step {ts['scheduler']['last_epoch']}, "
+                         f"but {STATE} says step {state['step']}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    try:
+        optimizer.load_state_dict(ts["optimizer"])
+        scheduler.load_state_dict(ts["scheduler"])
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DpkitError(f"checkpoint file {path} does not match this run's model and optimizer ({first})") from None
+    # load_state_dict checks group sizes but not tensor shapes: a mismatch would fail at the first step.
+    for i, p in enumerate(params):
+        for k, v in optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise DpkitError(f"checkpoint file {path}: optimizer state {k!r} of parameter {i} has shape "
+                                 f"{tuple(v.shape)}, the model's is {tuple(p.shape)}")
+
+
+# Optimizer settings a resumed run cannot change: the optimizer's saved state carries them.
+_OPTIMIZER_FIELDS = ("lr", "betas", "weight_decay")
+
+
+def check_resume_config(ckpt: Path, state: dict[str, Any], cfg: Any) -> None:
+    """Refuse settings a resume would silently ignore (the optimizer state restores lr, betas, weight_decay)."""
+    saved = state["config"].get("train", {})
+    for key in _OPTIMIZER_FIELDS:
+        new, old = getattr(cfg.train, key), saved.get(key)
+        if old is not None and (list(new) if isinstance(new, tuple) else new) != old:
+            raise DpkitError(f"--resume cannot change train.{key} (checkpoint {ckpt.name}: {old}, asked: "
+                             f"{list(new) if isinstance(new, tuple) else new}): its optimizer state carries it; "
+                             f"start a new run instead")
 
 
 def load_weights_into(module: torch.nn.Module, ckpt: Path, prefix: str) -> None:
@@ -190,7 +285,7 @@ def load_checkpoint(path: str | Path, ema: bool = True, device: str | torch.devi
     from dpkit.train.policy import DiffusionPolicy
 
     ckpt = resolve_checkpoint(path)
-    state = read_state(ckpt)
+    state = read_state(ckpt)  # trainer_state.pt (optimizer) is not read: a policy does not need it
     try:
         cfg = Config.from_dict(state["config"])
     except DpkitError as e:

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from dpkit.errors import DpkitError, cli_entry
-from dpkit.io import atomic_write_json, check_writable_file
+from dpkit.io import atomic_write_json, check_writable_dir, check_writable_file
 from dpkit.train.config import Config, load_config, parse_override
 
 
@@ -67,19 +67,20 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
         if args.out is None and args.config is None:
             raise DpkitError("--resume needs --out RUN_DIR (or --config NAME for runs/NAME)")
         run_dir = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-        found = ckpt_io.latest_checkpoint(run_dir)
-        if found is None:
-            raise DpkitError(f"--resume: no checkpoint in {run_dir}/checkpoints to continue from")
+        found = ckpt_io.check_run_dir(run_dir, resume=True, force=False)
+        state = ckpt_io.read_state(found)  # its errors name the file
         try:
-            cfg = Config.from_dict(ckpt_io.read_state(found)["config"])
+            cfg = Config.from_dict(state["config"])
         except DpkitError as e:
             raise DpkitError(f"cannot resume from {found}: {e}") from None
         cfg = _with_overrides(cfg, extra)
+        ckpt_io.check_resume_config(found, state, cfg)
     else:
         if args.config is None:
             raise DpkitError("--config NAME|PATH is required (named configs: tiny, pusht_lowdim, pusht_image)")
         cfg = load_config(args.config, extra)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+        ckpt_io.check_run_dir(run_dir, resume=False, force=args.force)
     if args.data is not None:
         cfg.data.path = args.data
     return cfg, run_dir
@@ -88,7 +89,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Everything that can be checked without torch or the data is checked first, so bad input fails fast:
+    # the config (and on --resume the checkpoint's state.json), then the places this run will write.
     cfg, run_dir = resolve_config(args)
+    check_writable_dir(run_dir, "run folder")
     if args.json:
         check_writable_file(args.json)
     from dpkit.train.trainer import train

@@ -11,6 +11,7 @@ checkpoint alone is enough to rebuild its model.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,13 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 LOWDIM_OBS_DIM = 20  # 9 keypoints (x, y) + agent (x, y)
 IMAGE_SIZE = 96
+ACTION_DIM = 2  # PushT's action: the agent's absolute (x, y) target
+OBS_MODES = ("image", "lowdim")
+MIN_CROP_SIZE = 33  # smallest crop the ResNet trunk (/32, rounding up) turns into a 2x2 map
+MAX_HORIZON = 1024
+MAX_SEED = 2**32 - 1
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -41,7 +49,7 @@ class PolicyConfig:
 
     # Image encoder (obs_mode == "image").
     crop_size: int = 84
-    """Random crop in training, center crop at inference; 96 disables cropping."""
+    """Random crop in training, center crop at inference; 96 disables cropping; at least 33."""
     resnet_width: int = 64
     """Channels of the ResNet-18's first stage (64 is the standard network; tiny uses less)."""
     spatial_softmax_keypoints: int = 32
@@ -69,24 +77,68 @@ class PolicyConfig:
         return self.n_obs_steps - 1
 
     def validate(self) -> None:
-        _check(self.obs_mode in ("image", "lowdim"), f"policy.obs_mode must be 'image' or 'lowdim', got {self.obs_mode!r}")
-        _check(self.n_obs_steps >= 1, "policy.n_obs_steps must be >= 1")
-        _check(self.n_action_steps >= 1, "policy.n_action_steps must be >= 1")
+        """Every field in its range, checked here so a bad value fails before any data loads.
+
+        Each bound names why it exists: what would break (or silently go wrong) deep in training, export
+        or sampling if it were not refused here."""
+        _check_types(self, "policy")
+        _check(self.obs_mode in OBS_MODES, f"policy.obs_mode must be 'image' or 'lowdim', got {self.obs_mode!r}")
+        # Model dimensions. MAX_HORIZON bounds the time axis (a typo guard: activations are batch x horizon x
+        # width, and the dataset's longest episode is 246 steps); n_obs_steps and n_action_steps must fit in it.
+        _range("policy.n_obs_steps", self.n_obs_steps, 1, MAX_HORIZON)
+        _range("policy.n_action_steps", self.n_action_steps, 1, MAX_HORIZON)
+        _range("policy.horizon", self.horizon, 1, MAX_HORIZON)
         _check(
             self.first_action_index + self.n_action_steps <= self.horizon,
             f"policy.horizon ({self.horizon}) must be >= n_obs_steps - 1 + n_action_steps "
             f"({self.first_action_index + self.n_action_steps})",
         )
+        # The PushT action is one absolute (x, y) target: the dataset's actions and the environment fix it.
+        _check(self.action_dim == ACTION_DIM, f"policy.action_dim must be {ACTION_DIM} (PushT's (x, y) target), "
+                                              f"got {self.action_dim}")
+
+        # Image encoder. The ResNet trunk maps S -> ceil(S / 32); the spatial softmax needs at least a 2x2
+        # map (on 1x1 every keypoint is the same constant and the image is ignored), hence crop >= 33.
+        _range("policy.crop_size", self.crop_size, MIN_CROP_SIZE, IMAGE_SIZE)
+        # >= 8 channels in the first stage (narrower is no longer a ResNet-18 in any useful sense); <= 256
+        # (4x the standard network, 2048 channels in the last stage: larger is a typo).
+        _range("policy.resnet_width", self.resnet_width, 8, 256)
+        for c in (self.resnet_width, 2 * self.resnet_width, 4 * self.resnet_width, 8 * self.resnet_width):
+            groups = resnet_groups(c)
+            _check(c % groups == 0, f"policy.resnet_width={self.resnet_width}: a stage of {c} channels is not "
+                                    f"divisible into its {groups} GroupNorm groups (multiples of 16 always work)")
+        _range("policy.spatial_softmax_keypoints", self.spatial_softmax_keypoints, 1, 1024)
+        _range("policy.image_feature_dim", self.image_feature_dim, 1, 4096)
+
+        # U-Net. Every level but the last halves the time axis, so more than log2(horizon) + 1 levels only
+        # convolve the zero padding; GroupNorm needs n_groups to divide every width; "same" padding
+        # (kernel_size // 2 each side) keeps the length only for odd kernels.
         _check(len(self.down_dims) >= 1, "policy.down_dims must not be empty")
+        _check(2 ** (len(self.down_dims) - 1) <= self.horizon,
+               f"policy.down_dims has {len(self.down_dims)} levels; horizon {self.horizon} allows at most "
+               f"{self.horizon.bit_length()} (each level but the last halves the time axis)")
+        _range("policy.n_groups", self.n_groups, 1, 4096)
         for d in self.down_dims:
+            _range("policy.down_dims entry", d, 1, 8192)
             _check(d % self.n_groups == 0, f"policy.down_dims entry {d} is not divisible by n_groups={self.n_groups}")
-        _check(self.kernel_size % 2 == 1, "policy.kernel_size must be odd")
+        _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
+               f"policy.kernel_size must be a positive odd number (same-length convolution), got {self.kernel_size}")
+        _check(self.kernel_size <= MAX_HORIZON, f"policy.kernel_size must be <= {MAX_HORIZON}")
+        # The sinusoidal step embedding is [sin, cos] halves.
+        _check(self.diffusion_step_embed_dim >= 2 and self.diffusion_step_embed_dim % 2 == 0,
+               f"policy.diffusion_step_embed_dim must be even and >= 2 (sin and cos halves), "
+               f"got {self.diffusion_step_embed_dim}")
+        _check(self.diffusion_step_embed_dim <= 8192, "policy.diffusion_step_embed_dim must be <= 8192")
         _check(self.skip_connection in ("concat", "add"), "policy.skip_connection must be 'concat' or 'add'")
-        _check(self.resnet_width >= 8, "policy.resnet_width must be >= 8")
-        _check(16 <= self.crop_size <= IMAGE_SIZE, f"policy.crop_size must be in [16, {IMAGE_SIZE}]")
+
+        # Diffusion. <= 1000 train steps (DDPM's usual maximum): the bundle lists a DDPM-T sampler (T network
+        # calls per chunk) and carries the whole schedule. Beta schedules: those both diffusers samplers
+        # (DDPM and DDIM) implement, so every listed sampler can be built.
+        _range("policy.num_train_timesteps", self.num_train_timesteps, 2, 1000)
+        _check(self.beta_schedule in BETA_SCHEDULES,
+               f"policy.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
         _check(self.prediction_type == "epsilon", "policy.prediction_type: only 'epsilon' is supported")
-        _check(self.num_train_timesteps >= 2, "policy.num_train_timesteps must be >= 2")
-        _check(1 <= self.ddim_steps <= self.num_train_timesteps, "policy.ddim_steps must be in [1, num_train_timesteps]")
+        _range("policy.ddim_steps", self.ddim_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")
 
 
 @dataclass
@@ -101,9 +153,16 @@ class DataConfig:
     """DataLoader worker processes (0: load in the training process)."""
 
     def validate(self) -> None:
-        _check(0.0 <= self.val_ratio < 1.0, "data.val_ratio must be in [0, 1)")
+        """Every field in its range (see PolicyConfig.validate)."""
+        _check_types(self, "data")
+        _check(self.path is None or self.path.strip() != "", "data.path must be a dataset path or null, got ''")
+        # All episodes in validation would leave nothing to train on.
+        _check(0.0 <= self.val_ratio < 1.0, f"data.val_ratio must be in [0, 1), got {self.val_ratio}")
         _check(self.max_train_episodes is None or self.max_train_episodes >= 1, "data.max_train_episodes must be >= 1")
-        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        # One range for every seed (numpy's legacy seeding, used for train.seed, takes [0, 2**32)).
+        _range("data.split_seed", self.split_seed, 0, MAX_SEED)
+        # Each worker is a forked process; more than 128 is a typo.
+        _range("data.num_workers", self.num_workers, 0, 128)
 
 
 @dataclass
@@ -115,6 +174,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.95, 0.999)
     weight_decay: float = 1e-6
     lr_scheduler: str = "cosine"
+    """"cosine", "linear" (decay to 0 at `steps`) or "constant"; each after `lr_warmup_steps` of linear warm-up."""
     lr_warmup_steps: int = 500
     grad_accum_steps: int = 1
     mixed_precision: str = "no"
@@ -136,20 +196,39 @@ class TrainConfig:
     eval_max_steps: int = 300
 
     def validate(self) -> None:
-        _check(self.steps >= 1, "train.steps must be >= 1")
-        _check(self.batch_size >= 1, "train.batch_size must be >= 1")
-        _check(self.lr > 0, "train.lr must be > 0")
-        _check(all(0 <= b < 1 for b in self.betas), "train.betas must be two numbers in [0, 1)")
-        _check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
-        _check(self.lr_scheduler in ("cosine", "constant", "linear"), "train.lr_scheduler must be cosine, constant or linear")
-        _check(self.grad_accum_steps >= 1, "train.grad_accum_steps must be >= 1")
+        """Every field in its range (see PolicyConfig.validate)."""
+        _check_types(self, "train")
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        # AdamW moves each weight by about lr per step: above 1 every run diverges.
+        _check(0 < self.lr <= 1, f"train.lr must be in (0, 1], got {self.lr}")
+        # Adam's moment decays: 1 would never forget, negative would oscillate.
+        _check(all(0 <= b < 1 for b in self.betas), f"train.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        # Decoupled decay shrinks weights by lr * weight_decay per step; above 1 it would flip their sign.
+        _check(0 <= self.weight_decay <= 1, f"train.weight_decay must be >= 0 and <= 1, got {self.weight_decay}")
+        _check(self.lr_scheduler in LR_SCHEDULERS,
+               f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        # 0 disables warm-up; a warm-up longer than train.steps is allowed (a short smoke run of a big config).
+        _check(self.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        _check(self.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         _check(self.mixed_precision in ("no", "bf16", "fp16"), "train.mixed_precision must be no, bf16 or fp16")
-        _check(0 < self.ema_max_decay < 1, "train.ema_max_decay must be in (0, 1)")
+        # EMA decay after k updates is 1 - (1 + k)^-ema_power: a power <= 0 makes it <= 0, which extrapolates
+        # past the weights instead of averaging them; max decay 1 would freeze the EMA copy.
+        _check(self.ema_power > 0, f"train.ema_power must be > 0, got {self.ema_power}")
+        _check(0 < self.ema_max_decay < 1, f"train.ema_max_decay must be in (0, 1), got {self.ema_max_decay}")
+        # Seeds numpy, random and torch; numpy's legacy seeding takes [0, 2**32).
+        _range("train.seed", self.seed, 0, MAX_SEED)
+        _check(self.time_limit_s >= 0, f"train.time_limit_s must be >= 0 (0: no limit), got {self.time_limit_s}")
         for k in ("log_every", "val_every", "checkpoint_every"):
-            _check(getattr(self, k) >= 1, f"train.{k} must be >= 1")
-        _check(self.time_limit_s >= 0, "train.time_limit_s must be >= 0")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-        _check(self.eval_every >= 0 and self.eval_episodes >= 1, "train.eval_every must be >= 0, eval_episodes >= 1")
+            _check(getattr(self, k) >= 1, f"train.{k} must be >= 1, got {getattr(self, k)}")
+        # Validation is switched off with data.val_ratio=0; 0 batches would average over nothing.
+        _check(self.val_batches >= 1, f"train.val_batches must be >= 1 (data.val_ratio=0 turns validation off), "
+                                      f"got {self.val_batches}")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        _check(self.eval_every >= 0, f"train.eval_every must be >= 0 (0: off), got {self.eval_every}")
+        # Every evaluation runs all its episodes (up to eval_max_steps steps each): more than 10,000 is a typo.
+        _range("train.eval_episodes", self.eval_episodes, 1, 10_000)
+        _check(self.eval_max_steps >= 1, f"train.eval_max_steps must be >= 1, got {self.eval_max_steps}")
 
 
 @dataclass
@@ -160,6 +239,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "Config":
+        # The name is the default run folder (runs/<name>): a plain folder name.
+        _check(isinstance(self.name, str) and self.name not in ("", ".", "..") and not set(self.name) & set("/\\\0"),
+               f"name must be a plain folder name, got {self.name!r}")
         self.policy.validate()
         self.data.validate()
         self.train.validate()
@@ -178,6 +260,24 @@ class Config:
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise DpkitError(f"bad config: {msg}")
+
+
+def _range(key: str, value: int, lo: int, hi: int, hi_name: str | None = None) -> None:
+    if not lo <= value <= hi:
+        raise DpkitError(f"bad config: {key} must be in [{lo}, {hi_name or hi}], got {value}")
+
+
+def _check_types(section: Any, prefix: str) -> None:
+    """Each field of `section` has its declared type (what YAML and overrides get from `_coerce`; this also
+    holds for a config built in Python). Numbers written as another numeric type are converted in place."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        setattr(section, f.name, _coerce(getattr(section, f.name), hints[f.name], f"{prefix}.{f.name}"))
+
+
+def resnet_groups(channels: int) -> int:
+    """GroupNorm groups of a ResNet stage with `channels` channels (the rule of `vision._norm`)."""
+    return max(1, channels // 16)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -214,6 +314,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if isinstance(value, float) and not value.is_integer():
                 raise DpkitError(f"bad config: {key} must be an integer, got {value!r}")
             return int(value)
+        if not math.isfinite(value):
+            raise DpkitError(f"bad config: {key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -27,7 +27,7 @@ import torch
 
 import dpkit
 from dpkit.errors import DpkitError
-from dpkit.io import atomic_write_json, atomic_write_text
+from dpkit.io import atomic_write_json, atomic_write_text, check_writable_dir
 from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.config import Config
 from dpkit.train.data import PushTDataset, load_datasets, to_tensors
@@ -149,18 +149,6 @@ def _out_of_time(acc, start: float, limit_s: float) -> bool:
     return bool(over.item())
 
 
-def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuse to mix runs."""
-    existing = ckpt_io.latest_checkpoint(run_dir)
-    if resume:
-        if existing is None:
-            raise DpkitError(f"--resume: no checkpoint in {run_dir}/checkpoints to continue from")
-        return existing
-    if existing is not None and not force:
-        raise DpkitError(f"{run_dir} already holds checkpoints; pass --resume to continue or --force to start over")
-    return None
-
-
 def _record_step(line: str) -> float:
     """A metrics line's step; a blank or half-written line (a crash mid-write) sorts after everything."""
     try:
@@ -229,11 +217,15 @@ def train(
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    cfg.validate()  # a config built or edited in Python gets the same checks as a YAML one
     t = cfg.train
     run_dir = Path(run_dir)
     if t.eval_every > 0 and rollout_eval is None:
         raise DpkitError("train.eval_every > 0 needs a rollout evaluator (dpkit-train passes the gym-pusht one; "
                          "from Python: train(..., rollout_eval=dpkit.eval.evaluate.rollout_evaluator(cfg)))")
+    # Before any slow work: the run folder must be writable (a read-only mount or a path below a file
+    # would otherwise surface only at the first write, after the data has loaded).
+    check_writable_dir(run_dir, "run folder")
 
     acc = Accelerator(
         mixed_precision=t.mixed_precision,
@@ -242,7 +234,7 @@ def train(
         cpu=not _has_accelerator(),
     )
     try:
-        resume_from = _check_run_dir(run_dir, resume, force)
+        resume_from = ckpt_io.check_run_dir(run_dir, resume, force)
         end = t.steps if stop_after is None else min(stop_after, t.steps)
         return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None,
                       rollout_eval=rollout_eval)
@@ -274,37 +266,42 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     main = acc.is_main_process
     rank, world = acc.process_index, acc.num_processes
     state = ckpt_io.read_state(resume_from) if resume_from is not None else None
-    if state is not None and state.get("world_size", world) != world and main:
-        print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
+    if state is not None:
+        ckpt_io.check_resume_config(resume_from, state, cfg)
+        if state.get("world_size", world) != world and main:
+            print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
+
+    def build(normalizer: Normalizer):
+        set_seed(t.seed)  # identical initial weights on every process
+        # On the device before the EMA copy and the optimizer, so both (and loaded optimizer state) live there.
+        policy = DiffusionPolicy(cfg.policy, normalizer).to(acc.device)
+        ema = EMA(policy, t.ema_power, t.ema_max_decay) if t.ema else None
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+        # diffusers' "constant" ignores the warm-up; "constant_with_warmup" is what train.lr_scheduler means.
+        name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps)
+        if state is not None:
+            ckpt_io.load_weights_into(policy, resume_from, "model")
+            if ema is not None:
+                ckpt_io.load_weights_into(ema.module, resume_from, "ema")
+                ema.updates = int(state.get("ema_updates", state["step"]))
+            ckpt_io.load_trainer_state(resume_from, state, optimizer, scheduler)
+        return policy, ema, optimizer, scheduler
+
+    # A resumed run rebuilds everything from its checkpoint (normalizer, weights, optimizer) before the
+    # data loads, so a damaged or mismatched checkpoint fails in seconds, not after the data.
+    if state is not None:
+        normalizer = Normalizer.from_dict(state["normalizer"])
+        policy, ema, optimizer, scheduler = build(normalizer)
 
     train_ds, val_ds = load_datasets(cfg)  # a bad --data fails here, before --force removes anything
     if replace and main:
         _clear_run(run_dir)
     acc.wait_for_everyone()
-    set_seed(t.seed)  # identical initial weights on every process
-    if state is not None:
-        normalizer = Normalizer.from_dict(state["normalizer"])
-    else:
+    if state is None:
         normalizer = train_ds.fit_normalizer()
-    policy = DiffusionPolicy(cfg.policy, normalizer)
-    if state is not None:
-        ckpt_io.load_weights_into(policy, resume_from, "model")
-    policy.to(acc.device)
-    ema = EMA(policy, t.ema_power, t.ema_max_decay) if t.ema else None
-    if ema is not None and state is not None:
-        ckpt_io.load_weights_into(ema.module, resume_from, "ema")
-        ema.updates = int(state.get("ema_updates", state["step"]))
-
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps
-    )
-    step = 0
-    if state is not None:
-        ts = ckpt_io.read_trainer_state(resume_from)
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        step = int(state["step"])
+        policy, ema, optimizer, scheduler = build(normalizer)
+    step = int(state["step"]) if state is not None else 0
     model, optimizer = acc.prepare(policy, optimizer)
     unwrapped = acc.unwrap_model(model)
     eval_policy = ema.module if ema is not None else unwrapped
