@@ -10,7 +10,7 @@ sampler resolution (through the shared rule in dpkit.sampling_args), noise drawi
 action slice — so "torch", "ort" and "cpp" agree by construction. A backend implements two hooks:
 
   `_find(kind, K)`   -> SamplerChoice: the sampler it will run for an already-resolved (kind, K)
-  `_run(arrays, batch, choice, initial_noise, step_noise)` -> the (B, H, A) normalized trajectory
+  `_run(arrays, batch, choice, initial_noise, step_noise, inpaint)` -> the (B, H, A) normalized trajectory
 
 Noise: given `seed`, the initial and per-step noise are drawn here from numpy's generator in a fixed order,
 so every backend given one seed samples the same trajectory. Without a seed or injected noise, a backend
@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpkit.errors import DpkitError
-from dpkit.runtime.sampling import draw_noise
+from dpkit.runtime.sampling import Inpaint, draw_noise
 from dpkit.sampling_args import check_sampler, check_seed, check_steps
 
 
@@ -95,9 +95,14 @@ class PolicyBackend:
 
     def sample(self, obs: dict[str, Any], sampler: str | None = None, steps: int | None = None, *,
                num_inference_steps: int | None = None, initial_noise: Any = None, step_noise: Any = None,
-               seed: int | None = None) -> np.ndarray:
+               seed: int | None = None, prefix: Any = None, prefix_start: int | None = None,
+               prefix_weights: Any = None) -> np.ndarray:
         """(B, H, A) normalized trajectory. `steps` (alias `num_inference_steps`) is K; injected noise:
-        initial (B, H, A), per step (K, B, H, A) (only DDPM uses it); `seed` draws both reproducibly."""
+        initial (B, H, A), per step (K, B, H, A) (only DDPM uses it); `seed` draws both reproducibly.
+
+        `prefix` (B, P, A), normalized: a committed prefix the trajectory continues (inpainting, see
+        dpkit.runtime.sampling.Inpaint) at rows `prefix_start` (default: the first executed action) on,
+        with optional per-row `prefix_weights` (P,) in [0, 1] (default 1: hard)."""
         choice = self.resolve_sampler(sampler, steps, num_inference_steps=num_inference_steps)
         seed = check_seed(seed)
         arrays, batch = self.check_obs(obs)
@@ -107,16 +112,33 @@ class PolicyBackend:
         fill = seed is not None or not self.draws_own_noise
         initial_noise, step_noise = draw_noise((batch, self.horizon, self.action_dim), choice.num_inference_steps,
                                                choice.uses_step_noise, initial_noise, step_noise, seed, fill=fill)
-        traj = self._run(arrays, batch, choice, initial_noise, step_noise)
+        inpaint = None
+        if prefix is not None:
+            start = self.spec.first_action_index if prefix_start is None else prefix_start
+            inpaint = Inpaint.check(prefix, start, prefix_weights, (batch, self.horizon, self.action_dim))
+        elif prefix_start is not None or prefix_weights is not None:
+            raise DpkitError("prefix_start / prefix_weights given without a prefix")
+        traj = self._run(arrays, batch, choice, initial_noise, step_noise, inpaint)
         return np.asarray(traj, dtype=np.float32)
 
     def predict_action(self, obs: dict[str, Any], sampler: str | None = None, steps: int | None = None, *,
                        num_inference_steps: int | None = None, initial_noise: Any = None, step_noise: Any = None,
-                       seed: int | None = None) -> np.ndarray:
-        """(B, Ta, A) actions in environment units: the executed slice of `sample`, un-normalized."""
-        traj = self.sample(obs, sampler, steps, num_inference_steps=num_inference_steps,
-                           initial_noise=initial_noise, step_noise=step_noise, seed=seed)
+                       seed: int | None = None, prefix: Any = None, prefix_weights: Any = None) -> np.ndarray:
+        """(B, Ta, A) actions in environment units: the executed slice of `sample`, un-normalized.
+        `prefix` (B, P, A) in environment units: the actions that will execute first (inpainted)."""
+        if prefix is not None:
+            prefix = self.normalize_actions(prefix)
+        traj = self.sample(obs, sampler, steps, num_inference_steps=num_inference_steps, initial_noise=initial_noise,
+                           step_noise=step_noise, seed=seed, prefix=prefix, prefix_weights=prefix_weights)
         return self.executed_actions(traj)
+
+    def normalize_actions(self, actions: Any) -> np.ndarray:
+        """Environment units -> the normalized trajectory space (the inverse of the action normalizer)."""
+        try:
+            a = np.asarray(actions, dtype=np.float64)
+        except (ValueError, TypeError) as e:
+            raise DpkitError(f"actions must be a float array ({str(e).splitlines()[0]})") from None
+        return ((a - self.spec.action_offset) / self.spec.action_scale).astype(np.float32)
 
     def executed_actions(self, traj: np.ndarray) -> np.ndarray:
         """(B, H, A) normalized trajectory -> (B, Ta, A) executed actions in environment units."""
@@ -136,7 +158,7 @@ class PolicyBackend:
         raise NotImplementedError
 
     def _run(self, arrays: dict[str, np.ndarray], batch: int, choice: SamplerChoice,
-             initial_noise: np.ndarray | None, step_noise: np.ndarray | None) -> np.ndarray:
+             initial_noise: np.ndarray | None, step_noise: np.ndarray | None, inpaint: Inpaint | None) -> np.ndarray:
         raise NotImplementedError
 
 

@@ -96,8 +96,8 @@ class OrtPolicy(PolicyBackend):
     def denoise(self, sample: np.ndarray, timestep: np.ndarray, cond: np.ndarray) -> np.ndarray:
         return self.denoiser.run(["noise_pred"], {"sample": sample, "timestep": timestep, "cond": cond})[0]
 
-    def _run(self, arrays, batch, choice, initial_noise, step_noise) -> np.ndarray:
+    def _run(self, arrays, batch, choice, initial_noise, step_noise, inpaint) -> np.ndarray:
         cond = self.encoder.run(["cond"], arrays)[0]
         run = self.denoiser.run
         return run_reverse(lambda s, t: run(["noise_pred"], {"sample": s, "timestep": t, "cond": cond})[0],
-                           choice.handle, initial_noise, step_noise)
+                           choice.handle, initial_noise, step_noise, inpaint)

@@ -41,6 +41,9 @@ class StepPlan:
     c_eps: np.ndarray
     sigma: np.ndarray  # 0 where no noise is added (DDIM, and DDPM at t = 0)
     clip: float | None  # clip_sample_range, or None when clip_sample is off
+    sqrt_a0: float = 1.0  # sqrt(alphas_cumprod[timesteps[0]]): the noise level of the initial sample
+    sqrt_ap: np.ndarray | None = None  # (K,) sqrt(alpha_cumprod) of each step's output (prev timestep)
+    sqrt_1m_ap: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -84,6 +87,9 @@ class StepPlan:
             c_eps=c_eps,
             sigma=sigma,
             clip=float(schedule.clip_sample_range) if schedule.clip_sample else None,
+            sqrt_a0=float(np.sqrt(a_t[0])),
+            sqrt_ap=np.sqrt(a_p),
+            sqrt_1m_ap=np.sqrt(1.0 - a_p),
         )
 
     def step(self, k: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
@@ -133,20 +139,73 @@ def draw_noise(
     return initial_noise, step_noise
 
 
+@dataclass(frozen=True)
+class Inpaint:
+    """A committed prefix the new trajectory must continue: `values` (B, P, A) normalized actions that go
+    to trajectory rows `start .. start + P - 1`, with per-row weights `weights` (P,) in [0, 1].
+
+    After the initial sample and after every reverse step, row j of that span becomes
+        w_j * (sqrt(a) * values_j + sqrt(1 - a) * initial_noise_j) + (1 - w_j) * x_j
+    where `a` is the alpha_cumprod of the noise level x is at — the prefix noised to the current level with
+    the initial sample's own noise (deterministic, so injected noise gives identical trajectories in every
+    runtime). After the last step (a = the final alpha_cumprod, 1 for DDIM) a weight-1 row equals the
+    prefix exactly: hard inpainting. Weights below 1 blend, e.g. decaying over the rest of the overlap.
+    """
+
+    start: int
+    values: np.ndarray
+    weights: np.ndarray
+
+    @classmethod
+    def check(cls, prefix: np.ndarray, start: int, weights: np.ndarray | None, shape: tuple[int, int, int]) -> "Inpaint":
+        batch, horizon, action_dim = shape
+        try:
+            values = np.asarray(prefix)
+        except ValueError as e:
+            raise DpkitError(f"prefix is not a rectangular array ({str(e).splitlines()[0]})") from None
+        if values.ndim != 3 or values.shape[0] != batch or values.shape[2] != action_dim or values.shape[1] < 1:
+            raise DpkitError(f"prefix has shape {values.shape}, expected ({batch}, P, {action_dim}) with P >= 1")
+        if not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(values.dtype, np.integer):
+            raise DpkitError(f"prefix must be a float array, got {values.dtype}")
+        n = values.shape[1]
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= horizon - n:
+            raise DpkitError(f"prefix of {n} rows starting at {start!r} does not fit the horizon {horizon}")
+        w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+        if w.shape != (n,) or not np.all((w >= 0) & (w <= 1)):
+            raise DpkitError(f"prefix weights must be {n} values in [0, 1], got shape {w.shape}")
+        values = values.astype(np.float32)
+        if not np.all(np.isfinite(values)):
+            raise DpkitError("prefix contains NaN or Inf")
+        return cls(int(start), values, w.astype(np.float32))
+
+    def apply(self, x: np.ndarray, x_init: np.ndarray, sqrt_a: float, sqrt_1m_a: float) -> None:
+        """Overwrite the prefix rows of `x` in place at the noise level alpha_cumprod = sqrt_a ** 2."""
+        rows = slice(self.start, self.start + self.values.shape[1])
+        w = self.weights[None, :, None]
+        known = np.float32(sqrt_a) * self.values + np.float32(sqrt_1m_a) * x_init[:, rows]
+        x[:, rows] = w * known + (np.float32(1.0) - w) * x[:, rows]
+
+
 def run_reverse(
     denoise: Callable[[np.ndarray, np.ndarray], np.ndarray],
     plan: StepPlan,
     initial_noise: np.ndarray,
     step_noise: np.ndarray | None,
+    inpaint: Inpaint | None = None,
 ) -> np.ndarray:
-    """Run all K steps from `initial_noise`; `denoise(x, t_batch) -> eps` with t_batch (B,) int64."""
+    """Run all K steps from `initial_noise`; `denoise(x, t_batch) -> eps` with t_batch (B,) int64.
+    `inpaint` keeps the trajectory consistent with a committed prefix (see Inpaint)."""
     x = np.array(initial_noise, dtype=np.float32, copy=True)
     batch = x.shape[0]
     # Timestep tensors are built before the loop so the loop itself only runs the model and the update.
     t_batches = [np.full((batch,), t, dtype=np.int64) for t in plan.timesteps]
+    if inpaint is not None:
+        inpaint.apply(x, initial_noise, plan.sqrt_a0, np.sqrt(1.0 - plan.sqrt_a0**2))
     for k in range(plan.num_steps):
         eps = np.asarray(denoise(x, t_batches[k]), dtype=np.float32)
         x = plan.step(k, x, eps, None if step_noise is None else step_noise[k])
+        if inpaint is not None:
+            inpaint.apply(x, initial_noise, plan.sqrt_ap[k], plan.sqrt_1m_ap[k])
     return x
 
 

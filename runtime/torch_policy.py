@@ -45,7 +45,7 @@ class TorchPolicy(PolicyBackend):
             raise DpkitError(f"{kind} steps must be in [1, {T}] (num_train_timesteps), got {k}")
         return SamplerChoice(f"{kind}-{k}", kind, k, uses_step_noise=kind == "ddpm")
 
-    def _run(self, arrays, batch, choice, initial_noise, step_noise) -> np.ndarray:
+    def _run(self, arrays, batch, choice, initial_noise, step_noise, inpaint) -> np.ndarray:
         import torch
 
         was_training = self.policy.training
@@ -54,7 +54,9 @@ class TorchPolicy(PolicyBackend):
             traj = self.policy.sample(
                 {k: torch.from_numpy(v) for k, v in arrays.items()}, sampler=choice.sampler,
                 steps=choice.num_inference_steps, initial_noise=torch.from_numpy(initial_noise),
-                step_noise=None if step_noise is None else torch.from_numpy(step_noise))
+                step_noise=None if step_noise is None else torch.from_numpy(step_noise),
+                inpaint=None if inpaint is None else (inpaint.start, torch.from_numpy(inpaint.values),
+                                                      torch.from_numpy(inpaint.weights)))
         finally:
             self.policy.train(was_training)
         return traj.cpu().numpy()

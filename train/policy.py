@@ -33,6 +33,7 @@ from dpkit.train.vision import ImageEncoder
 AGENT_POS_DIM = 2
 
 # Per-step observation layout of each mode, in encoder input order: (name, shape, description).
+# A config's `obs_keys`/`obs_dims` replace it (policies converted from other projects): see obs_specs.
 OBS_SPECS: dict[str, list[tuple[str, tuple[int, ...], str]]] = {
     "image": [
         ("image", (3, IMAGE_SIZE, IMAGE_SIZE), "RGB image, channels first, float in [0, 1]"),
@@ -42,11 +43,34 @@ OBS_SPECS: dict[str, list[tuple[str, tuple[int, ...], str]]] = {
         ("obs", (LOWDIM_OBS_DIM,), "9 block keypoints x0, y0, ..., x8, y8 then agent x, y, in pixels"),
     ],
 }
+# What a converted policy's observation names mean (dpkit-eval builds them from these names).
+OBS_DESCRIPTIONS = {
+    "image": OBS_SPECS["image"][0][2],
+    "agent_pos": OBS_SPECS["image"][1][2],
+    "obs": OBS_SPECS["lowdim"][0][2],
+    "state": "lerobot observation.state (PushT: agent x, y in pixels)",
+    "environment_state": "lerobot observation.environment_state (PushT: the block's 8 corners x0, y0, ..., x7, y7 "
+                         "in pixels, gym-pusht's environment_state)",
+}
+
+
+def obs_specs(cfg: PolicyConfig) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, per-step shape, description) of each observation, in encoder input = conditioning order."""
+    if not cfg.obs_keys:
+        return OBS_SPECS[cfg.obs_mode]
+    dims = iter(cfg.obs_dims)
+    specs = []
+    for name in cfg.obs_keys:
+        shape = (3, IMAGE_SIZE, IMAGE_SIZE) if name == "image" else (next(dims),)
+        specs.append((name, shape, OBS_DESCRIPTIONS.get(name, f"{shape[0]} values")))
+    return specs
 
 
 class ObsEncoder(nn.Module):
     """Raw observation history -> condition vector (exported as encoder.onnx).
 
+    forward(*observations in obs_specs order) -> (B, To * sum of per-step features): per step, each
+    observation's feature in that order (an image: its encoder feature; a vector: normalized), e.g.
     image:  forward(image (B, To, 3, 96, 96) in [0, 1], agent_pos (B, To, 2) px) -> (B, To * (F + 2))
     lowdim: forward(obs (B, To, 20) px) -> (B, To * 20)
     """
@@ -55,26 +79,33 @@ class ObsEncoder(nn.Module):
         super().__init__()
         self.obs_mode = cfg.obs_mode
         self.n_obs_steps = cfg.n_obs_steps
-        self.obs_keys = [name for name, _, _ in OBS_SPECS[cfg.obs_mode]]
+        specs = obs_specs(cfg)
+        self.obs_keys = [name for name, _, _ in specs]
+        vectors = [(name, shape[0]) for name, shape, _ in specs if name != "image"]
+        self.normalizer = normalizer.subset([name for name, _ in vectors])
+        step_dim = sum(d for _, d in vectors)
         if cfg.obs_mode == "image":
             self.image_encoder = ImageEncoder(
                 IMAGE_SIZE, cfg.crop_size, cfg.resnet_width, cfg.spatial_softmax_keypoints, cfg.image_feature_dim
             )
-            self.normalizer = normalizer.subset(["agent_pos"])
-            self.out_dim = cfg.n_obs_steps * (cfg.image_feature_dim + AGENT_POS_DIM)
-        else:
-            self.normalizer = normalizer.subset(["obs"])
-            self.out_dim = cfg.n_obs_steps * LOWDIM_OBS_DIM
+            # (x - mean) / std as x * scale + offset (float64 -> float32: the default is exactly 2x - 1).
+            mean, std = np.asarray(cfg.image_mean, np.float64), np.asarray(cfg.image_std, np.float64)
+            for name, value in (("image_scale", 1.0 / std), ("image_offset", -mean / std)):
+                self.register_buffer(name, torch.tensor(value, dtype=torch.float32).reshape(3, 1, 1), persistent=False)
+            step_dim += cfg.image_feature_dim
+        self.out_dim = cfg.n_obs_steps * step_dim
 
-    def forward(self, x: Tensor, agent_pos: Tensor | None = None) -> Tensor:
-        """x is `obs` (lowdim) or `image` (image mode, which also takes `agent_pos`)."""
-        if self.obs_mode == "lowdim":
-            return self.normalizer.normalize("obs", x).flatten(1)
-        # One shared trunk for every step: fold time into the batch, then unfold.
-        feat = self.image_encoder(x.flatten(0, 1) * 2.0 - 1.0)
-        feat = feat.unflatten(0, (-1, self.n_obs_steps))
-        pos = self.normalizer.normalize("agent_pos", agent_pos)
-        return torch.cat([feat, pos], dim=-1).flatten(1)
+    def forward(self, *observations: Tensor) -> Tensor:
+        """The observations in `obs_keys` order, each (B, To, ...)."""
+        feats = []
+        for name, x in zip(self.obs_keys, observations, strict=True):
+            if name == "image":
+                # One shared trunk for every step: fold time into the batch, then unfold.
+                feat = self.image_encoder(x.flatten(0, 1) * self.image_scale + self.image_offset)
+                feats.append(feat.unflatten(0, (-1, self.n_obs_steps)))
+            else:
+                feats.append(self.normalizer.normalize(name, x))
+        return (feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)).flatten(1)
 
 
 class Denoiser(nn.Module):
@@ -103,7 +134,7 @@ class DiffusionPolicy(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.obs_specs = OBS_SPECS[cfg.obs_mode]
+        self.obs_specs = obs_specs(cfg)
         self.obs_keys = [name for name, _, _ in self.obs_specs]
         for key, dim in [("action", cfg.action_dim)] + [(n, s[-1]) for n, s, _ in self.obs_specs if len(s) == 1]:
             if key not in normalizer.keys:
@@ -212,6 +243,7 @@ class DiffusionPolicy(nn.Module):
         initial_noise: Tensor | None = None,
         step_noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        inpaint: tuple[int, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Run the reverse process; returns the normalized trajectory (B, H, A).
 
@@ -219,7 +251,9 @@ class DiffusionPolicy(nn.Module):
         `initial_noise` (B, H, A) replaces the first draw; `step_noise` (K, B, H, A) supplies the noise of
         DDPM step k (DDIM with eta = 0 uses none). Undrawn noise comes from `generator`. `sampler` and
         `steps` default as in every backend (dpkit.sampling_args): DDIM with `ddim_steps`; DDPM with all
-        `num_train_timesteps`.
+        `num_train_timesteps`. `inpaint` = (start, values (B, P, A), weights (P,)): keep rows start..start+P-1
+        consistent with a committed prefix, exactly as dpkit.runtime.sampling.Inpaint describes (the prefix
+        noised to each step's output level with the initial sample's noise, blended by weight).
         """
         sampler, steps = self.resolve_sampler(sampler, steps)
         sched = self.make_scheduler(sampler, steps)
@@ -235,6 +269,9 @@ class DiffusionPolicy(nn.Module):
         # DDPMScheduler.step draws its own noise; with injected noise it draws from this scratch generator
         # and `_swap_ddpm_noise` replaces that draw by the injected one.
         scratch = torch.Generator(device=device) if sampler == "ddpm" and step_noise is not None else None
+        x_init = x.clone()
+        if inpaint is not None:
+            x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, int(sched.timesteps[0])))
         for k, t in enumerate(sched.timesteps):
             eps = self.denoiser(x, t.to(device=device, dtype=torch.int64).expand(shape[0]), cond)
             if sampler == "ddim":
@@ -246,7 +283,16 @@ class DiffusionPolicy(nn.Module):
                 snapshot = scratch.get_state()
                 x_prev = sched.step(eps, t, x, generator=scratch).prev_sample
                 x = _swap_ddpm_noise(sched, t, x_prev, scratch, snapshot, step_noise[k])
+            if inpaint is not None:
+                x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, _prev_timestep(sched, int(t))))
         return x
+
+    @staticmethod
+    def _alpha_cumprod(sched: DDPMScheduler | DDIMScheduler, t: int) -> float:
+        """alpha_cumprod at timestep t; t < 0 is the end of the chain (the scheduler's final value)."""
+        if t >= 0:
+            return float(sched.alphas_cumprod[t])
+        return float(sched.final_alpha_cumprod if isinstance(sched, DDIMScheduler) else sched.one)
 
     @torch.no_grad()
     def predict_action(self, obs: Mapping[str, Any], **sample_kwargs) -> Tensor:
@@ -273,6 +319,23 @@ def _swap_ddpm_noise(
     z = randn_tensor(x_prev.shape, generator=scratch, device=x_prev.device, dtype=x_prev.dtype)
     sigma = sched._get_variance(t) ** 0.5
     return x_prev + sigma.to(x_prev.device) * (noise - z)
+
+
+def _prev_timestep(sched: DDPMScheduler | DDIMScheduler, t: int) -> int:
+    """The timestep `sched.step(..., t, ...)` steps to (diffusers' own rules; -1 past the end)."""
+    if isinstance(sched, DDIMScheduler):
+        return t - sched.config.num_train_timesteps // sched.num_inference_steps
+    return int(sched.previous_timestep(t))
+
+
+def _inpaint(x: Tensor, x_init: Tensor, inpaint: tuple[int, Tensor, Tensor], alpha_cumprod: float) -> Tensor:
+    start, values, weights = inpaint
+    rows = slice(start, start + values.shape[1])
+    w = weights.to(x)[None, :, None]
+    known = alpha_cumprod**0.5 * values.to(x) + (1.0 - alpha_cumprod) ** 0.5 * x_init[:, rows]
+    x = x.clone()
+    x[:, rows] = w * known + (1.0 - w) * x[:, rows]
+    return x
 
 
 def _check_noise(name: str, noise: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor | None:
