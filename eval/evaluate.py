@@ -30,6 +30,7 @@ from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_dir, check_writable_file
 from dpkit.eval import pusht
 from dpkit.runtime import BACKENDS
+from dpkit.runtime.realtime import EXECUTIONS
 
 OBS_KEYS = {"image": ("image", "agent_pos"), "lowdim": ("obs",)}
 """The observations each mode gives a policy (bundle-format.md: the encoder's inputs)."""
@@ -291,6 +292,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="write the report here (atomically)")
     p.add_argument("--video-dir", metavar="DIR", help="write rollout videos of the first --n-videos episodes here")
     p.add_argument("--n-videos", type=int, default=4, help="default %(default)s")
+    p.add_argument("--latency-steps", type=int, default=None, metavar="D",
+                   help="simulate an inference delay of D steps (the simulator runs on while a chunk is computed)")
+    p.add_argument("--execution", choices=EXECUTIONS, default=None,
+                   help="with --latency-steps: sync | async | async-inpaint (default async-inpaint)")
+    p.add_argument("--blend", type=int, default=0, help="async-inpaint: steps of decaying blend after the prefix")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -310,6 +316,19 @@ def _validate(args: argparse.Namespace) -> None:
         raise DpkitError(f"unknown --sampler {args.sampler!r} (expected ddpm or ddim)")
     if args.steps is not None and args.steps < 1:
         raise DpkitError(f"--steps must be >= 1, got {args.steps}")
+    if args.latency_steps is not None or args.execution is not None:
+        if args.latency_steps is None:
+            args.latency_steps = 0
+        if args.execution is None:
+            args.execution = "async-inpaint"
+        if args.latency_steps < 0:
+            raise DpkitError(f"--latency-steps must be >= 0, got {args.latency_steps}")
+        if args.video_dir:
+            raise DpkitError("--video-dir is not available with --latency-steps/--execution")
+        if args.random:
+            raise DpkitError("--random takes no --latency-steps or --execution")
+    if args.blend < 0:
+        raise DpkitError(f"--blend must be >= 0, got {args.blend}")
     if args.random:
         if args.backend is not None or args.sampler is not None or args.steps is not None:
             raise DpkitError("--random takes no --backend, --sampler or --steps")
@@ -353,10 +372,19 @@ def format_summary(report: dict[str, Any]) -> str:
         ("score", f"{report['score']:.3f}  (mean of each episode's max reward)"),
         ("success rate", f"{report['success_rate']:.3f}  ({wins}/{n} with coverage > {pusht.SUCCESS_COVERAGE})"),
         ("chunk latency", f"{report['mean_chunk_latency_ms']:.2f} ms mean over {report['n_chunks']} batched calls"),
+        *([("execution", f"{report['execution']}, delay {report['latency_steps']} steps: "
+                         f"{report['deadline_misses']} deadline misses, {report['wait_ticks']} hold steps"),
+           ("action jump", f"{_px(report['mean_jump_at_switch_px'])} at chunk switches, "
+                           f"{_px(report['mean_jump_inside_px'])} inside chunks (mean |a_t - a_t-1|)")]
+          if "execution" in report else []),
         ("wall time", f"{report['wall_s']:.1f} s"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _px(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} px"
 
 
 @cli_entry
@@ -369,6 +397,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.video_dir:
         check_writable_dir(args.video_dir, "video folder")
     policy = _load(args)
+    if args.execution is not None:
+        from dpkit.eval.latency import evaluate_latency
+
+        report = evaluate_latency(policy, args.latency_steps, args.execution, args.blend, episodes=args.episodes,
+                                  seed_start=args.seed_start, max_steps=args.max_steps, n_envs=args.n_envs,
+                                  progress=not args.quiet, sampler=args.sampler, steps=args.steps)
+        print(format_summary(report))
+        if args.json:
+            atomic_write_json(args.json, report)
+            print(f"report        {args.json}")
+        return 0
     report = evaluate_policy(
         policy,
         episodes=args.episodes,

@@ -1,0 +1,235 @@
+"""Real-time chunk execution: one observation in, one action out, every tick, while the next chunk is sampled.
+
+    from dpkit.runtime import load_policy
+    from dpkit.runtime.realtime import RealTimeController
+    ctl = RealTimeController(load_policy("bundles/tiny", backend="ort"), execution="async-inpaint", delay=2)
+    for obs in stream:                       # obs: {key: (B, ...)} one step, e.g. from gym-pusht
+        action = ctl.step(obs)               # (B, A) at once: the chunk is computed on a worker thread
+
+This is the Python reference of the C++ `dpkit::RealTimeController` (same rules, same names). A tick is one
+control period. `step` keeps the `To`-step observation history, executes the current chunk's actions and,
+`delay + margin` actions before the chunk runs out, starts the next chunk on a worker thread from the
+latest history. The new chunk is switched in at the index that matches the ticks elapsed since its
+observations were taken; a late chunk leaves the robot holding the last action (a deadline miss).
+
+Execution modes:
+  "sync"           no overlap: when the chunk is exhausted the next one is requested and the last action is
+                   held until it arrives; it then executes from its first action (a synchronous controller).
+  "async"          the rest of the current chunk executes while the next one is computed; switch at index d.
+  "async-inpaint"  as "async", and the new chunk is sampled to continue the `d` actions that execute in the
+                   meantime (inpainting, dpkit.runtime.sampling.Inpaint), plus an optional weighted blend over
+                   the following `blend` steps that the old trajectory also covers.
+
+Time: `delay` fixes the inference delay d in ticks and makes time virtual — the chunk requested at tick n is
+delivered at tick n + d exactly (the simulator waits for it if needed), so runs are reproducible. With
+`delay=None` time is the wall clock (`clock`, seconds; `period` seconds per tick): a chunk is delivered at
+the first tick after it is done, and d is estimated online as the largest of the recent latencies in ticks.
+The first chunk is always awaited at the first tick (there is nothing to execute before it).
+
+Thread safety: `step` is called from one control thread; the worker only runs the policy. An exception in
+the worker is raised from the next `step`; `close()` (or the context manager) waits for the worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from dpkit.errors import DpkitError
+from dpkit.sampling_args import check_seed
+
+EXECUTIONS = ("sync", "async", "async-inpaint")
+
+
+@dataclass
+class ControllerStats:
+    ticks: int = 0
+    chunks: int = 0  # chunks switched in
+    deadline_misses: int = 0  # async: ticks with nothing left to execute while a chunk was pending
+    wait_ticks: int = 0  # sync: ticks holding the last action while the next chunk is computed
+    latencies_s: list[float] = field(default_factory=list)  # wall time of each chunk's sampling
+
+    def as_dict(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_s) * 1e3
+        return {"ticks": self.ticks, "chunks": self.chunks, "deadline_misses": self.deadline_misses,
+                "wait_ticks": self.wait_ticks,
+                "latency_ms": {k: float(np.percentile(lat, q)) for k, q in (("p50", 50), ("p90", 90), ("p99", 99),
+                                                                             ("max", 100))} if len(lat) else None}
+
+
+@dataclass
+class _Chunk:
+    tick: int  # tick of the newest observation it was sampled from
+    traj: np.ndarray  # (B, H, A) normalized
+    actions: np.ndarray  # (B, Ta, A) environment units
+
+
+class RealTimeController:
+    def __init__(self, policy: Any, execution: str = "async-inpaint", delay: int | None = None, margin: int = 0,
+                 blend: int = 0, sampler: str | None = None, steps: int | None = None, seed: int = 0,
+                 clock: Callable[[], float] = time.monotonic, period: float = 0.1, history: int = 8):
+        if execution not in EXECUTIONS:
+            raise DpkitError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
+        ta = int(policy.n_action_steps)
+        for name, value, low, high in (("delay", delay, 0, ta), ("margin", margin, 0, ta), ("blend", blend, 0, 10**6)):
+            if value is None and name == "delay":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+                raise DpkitError(f"{name} must be an integer in [{low}, {high}] ticks (n_action_steps = {ta}), "
+                                 f"got {value!r}")
+        if not (isinstance(period, (int, float)) and period > 0 and math.isfinite(period)):
+            raise DpkitError(f"period must be a positive number of seconds, got {period!r}")
+        self.policy = policy
+        self.execution = execution
+        self.delay = None if delay is None else int(delay)
+        self.margin, self.blend = int(margin), int(blend)
+        self.choice = policy.resolve_sampler(sampler, steps)
+        self.seed = check_seed(seed)
+        self.clock, self.period = clock, float(period)
+        self.stats = ControllerStats()
+        self._recent = collections.deque(maxlen=int(history))
+        self._history: collections.deque | None = None
+        self._chunk: _Chunk | None = None
+        self._index = 0
+        self._last: np.ndarray | None = None
+        self._pending: tuple[int, float, concurrent.futures.Future] | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpkit-chunk")
+        self._closed = False
+        self._requests = 0
+        self.switched = False  # whether the last step's action came from a chunk switched in at that tick
+
+    # ---- the control loop ---------------------------------------------------------------------------
+
+    def step(self, obs: dict[str, Any]) -> np.ndarray:
+        """Feed this tick's observation {key: (B, ...)}; get this tick's action (B, A) at once."""
+        if self._closed:
+            raise DpkitError("the controller is closed")
+        n = self.stats.ticks
+        self.switched = False
+        self._observe(obs)
+        if self._chunk is None and self._pending is None:  # start-up: the first chunk is awaited
+            self._request(n, prefix=None)
+            self._deliver(n, wait=True, at_index=0)
+        else:
+            self._poll(n)
+        if self._exhausted() and self._pending is None:  # sync (or a chunk that ran out): ask now
+            self._request(n, prefix=None)
+            self._poll(n)
+        if not self._exhausted() and self._pending is None and self.execution != "sync" \
+                and self._remaining() <= self.expected_delay() + self.margin:
+            self._request(n, prefix=self._prefix(n) if self.execution == "async-inpaint" else None)
+            self._poll(n)
+        self.stats.ticks += 1
+        if self._exhausted():  # nothing to execute yet: hold the last target
+            if self.execution == "sync":
+                self.stats.wait_ticks += 1
+            else:
+                self.stats.deadline_misses += 1
+            return self._last.copy()
+        self._last = self._chunk.actions[:, self._index].copy()
+        self._index += 1
+        return self._last.copy()
+
+    def expected_delay(self) -> int:
+        """d in ticks: fixed, or (wall clock) the largest recent sampling latency rounded up to ticks."""
+        if self.delay is not None:
+            return self.delay
+        if not self._recent:
+            return 1
+        return min(int(math.ceil(max(self._recent) / self.period)), int(self.policy.n_action_steps))
+
+    def close(self) -> None:
+        """Wait for the worker and stop it; later `step` calls raise."""
+        self._closed = True
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "RealTimeController":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- internals ----------------------------------------------------------------------------------
+
+    def _observe(self, obs: dict[str, Any]) -> None:
+        if not isinstance(obs, dict) or set(obs) != set(self.policy.obs_keys):
+            got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
+            raise DpkitError(f"observation keys {got} do not match the policy's {list(self.policy.obs_keys)}")
+        step = {k: np.asarray(obs[k], dtype=np.float32) for k in self.policy.obs_keys}
+        if self._history is None:  # as the original: the first observation repeated To times
+            self._history = collections.deque([step] * int(self.policy.n_obs_steps), maxlen=int(self.policy.n_obs_steps))
+        else:
+            self._history.append(step)
+
+    def _stacked(self) -> dict[str, np.ndarray]:
+        return {k: np.stack([h[k] for h in self._history], axis=1) for k in self.policy.obs_keys}
+
+    def _remaining(self) -> int:
+        return 0 if self._chunk is None else self._chunk.actions.shape[1] - self._index
+
+    def _exhausted(self) -> bool:
+        return self._remaining() <= 0
+
+    def _prefix(self, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The normalized rows of the current trajectory that cover ticks n .. n + d - 1 (executing while the
+        new chunk is computed; weight 1) and, with `blend`, the next ones it also covers (decaying weights)."""
+        d = self.expected_delay()
+        c = self._chunk
+        fai = int(self.policy.spec.first_action_index)
+        first = fai + (n - c.tick)  # row of the old trajectory at tick n
+        horizon = c.traj.shape[1]
+        n_rows = min(d + self.blend, horizon - first)
+        if d == 0 or n_rows <= 0:
+            return None
+        weights = np.array([1.0 if j < d else 1.0 - (j - d + 1) / (self.blend + 1) for j in range(n_rows)])
+        return c.traj[:, first:first + n_rows], weights
+
+    def _request(self, n: int, prefix: tuple[np.ndarray, np.ndarray] | None) -> None:
+        obs = self._stacked()
+        # Chunk r of a run is sampled with a seed derived from (seed, r): reruns draw the same noise.
+        seed = int(np.random.SeedSequence([self.seed, self._requests]).generate_state(1)[0])
+        self._requests += 1
+        kwargs: dict[str, Any] = {"seed": seed}
+        if prefix is not None:
+            kwargs.update(prefix=prefix[0], prefix_weights=prefix[1])
+        choice = self.choice
+
+        def work() -> tuple[np.ndarray, float]:
+            t0 = time.perf_counter()
+            traj = self.policy.sample(obs, choice.sampler, choice.num_inference_steps, **kwargs)
+            return traj, time.perf_counter() - t0
+
+        self._pending = (n, self.clock(), self._pool.submit(work))
+
+    def _poll(self, n: int) -> None:
+        if self._pending is None:
+            return
+        start, _, future = self._pending
+        if self.delay is not None:  # virtual time: delivered exactly d ticks after the request
+            if n >= start + self.delay:
+                self._deliver(n, wait=True)
+        elif future.done():
+            self._deliver(n, wait=False)
+
+    def _deliver(self, n: int, wait: bool, at_index: int | None = None) -> None:
+        start, _, future = self._pending
+        self._pending = None
+        try:
+            traj, latency = future.result() if wait else future.result(timeout=0)
+        except DpkitError:
+            raise
+        except Exception as e:  # a failure in the worker reaches the caller, never silently
+            raise DpkitError(f"sampling a chunk failed: {type(e).__name__}: {e}") from e
+        self._recent.append(latency)
+        self.stats.latencies_s.append(latency)
+        self.stats.chunks += 1
+        self._chunk = _Chunk(start, traj, self.policy.executed_actions(traj))
+        # async: the new chunk's action 0 belongs to tick `start`; `n - start` ticks have passed since.
+        self._index = at_index if at_index is not None else (0 if self.execution == "sync" else n - start)
+        self.switched = True
