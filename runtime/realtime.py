@@ -50,6 +50,7 @@ EXECUTIONS = ("sync", "async", "async-inpaint")
 @dataclass
 class ControllerStats:
     ticks: int = 0
+    requests: int = 0  # chunks requested (the last may still be pending)
     chunks: int = 0  # chunks switched in
     deadline_misses: int = 0  # async: ticks with nothing left to execute while a chunk was pending
     wait_ticks: int = 0  # sync: ticks holding the last action while the next chunk is computed
@@ -57,7 +58,7 @@ class ControllerStats:
 
     def as_dict(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_s) * 1e3
-        return {"ticks": self.ticks, "chunks": self.chunks, "deadline_misses": self.deadline_misses,
+        return {"ticks": self.ticks, "requests": self.requests, "chunks": self.chunks, "deadline_misses": self.deadline_misses,
                 "wait_ticks": self.wait_ticks,
                 "latency_ms": {k: float(np.percentile(lat, q)) for k, q in (("p50", 50), ("p90", 90), ("p99", 99),
                                                                              ("max", 100))} if len(lat) else None}
@@ -101,7 +102,6 @@ class RealTimeController:
         self._pending: tuple[int, float, concurrent.futures.Future] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpkit-chunk")
         self._closed = False
-        self._requests = 0
         self.switched = False  # whether the last step's action came from a chunk switched in at that tick
 
     # ---- the control loop ---------------------------------------------------------------------------
@@ -193,8 +193,8 @@ class RealTimeController:
     def _request(self, n: int, prefix: tuple[np.ndarray, np.ndarray] | None) -> None:
         obs = self._stacked()
         # Chunk r of a run is sampled with a seed derived from (seed, r): reruns draw the same noise.
-        seed = int(np.random.SeedSequence([self.seed, self._requests]).generate_state(1)[0])
-        self._requests += 1
+        seed = int(np.random.SeedSequence([self.seed, self.stats.requests]).generate_state(1)[0])
+        self.stats.requests += 1
         kwargs: dict[str, Any] = {"seed": seed}
         if prefix is not None:
             kwargs.update(prefix=prefix[0], prefix_weights=prefix[1])
