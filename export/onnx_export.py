@@ -16,6 +16,7 @@ Tanh, Mul: supported everywhere) rather than the Mish op. 18 is the exporter's m
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import warnings
@@ -39,22 +40,27 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 HALF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.Linear, GemmConv1d, GemmConvTranspose1d)
 
 
-class _ImageEncoderGraph(nn.Module):
+class _EncoderGraph(nn.Module):
+    """The encoder with one named input per observation (the bundle's observation names, in order).
+
+    torch.export binds keyword inputs through the forward's signature, so each instance gets a subclass
+    whose forward signature lists exactly its observation names."""
+
+    def __new__(cls, encoder: nn.Module):
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+            inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Tensor) for k in encoder.obs_keys]
+
+        def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+            bound = forward.__signature__.bind(self, *args, **kwargs)
+            return self.encoder(*[bound.arguments[k] for k in self.encoder.obs_keys]).float()
+
+        forward.__signature__ = inspect.Signature(params)
+        sub = type(cls.__name__, (cls,), {"forward": forward, "__new__": nn.Module.__new__})
+        return nn.Module.__new__(sub)
+
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
-
-    def forward(self, image: Tensor, agent_pos: Tensor) -> Tensor:
-        return self.encoder(image, agent_pos).float()
-
-
-class _LowdimEncoderGraph(nn.Module):
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, obs: Tensor) -> Tensor:
-        return self.encoder(obs).float()
 
 
 class _DenoiserGraph(nn.Module):
@@ -93,8 +99,7 @@ def graph_modules(policy, fp16: bool = False, gemm_conv: bool = True) -> dict[st
     if fp16:
         half_heavy_layers(enc)
         half_heavy_layers(den)
-    enc_graph = _ImageEncoderGraph(enc) if policy.cfg.obs_mode == "image" else _LowdimEncoderGraph(enc)
-    return {"encoder": enc_graph.eval(), "denoiser": _DenoiserGraph(den).eval()}
+    return {"encoder": _EncoderGraph(enc).eval(), "denoiser": _DenoiserGraph(den).eval()}
 
 
 def example_inputs(policy, batch: int = 2, seed: int = 0) -> dict[str, dict[str, Tensor]]:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Source folder -> the dpkit room it is installed as (pyproject.toml wheel.packages).
 ROOMS = {"dpkit": "core", "train": "train", "export": "export", "runtime": "runtime", "eval": "eval",
-         "benchmarks": "benchmarks"}
+         "benchmarks": "benchmarks", "convert": "convert"}
 # room -> rooms it may import. "core" is dpkit/ itself (errors, io, sampling_args).
 ALLOWED = {
     "core": {"core"},
@@ -25,6 +25,7 @@ ALLOWED = {
     "runtime": {"core", "runtime"},
     "eval": {"core", "runtime", "eval"},
     "benchmarks": {"core", "train", "export", "runtime", "eval", "benchmarks"},
+    "convert": {"core", "train", "convert"},  # a converter writes training runs; export reads them as usual
 }
 # (file, room it may also import): composition roots, each with its reason.
 EXCEPTIONS = {
@@ -34,7 +35,7 @@ EXCEPTIONS = {
     ("dpkit/demo.py", "eval"), ("dpkit/demo.py", "benchmarks"),  # `make demo` runs the whole pipeline
 }
 SUBPACKAGE_ROOM = {"train": "train", "export": "export", "runtime": "runtime", "eval": "eval",
-                   "benchmarks": "benchmarks"}
+                   "benchmarks": "benchmarks", "convert": "convert"}
 
 
 def _imported_rooms(path: Path) -> set[str]:

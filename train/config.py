@@ -46,8 +46,18 @@ class PolicyConfig:
     n_action_steps: int = 8
     """Ta: actions executed per chunk, starting at index n_obs_steps - 1."""
     action_dim: int = 2
+    obs_keys: tuple[str, ...] = ()
+    """Observation names in per-step conditioning order; () is the obs_mode's own layout ("image",
+    "agent_pos" / "obs"). Set by dpkit-convert for policies trained elsewhere (e.g. lerobot's "state",
+    "image"); in image mode one of them is "image", every other is a vector normalized by its own key."""
+    obs_dims: tuple[int, ...] = ()
+    """Sizes of the vector observations of obs_keys, in their order (the image has none)."""
 
     # Image encoder (obs_mode == "image").
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    """Per-channel normalization of the [0, 1] image inside the encoder, (x - mean) / std; the default
+    maps to [-1, 1]. A converted lerobot policy carries its dataset's statistics here."""
     crop_size: int = 84
     """Random crop in training, center crop at inference; 96 disables cropping; at least 33."""
     resnet_width: int = 64
@@ -96,6 +106,20 @@ class PolicyConfig:
         # The PushT action is one absolute (x, y) target: the dataset's actions and the environment fix it.
         _check(self.action_dim == ACTION_DIM, f"policy.action_dim must be {ACTION_DIM} (PushT's (x, y) target), "
                                               f"got {self.action_dim}")
+
+        # Observation layout: names are the encoder's (and the bundle's) input names and normalizer keys.
+        keys, dims = self.obs_keys, self.obs_dims
+        _check(len(set(keys)) == len(keys), f"policy.obs_keys has a repeated name: {list(keys)}")
+        _check(all(k.isidentifier() for k in keys), f"policy.obs_keys must be identifiers, got {list(keys)}")
+        vectors = [k for k in keys if k != "image"]
+        _check(len(dims) == len(vectors), f"policy.obs_dims must give one size per vector observation of "
+                                          f"obs_keys ({len(vectors)}: {vectors}), got {list(dims)}")
+        _check(all(1 <= d <= 4096 for d in dims), f"policy.obs_dims entries must be in [1, 4096], got {list(dims)}")
+        if keys:
+            _check(("image" in keys) == (self.obs_mode == "image"),
+                   f"policy.obs_keys {list(keys)}: an image policy has exactly one 'image', a lowdim one none")
+        _check(all(s > 0 and math.isfinite(s) for s in self.image_std), f"policy.image_std must be positive, "
+                                                                          f"got {list(self.image_std)}")
 
         # Image encoder. The ResNet trunk maps S -> ceil(S / 32); the spatial softmax needs at least a 2x2
         # map (on 1x1 every keypoint is the same constant and the image is ignored), hence crop >= 33.

@@ -1,0 +1,58 @@
+"""`dpkit-convert`: a lerobot pretrained diffusion policy or an original diffusion_policy .ckpt -> dpkit run.
+
+    dpkit-convert path/to/pretrained_model --out runs/lerobot_pusht      # lerobot save_pretrained folder
+    dpkit-convert path/to/latest.ckpt --out runs/dp_lowdim [--no-ema]    # original diffusion_policy
+    dpkit-export runs/lerobot_pusht --out bundles/lerobot_pusht
+
+The run folder is what dpkit-train writes (checkpoint + resolved config + normalizer, plus where the
+policy came from), so dpkit-export, dpkit-eval --checkpoint, dpkit-bench and load_policy(...,
+backend="torch") use it unchanged. Nothing is written at --out unless the conversion succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dpkit.errors import cli_entry
+from dpkit.io import atomic_write_json, check_writable_file
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpkit-convert", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="lerobot pretrained_model folder, or a diffusion_policy .ckpt")
+    p.add_argument("--out", required=True, help="dpkit run folder to write")
+    p.add_argument("--force", action="store_true", help="replace --out if it is a dpkit run folder")
+    p.add_argument("--no-ema", action="store_true", help="diffusion_policy: the trained weights, not the EMA copy")
+    p.add_argument("--json", default=None, help="also write a JSON summary here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    from dpkit.convert.source import convert_policy
+
+    args = parser().parse_args(argv)
+    if args.json:
+        check_writable_file(args.json)
+    with tqdm(total=2, desc="dpkit-convert", disable=args.no_progress, file=sys.stderr, leave=False) as bar:
+        def progress(msg: str) -> None:
+            bar.set_postfix_str(msg[-60:])
+            bar.update(1)
+
+        summary = convert_policy(args.source, args.out, ema=not args.no_ema, force=args.force, progress=progress)
+    src = summary["source"]
+    print(f"dpkit-convert: {src['format']} {src['path']} -> {summary['out']} ({summary['obs_mode']}, "
+          f"{src['weights']} weights, sha256 {src['sha256'][:12]}...)")
+    if args.json:
+        atomic_write_json(args.json, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

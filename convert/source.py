@@ -1,0 +1,70 @@
+"""Which peer format a path is, and the conversion itself (the library side of `dpkit-convert`).
+
+    from dpkit.convert.source import convert_policy
+    summary = convert_policy("path/to/pretrained_model", "runs/lerobot_pusht")   # or path/to/latest.ckpt
+
+A folder with a lerobot `config.json` (`"type": "diffusion"`) is a lerobot policy; a file that is a torch
+zip archive is an original diffusion_policy checkpoint (a folder holding exactly one `.ckpt`, or a
+`checkpoints/latest.ckpt`, is taken as that file). Anything else is refused with what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+from dpkit.errors import DpkitError
+
+
+def detect_source(path: str | Path) -> tuple[str, Path]:
+    """("lerobot" | "diffusion_policy", the folder or file to read)."""
+    p = Path(path)
+    if not p.exists():
+        raise DpkitError(f"{p} does not exist")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            try:
+                cfg = json.loads((p / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DpkitError(f"{p / 'config.json'} is not valid JSON ({e})") from None
+            if not isinstance(cfg, dict) or cfg.get("type") != "diffusion":
+                kind = cfg.get("type") if isinstance(cfg, dict) else type(cfg).__name__
+                raise DpkitError(f"{p / 'config.json'}: type {kind!r} is not a lerobot diffusion policy "
+                                 f"(only \"type\": \"diffusion\" converts)")
+            return "lerobot", p
+        ckpts = sorted(p.glob("*.ckpt")) or sorted(p.glob("checkpoints/latest.ckpt"))
+        if len(ckpts) == 1:
+            return "diffusion_policy", ckpts[0]
+        raise DpkitError(f"{p} is neither a lerobot pretrained policy folder (config.json + model.safetensors) "
+                         f"nor a diffusion_policy checkpoint (.ckpt)")
+    if zipfile.is_zipfile(p):
+        return "diffusion_policy", p
+    raise DpkitError(f"{p} is neither a lerobot pretrained policy folder nor a diffusion_policy .ckpt "
+                     f"(torch zip archive)")
+
+
+def convert_policy(source: str | Path, out: str | Path, *, ema: bool = True, force: bool = False,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Convert `source` into the dpkit run folder `out`; returns a summary (also what --json writes)."""
+    from dpkit.convert.lerobot import read_lerobot
+    from dpkit.convert.original import read_original
+    from dpkit.convert.run import check_out, write_run
+
+    out = Path(out)
+    check_out(out, force)  # before any reading: a refused --out costs nothing
+    say = progress or (lambda _msg: None)
+    kind, path = detect_source(source)
+    name = out.name if out.name not in ("", ".", "..") else "converted"
+    say(f"reading {kind} {path}")
+    if kind == "lerobot":
+        config, normalizer, weights, src, step = read_lerobot(path, name)
+    else:
+        config, normalizer, weights, src, step = read_original(path, name, ema=ema)
+    say(f"writing {out}")
+    write_run(out, config, normalizer, weights, src, step=step, force=force)
+    p = config.policy
+    return {"out": str(out), "source": src, "obs_mode": p.obs_mode, "observations": list(p.obs_keys) or None,
+            "n_obs_steps": p.n_obs_steps, "horizon": p.horizon, "n_action_steps": p.n_action_steps,
+            "down_dims": list(p.down_dims), "step": step}
