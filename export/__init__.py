@@ -6,7 +6,8 @@
     summary = export_bundle("runs/tiny", "bundles/tiny", ddim_steps=(10,))
 
 Modules: `onnx_export` (PyTorch -> ONNX), `schedule` (the manifest's scheduler arrays, from diffusers),
-`verify` (ONNX Runtime vs PyTorch parity), `tensorrt` (engines), `cli` (the command and `export_bundle`).
+`verify` (ONNX Runtime vs PyTorch parity), `tensorrt` (engines), `writer` (`export_bundle`, `write_bundle`
+and the manifest writer), `cli` (the command).
 This is the only writer of bundles; `dpkit.runtime` reads them and never imports this package.
 """
 
@@ -14,7 +15,7 @@ This is the only writer of bundles; `dpkit.runtime` reads them and never imports
 def __getattr__(name: str):
     # `from dpkit.export import export_bundle` without importing torch/onnx for `import dpkit.export`.
     if name == "export_bundle":
-        from dpkit.export.cli import export_bundle
+        from dpkit.export.writer import export_bundle
 
         return export_bundle
     raise AttributeError(f"module 'dpkit.export' has no attribute {name!r}")

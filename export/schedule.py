@@ -28,10 +28,11 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
-def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS) -> dict[str, Any]:
+def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm_steps: Iterable[int] = ()) -> dict[str, Any]:
     """The `scheduler` manifest object for a DiffusionPolicy: arrays plus the table of listed samplers.
 
     The schedulers come from `policy.make_scheduler`, the same objects `policy.sample` steps with.
+    DDPM is listed with num_train_timesteps steps, then with each count of `ddpm_steps` (descending).
     """
     policy_cfg = policy.cfg
     n = policy_cfg.num_train_timesteps
@@ -40,18 +41,25 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS) -> d
     if bad:
         raise DpkitError(f"DDIM step counts {bad} are outside [1, {n}] (num_train_timesteps)")
 
+    ddpm_counts = sorted({int(k) for k in ddpm_steps} - {n}, reverse=True)
+    bad = [k for k in ddpm_counts if not 1 <= k <= n]
+    if bad:
+        raise DpkitError(f"DDPM step counts {bad} are outside [1, {n}] (num_train_timesteps)")
+
     samplers = []
     ddpm = policy.make_scheduler("ddpm", n)
-    ts = [int(t) for t in ddpm.timesteps]
-    samplers.append({
-        "name": f"ddpm-{n}",
-        "sampler": "ddpm",
-        "num_inference_steps": n,
-        "timesteps": ts,
-        "prev_timesteps": [max(int(ddpm.previous_timestep(t)), -1) for t in ts],
-        "final_alpha_cumprod": float(ddpm.one),
-        "eta": 0.0,
-    })
+    for k in [n] + ddpm_counts:
+        sched = policy.make_scheduler("ddpm", k)
+        ts = [int(t) for t in sched.timesteps]
+        samplers.append({
+            "name": f"ddpm-{k}",
+            "sampler": "ddpm",
+            "num_inference_steps": k,
+            "timesteps": ts,
+            "prev_timesteps": [max(int(sched.previous_timestep(t)), -1) for t in ts],
+            "final_alpha_cumprod": float(sched.one),
+            "eta": 0.0,
+        })
     for k in steps:
         ddim = policy.make_scheduler("ddim", k)
         ts = [int(t) for t in ddim.timesteps]

@@ -48,6 +48,8 @@ def dataset_samples(config: dict[str, Any], data_path: str | None, n: int = max(
 
     try:
         cfg = Config.from_dict(config)
+        if cfg.policy.obs_keys:  # a converted policy's own observation layout: the PushT dataset lacks it
+            return None, f"random inputs only (the dataset holds no {', '.join(cfg.policy.obs_keys)} observations)"
         train, _ = load_datasets(cfg, data_path)
     except DpkitError as e:
         return None, f"random inputs only (dataset unavailable: {e})"

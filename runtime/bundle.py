@@ -1,18 +1,23 @@
-"""Read and validate a dpkit bundle (docs/bundle-format.md): manifest keys, format version, sha256, shapes.
+"""Read and validate a dpkit bundle (docs/bundle-format.md): every rule a reader of format version 1 applies.
 
     from dpkit.runtime.bundle import load_bundle
     b = load_bundle("bundles/tiny")        # raises DpkitError on any mismatch
     b.schedule.find("ddim", 10).timesteps
 
-Needs only numpy: this is what a runtime-only install reads. `validate_obs` is the one check of caller
-observations against a bundle's `observations` spec, shared by every Python backend.
+Needs only numpy: this is what a runtime-only install reads. The C++ reader (cpp/src/manifest.cpp)
+applies the same rules with the same messages; cpp/tests/data/damaged_bundles.json is the table of
+damaged bundles both test suites refuse. `validate_obs` is the one check of caller observations against
+a bundle's `observations` spec, shared by every Python backend.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +25,29 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
+from dpkit.runtime.onnx_info import DTYPE_NAMES, FLOAT, INT64, OnnxError, read_onnx_info
+from dpkit.sampling_args import resolve_sampler
 
 FORMAT = "dpkit-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "policy.json"
 GRAPHS = ("encoder", "denoiser")
+
+# Bounds every reader applies before sizing anything from the manifest (docs/bundle-format.md, "Limits");
+# cpp/src/manifest.cpp has the same numbers.
+MAX_JSON_DEPTH = 64
+MAX_N_OBS_STEPS = 256
+MAX_HORIZON = 4096
+MAX_ACTION_DIM = 256
+MAX_COND_DIM = 1 << 20
+MAX_OBSERVATIONS = 64
+MAX_OBS_DIMS = 8  # entries of one observation's shape
+MAX_OBS_SIZE = 1 << 16  # one entry of an observation's shape
+MAX_OBS_FLOATS = 1 << 26  # n_obs_steps * prod(shape) of one observation, per batch element
+MAX_TRAIN_TIMESTEPS = 10000
+MAX_SAMPLERS = 1024
+MAX_EXTERNAL_FILES = 64
+MAX_TRT_BATCH = 65536
 
 
 # --------------------------------------------------------------------------- observations
@@ -65,6 +88,295 @@ def validate_obs(obs: Any, spec: list[dict[str, Any]], n_obs_steps: int) -> tupl
     return out, int(batch)
 
 
+# --------------------------------------------------------------------------- reading policy.json
+
+
+class _Reader:
+    """Typed access to manifest values: every missing key or wrong value becomes one DpkitError
+    "<where>: <key path> <problem>", worded as the C++ reader words it (cpp/src/manifest.cpp, Reader)."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, key: str, what: str):
+        raise DpkitError(f"{self.where}: {key} {what}")
+
+    @staticmethod
+    def join(path: str, key: str) -> str:
+        return f"{path}.{key}" if path else key
+
+    def at(self, obj: Any, key: str, path: str = "") -> Any:
+        if not isinstance(obj, dict):
+            self.fail(path or "(top level)", "must be an object")
+        if key not in obj:
+            self.fail(self.join(path, key), "is missing")
+        return obj[key]
+
+    def str(self, obj: Any, key: str, path: str = "") -> str:
+        v = self.at(obj, key, path)
+        if not isinstance(v, str):
+            self.fail(self.join(path, key), "must be a string")
+        return v
+
+    def integer(self, obj: Any, key: str, path: str = "", lo: int = 0, hi: int = 1 << 30) -> int:
+        v = self.at(obj, key, path)
+        if not _is_int(v):
+            self.fail(self.join(path, key), "must be an integer")
+        if v < lo:
+            self.fail(self.join(path, key), f"must be >= {lo}, got {v}")
+        if v > hi:
+            self.fail(self.join(path, key), f"must be <= {hi}, got {v}")
+        return v
+
+    def number(self, obj: Any, key: str, path: str = "") -> float:
+        v = self.at(obj, key, path)
+        if not _is_finite_number(v):
+            self.fail(self.join(path, key), "must be a finite number")
+        return float(v)
+
+    def boolean(self, obj: Any, key: str, path: str = "") -> bool:
+        v = self.at(obj, key, path)
+        if not isinstance(v, bool):
+            self.fail(self.join(path, key), "must be true or false")
+        return v
+
+    def numbers(self, obj: Any, key: str, path: str, n: int, integers: bool = False, float32: bool = False) -> list:
+        """n finite numbers (integers only with `integers`; `float32`: finite also once stored as float32)."""
+        v = self.at(obj, key, path)
+        if not isinstance(v, list) or len(v) != n:
+            self.fail(self.join(path, key), f"must be a list of {n} numbers")
+        for e in v:
+            if not _is_finite_number(e) or (float32 and not abs(float(e)) <= _FLOAT32_MAX):
+                self.fail(self.join(path, key), "must hold finite numbers only")
+            if integers and not _is_int(e):
+                self.fail(self.join(path, key), "must hold integers only")
+        return v
+
+    def strings(self, obj: Any, key: str, path: str) -> list[str]:
+        v = self.at(obj, key, path)
+        if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+            self.fail(self.join(path, key), "must be a list of strings")
+        return v
+
+    def plain_name(self, obj: Any, key: str, path: str, what: str = "file") -> str:
+        v = self.str(obj, key, path)
+        if not is_plain_name(v):
+            self.fail(self.join(path, key), f"must be a plain {what} name inside the bundle, got {json.dumps(v)}")
+        return v
+
+    def sha256(self, obj: Any, key: str, path: str) -> str:
+        v = self.str(obj, key, path)
+        if not re.fullmatch(r"[0-9a-f]{64}", v):
+            self.fail(self.join(path, key), "must be 64 lowercase hex digits")
+        return v
+
+
+# Largest double that rounds to a finite float32 (round to nearest even): FLT_MAX + half an ulp, exclusive.
+_FLOAT32_MAX = float(np.nextafter(np.float64(np.finfo(np.float32).max) + 2.0**103, 0.0))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_finite_number(v: Any) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def is_plain_name(name: str) -> bool:
+    """A file or folder name directly inside the bundle: no separators, no `.`/`..`, no NUL."""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
+            and not any(c in name for c in "/\\\0"))
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.S)
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting of JSON text, counted outside strings (before parsing, which recurses)."""
+    steps = {"[": 1, "{": 1, "]": -1, "}": -1}
+    brackets = (steps[c] for c in re.sub(r"[^\[\]{}]", "", _JSON_STRING.sub("", text)))
+    return max(itertools.accumulate(brackets, initial=0))
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # as the C++ reader's JSON parser: a number beyond double range is an error
+        raise ValueError(f"number overflow parsing {text!r}")
+    return value
+
+
+def parse_manifest(text: str, where: str) -> dict[str, Any]:
+    """Parse policy.json text and apply every manifest rule; returns the manifest dict. `where` (the file
+    path) prefixes every error message."""
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise DpkitError(f"{where}: JSON nesting is deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        j = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)  # NaN / Infinity are not JSON
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise DpkitError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(j, dict):
+        raise DpkitError(f"{where}: must hold a JSON object")
+    validate_manifest(j, where)
+    return j
+
+
+def validate_manifest(j: dict[str, Any], where: str) -> None:
+    """The manifest rules (the same, in the same order, as parse_manifest in cpp/src/manifest.cpp)."""
+    r = _Reader(where)
+    if r.str(j, "format") != FORMAT:
+        r.fail("format", f'must be "{FORMAT}"')
+    version = r.at(j, "format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        r.fail("format_version", f"is {json.dumps(version)}; this runtime reads format version {FORMAT_VERSION} "
+                                 "only (re-export the bundle with a matching dpkit)")
+    obs_mode = r.str(j, "obs_mode")
+    if obs_mode not in ("lowdim", "image"):
+        r.fail("obs_mode", f'must be "lowdim" or "image", got {json.dumps(obs_mode)}')
+    to = r.integer(j, "n_obs_steps", "", 1, MAX_N_OBS_STEPS)
+    h = r.integer(j, "horizon", "", 1, MAX_HORIZON)
+    ta = r.integer(j, "n_action_steps", "", 1, MAX_HORIZON)
+    a = r.integer(j, "action_dim", "", 1, MAX_ACTION_DIM)
+    first = r.integer(j, "first_action_index", "", 0, MAX_HORIZON)
+    r.integer(j, "cond_dim", "", 1, MAX_COND_DIM)
+    if first != to - 1:
+        r.fail("first_action_index", f"must be n_obs_steps - 1 ({to - 1}), got {first}")
+    if first + ta > h:
+        r.fail("first_action_index", f"+ n_action_steps ({first} + {ta}) exceeds horizon {h}")
+
+    obs = r.at(j, "observations")
+    if not isinstance(obs, list) or not obs:
+        r.fail("observations", "must be a non-empty list")
+    if len(obs) > MAX_OBSERVATIONS:
+        r.fail("observations", f"must have at most {MAX_OBSERVATIONS} entries")
+    names: set[str] = set()
+    for i, o in enumerate(obs):
+        path = f"observations[{i}]"
+        name = r.str(o, "name", path)
+        if not name or name in names:
+            r.fail(f"{path}.name", f"must be a unique non-empty string, got {json.dumps(name)}")
+        names.add(name)
+        shape = r.at(o, "shape", path)
+        if not isinstance(shape, list) or not 1 <= len(shape) <= MAX_OBS_DIMS or not all(_is_int(d) for d in shape):
+            r.fail(f"{path}.shape", f"must be a list of 1 to {MAX_OBS_DIMS} integers")
+        if not all(1 <= d <= MAX_OBS_SIZE for d in shape):
+            r.fail(f"{path}.shape", f"must hold sizes in [1, {MAX_OBS_SIZE}]")
+        if to * math.prod(shape) > MAX_OBS_FLOATS:
+            r.fail(f"{path}.shape", f"holds more than {MAX_OBS_FLOATS} floats per sample (with n_obs_steps)")
+        if r.str(o, "dtype", path) != "float32":
+            r.fail(f"{path}.dtype", 'must be "float32"')
+
+    norm = r.at(j, "action_normalizer")
+    scale = r.numbers(norm, "scale", "action_normalizer", a, float32=True)
+    r.numbers(norm, "offset", "action_normalizer", a, float32=True)
+    if any(s == 0 for s in scale):
+        r.fail("action_normalizer.scale", "must not contain 0")
+
+    _validate_scheduler(r, r.at(j, "scheduler"), "scheduler")
+
+    models = r.at(j, "models")
+    _validate_model(r, models, "encoder", ["cond"])
+    _validate_model(r, models, "denoiser", ["noise_pred"])
+    if models["encoder"]["inputs"] != [o["name"] for o in obs]:
+        r.fail("models.encoder.inputs", "must list the observations' names in order")
+    if models["denoiser"]["inputs"] != ["sample", "timestep", "cond"]:
+        r.fail("models.denoiser.inputs", "must be [sample, timestep, cond]")
+
+    trt = j.get("tensorrt")
+    if trt is not None:
+        r.plain_name(trt, "cache_dir", "tensorrt", "folder")
+        lo = r.integer(trt, "min_batch", "tensorrt", 1, MAX_TRT_BATCH)
+        opt = r.integer(trt, "opt_batch", "tensorrt", 1, MAX_TRT_BATCH)
+        hi = r.integer(trt, "max_batch", "tensorrt", 1, MAX_TRT_BATCH)
+        if not lo <= opt <= hi:
+            r.fail("tensorrt.opt_batch", f"must lie in [min_batch, max_batch] = [{lo}, {hi}], got {opt}")
+        if r.str(trt, "precision", "tensorrt") not in ("fp32", "fp16"):
+            r.fail("tensorrt.precision", 'must be "fp32" or "fp16"')
+        r.boolean(trt, "engines", "tensorrt")
+
+
+def _validate_scheduler(r: _Reader, s: Any, sp: str) -> None:
+    if r.str(s, "type", sp) != "ddpm":
+        r.fail(f"{sp}.type", 'must be "ddpm"')
+    n = r.integer(s, "num_train_timesteps", sp, 1, MAX_TRAIN_TIMESTEPS)
+    pred = r.str(s, "prediction_type", sp)
+    if pred != "epsilon":
+        r.fail(f"{sp}.prediction_type", f'must be "epsilon" in format version 1, got {json.dumps(pred)}')
+    var = r.str(s, "variance_type", sp)
+    if var != "fixed_small":
+        r.fail(f"{sp}.variance_type", f'must be "fixed_small", got {json.dumps(var)}')
+    r.boolean(s, "clip_sample", sp)
+    if not r.number(s, "clip_sample_range", sp) > 0:
+        r.fail(f"{sp}.clip_sample_range", "must be a finite number > 0")
+    r.numbers(s, "betas", sp, n)
+    if not all(0 < a < 1 for a in r.numbers(s, "alphas_cumprod", sp, n)):
+        r.fail(f"{sp}.alphas_cumprod", "must hold values in (0, 1)")
+
+    samplers = r.at(s, "samplers", sp)
+    if not isinstance(samplers, list) or not samplers:
+        r.fail(f"{sp}.samplers", "must be a non-empty list")
+    if len(samplers) > MAX_SAMPLERS:
+        r.fail(f"{sp}.samplers", f"must have at most {MAX_SAMPLERS} entries")
+    default = r.str(s, "default_sampler", sp)
+    names: set[str] = set()
+    for i, e in enumerate(samplers):
+        path = f"{sp}.samplers[{i}]"
+        name = r.str(e, "name", path)
+        if name in names:
+            r.fail(f"{path}.name", f"{json.dumps(name)} is listed twice")
+        names.add(name)
+        kind = r.str(e, "sampler", path)
+        if kind not in ("ddpm", "ddim"):
+            r.fail(f"{path}.sampler", f'must be "ddpm" or "ddim", got {json.dumps(kind)}')
+        k = r.integer(e, "num_inference_steps", path, 1, n)
+        ts = r.numbers(e, "timesteps", path, k, integers=True)
+        prev = r.numbers(e, "prev_timesteps", path, k, integers=True)
+        for t, p in zip(ts, prev):
+            if not 0 <= t < n:
+                r.fail(f"{path}.timesteps", "must lie in [0, num_train_timesteps)")
+            if not -1 <= p < t:
+                r.fail(f"{path}.prev_timesteps", "must lie in [-1, timesteps[k])")
+        if not 0 < r.number(e, "final_alpha_cumprod", path) <= 1:
+            r.fail(f"{path}.final_alpha_cumprod", "must lie in (0, 1]")
+        if r.number(e, "eta", path) != 0.0:
+            r.fail(f"{path}.eta", "must be 0.0 in format version 1")
+    if default not in names:
+        r.fail(f"{sp}.default_sampler", f"{json.dumps(default)} names no entry of {sp}.samplers")
+
+
+def _validate_model(r: _Reader, models: Any, name: str, outputs: list[str]) -> None:
+    path = f"models.{name}"
+    m = r.at(models, name, "models")
+    file = r.plain_name(m, "file", path)
+    r.sha256(m, "sha256", path)
+    r.strings(m, "inputs", path)
+    if r.strings(m, "outputs", path) != outputs:
+        r.fail(f"{path}.outputs", f"must be [{', '.join(outputs)}]")
+    dtype = r.str(m, "dtype", path)
+    if dtype not in ("float32", "float16"):  # float16 graphs still take and return float32 (casts inside)
+        r.fail(f"{path}.dtype", f'must be "float32" or "float16", got {json.dumps(dtype)}')
+    ext = m.get("external_data", [])
+    if not isinstance(ext, list) or len(ext) > MAX_EXTERNAL_FILES:
+        r.fail(f"{path}.external_data", f"must be a list of at most {MAX_EXTERNAL_FILES} {{file, sha256}} entries")
+    seen = {file}
+    for i, e in enumerate(ext):
+        epath = f"{path}.external_data[{i}]"
+        f = r.plain_name(e, "file", epath)
+        if f in seen:
+            r.fail(f"{epath}.file", f"{json.dumps(f)} is listed twice")
+        seen.add(f)
+        r.sha256(e, "sha256", epath)
+
+
 # --------------------------------------------------------------------------- schedule
 
 
@@ -79,25 +391,11 @@ class SamplerSpec:
     eta: float = 0.0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], num_train: int) -> "SamplerSpec":
-        s = cls(
-            name=str(_get(d, "name", "scheduler.samplers[]")),
-            sampler=str(_get(d, "sampler", "scheduler.samplers[]")),
-            num_inference_steps=int(_get(d, "num_inference_steps", "scheduler.samplers[]")),
-            timesteps=tuple(int(t) for t in _get(d, "timesteps", "scheduler.samplers[]")),
-            prev_timesteps=tuple(int(t) for t in _get(d, "prev_timesteps", "scheduler.samplers[]")),
-            final_alpha_cumprod=float(_get(d, "final_alpha_cumprod", "scheduler.samplers[]")),
-            eta=float(d.get("eta", 0.0)),
-        )
-        where = f"scheduler sampler {s.name!r}"
-        _require(s.sampler in ("ddpm", "ddim"), f"{where}: sampler must be ddpm or ddim, got {s.sampler!r}")
-        k = s.num_inference_steps
-        _require(k >= 1 and len(s.timesteps) == k and len(s.prev_timesteps) == k,
-                 f"{where}: needs {k} timesteps and prev_timesteps")
-        _require(all(0 <= t < num_train for t in s.timesteps), f"{where}: timesteps outside [0, {num_train})")
-        _require(all(-1 <= p < num_train for p in s.prev_timesteps), f"{where}: prev_timesteps outside [-1, {num_train})")
-        _require(0.0 < s.final_alpha_cumprod <= 1.0, f"{where}: final_alpha_cumprod must be in (0, 1]")
-        return s
+    def from_dict(cls, d: dict[str, Any]) -> "SamplerSpec":
+        """From a sampler entry that validate_manifest (or Schedule.from_dict) has checked."""
+        return cls(str(d["name"]), str(d["sampler"]), int(d["num_inference_steps"]),
+                   tuple(int(t) for t in d["timesteps"]), tuple(int(t) for t in d["prev_timesteps"]),
+                   float(d["final_alpha_cumprod"]), float(d["eta"]))
 
 
 @dataclass(frozen=True)
@@ -113,45 +411,29 @@ class Schedule:
     default_sampler: str
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Schedule":
-        n = int(_get(d, "num_train_timesteps", "scheduler"))
-        betas = np.asarray(_get(d, "betas", "scheduler"), dtype=np.float64)
-        acp = np.asarray(_get(d, "alphas_cumprod", "scheduler"), dtype=np.float64)
-        _require(betas.shape == (n,) and acp.shape == (n,), f"scheduler: betas and alphas_cumprod need length {n}")
-        _require(bool(np.all((acp > 0) & (acp <= 1))), "scheduler: alphas_cumprod must lie in (0, 1]")
-        pred = str(_get(d, "prediction_type", "scheduler"))
-        _require(pred == "epsilon", f"scheduler: prediction_type {pred!r} is not supported (format 1: epsilon)")
-        var = str(d.get("variance_type", "fixed_small"))
-        _require(var == "fixed_small", f"scheduler: variance_type {var!r} is not supported (format 1: fixed_small)")
-        samplers = tuple(SamplerSpec.from_dict(s, n) for s in _get(d, "samplers", "scheduler"))
-        _require(len(samplers) > 0, "scheduler: samplers is empty")
-        sched = cls(n, pred, bool(_get(d, "clip_sample", "scheduler")), float(d.get("clip_sample_range", 1.0)),
-                    var, betas, acp, samplers, str(_get(d, "default_sampler", "scheduler")))
-        _require(any(s.name == sched.default_sampler for s in samplers),
-                 f"scheduler: default_sampler {sched.default_sampler!r} is not among the samplers")
-        return sched
+    def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> "Schedule":
+        """The manifest's `scheduler` object, checked by the manifest rules."""
+        _validate_scheduler(_Reader(where), d, "scheduler")
+        return cls(int(d["num_train_timesteps"]), str(d["prediction_type"]), bool(d["clip_sample"]),
+                   float(d["clip_sample_range"]), str(d["variance_type"]),
+                   np.asarray(d["betas"], dtype=np.float64), np.asarray(d["alphas_cumprod"], dtype=np.float64),
+                   tuple(SamplerSpec.from_dict(s) for s in d["samplers"]), str(d["default_sampler"]))
 
     def find(self, sampler: str | None = None, steps: int | None = None) -> SamplerSpec:
-        """The listed sampler for (kind, K). No kind: the default sampler's kind (as the torch backend);
-        no K: the default sampler when it is of that kind, else the kind's largest K."""
+        """The listed sampler for (kind, K), resolved by the one rule (dpkit.sampling_args.resolve_sampler):
+        no kind: the default sampler's kind; no K: the default sampler when it is of that kind, else the
+        kind's largest K."""
         default = next(s for s in self.samplers if s.name == self.default_sampler)
-        if sampler is None:
-            sampler = default.sampler
-        if sampler not in ("ddpm", "ddim"):
-            raise DpkitError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
-        kinds = [s for s in self.samplers if s.sampler == sampler]
-        if steps is None:
-            if default in kinds:
-                return default
-            return max(kinds, key=lambda s: s.num_inference_steps) if kinds else self._missing(sampler, steps)
-        for s in kinds:
-            if s.num_inference_steps == int(steps):
+        largest: dict[str, int] = {}
+        for s in self.samplers:
+            largest[s.sampler] = max(largest.get(s.sampler, 0), s.num_inference_steps)
+        kind, k = resolve_sampler(sampler, steps, default=(default.sampler, default.num_inference_steps),
+                                  largest=largest)
+        for s in self.samplers:
+            if s.sampler == kind and s.num_inference_steps == k:
                 return s
-        return self._missing(sampler, steps)
-
-    def _missing(self, sampler: str | None, steps: int | None) -> SamplerSpec:
         names = ", ".join(s.name for s in self.samplers)
-        raise DpkitError(f"the bundle has no sampler {sampler or 'any'} with steps={steps} (available: {names})")
+        raise DpkitError(f"the bundle has no sampler {kind} with steps={steps} (available: {names})")
 
 
 # --------------------------------------------------------------------------- bundle
@@ -186,6 +468,8 @@ class Bundle:
         return traj[:, i : i + self.n_action_steps] * self.action_scale.astype(np.float32) + self.action_offset.astype(np.float32)
 
 
+# --------------------------------------------------------------------------- TensorRT
+
 # Where TensorRT engines live inside a bundle (the manifest's `tensorrt.cache_dir` as dpkit-export writes it).
 TRT_CACHE_DIR = "trt_cache"
 
@@ -198,32 +482,36 @@ def trt_profile_inputs(manifest: dict[str, Any]) -> dict[str, dict[str, tuple[in
     return {"encoder": enc, "denoiser": den}
 
 
-def ort_trt_options(cache: Path, inputs: dict[str, tuple[int, ...]], max_batch: int, fp16: bool) -> dict[str, Any]:
-    """TensorrtExecutionProvider options for one graph. The exporter builds engines with them and every
-    runtime (this package's "ort" backend, the C++ runtime) passes the same ones to reuse the cached engines:
-    ORT keys its cache on the precision and the min/opt/max profile (batch 1..max_batch, opt min(8, max))."""
+def ort_trt_options(cache: Path, inputs: dict[str, tuple[int, ...]], trt: dict[str, Any] | None) -> dict[str, Any]:
+    """TensorrtExecutionProvider options for one graph, from the manifest's `tensorrt` entry (the profile
+    min_batch/opt_batch/max_batch and the precision, written once by dpkit-export). The exporter builds
+    engines with them and every runtime (the "ort" backend, the C++ runtime) passes the same ones, so ORT
+    finds the cached engines (it keys them on the precision and the profile). No entry: only the cache
+    folder; ORT then builds an engine for each input shape it meets."""
+    opts: dict[str, Any] = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
+    if not trt:
+        return opts
+
     def dims(b: int) -> str:
         return ",".join(f"{n}:{'x'.join(str(d) for d in (b, *s))}" for n, s in inputs.items())
 
-    opt = max(1, min(8, max_batch))
-    return {
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": str(cache),
-        "trt_fp16_enable": fp16,
-        "trt_profile_min_shapes": dims(1),
-        "trt_profile_opt_shapes": dims(opt),
-        "trt_profile_max_shapes": dims(max_batch),
-    }
+    opts.update({
+        "trt_fp16_enable": trt["precision"] == "fp16",
+        "trt_profile_min_shapes": dims(int(trt["min_batch"])),
+        "trt_profile_opt_shapes": dims(int(trt["opt_batch"])),
+        "trt_profile_max_shapes": dims(int(trt["max_batch"])),
+    })
+    return opts
 
 
 def bundle_trt_options(bundle: "Bundle", graph: str) -> dict[str, Any]:
-    """TensorRT options for `graph` ("encoder"/"denoiser"): those of the bundle's exported engines, or (no
-    engines exported) an engine cache in the bundle's trt_cache/ that ORT fills at the first load."""
+    """TensorRT options for `graph` ("encoder"/"denoiser") of a loaded bundle (see ort_trt_options)."""
     trt = bundle.manifest.get("tensorrt")
-    if not trt:
-        return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(bundle.path / TRT_CACHE_DIR)}
-    return ort_trt_options(bundle.path / trt.get("cache_dir", TRT_CACHE_DIR), trt_profile_inputs(bundle.manifest)[graph],
-                           int(trt["max_batch"]), trt.get("precision") == "fp16")
+    cache = bundle.path / (trt["cache_dir"] if trt else TRT_CACHE_DIR)
+    return ort_trt_options(cache, trt_profile_inputs(bundle.manifest)[graph], trt)
+
+
+# --------------------------------------------------------------------------- files and graphs
 
 
 def sha256_file(path: str | Path) -> str:
@@ -234,7 +522,115 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _shape_str(dims: tuple[int | None, ...] | list) -> str:
+    return "(" + ", ".join("B" if d is None or d < 0 else str(d) for d in dims) + ")"
+
+
+def expected_graph_io(manifest: dict[str, Any], graph: str) -> tuple[list, list]:
+    """([(name, element type, dims)] inputs, outputs) the contract requires of `graph`; None = batch."""
+    to, h, a, c = manifest["n_obs_steps"], manifest["horizon"], manifest["action_dim"], manifest["cond_dim"]
+    if graph == "encoder":
+        ins = [(o["name"], FLOAT, (None, to, *o["shape"])) for o in manifest["observations"]]
+        return ins, [("cond", FLOAT, (None, c))]
+    return ([("sample", FLOAT, (None, h, a)), ("timestep", INT64, (None,)), ("cond", FLOAT, (None, c))],
+            [("noise_pred", FLOAT, (None, h, a))])
+
+
+def graph_io_problem(manifest: dict[str, Any], graph: str, inputs: list, outputs: list) -> str | None:
+    """What is wrong with a graph's declared inputs/outputs [(name, element type, dims)] (None: nothing).
+    A None/negative dim in the graph is dynamic and accepts anything; the expected batch dim is None."""
+    want_in, want_out = expected_graph_io(manifest, graph)
+    if len(inputs) != len(want_in) or len(outputs) != len(want_out):
+        return (f"has {len(inputs)} inputs and {len(outputs)} outputs, expected {len(want_in)} and "
+                f"{len(want_out)} (policy.json)")
+    for kind, got_list, want_list in (("input", inputs, want_in), ("output", outputs, want_out)):
+        for i, ((name, elem, dims), (w_name, w_elem, w_dims)) in enumerate(zip(got_list, want_list)):
+            if name != w_name:
+                return f"{kind} {i} is named '{name}', expected '{w_name}'"
+            if elem != w_elem:
+                return (f"{kind} '{name}' has element type {DTYPE_NAMES.get(elem, str(elem))}, expected "
+                        f"{DTYPE_NAMES[w_elem]}")
+            ok = len(dims) == len(w_dims) and all(d is None or d < 0 or w is None or d == w for d, w in zip(dims, w_dims))
+            if not ok:
+                return f"{kind} '{name}' has shape {_shape_str(dims)}, expected {_shape_str(w_dims)}"
+    return None
+
+
+_ORT_TYPES = {"tensor(float)": FLOAT, "tensor(int64)": INT64, "tensor(float16)": 10, "tensor(double)": 11,
+              "tensor(int32)": 6}
+
+
+def check_graph_io(bundle: Bundle, graph: str, inputs: list, outputs: list) -> None:
+    """Raise DpkitError unless an ONNX Runtime session's `get_inputs()` / `get_outputs()` for `graph`
+    ("encoder" or "denoiser") are the contract's for this bundle (names in order, element types, fixed
+    sizes: cond_dim, horizon, action_dim, observation shapes). load_bundle already checks the graph files
+    themselves; a backend calls this on the sessions it opened (what the provider really loaded)."""
+    def as_tuple(a: Any) -> tuple:
+        if isinstance(a, tuple):
+            return a
+        dims = tuple(d if isinstance(d, int) else None for d in (a.shape or ()))
+        return a.name, _ORT_TYPES.get(a.type, a.type), dims
+
+    problem = graph_io_problem(bundle.manifest, graph, [as_tuple(i) for i in inputs], [as_tuple(o) for o in outputs])
+    if problem:
+        raise DpkitError(f"{bundle.path / MANIFEST}: models.{graph}.file {json.dumps(bundle.graph_files[graph].name)}: "
+                         f"{problem}")
+
+
+def _inside(root: Path, path: Path) -> bool:
+    real_root = os.path.realpath(root)
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
+def check_bundle_files(root: Path, manifest: dict[str, Any], where: str, verify_sha256: bool = True) -> dict[str, Path]:
+    """The file rules (as cpp/src/manifest.cpp's load_manifest and verify_bundle_sha256): every file the
+    manifest names is a regular file that stays inside the bundle folder (symlinks resolved); a graph
+    references external data only through files its `external_data` lists; each graph's declared inputs
+    and outputs are the manifest's; and (verify_sha256) the sha256 of each graph and external-data file.
+    Returns the graph paths."""
+    r = _Reader(where)
+    files: dict[str, Path] = {}
+    for g in GRAPHS:
+        m = manifest["models"][g]
+        named = [(f"models.{g}.file", m["file"])] + [
+            (f"models.{g}.external_data[{i}].file", e["file"]) for i, e in enumerate(m.get("external_data", []))]
+        for key, name in named:
+            path = root / name
+            if not path.exists():
+                r.fail(key, f"{json.dumps(name)} does not exist in the bundle folder")
+            if not _inside(root, path):
+                r.fail(key, f"{json.dumps(name)} resolves outside the bundle folder")
+            if not path.is_file():
+                r.fail(key, f"{json.dumps(name)} is not a regular file")
+        path = root / m["file"]
+        try:
+            info = read_onnx_info(path)
+        except OnnxError as e:
+            r.fail(f"models.{g}.file", f"{json.dumps(m['file'])} {e.reason}")
+        listed = {e["file"] for e in m.get("external_data", [])}
+        for loc in sorted(info.external - listed):
+            r.fail(f"models.{g}.file", f"{json.dumps(m['file'])} references external data {json.dumps(loc)} that "
+                                       f"models.{g}.external_data does not list (every byte a graph loads must be hashed)")
+        problem = graph_io_problem(manifest, g, info.graph_inputs(), info.outputs)
+        if problem:
+            r.fail(f"models.{g}.file", f"{json.dumps(m['file'])}: {problem}")
+        files[g] = path
+    if verify_sha256:
+        for g in GRAPHS:
+            m = manifest["models"][g]
+            hashed = [(f"models.{g}.sha256", m["file"], m["sha256"])] + [
+                (f"models.{g}.external_data[{i}].sha256", e["file"], e["sha256"])
+                for i, e in enumerate(m.get("external_data", []))]
+            for key, name, want in hashed:
+                got = sha256_file(root / name)
+                if got != want:
+                    r.fail(key, f"does not match {name} (file has {got[:12]}..., policy.json says {want[:12]}...): "
+                                "the file was modified or is corrupt; re-export the bundle")
+    return files
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """policy.json of the bundle folder `path` (or the file itself), checked by every manifest rule."""
     path = Path(path)
     mpath = path / MANIFEST if path.is_dir() else path
     if not path.exists():
@@ -242,72 +638,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not mpath.is_file():
         raise DpkitError(f"{path} is not a dpkit bundle (no {MANIFEST})")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DpkitError(f"{mpath} is not valid JSON: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DpkitError(f"{mpath} is not a dpkit bundle manifest (format != {FORMAT!r})")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DpkitError(f"{mpath} has format_version {version!r}; this dpkit reads version {FORMAT_VERSION} "
-                         "(re-export the checkpoint with this dpkit's dpkit-export)")
-    return manifest
+        text = mpath.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DpkitError(f"{mpath}: not valid JSON ({e})") from None
+    return parse_manifest(text, str(mpath))
 
 
 def load_bundle(path: str | Path, verify_sha256: bool = True) -> Bundle:
-    """Read policy.json, check its keys and shapes, and (by default) the sha256 of both graphs."""
+    """Read policy.json, apply every manifest and file rule, and (by default) check every sha256."""
     manifest = read_manifest(path)
     root = Path(path) if Path(path).is_dir() else Path(path).parent
     where = str(root / MANIFEST)
-    for key in ("obs_mode", "n_obs_steps", "horizon", "n_action_steps", "action_dim", "first_action_index",
-                "cond_dim", "observations", "action_normalizer", "scheduler", "models"):
-        _get(manifest, key, where)
-    ints = {k: manifest[k] for k in ("n_obs_steps", "horizon", "n_action_steps", "action_dim", "cond_dim")}
-    for k, v in ints.items():
-        _require(isinstance(v, int) and v >= 1, f"{where}: {k} must be a positive integer, got {v!r}")
-    _require(manifest["first_action_index"] == manifest["n_obs_steps"] - 1,
-             f"{where}: first_action_index must be n_obs_steps - 1")
-    _require(manifest["first_action_index"] + manifest["n_action_steps"] <= manifest["horizon"],
-             f"{where}: first_action_index + n_action_steps exceeds horizon")
-    _require(manifest["obs_mode"] in ("image", "lowdim"), f"{where}: unknown obs_mode {manifest['obs_mode']!r}")
-    obs = manifest["observations"]
-    _require(isinstance(obs, list) and len(obs) > 0 and all(isinstance(o, dict) and {"name", "shape", "dtype"} <= set(o) for o in obs),
-             f"{where}: observations must be a list of {{name, shape, dtype}}")
+    files = check_bundle_files(root, manifest, where, verify_sha256)
     norm = manifest["action_normalizer"]
-    scale = np.asarray(_get(norm, "scale", where + " action_normalizer"), dtype=np.float64)
-    offset = np.asarray(_get(norm, "offset", where + " action_normalizer"), dtype=np.float64)
-    a = manifest["action_dim"]
-    _require(scale.shape == (a,) and offset.shape == (a,), f"{where}: action_normalizer scale/offset need length {a}")
-    try:
-        schedule = Schedule.from_dict(manifest["scheduler"])
-    except (TypeError, ValueError) as e:
-        raise DpkitError(f"{where}: malformed scheduler: {e}") from None
-
-    files: dict[str, Path] = {}
-    for g in GRAPHS:
-        m = _get(manifest["models"], g, where + " models")
-        f = root / str(_get(m, "file", f"{where} models.{g}"))
-        if not f.is_file():
-            raise DpkitError(f"bundle {root}: {g} graph {f.name} is missing")
-        if verify_sha256:
-            want = str(_get(m, "sha256", f"{where} models.{g}"))
-            got = sha256_file(f)
-            if got != want:
-                raise DpkitError(f"bundle {root}: {f.name} sha256 {got[:12]}... does not match policy.json "
-                                 f"({want[:12]}...): the file was modified or is corrupt")
-        files[g] = f
-    return Bundle(root, manifest, schedule, obs, scale, offset, files)
-
-
-def _get(d: Any, key: str, where: str) -> Any:
-    if not isinstance(d, dict) or key not in d:
-        raise DpkitError(f"{where}: missing key {key!r}")
-    return d[key]
-
-
-def _require(ok: bool, msg: str) -> None:
-    if not ok:
-        raise DpkitError(msg)
+    return Bundle(root, manifest, Schedule.from_dict(manifest["scheduler"], where), manifest["observations"],
+                  np.asarray(norm["scale"], dtype=np.float64), np.asarray(norm["offset"], dtype=np.float64), files)
 
 
 def finite_or_none(x: float) -> float | None:

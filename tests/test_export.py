@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpkit.errors import DpkitError
-from dpkit.export import cli
+from dpkit.export import cli, writer
 from dpkit.export.tensorrt import TensorRTUnavailable, check_available
 from dpkit.runtime import load_policy
 from dpkit.runtime.bundle import load_bundle, sha256_file
@@ -54,7 +54,7 @@ def bundles(tmp_path_factory, runs) -> dict[str, Path]:
     out = {}
     for mode, run in runs.items():
         out[mode] = root / mode
-        cli.export_bundle(run, out[mode], ddim_steps=(5, 10), log=lambda s: None)
+        writer.export_bundle(run, out[mode], ddim_steps=(5, 10), log=lambda s: None)
     return out
 
 
@@ -103,7 +103,7 @@ def test_ort_backend_matches_torch_with_injected_noise(bundles, runs, mode, samp
 @pytest.mark.slow
 def test_fp16_bundle_reports_its_own_parity(tmp_path, runs, bundles):
     out = tmp_path / "half"
-    summary = cli.export_bundle(runs["lowdim"], out, fp16=True, ddim_steps=(10,), log=lambda s: None)
+    summary = writer.export_bundle(runs["lowdim"], out, fp16=True, ddim_steps=(10,), log=lambda s: None)
     m = load_bundle(out).manifest
     assert m["export"]["fp16"] is True and m["models"]["denoiser"]["dtype"] == "float16"
     assert set(m["parity_details"]) >= {"fp32", "fp16"}
@@ -128,7 +128,7 @@ def test_sha256_mismatch_and_format_version_are_refused(tmp_path, bundles):
     m = json.loads((bad / "policy.json").read_text())
     m["format_version"] = 2
     (bad / "policy.json").write_text(json.dumps(m))
-    with pytest.raises(DpkitError, match="format_version 2"):
+    with pytest.raises(DpkitError, match="format_version is 2"):
         load_policy(bad, backend="ort")
     with pytest.raises(DpkitError, match="does not exist"):
         load_policy(tmp_path / "nope", backend="ort")
@@ -190,11 +190,11 @@ def test_failed_parity_leaves_no_bundle(tmp_path, runs, bundles, monkeypatch):
     def copy_graphs(policy, out_dir, opset, fp16=False, gemm_conv=True):  # skip the slow exporter: reuse good graphs
         return {g: Path(shutil.copy(bundles["lowdim"] / f"{g}.onnx", out_dir)) for g in ("encoder", "denoiser")}
 
-    monkeypatch.setattr(cli, "export_policy", copy_graphs)
+    monkeypatch.setattr(writer, "export_policy", copy_graphs)
     monkeypatch.setattr(verify, "FP32_TOLERANCE", 0.0)  # any rounding difference now fails
     out = tmp_path / "b"
     with pytest.raises(DpkitError, match="parity check failed"):
-        cli.export_bundle(runs["lowdim"], out, ddim_steps=(10,), log=lambda s: None)
+        writer.export_bundle(runs["lowdim"], out, ddim_steps=(10,), log=lambda s: None)
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
@@ -270,33 +270,37 @@ def test_failed_engine_build_leaves_no_partial_cache(tmp_path, bundles, monkeypa
     shutil.copytree(bundles["lowdim"], b)
     built = []
 
-    def fake_build(onnx_path, cache, inputs, max_batch, fp16):
+    def fake_build(onnx_path, cache, inputs, profile):
         built.append(onnx_path.name)
         (cache / f"{onnx_path.stem}.engine").write_bytes(b"engine")
         if onnx_path.name == "denoiser.onnx":
             raise RuntimeError("[TensorRT EP] out of workspace memory\nlong native trace")
 
-    monkeypatch.setattr(trt, "check_available", lambda: "ort")
+    monkeypatch.setattr(trt, "check_available", lambda: None)
     monkeypatch.setattr(trt, "_build_with_ort", fake_build)
     manifest = json.loads((b / "policy.json").read_text())
     with pytest.raises(DpkitError, match=r"^TensorRT engine build for denoiser.onnx failed: \[TensorRT EP\] out of "
                                          r"workspace memory$"):
-        trt.build_engines(b, manifest, 8, False)
+        trt.build_engines(b, manifest)
     assert built == ["encoder.onnx", "denoiser.onnx"]
     assert sorted(p.name for p in b.iterdir()) == ["denoiser.onnx", "encoder.onnx", "policy.json"]
-    monkeypatch.setattr(trt, "_build_with_ort", lambda o, c, i, m, f: (c / f"{o.stem}.engine").write_bytes(b"e"))
-    entry = trt.build_engines(b, manifest, 8, True)
-    assert entry == {"cache_dir": "trt_cache", "max_batch": 8, "precision": "fp16", "route": "ort"}
+    monkeypatch.setattr(trt, "_build_with_ort", lambda o, c, i, p: (c / f"{o.stem}.engine").write_bytes(b"e"))
+    entry = trt.build_engines(b, manifest)
+    assert entry == {**manifest["tensorrt"], "engines": True}
     assert sorted(p.name for p in (b / "trt_cache").iterdir()) == ["denoiser.engine", "encoder.engine"]
 
 
 def test_ort_backend_reuses_exported_engines_options(bundles):
-    """A bare "TensorrtExecutionProvider" gets the exporter's cache folder, precision and batch profile."""
+    """A bare "TensorrtExecutionProvider" gets the manifest's cache folder, precision and batch profile."""
     pol = load_policy(bundles["lowdim"], backend="ort", threads=1)
     (name, opts), cuda = pol._providers(["TensorrtExecutionProvider", "CUDAExecutionProvider"], "denoiser")
     assert (name, cuda) == ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-    assert opts == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(bundles["lowdim"] / "trt_cache")}
-    pol.bundle.manifest["tensorrt"] = {"cache_dir": "trt_cache", "max_batch": 16, "precision": "fp16", "route": "ort"}
+    assert pol.bundle.manifest["tensorrt"] == {"cache_dir": "trt_cache", "min_batch": 1, "opt_batch": 8,
+                                               "max_batch": 64, "precision": "fp32", "engines": False}
+    assert opts["trt_engine_cache_path"] == str(bundles["lowdim"] / "trt_cache") and opts["trt_fp16_enable"] is False
+    assert opts["trt_profile_max_shapes"].startswith("sample:64x16x2,")
+    pol.bundle.manifest["tensorrt"] = {"cache_dir": "trt_cache", "min_batch": 1, "opt_batch": 8, "max_batch": 16,
+                                       "precision": "fp16", "engines": True}
     (_, opts), _ = pol._providers(["TensorrtExecutionProvider", "CUDAExecutionProvider"], "denoiser")
     c = pol.bundle.cond_dim
     assert opts["trt_fp16_enable"] is True

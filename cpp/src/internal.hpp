@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dpkit/runtime.hpp"
@@ -48,12 +49,17 @@ struct Manifest {
   std::vector<SamplerEntry> samplers;
   int default_sampler = 0;
   ModelEntry encoder, denoiser;
-  // `tensorrt` (present when dpkit-export --tensorrt built engines): ORT's engine cache folder inside the
-  // bundle, the batch range of its optimization profile, and the precision the engines were built with.
+  // models.<graph>.external_data: (file, sha256) of every file beside the graph its tensors load.
+  std::vector<std::pair<std::string, std::string>> encoder_external_data, denoiser_external_data;
+  // `tensorrt` (dpkit-export writes it always): ORT's engine cache folder inside the bundle, the
+  // optimization profile (batch min/opt/max) and precision engines are built with, and whether
+  // dpkit-export --tensorrt built them already (else ORT builds them at the first load, same profile).
   bool has_tensorrt = false;
   std::string tensorrt_precision;
   std::string tensorrt_cache_dir = "trt_cache";
   int tensorrt_max_batch = 0;
+  int tensorrt_min_batch = 0, tensorrt_opt_batch = 0;
+  bool tensorrt_engines = false;
 };
 
 // Parse and validate policy.json text; `where` (the file path) prefixes every error message.

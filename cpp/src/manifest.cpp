@@ -1,10 +1,25 @@
-// policy.json -> Manifest, with every check a reader of format version 1 must make (docs/bundle-format.md).
+// policy.json -> Manifest, with every check a reader of format version 1 must make (docs/bundle-format.md),
+// and the bundle's file rules (files inside the folder, external data listed, graph inputs/outputs, sha256).
+// dpkit.runtime.bundle applies the same rules, in the same order, with the same messages; both test suites
+// run cpp/tests/data/damaged_bundles.json against them.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
 
 #include "internal.hpp"
+#include "manifest.hpp"
 
 namespace dpkit {
 namespace detail {
@@ -12,7 +27,43 @@ namespace {
 
 using nlohmann::json;
 
-// Typed access that turns every missing key or wrong type into one message naming the key path.
+// Bounds applied before anything is sized from the manifest (dpkit.runtime.bundle has the same numbers).
+constexpr int kMaxJsonDepth = 64;
+constexpr int64_t kMaxNObsSteps = 256, kMaxHorizon = 4096, kMaxActionDim = 256, kMaxCondDim = 1 << 20;
+constexpr std::size_t kMaxObservations = 64, kMaxObsDims = 8;
+constexpr int64_t kMaxObsSize = 1 << 16;
+constexpr double kMaxObsFloats = double(1 << 26);
+constexpr int64_t kMaxTrainTimesteps = 10000;
+constexpr std::size_t kMaxSamplers = 1024, kMaxExternalFiles = 64;
+constexpr int64_t kMaxTrtBatch = 65536;
+
+// Deepest bracket nesting outside strings, found before parsing (the same scan as bundle.json_depth).
+int json_depth(const std::string& text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) escaped = false;
+      else if (c == '\\') escaped = true;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
+}
+
+std::string in_quotes(const std::string& s) { return "\"" + s + "\""; }
+
+bool plain_name(const std::string& s) {
+  return !s.empty() && s.size() <= 255 && s != "." && s != ".." && s.find_first_of(std::string("/\\\0", 3)) == std::string::npos;
+}
+
+// Typed access that turns every missing key or wrong value into one message naming the key path.
 class Reader {
  public:
   explicit Reader(const std::string& where) : where_(where) {}
@@ -34,12 +85,15 @@ class Reader {
     return v.get<std::string>();
   }
 
-  int integer(const json& obj, const std::string& key, const std::string& path = "", int min = 0) const {
+  int64_t integer(const json& obj, const std::string& key, const std::string& path, int64_t lo, int64_t hi) const {
     const json& v = at(obj, key, path);
     if (!v.is_number_integer()) fail(join(path, key), "must be an integer");
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+      fail(join(path, key), "must be <= " + std::to_string(hi) + ", got " + v.dump());
     const int64_t i = v.get<int64_t>();
-    if (i < min || i > (1 << 30)) fail(join(path, key), "must be >= " + std::to_string(min) + ", got " + std::to_string(i));
-    return static_cast<int>(i);
+    if (i < lo) fail(join(path, key), "must be >= " + std::to_string(lo) + ", got " + std::to_string(i));
+    if (i > hi) fail(join(path, key), "must be <= " + std::to_string(hi) + ", got " + std::to_string(i));
+    return i;
   }
 
   double number(const json& obj, const std::string& key, const std::string& path = "") const {
@@ -54,6 +108,7 @@ class Reader {
     return v.get<bool>();
   }
 
+  // n numbers, each finite (as T: a float list refuses what float32 cannot hold), integers for integral T.
   template <class T>
   std::vector<T> numbers(const json& obj, const std::string& key, const std::string& path, std::size_t n) const {
     const json& v = at(obj, key, path);
@@ -62,7 +117,9 @@ class Reader {
     std::vector<T> out;
     out.reserve(n);
     for (const json& e : v) {
-      if (!e.is_number() || !std::isfinite(e.get<double>())) fail(join(path, key), "must hold finite numbers only");
+      if (!e.is_number() || !std::isfinite(e.get<double>()) ||
+          (std::is_floating_point<T>::value && !std::isfinite(static_cast<T>(e.get<double>()))))
+        fail(join(path, key), "must hold finite numbers only");
       if (std::is_integral<T>::value && !e.is_number_integer()) fail(join(path, key), "must hold integers only");
       out.push_back(e.get<T>());
     }
@@ -80,44 +137,384 @@ class Reader {
     return out;
   }
 
+  std::string name(const json& obj, const std::string& key, const std::string& path, const char* what = "file") const {
+    const std::string s = str(obj, key, path);
+    if (!plain_name(s))
+      fail(join(path, key), std::string("must be a plain ") + what + " name inside the bundle, got " + in_quotes(s));
+    return s;
+  }
+
+  std::string sha256(const json& obj, const std::string& key, const std::string& path) const {
+    const std::string s = str(obj, key, path);
+    if (s.size() != 64 || s.find_first_not_of("0123456789abcdef") != std::string::npos)
+      fail(join(path, key), "must be 64 lowercase hex digits");
+    return s;
+  }
+
   static std::string join(const std::string& path, const std::string& key) { return path.empty() ? key : path + "." + key; }
 
  private:
   std::string where_;
 };
 
+std::string list_str(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& o : v) s += (s.empty() ? "" : ", ") + o;
+  return s;
+}
+
 ModelEntry read_model(const Reader& r, const json& models, const std::string& name,
-                      const std::vector<std::string>& outputs) {
+                      const std::vector<std::string>& outputs,
+                      std::vector<std::pair<std::string, std::string>>& external) {
   const std::string path = "models." + name;
   const json& m = r.at(models, name, "models");
   ModelEntry e;
-  e.file = r.str(m, "file", path);
-  if (e.file.empty() || e.file.find('/') != std::string::npos || e.file.find("..") != std::string::npos)
-    r.fail(path + ".file", "must be a plain file name inside the bundle, got '" + e.file + "'");
-  e.sha256 = r.str(m, "sha256", path);
-  if (e.sha256.size() != 64 || e.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
-    r.fail(path + ".sha256", "must be 64 lowercase hex digits");
+  e.file = r.name(m, "file", path);
+  e.sha256 = r.sha256(m, "sha256", path);
   e.inputs = r.strings(m, "inputs", path);
   e.outputs = r.strings(m, "outputs", path);
+  if (e.outputs != outputs) r.fail(path + ".outputs", "must be [" + list_str(outputs) + "]");
   e.dtype = r.str(m, "dtype", path);
   // float16 graphs (dpkit-export --fp16) still take and return float32: the casts are inside the graph.
   if (e.dtype != "float32" && e.dtype != "float16")
     r.fail(path + ".dtype", "must be \"float32\" or \"float16\", got \"" + e.dtype + "\"");
-  if (e.outputs != outputs) {
-    std::string want;
-    for (const auto& o : outputs) want += (want.empty() ? "" : ", ") + o;
-    r.fail(path + ".outputs", "must be [" + want + "]");
+  auto ext = m.find("external_data");
+  if (ext != m.end()) {
+    if (!ext->is_array() || ext->size() > kMaxExternalFiles)
+      r.fail(path + ".external_data", "must be a list of at most " + std::to_string(kMaxExternalFiles) + " {file, sha256} entries");
+    std::set<std::string> seen = {e.file};
+    for (std::size_t i = 0; i < ext->size(); ++i) {
+      const std::string epath = path + ".external_data[" + std::to_string(i) + "]";
+      const std::string f = r.name((*ext)[i], "file", epath);
+      if (!seen.insert(f).second) r.fail(epath + ".file", in_quotes(f) + " is listed twice");
+      external.emplace_back(f, r.sha256((*ext)[i], "sha256", epath));
+    }
   }
   return e;
 }
 
+void read_scheduler(const Reader& r, const json& s, Manifest& m) {
+  const std::string sp = "scheduler";
+  if (r.str(s, "type", sp) != "ddpm") r.fail("scheduler.type", "must be \"ddpm\"");
+  m.num_train_timesteps = static_cast<int>(r.integer(s, "num_train_timesteps", sp, 1, kMaxTrainTimesteps));
+  m.prediction_type = r.str(s, "prediction_type", sp);
+  if (m.prediction_type != "epsilon") r.fail("scheduler.prediction_type", "must be \"epsilon\" in format version 1, got \"" + m.prediction_type + "\"");
+  m.variance_type = r.str(s, "variance_type", sp);
+  if (m.variance_type != "fixed_small") r.fail("scheduler.variance_type", "must be \"fixed_small\", got \"" + m.variance_type + "\"");
+  m.clip_sample = r.boolean(s, "clip_sample", sp);
+  m.clip_sample_range = r.number(s, "clip_sample_range", sp);
+  if (!(m.clip_sample_range > 0.0)) r.fail("scheduler.clip_sample_range", "must be a finite number > 0");
+  const std::size_t T = static_cast<std::size_t>(m.num_train_timesteps);
+  m.betas = r.numbers<double>(s, "betas", sp, T);
+  m.alphas_cumprod = r.numbers<double>(s, "alphas_cumprod", sp, T);
+  for (double a : m.alphas_cumprod)
+    if (!(a > 0.0 && a < 1.0)) r.fail("scheduler.alphas_cumprod", "must hold values in (0, 1)");
+
+  const json& samplers = r.at(s, "samplers", sp);
+  if (!samplers.is_array() || samplers.empty()) r.fail("scheduler.samplers", "must be a non-empty list");
+  if (samplers.size() > kMaxSamplers) r.fail("scheduler.samplers", "must have at most " + std::to_string(kMaxSamplers) + " entries");
+  const std::string default_name = r.str(s, "default_sampler", sp);
+  m.default_sampler = -1;
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < samplers.size(); ++i) {
+    const std::string path = "scheduler.samplers[" + std::to_string(i) + "]";
+    const json& e = samplers[i];
+    SamplerEntry se;
+    se.name = r.str(e, "name", path);
+    if (!names.insert(se.name).second) r.fail(path + ".name", in_quotes(se.name) + " is listed twice");
+    se.sampler = r.str(e, "sampler", path);
+    if (se.sampler != "ddpm" && se.sampler != "ddim") r.fail(path + ".sampler", "must be \"ddpm\" or \"ddim\", got \"" + se.sampler + "\"");
+    se.num_inference_steps = static_cast<int>(r.integer(e, "num_inference_steps", path, 1, m.num_train_timesteps));
+    const std::size_t K = static_cast<std::size_t>(se.num_inference_steps);
+    se.timesteps = r.numbers<int64_t>(e, "timesteps", path, K);
+    se.prev_timesteps = r.numbers<int64_t>(e, "prev_timesteps", path, K);
+    for (std::size_t k = 0; k < K; ++k) {
+      if (se.timesteps[k] < 0 || se.timesteps[k] >= m.num_train_timesteps)
+        r.fail(path + ".timesteps", "must lie in [0, num_train_timesteps)");
+      if (se.prev_timesteps[k] < -1 || se.prev_timesteps[k] >= se.timesteps[k])
+        r.fail(path + ".prev_timesteps", "must lie in [-1, timesteps[k])");
+    }
+    se.final_alpha_cumprod = r.number(e, "final_alpha_cumprod", path);
+    if (!(se.final_alpha_cumprod > 0.0 && se.final_alpha_cumprod <= 1.0)) r.fail(path + ".final_alpha_cumprod", "must lie in (0, 1]");
+    se.eta = r.number(e, "eta", path);
+    if (se.eta != 0.0) r.fail(path + ".eta", "must be 0.0 in format version 1");
+    if (se.name == default_name) m.default_sampler = static_cast<int>(i);
+    m.samplers.push_back(se);
+  }
+  if (m.default_sampler < 0) r.fail("scheduler.default_sampler", in_quotes(default_name) + " names no entry of scheduler.samplers");
+}
+
+// ---- the .onnx protobuf walk (same fields as dpkit.runtime.onnx_info) ------------------------------------
+
+struct Malformed {};
+
+enum class Kind { None, Model, Graph, Subgraph, Node, Attribute, Function, Training, Sparse, Tensor, Input, Output };
+
+Kind child(Kind k, uint64_t field) {
+  switch (k) {
+    case Kind::Model: return field == 7 ? Kind::Graph : field == 20 ? Kind::Training : field == 25 ? Kind::Function : Kind::None;
+    case Kind::Graph:
+      if (field == 11) return Kind::Input;
+      if (field == 12) return Kind::Output;
+      [[fallthrough]];
+    case Kind::Subgraph: return field == 1 ? Kind::Node : field == 5 ? Kind::Tensor : field == 15 ? Kind::Sparse : Kind::None;
+    case Kind::Node: return field == 5 ? Kind::Attribute : Kind::None;
+    case Kind::Attribute:
+      return (field == 5 || field == 10) ? Kind::Tensor : (field == 6 || field == 11) ? Kind::Subgraph
+             : (field == 22 || field == 23) ? Kind::Sparse : Kind::None;
+    case Kind::Function: return field == 7 ? Kind::Node : field == 11 ? Kind::Attribute : Kind::None;
+    case Kind::Training: return (field == 1 || field == 2) ? Kind::Subgraph : Kind::None;
+    case Kind::Sparse: return (field == 1 || field == 2) ? Kind::Tensor : Kind::None;
+    default: return Kind::None;
+  }
+}
+
+constexpr int kMaxNesting = 32;
+
+uint64_t varint(const uint8_t*& p, const uint8_t* end) {
+  uint64_t result = 0;
+  for (int shift = 0; shift <= 63; shift += 7) {
+    if (p >= end) throw Malformed{};
+    const uint8_t b = *p++;
+    result |= static_cast<uint64_t>(b & 0x7f) << shift;
+    if (b < 0x80) return result;
+  }
+  throw Malformed{};
+}
+
+// Calls f(field, wire, value, begin, end) for each field of the message [p, end); value is the varint
+// (wire 0), begin/end the bytes (wire 2).
+template <class F>
+void fields(const uint8_t* p, const uint8_t* end, F f) {
+  while (p < end) {
+    const uint64_t key = varint(p, end);
+    const uint64_t num = key >> 3, wire = key & 7;
+    if (wire == 0) {
+      const uint64_t v = varint(p, end);
+      f(num, wire, v, p, p);
+    } else if (wire == 2) {
+      const uint64_t n = varint(p, end);
+      if (n > static_cast<uint64_t>(end - p)) throw Malformed{};
+      f(num, wire, 0, p, p + n);
+      p += n;
+    } else if (wire == 1 || wire == 5) {
+      const std::size_t n = wire == 1 ? 8 : 4;
+      if (n > static_cast<std::size_t>(end - p)) throw Malformed{};
+      p += n;
+    } else {
+      throw Malformed{};  // groups are not used by ONNX
+    }
+  }
+}
+
+std::string text(const uint8_t* b, const uint8_t* e) { return std::string(reinterpret_cast<const char*>(b), static_cast<std::size_t>(e - b)); }
+
+struct Walk {
+  OnnxInfo info;
+  std::set<std::string> initializers;
+  std::vector<OnnxInfo::Io> all_inputs;
+
+  void tensor(const uint8_t* b, const uint8_t* e, bool top) {
+    bool external = false, has_location = false;
+    std::string location, name;
+    bool has_name = false;
+    fields(b, e, [&](uint64_t num, uint64_t wire, uint64_t v, const uint8_t* s, const uint8_t* t) {
+      if (num == 14 && wire == 0) {
+        external = external || v == 1;
+      } else if (num == 13 && wire == 2) {
+        external = true;
+        std::string key, value;
+        fields(s, t, [&](uint64_t n2, uint64_t w2, uint64_t, const uint8_t* s2, const uint8_t* t2) {
+          if (w2 == 2 && n2 == 1) key = text(s2, t2);
+          else if (w2 == 2 && n2 == 2) value = text(s2, t2);
+        });
+        if (key == "location") {
+          location = value;
+          has_location = true;
+        }
+      } else if (num == 8 && wire == 2) {
+        name = text(s, t);
+        has_name = true;
+      }
+    });
+    if (external) info.external.insert(has_location ? location : "");
+    if (top && has_name) initializers.insert(name);
+  }
+
+  static OnnxInfo::Io value_info(const uint8_t* b, const uint8_t* e) {
+    std::string name;
+    int elem = 0;
+    std::vector<int64_t> dims;
+    fields(b, e, [&](uint64_t num, uint64_t wire, uint64_t, const uint8_t* s, const uint8_t* t) {
+      if (num == 1 && wire == 2) name = text(s, t);
+      if (num != 2 || wire != 2) return;
+      fields(s, t, [&](uint64_t n2, uint64_t w2, uint64_t, const uint8_t* s2, const uint8_t* t2) {  // TypeProto
+        if (n2 != 1 || w2 != 2) return;
+        fields(s2, t2, [&](uint64_t n3, uint64_t w3, uint64_t v3, const uint8_t* s3, const uint8_t* t3) {  // Tensor
+          if (n3 == 1 && w3 == 0) elem = static_cast<int>(v3);
+          if (n3 != 2 || w3 != 2) return;
+          fields(s3, t3, [&](uint64_t n4, uint64_t w4, uint64_t, const uint8_t* s4, const uint8_t* t4) {  // dim
+            if (n4 != 1 || w4 != 2) return;
+            int64_t value = -1;
+            fields(s4, t4, [&](uint64_t n5, uint64_t w5, uint64_t v5, const uint8_t*, const uint8_t*) {
+              if (n5 == 1 && w5 == 0) value = static_cast<int64_t>(v5);
+            });
+            dims.push_back(value);
+          });
+        });
+      });
+    });
+    return {name, elem, dims};
+  }
+
+  void walk(const uint8_t* b, const uint8_t* e, Kind kind, int depth) {
+    if (depth > kMaxNesting) throw Malformed{};
+    fields(b, e, [&](uint64_t num, uint64_t wire, uint64_t, const uint8_t* s, const uint8_t* t) {
+      const Kind sub = child(kind, num);
+      if (sub == Kind::None || wire != 2) return;
+      if (sub == Kind::Tensor) tensor(s, t, kind == Kind::Graph);
+      else if (sub == Kind::Input) all_inputs.push_back(value_info(s, t));
+      else if (sub == Kind::Output) info.outputs.push_back(value_info(s, t));
+      else walk(s, t, sub, depth + 1);
+    });
+  }
+};
+
+std::string dtype_name(int elem) {
+  switch (elem) {
+    case 1: return "float32";
+    case 7: return "int64";
+    case 10: return "float16";
+    case 11: return "float64";
+    case 6: return "int32";
+    default: return std::to_string(elem);
+  }
+}
+
+std::string shape_str(const std::vector<int64_t>& dims) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + (dims[i] < 0 ? std::string("B") : std::to_string(dims[i]));
+  return s + ")";
+}
+
+// What is wrong with a graph's declared inputs/outputs ("" = nothing), as bundle.graph_io_problem says it.
+std::string graph_io_problem(const Manifest& m, bool encoder, const OnnxInfo& g) {
+  using Io = OnnxInfo::Io;
+  std::vector<Io> want_in, want_out;
+  const int64_t To = m.n_obs_steps, H = m.horizon, A = m.action_dim, C = m.cond_dim;
+  if (encoder) {
+    for (const auto& o : m.observations) {
+      std::vector<int64_t> dims = {-1, To};
+      dims.insert(dims.end(), o.shape.begin(), o.shape.end());
+      want_in.emplace_back(o.name, 1, dims);
+    }
+    want_out.emplace_back("cond", 1, std::vector<int64_t>{-1, C});
+  } else {
+    want_in = {Io{"sample", 1, {-1, H, A}}, Io{"timestep", 7, {-1}}, Io{"cond", 1, {-1, C}}};
+    want_out = {Io{"noise_pred", 1, {-1, H, A}}};
+  }
+  if (g.inputs.size() != want_in.size() || g.outputs.size() != want_out.size())
+    return "has " + std::to_string(g.inputs.size()) + " inputs and " + std::to_string(g.outputs.size()) +
+           " outputs, expected " + std::to_string(want_in.size()) + " and " + std::to_string(want_out.size()) + " (policy.json)";
+  for (int pass = 0; pass < 2; ++pass) {
+    const std::string kind = pass == 0 ? "input" : "output";
+    const auto& got = pass == 0 ? g.inputs : g.outputs;
+    const auto& want = pass == 0 ? want_in : want_out;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+      const auto& [name, elem, dims] = got[i];
+      const auto& [w_name, w_elem, w_dims] = want[i];
+      if (name != w_name) return kind + " " + std::to_string(i) + " is named '" + name + "', expected '" + w_name + "'";
+      if (elem != w_elem)
+        return kind + " '" + name + "' has element type " + dtype_name(elem) + ", expected " + dtype_name(w_elem);
+      bool ok = dims.size() == w_dims.size();
+      for (std::size_t d = 0; ok && d < dims.size(); ++d) ok = dims[d] < 0 || w_dims[d] < 0 || dims[d] == w_dims[d];
+      if (!ok) return kind + " '" + name + "' has shape " + shape_str(dims) + ", expected " + shape_str(w_dims);
+    }
+  }
+  return "";
+}
+
+std::string real_path(const std::string& path) {
+  std::unique_ptr<char, void (*)(void*)> r(::realpath(path.c_str(), nullptr), std::free);
+  return r ? std::string(r.get()) : std::string();
+}
+
+// The file rules of load_manifest: every named file exists, is a regular file and stays inside the
+// bundle folder (symlinks resolved); graphs reference only listed external data; inputs/outputs match.
+void check_files(const Manifest& m, const std::string& dir, const Reader& r) {
+  const std::string root = real_path(dir);
+  for (int g = 0; g < 2; ++g) {
+    const std::string graph = g == 0 ? "encoder" : "denoiser";
+    const ModelEntry& e = g == 0 ? m.encoder : m.denoiser;
+    const auto& ext = g == 0 ? m.encoder_external_data : m.denoiser_external_data;
+    std::vector<std::pair<std::string, std::string>> named = {{"models." + graph + ".file", e.file}};
+    for (std::size_t i = 0; i < ext.size(); ++i)
+      named.emplace_back("models." + graph + ".external_data[" + std::to_string(i) + "].file", ext[i].first);
+    for (const auto& [key, name] : named) {
+      const std::string path = dir + "/" + name;
+      struct stat st;
+      if (::stat(path.c_str(), &st) != 0) r.fail(key, in_quotes(name) + " does not exist in the bundle folder");
+      const std::string real = real_path(path);
+      if (root.empty() || real.compare(0, root.size() + 1, root + "/") != 0)
+        r.fail(key, in_quotes(name) + " resolves outside the bundle folder");
+      if (!S_ISREG(st.st_mode)) r.fail(key, in_quotes(name) + " is not a regular file");
+    }
+    OnnxInfo info;
+    try {
+      info = read_onnx_info(dir + "/" + e.file);
+    } catch (const Error& err) {
+      const std::string msg = err.what(), prefix = dir + "/" + e.file + " ";
+      r.fail("models." + graph + ".file", in_quotes(e.file) + " " + (msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg));
+    }
+    std::set<std::string> listed;
+    for (const auto& x : ext) listed.insert(x.first);
+    for (const auto& loc : info.external)
+      if (!listed.count(loc))
+        r.fail("models." + graph + ".file", in_quotes(e.file) + " references external data " + in_quotes(loc) + " that models." +
+                                                graph + ".external_data does not list (every byte a graph loads must be hashed)");
+    const std::string problem = graph_io_problem(m, g == 0, info);
+    if (!problem.empty()) r.fail("models." + graph + ".file", in_quotes(e.file) + ": " + problem);
+  }
+}
+
 }  // namespace
 
+OnnxInfo read_onnx_info(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(path + " cannot be read (" + std::strerror(errno) + ")");
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || st.st_size <= 0) {
+    ::close(fd);
+    throw Error(path + " is not a valid ONNX model (malformed protobuf)");
+  }
+  const std::size_t size = static_cast<std::size_t>(st.st_size);
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map == MAP_FAILED) throw Error(path + " cannot be read (" + std::strerror(errno) + ")");
+  struct Unmap {
+    void* p;
+    std::size_t n;
+    ~Unmap() { ::munmap(p, n); }
+  } unmap{map, size};
+  const uint8_t* b = static_cast<const uint8_t*>(map);
+  Walk w;
+  try {
+    w.walk(b, b + size, Kind::Model, 0);
+  } catch (const Malformed&) {
+    throw Error(path + " is not a valid ONNX model (malformed protobuf)");
+  }
+  for (auto& io : w.all_inputs)
+    if (!w.initializers.count(std::get<0>(io))) w.info.inputs.push_back(std::move(io));
+  return std::move(w.info);
+}
+
 Manifest parse_manifest(const std::string& text, const std::string& where) {
+  if (json_depth(text) > kMaxJsonDepth)
+    throw Error(where + ": JSON nesting is deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse errors, and numbers beyond double range ("1e999")
     throw Error(where + ": not valid JSON (" + e.what() + ")");
   }
   const Reader r(where);
@@ -132,28 +529,46 @@ Manifest parse_manifest(const std::string& text, const std::string& where) {
   Manifest m;
   m.obs_mode = r.str(j, "obs_mode");
   if (m.obs_mode != "lowdim" && m.obs_mode != "image") r.fail("obs_mode", "must be \"lowdim\" or \"image\", got \"" + m.obs_mode + "\"");
-  m.n_obs_steps = r.integer(j, "n_obs_steps", "", 1);
-  m.horizon = r.integer(j, "horizon", "", 1);
-  m.n_action_steps = r.integer(j, "n_action_steps", "", 1);
-  m.action_dim = r.integer(j, "action_dim", "", 1);
-  m.first_action_index = r.integer(j, "first_action_index", "", 0);
-  m.cond_dim = r.integer(j, "cond_dim", "", 1);
+  m.n_obs_steps = static_cast<int>(r.integer(j, "n_obs_steps", "", 1, kMaxNObsSteps));
+  m.horizon = static_cast<int>(r.integer(j, "horizon", "", 1, kMaxHorizon));
+  m.n_action_steps = static_cast<int>(r.integer(j, "n_action_steps", "", 1, kMaxHorizon));
+  m.action_dim = static_cast<int>(r.integer(j, "action_dim", "", 1, kMaxActionDim));
+  m.first_action_index = static_cast<int>(r.integer(j, "first_action_index", "", 0, kMaxHorizon));
+  m.cond_dim = static_cast<int>(r.integer(j, "cond_dim", "", 1, kMaxCondDim));
+  if (m.first_action_index != m.n_obs_steps - 1)
+    r.fail("first_action_index", "must be n_obs_steps - 1 (" + std::to_string(m.n_obs_steps - 1) + "), got " +
+                                     std::to_string(m.first_action_index));
   if (m.first_action_index + m.n_action_steps > m.horizon)
     r.fail("first_action_index", "+ n_action_steps (" + std::to_string(m.first_action_index) + " + " +
                                      std::to_string(m.n_action_steps) + ") exceeds horizon " + std::to_string(m.horizon));
 
   const json& obs = r.at(j, "observations", "");
   if (!obs.is_array() || obs.empty()) r.fail("observations", "must be a non-empty list");
+  if (obs.size() > kMaxObservations) r.fail("observations", "must have at most " + std::to_string(kMaxObservations) + " entries");
+  std::set<std::string> obs_names;
   for (std::size_t i = 0; i < obs.size(); ++i) {
     const std::string path = "observations[" + std::to_string(i) + "]";
     ObservationInfo o;
     o.name = r.str(obs[i], "name", path);
-    o.shape = r.numbers<int64_t>(obs[i], "shape", path, r.at(obs[i], "shape", path).size());
-    o.step_size = 1;
-    for (int64_t d : o.shape) {
-      if (d < 1) r.fail(path + ".shape", "must hold positive sizes");
-      o.step_size *= static_cast<std::size_t>(d);
+    if (o.name.empty() || !obs_names.insert(o.name).second)
+      r.fail(path + ".name", "must be a unique non-empty string, got " + in_quotes(o.name));
+    const json& shape = r.at(obs[i], "shape", path);
+    bool ints = shape.is_array() && !shape.empty() && shape.size() <= kMaxObsDims;
+    for (std::size_t k = 0; ints && k < shape.size(); ++k) ints = shape[k].is_number_integer();
+    if (!ints) r.fail(path + ".shape", "must be a list of 1 to " + std::to_string(kMaxObsDims) + " integers");
+    double floats = m.n_obs_steps;
+    for (const json& d : shape) {
+      if (d.is_number_unsigned() ? (d.get<uint64_t>() < 1 || d.get<uint64_t>() > static_cast<uint64_t>(kMaxObsSize))
+                                 : (d.get<int64_t>() < 1 || d.get<int64_t>() > kMaxObsSize))
+        r.fail(path + ".shape", "must hold sizes in [1, " + std::to_string(kMaxObsSize) + "]");
+      o.shape.push_back(d.get<int64_t>());
+      floats *= static_cast<double>(o.shape.back());
     }
+    if (floats > kMaxObsFloats)
+      r.fail(path + ".shape", "holds more than " + std::to_string(static_cast<int64_t>(kMaxObsFloats)) +
+                                  " floats per sample (with n_obs_steps)");
+    o.step_size = 1;
+    for (int64_t d : o.shape) o.step_size *= static_cast<std::size_t>(d);
     if (r.str(obs[i], "dtype", path) != "float32") r.fail(path + ".dtype", "must be \"float32\"");
     m.observations.push_back(o);
   }
@@ -162,72 +577,34 @@ Manifest parse_manifest(const std::string& text, const std::string& where) {
   const std::size_t A = static_cast<std::size_t>(m.action_dim);
   m.action_scale = r.numbers<float>(norm, "scale", "action_normalizer", A);
   m.action_offset = r.numbers<float>(norm, "offset", "action_normalizer", A);
+  for (float s : m.action_scale)
+    if (s == 0.0f) r.fail("action_normalizer.scale", "must not contain 0");
 
-  const std::string sp = "scheduler";
-  const json& s = r.at(j, "scheduler", "");
-  if (r.str(s, "type", sp) != "ddpm") r.fail("scheduler.type", "must be \"ddpm\"");
-  m.num_train_timesteps = r.integer(s, "num_train_timesteps", sp, 1);
-  m.prediction_type = r.str(s, "prediction_type", sp);
-  if (m.prediction_type != "epsilon") r.fail("scheduler.prediction_type", "must be \"epsilon\" in format version 1, got \"" + m.prediction_type + "\"");
-  m.variance_type = r.str(s, "variance_type", sp);
-  if (m.variance_type != "fixed_small") r.fail("scheduler.variance_type", "must be \"fixed_small\", got \"" + m.variance_type + "\"");
-  m.clip_sample = r.boolean(s, "clip_sample", sp);
-  m.clip_sample_range = r.number(s, "clip_sample_range", sp);
-  const std::size_t T = static_cast<std::size_t>(m.num_train_timesteps);
-  m.betas = r.numbers<double>(s, "betas", sp, T);
-  m.alphas_cumprod = r.numbers<double>(s, "alphas_cumprod", sp, T);
-  for (double a : m.alphas_cumprod)
-    if (!(a > 0.0 && a <= 1.0)) r.fail("scheduler.alphas_cumprod", "must hold values in (0, 1]");
-
-  const json& samplers = r.at(s, "samplers", sp);
-  if (!samplers.is_array() || samplers.empty()) r.fail("scheduler.samplers", "must be a non-empty list");
-  const std::string default_name = r.str(s, "default_sampler", sp);
-  m.default_sampler = -1;
-  for (std::size_t i = 0; i < samplers.size(); ++i) {
-    const std::string path = "scheduler.samplers[" + std::to_string(i) + "]";
-    const json& e = samplers[i];
-    SamplerEntry se;
-    se.name = r.str(e, "name", path);
-    se.sampler = r.str(e, "sampler", path);
-    if (se.sampler != "ddpm" && se.sampler != "ddim") r.fail(path + ".sampler", "must be \"ddpm\" or \"ddim\", got \"" + se.sampler + "\"");
-    se.num_inference_steps = r.integer(e, "num_inference_steps", path, 1);
-    const std::size_t K = static_cast<std::size_t>(se.num_inference_steps);
-    se.timesteps = r.numbers<int64_t>(e, "timesteps", path, K);
-    se.prev_timesteps = r.numbers<int64_t>(e, "prev_timesteps", path, K);
-    for (std::size_t k = 0; k < K; ++k) {
-      if (se.timesteps[k] < 0 || se.timesteps[k] >= m.num_train_timesteps)
-        r.fail(path + ".timesteps", "must lie in [0, num_train_timesteps)");
-      if (se.prev_timesteps[k] < -1 || se.prev_timesteps[k] >= se.timesteps[k])
-        r.fail(path + ".prev_timesteps", "must lie in [-1, timesteps[k])");
-    }
-    se.final_alpha_cumprod = r.number(e, "final_alpha_cumprod", path);
-    se.eta = r.number(e, "eta", path);
-    if (se.eta != 0.0) r.fail(path + ".eta", "must be 0.0 in format version 1");
-    if (se.name == default_name) m.default_sampler = static_cast<int>(i);
-    m.samplers.push_back(se);
-  }
-  if (m.default_sampler < 0) r.fail("scheduler.default_sampler", "\"" + default_name + "\" names no entry of scheduler.samplers");
+  read_scheduler(r, r.at(j, "scheduler", ""), m);
 
   const json& models = r.at(j, "models", "");
-  m.encoder = read_model(r, models, "encoder", {"cond"});
-  m.denoiser = read_model(r, models, "denoiser", {"noise_pred"});
-  std::vector<std::string> obs_names;
-  for (const auto& o : m.observations) obs_names.push_back(o.name);
-  if (m.encoder.inputs != obs_names) r.fail("models.encoder.inputs", "must list the observations' names in order");
+  m.encoder = read_model(r, models, "encoder", {"cond"}, m.encoder_external_data);
+  m.denoiser = read_model(r, models, "denoiser", {"noise_pred"}, m.denoiser_external_data);
+  std::vector<std::string> names;
+  for (const auto& o : m.observations) names.push_back(o.name);
+  if (m.encoder.inputs != names) r.fail("models.encoder.inputs", "must list the observations' names in order");
   if (m.denoiser.inputs != std::vector<std::string>{"sample", "timestep", "cond"})
     r.fail("models.denoiser.inputs", "must be [sample, timestep, cond]");
 
   auto trt = j.find("tensorrt");
   if (trt != j.end() && !trt->is_null()) {
     m.has_tensorrt = true;
+    m.tensorrt_cache_dir = r.name(*trt, "cache_dir", "tensorrt", "folder");
+    m.tensorrt_min_batch = static_cast<int>(r.integer(*trt, "min_batch", "tensorrt", 1, kMaxTrtBatch));
+    m.tensorrt_opt_batch = static_cast<int>(r.integer(*trt, "opt_batch", "tensorrt", 1, kMaxTrtBatch));
+    m.tensorrt_max_batch = static_cast<int>(r.integer(*trt, "max_batch", "tensorrt", 1, kMaxTrtBatch));
+    if (m.tensorrt_opt_batch < m.tensorrt_min_batch || m.tensorrt_opt_batch > m.tensorrt_max_batch)
+      r.fail("tensorrt.opt_batch", "must lie in [min_batch, max_batch] = [" + std::to_string(m.tensorrt_min_batch) + ", " +
+                                       std::to_string(m.tensorrt_max_batch) + "], got " + std::to_string(m.tensorrt_opt_batch));
     m.tensorrt_precision = r.str(*trt, "precision", "tensorrt");
-    m.tensorrt_max_batch = r.integer(*trt, "max_batch", "tensorrt", 1);
-    if (trt->contains("cache_dir")) {
-      m.tensorrt_cache_dir = r.str(*trt, "cache_dir", "tensorrt");
-      if (m.tensorrt_cache_dir.empty() || m.tensorrt_cache_dir.find('/') != std::string::npos ||
-          m.tensorrt_cache_dir.find("..") != std::string::npos)
-        r.fail("tensorrt.cache_dir", "must be a plain folder name inside the bundle");
-    }
+    if (m.tensorrt_precision != "fp32" && m.tensorrt_precision != "fp16")
+      r.fail("tensorrt.precision", "must be \"fp32\" or \"fp16\"");
+    m.tensorrt_engines = r.boolean(*trt, "engines", "tensorrt");
   }
   return m;
 }
@@ -238,7 +615,27 @@ Manifest load_manifest(const std::string& bundle_dir) {
   if (!f) throw Error("cannot read " + path + " (is " + bundle_dir + " a dpkit bundle folder?)");
   std::stringstream ss;
   ss << f.rdbuf();
-  return parse_manifest(ss.str(), path);
+  Manifest m = parse_manifest(ss.str(), path);
+  check_files(m, bundle_dir, Reader(path));
+  return m;
+}
+
+void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir) {
+  const Reader r(bundle_dir + "/policy.json");
+  for (int g = 0; g < 2; ++g) {
+    const std::string graph = g == 0 ? "encoder" : "denoiser";
+    const ModelEntry& e = g == 0 ? m.encoder : m.denoiser;
+    const auto& ext = g == 0 ? m.encoder_external_data : m.denoiser_external_data;
+    std::vector<std::tuple<std::string, std::string, std::string>> hashed = {{"models." + graph + ".sha256", e.file, e.sha256}};
+    for (std::size_t i = 0; i < ext.size(); ++i)
+      hashed.emplace_back("models." + graph + ".external_data[" + std::to_string(i) + "].sha256", ext[i].first, ext[i].second);
+    for (const auto& [key, name, want] : hashed) {
+      const std::string got = sha256_file_hex(bundle_dir + "/" + name);
+      if (got != want)
+        r.fail(key, "does not match " + name + " (file has " + got.substr(0, 12) + "..., policy.json says " +
+                        want.substr(0, 12) + "...): the file was modified or is corrupt; re-export the bundle");
+    }
+  }
 }
 
 }  // namespace detail

@@ -1,22 +1,109 @@
-// policy.json parsing: the generated test bundle parses; each corruption names the offending key.
+// The bundle reader: the generated test bundles load; every case of the shared damaged-bundle table
+// (data/damaged_bundles.json, also run by tests/test_bundle_contract.py against the Python reader) is
+// refused with the table's message; the .onnx walk; the TensorRT profile.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "internal.hpp"
+#include "manifest.hpp"
 
 using nlohmann::json;
 namespace d = dpkit::detail;
+namespace fs = std::filesystem;
 
 namespace {
 
-json bundle_manifest(const std::string& mode) {
-  std::ifstream f(std::string(DPKIT_TEST_BUNDLES) + "/" + mode + "/policy.json");
-  EXPECT_TRUE(f.good());
+const fs::path kGolden = fs::path(DPKIT_GOLDEN_DIR);
+
+json read_json(const fs::path& path) {
+  std::ifstream f(path);
+  EXPECT_TRUE(f.good()) << path;
   return json::parse(f);
 }
+
+json bundle_manifest(const std::string& mode) { return read_json(fs::path(DPKIT_TEST_BUNDLES) / mode / "policy.json"); }
+
+std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+  for (std::size_t i = s.find(from); i != std::string::npos; i = s.find(from, i + to.size())) s.replace(i, from.size(), to);
+  return s;
+}
+
+// The table's edits (its `about` says what each does), in order; policy.json is written once at the end.
+void apply_edits(const fs::path& bundle, const json& edits) {
+  json j = read_json(bundle / "policy.json");
+  std::vector<std::pair<std::string, std::string>> text_ops;  // (old, new); old "" = replace the whole text
+  for (const json& e : edits) {
+    if (e.contains("set")) {
+      j[json::json_pointer(e["set"].get<std::string>())] = e["value"];
+    } else if (e.contains("delete")) {
+      const json::json_pointer p(e["delete"].get<std::string>());
+      j[p.parent_pointer()].erase(p.back());
+    } else if (e.contains("nest")) {
+      j[json::json_pointer(e["nest"].get<std::string>())] = "__NEST__";
+      const std::size_t depth = e["depth"].get<std::size_t>();
+      text_ops.emplace_back("\"__NEST__\"", std::string(depth, '[') + std::string(depth, ']'));
+    } else if (e.contains("replace")) {
+      text_ops.emplace_back(e["replace"][0].get<std::string>(), e["replace"][1].get<std::string>());
+    } else if (e.contains("write_file")) {  // before "text": this edit has a `text` too
+      std::ofstream(bundle / e["write_file"].get<std::string>()) << e["text"].get<std::string>();
+    } else if (e.contains("text")) {
+      text_ops.emplace_back("", e["text"].get<std::string>());
+    } else if (e.contains("delete_file")) {
+      fs::remove(bundle / e["delete_file"].get<std::string>());
+    } else if (e.contains("flip_byte")) {
+      const fs::path f = bundle / e["flip_byte"].get<std::string>();
+      std::fstream s(f, std::ios::in | std::ios::out | std::ios::binary);
+      s.seekg(e["offset"].get<std::streamoff>());
+      char c = 0;
+      s.read(&c, 1);
+      c = static_cast<char>(c ^ 0xFF);
+      s.seekp(e["offset"].get<std::streamoff>());
+      s.write(&c, 1);
+    } else if (e.contains("mkdir")) {
+      fs::create_directory(bundle / e["mkdir"].get<std::string>());
+    } else if (e.contains("move_outside")) {
+      const std::string name = e["move_outside"].get<std::string>();
+      const fs::path outside = bundle.parent_path() / (bundle.filename().string() + "_outside");
+      fs::create_directories(outside);
+      fs::rename(bundle / name, outside / name);
+      fs::create_symlink(fs::absolute(outside / name), bundle / name);
+    } else {
+      ADD_FAILURE() << "unknown edit " << e.dump();
+    }
+  }
+  std::string text = j.dump();
+  for (const auto& [from, to] : text_ops) text = from.empty() ? to : replace_all(text, from, to);
+  std::ofstream(bundle / "policy.json") << text;
+}
+
+// What the C++ reader says about the bundle folder ("" = accepted): the manifest and file rules, then sha256.
+std::string read_error(const fs::path& bundle) {
+  try {
+    const d::Manifest m = d::load_manifest(bundle.string());
+    d::verify_bundle_sha256(m, bundle.string());
+  } catch (const dpkit::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+class TempDir {
+ public:
+  TempDir() : path_(fs::temp_directory_path() / ("dpkit_manifest_test_" + std::to_string(::getpid()))) {
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+};
 
 std::string parse_error(const json& j) {
   try {
@@ -29,8 +116,8 @@ std::string parse_error(const json& j) {
 
 }  // namespace
 
-TEST(Manifest, ParsesBothTestBundles) {
-  const d::Manifest low = d::parse_manifest(bundle_manifest("lowdim").dump(), "x");
+TEST(Manifest, LoadsBothTestBundles) {
+  const d::Manifest low = d::load_manifest(std::string(DPKIT_TEST_BUNDLES) + "/lowdim");
   EXPECT_EQ(low.obs_mode, "lowdim");
   EXPECT_EQ(low.n_obs_steps, 2);
   EXPECT_EQ(low.horizon, 16);
@@ -40,71 +127,67 @@ TEST(Manifest, ParsesBothTestBundles) {
   EXPECT_EQ(low.alphas_cumprod.size(), 100u);
   EXPECT_EQ(low.samplers[static_cast<std::size_t>(low.default_sampler)].name, "ddim-10");
   EXPECT_TRUE(low.clip_sample);
-  const d::Manifest img = d::parse_manifest(bundle_manifest("image").dump(), "x");
+  EXPECT_TRUE(low.encoder_external_data.empty() && low.denoiser_external_data.empty());
+  const d::Manifest img = d::load_manifest(std::string(DPKIT_TEST_BUNDLES) + "/image");
   ASSERT_EQ(img.observations.size(), 2u);
   EXPECT_EQ(img.observations[0].step_size, 3u * 96 * 96);
   EXPECT_EQ(img.observations[1].name, "agent_pos");
+  for (const char* mode : {"lowdim", "image"})
+    EXPECT_EQ(read_error(fs::path(DPKIT_TEST_BUNDLES) / mode), "") << mode;
 }
 
-TEST(Manifest, EveryCorruptionIsNamed) {
-  struct Case {
-    const char* pointer;  // JSON pointer to change
-    json value;           // null = remove the key
-    const char* expect;   // substring of the message
-  };
-  const std::vector<Case> cases = {
-      {"/format_version", 2, "format_version"},
-      {"/format_version", nullptr, "format_version is missing"},
-      {"/format", "other", "format"},
-      {"/obs_mode", "pixels", "obs_mode"},
-      {"/horizon", "16", "horizon must be an integer"},
-      {"/horizon", 4, "exceeds horizon"},
-      {"/n_obs_steps", 0, "n_obs_steps must be >= 1"},
-      {"/action_normalizer/scale", json::array({1.0}), "action_normalizer.scale must be a list of 2"},
-      {"/scheduler/betas", json::array({0.1}), "scheduler.betas"},
-      {"/scheduler/alphas_cumprod/3", 1.5, "alphas_cumprod"},
-      {"/scheduler/prediction_type", "sample", "prediction_type"},
-      {"/scheduler/variance_type", "fixed_large", "variance_type"},
-      {"/scheduler/default_sampler", "ddim-7", "ddim-7"},
-      {"/scheduler/samplers/0/sampler", "euler", "samplers[0].sampler"},
-      {"/scheduler/samplers/1/timesteps/0", 100, "samplers[1].timesteps"},
-      {"/scheduler/samplers/2/prev_timesteps", json::array({1, 2}), "samplers[2].prev_timesteps"},
-      {"/scheduler/samplers/2/eta", 0.5, "eta"},
-      {"/scheduler/clip_sample", 1, "clip_sample must be true or false"},
-      {"/models/encoder/sha256", "abc", "models.encoder.sha256"},
-      {"/models/denoiser/file", "../x.onnx", "models.denoiser.file"},
-      {"/models/denoiser/inputs", json::array({"sample", "cond"}), "models.denoiser.inputs"},
-      {"/models/encoder/outputs", json::array({"z"}), "models.encoder.outputs"},
-      {"/models/encoder/inputs", json::array({"state"}), "models.encoder.inputs"},
-      {"/models/encoder/dtype", "bfloat16", "models.encoder.dtype"},
-      {"/tensorrt", json{{"precision", "fp16"}}, "tensorrt.max_batch is missing"},
-      {"/tensorrt", json{{"precision", "fp16"}, {"max_batch", 8}, {"cache_dir", "../x"}}, "tensorrt.cache_dir"},
-      {"/observations", json::array(), "observations"},
-      {"/observations/0/shape", json::array({0}), "observations[0].shape"},
-      {"/scheduler", nullptr, "scheduler is missing"},
-  };
-  for (const Case& c : cases) {
-    json j = bundle_manifest("lowdim");
-    const json::json_pointer ptr(c.pointer);
-    if (c.value.is_null()) j[ptr.parent_pointer()].erase(ptr.back());
-    else j[ptr] = c.value;
-    const std::string msg = parse_error(j);
-    EXPECT_NE(msg.find(c.expect), std::string::npos) << c.pointer << ": got '" << msg << "'";
-    EXPECT_EQ(msg.rfind("policy.json: ", 0), 0u) << msg;
+TEST(Manifest, DamagedBundleTable) {
+  const json table = read_json(fs::path(DPKIT_TEST_DATA) / "damaged_bundles.json");
+  ASSERT_GE(table["cases"].size(), 30u);
+  for (const std::string base : {"bundle", "bundle_external"}) EXPECT_EQ(read_error(kGolden / base), "") << base;
+  for (const json& c : table["cases"]) {
+    const std::string name = c["name"];
+    TempDir tmp;
+    const fs::path bundle = tmp.path() / "b";
+    fs::copy(kGolden / c.value("base", "bundle"), bundle, fs::copy_options::recursive);
+    apply_edits(bundle, c["edits"]);
+    const std::string msg = read_error(bundle), expect = c["expect"];
+    EXPECT_NE(msg.find(expect), std::string::npos) << name << ": expected '" << expect << "', got '" << msg << "'";
+    EXPECT_EQ(msg.rfind(bundle.string() + "/policy.json: ", 0), 0u) << name << ": " << msg;
   }
 }
 
-TEST(Manifest, Fp16GraphsAndTensorRTEntry) {
+TEST(Manifest, TensorRTProfile) {
+  const d::Manifest m = d::parse_manifest(bundle_manifest("lowdim").dump(), "x");
+  EXPECT_TRUE(m.has_tensorrt);  // dpkit-export writes the profile into every bundle
+  EXPECT_EQ(m.tensorrt_cache_dir, "trt_cache");
+  EXPECT_EQ(m.tensorrt_min_batch, 1);
+  EXPECT_EQ(m.tensorrt_opt_batch, 8);
+  EXPECT_EQ(m.tensorrt_max_batch, 64);
+  EXPECT_EQ(m.tensorrt_precision, "fp32");
+  EXPECT_FALSE(m.tensorrt_engines);
   json j = bundle_manifest("lowdim");
   j["models"]["denoiser"]["dtype"] = "float16";  // --fp16 graphs keep float32 inputs and outputs
-  j["tensorrt"] = {{"cache_dir", "engines"}, {"max_batch", 16}, {"precision", "fp16"}, {"route", "ort"}};
-  const d::Manifest m = d::parse_manifest(j.dump(), "x");
-  EXPECT_EQ(m.denoiser.dtype, "float16");
-  EXPECT_TRUE(m.has_tensorrt);
-  EXPECT_EQ(m.tensorrt_cache_dir, "engines");
-  EXPECT_EQ(m.tensorrt_max_batch, 16);
-  EXPECT_EQ(m.tensorrt_precision, "fp16");
-  EXPECT_FALSE(d::parse_manifest(bundle_manifest("lowdim").dump(), "x").has_tensorrt);
+  j["tensorrt"] = {{"cache_dir", "engines"}, {"min_batch", 2}, {"opt_batch", 4}, {"max_batch", 16},
+                   {"precision", "fp16"}, {"engines", true}};
+  const d::Manifest e = d::parse_manifest(j.dump(), "x");
+  EXPECT_EQ(e.denoiser.dtype, "float16");
+  EXPECT_EQ(e.tensorrt_cache_dir, "engines");
+  EXPECT_EQ(e.tensorrt_min_batch, 2);
+  EXPECT_EQ(e.tensorrt_opt_batch, 4);
+  EXPECT_EQ(e.tensorrt_max_batch, 16);
+  EXPECT_TRUE(e.tensorrt_engines);
+  j.erase("tensorrt");  // optional: without it, runtimes give TensorRT no profile
+  EXPECT_FALSE(d::parse_manifest(j.dump(), "x").has_tensorrt);
+  j["tensorrt"] = {{"cache_dir", "trt_cache"}};
+  EXPECT_NE(parse_error(j).find("tensorrt.min_batch is missing"), std::string::npos) << parse_error(j);
+}
+
+TEST(Manifest, OnnxInfo) {
+  const d::OnnxInfo den = d::read_onnx_info((kGolden / "bundle" / "denoiser.onnx").string());
+  ASSERT_EQ(den.inputs.size(), 3u);
+  EXPECT_EQ(den.inputs[0], (d::OnnxInfo::Io{"sample", 1, {-1, 16, 2}}));
+  EXPECT_EQ(den.inputs[1], (d::OnnxInfo::Io{"timestep", 7, {-1}}));
+  EXPECT_EQ(std::get<0>(den.outputs.at(0)), "noise_pred");
+  EXPECT_TRUE(den.external.empty());
+  const d::OnnxInfo ext = d::read_onnx_info((kGolden / "bundle_external" / "denoiser.onnx").string());
+  EXPECT_EQ(ext.external, (std::set<std::string>{"denoiser.onnx.data"}));
+  EXPECT_EQ(ext.inputs, den.inputs);
 }
 
 TEST(Manifest, NotJsonAndMissingFile) {
