@@ -1,0 +1,284 @@
+"""dpkit-convert against outputs made by the peers' own code (../shared/fixtures/peers/, see each README.txt).
+
+Each fixture holds a policy saved by lerobot 0.6.1 or the original diffusion_policy and `reference.npz`:
+observations, the injected initial noise, the 99 per-step DDPM draws ([i] used at t = 99 - i) and the
+peer's own trajectories and actions. A converted run must reproduce them within 1e-4 (normalized
+trajectory) and 1e-3 px (executed actions), DDPM-100 and DDIM-10, batch >= 2: in PyTorch, and (slow)
+in ONNX Runtime and the C++ runtime after dpkit's own export.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpkit.convert.cli import main as convert_main
+from dpkit.convert.source import convert_policy
+from dpkit.errors import DpkitError
+
+PEERS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "peers"
+FIXTURES = {
+    "original_pusht_lowdim_tiny": "latest.ckpt",
+    "lerobot_pusht_keypoints": "",
+    "lerobot_pusht_image_seed1": "",
+}
+TRAJ_TOL, ACTION_TOL_PX = 1e-4, 1e-3
+
+
+def _fixture(name: str) -> Path:
+    path = PEERS / name
+    if not path.is_dir():
+        pytest.skip(f"peer fixture {path} not found (../shared is absent)")
+    return path
+
+
+def _reference(name: str) -> dict[str, np.ndarray]:
+    """The fixture's inputs and expected outputs under one naming (the two peers' files differ)."""
+    r = dict(np.load(_fixture(name) / "reference.npz"))
+    if name.startswith("original"):
+        return {"obs": {"obs": r["obs"]}, "initial_noise": r["ddpm_initial_noise"],
+                "ddim_initial_noise": r["ddim10_initial_noise"], "step_noise": r["ddpm_step_noise"],
+                "ddpm_traj": r["ddpm_normalized_trajectory"], "ddpm_actions": r["ddpm_action"],
+                "ddim_traj": r["ddim10_normalized_trajectory"], "ddim_actions": r["ddim10_action"]}
+    obs = {k[len("obs_"):]: r[k] for k in ("obs_state", "obs_environment_state", "obs_image") if k in r}
+    ddim = "ddim10_" if "ddim10_trajectory_normalized" in r else ""
+    return {"obs": obs, "initial_noise": r["initial_noise"], "ddim_initial_noise": r["initial_noise"],
+            "step_noise": r["ddpm100_step_noise"], "ddpm_traj": r["ddpm100_trajectory_normalized"],
+            "ddpm_actions": r["ddpm100_actions"], "ddim_traj": r[f"{ddim}trajectory_normalized"],
+            "ddim_actions": r[f"{ddim}actions"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Each fixture converted once per module (skipped one by one where ../shared lacks it)."""
+    out = {}
+    root = tmp_path_factory.mktemp("converted")
+    for name, file in FIXTURES.items():
+        if (PEERS / name).is_dir():
+            out[name] = Path(convert_policy(PEERS / name / file, root / name)["out"])
+    return out
+
+
+def _check_policy(policy, name: str) -> None:
+    ref = _reference(name)
+    obs = ref["obs"]
+    assert next(iter(obs.values())).shape[0] >= 2
+    # dpkit's step_noise has one slice per step (K = 100); the last (t = 0) is unused, as in the peers.
+    step_noise = np.concatenate([ref["step_noise"], np.zeros_like(ref["step_noise"][:1])])
+    traj = policy.sample(obs, sampler="ddpm", steps=100, initial_noise=ref["initial_noise"], step_noise=step_noise)
+    assert np.abs(traj - ref["ddpm_traj"]).max() <= TRAJ_TOL
+    assert np.abs(policy.executed_actions(traj) - ref["ddpm_actions"]).max() <= ACTION_TOL_PX
+    traj = policy.sample(obs, sampler="ddim", steps=10, initial_noise=ref["ddim_initial_noise"])
+    assert np.abs(traj - ref["ddim_traj"]).max() <= TRAJ_TOL
+    assert np.abs(policy.executed_actions(traj) - ref["ddim_actions"]).max() <= ACTION_TOL_PX
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_converted_run_reproduces_the_peer_in_torch(runs, name):
+    from dpkit.runtime import load_policy
+
+    _fixture(name)
+    policy = load_policy(runs[name], backend="torch")
+    _check_policy(policy, name)
+    state = json.loads(next((runs[name] / "checkpoints").glob("step_*/state.json")).read_text())
+    src = state["source"]
+    assert src["format"] == ("diffusion_policy" if name.startswith("original") else "lerobot")
+    assert len(src["sha256"]) == 64 and Path(src["path"]).exists()
+    if name.startswith("original"):
+        assert src["weights"] == "ema_model"  # eval.py's choice when training.use_ema
+
+
+@pytest.fixture(scope="module")
+def bundles(runs, tmp_path_factory) -> dict[str, Path]:
+    from dpkit.export.writer import export_bundle
+
+    root = tmp_path_factory.mktemp("converted_bundles")
+    out = {}
+    for name, run in runs.items():
+        export_bundle(run, root / name, ddim_steps=(10,), data=str(root / "no_dataset"))
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ort", "cpp"])
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_exported_bundle_reproduces_the_peer(bundles, name, backend):
+    from dpkit.runtime import load_policy
+
+    _fixture(name)
+    policy = load_policy(bundles[name], backend=backend)
+    _check_policy(policy, name)
+    manifest = json.loads((bundles[name] / "policy.json").read_text())
+    assert [o["name"] for o in manifest["observations"]] == list(_reference(name)["obs"]) or name.startswith("lerobot")
+
+
+def test_original_ckpt_no_ema_takes_the_trained_weights(tmp_path):
+    ckpt = _fixture("original_pusht_lowdim_tiny") / "latest.ckpt"
+    summary = convert_policy(ckpt, tmp_path / "raw", ema=False)
+    assert summary["source"]["weights"] == "model"
+
+
+# ---- bad sources: one line, exit 1, nothing at --out -------------------------------------------------
+
+def _refused(capsys, argv: list[str], out: Path, *needles: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        convert_main([*argv, "--out", str(out), "--no-progress"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for n in needles:
+        assert n in err, err
+    assert not out.exists()
+    return err
+
+
+def _copy(name: str, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    """A writable copy of a fixture (big files linked, not copied)."""
+    src = _fixture(name)
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name in skip or f.name == "reference.npz":
+            continue
+        if f.suffix == ".json":
+            shutil.copy(f, dst / f.name)
+        else:
+            (dst / f.name).symlink_to(f)
+    return dst
+
+
+def test_neither_format(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "notes.txt").write_text("hello")
+    _refused(capsys, [str(tmp_path / "src")], tmp_path / "out", "neither a lerobot")
+
+
+def test_lerobot_missing_weights(tmp_path, capsys):
+    src = _copy("lerobot_pusht_keypoints", tmp_path / "src", skip=("model.safetensors",))
+    _refused(capsys, [str(src)], tmp_path / "out", "model.safetensors is missing")
+
+
+def test_lerobot_truncated_weights(tmp_path, capsys):
+    src = _copy("lerobot_pusht_keypoints", tmp_path / "src", skip=("model.safetensors",))
+    data = (PEERS / "lerobot_pusht_keypoints" / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _refused(capsys, [str(src)], tmp_path / "out", "corrupt or truncated")
+
+
+def test_lerobot_missing_statistics_file(tmp_path, capsys):
+    src = _copy("lerobot_pusht_keypoints", tmp_path / "src",
+                skip=("policy_postprocessor_step_0_unnormalizer_processor.safetensors",))
+    _refused(capsys, [str(src)], tmp_path / "out", "unnormalizer_processor.safetensors is missing")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_group_norm", False), ("noise_scheduler_type", "EulerDiscrete"), ("prediction_type", "sample"),
+    ("vision_backbone", "resnet34"), ("use_film_scale_modulation", False), ("crop_shape", [84, 80]),
+])
+def test_lerobot_unsupported_field_is_named(tmp_path, capsys, field, value):
+    src = _copy("lerobot_pusht_image_seed1", tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, [str(src)], tmp_path / "out", field, json.dumps(value))
+
+
+def test_lerobot_two_cameras_refused(tmp_path, capsys):
+    src = _copy("lerobot_pusht_image_seed1", tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["input_features"]["observation.images.wrist"] = {"type": "VISUAL", "shape": [3, 96, 96]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, [str(src)], tmp_path / "out", "input_features (cameras)", "one camera")
+
+
+def test_lerobot_mismatched_tensor_shapes(tmp_path, capsys):
+    src = _copy("lerobot_pusht_keypoints", tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["down_dims"] = [64, 128, 512]
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, [str(src)], tmp_path / "out", "has shape", "the config implies")
+
+
+def test_lerobot_non_finite_statistics(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    src = _copy("lerobot_pusht_keypoints", tmp_path / "src")
+    name = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+    table = load_file(str(PEERS / "lerobot_pusht_keypoints" / name))
+    table["action.max"][0] = float("inf")
+    (src / name).unlink()
+    save_file(table, str(src / name))
+    _refused(capsys, [str(src)], tmp_path / "out", "action.max", "not finite")
+
+
+def test_original_truncated_ckpt(tmp_path, capsys):
+    data = (_fixture("original_pusht_lowdim_tiny") / "latest.ckpt").read_bytes()
+    (tmp_path / "latest.ckpt").write_bytes(data[: len(data) * 2 // 3])
+    _refused(capsys, [str(tmp_path / "latest.ckpt")], tmp_path / "out", "latest.ckpt")
+
+
+def _torch_zip(path: Path, pickle_bytes: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/byteorder", "little")
+
+
+class _RunsACommand:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_with_a_foreign_global_executes_nothing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"cfg": {}, "state_dicts": {"model": _RunsACommand(marker)}}, protocol=2)
+    _torch_zip(tmp_path / "evil.ckpt", payload)
+    err = _refused(capsys, [str(tmp_path / "evil.ckpt")], tmp_path / "out", "system", "nothing from the file was executed")
+    assert "posix.system" in err or "os.system" in err
+    assert not marker.exists()
+
+
+def test_unpickler_rejects_builtins_eval(tmp_path):
+    from dpkit.convert.unpickle import load_torch_zip
+
+    buf = io.BytesIO()
+    pickle.Pickler(buf, protocol=4).dump(eval)  # a bare reference to builtins.eval
+    _torch_zip(tmp_path / "x.ckpt", buf.getvalue())
+    with pytest.raises(DpkitError, match="builtins.eval"):
+        load_torch_zip(tmp_path / "x.ckpt")
+
+
+def test_original_unsupported_policy_is_named(tmp_path, capsys, monkeypatch):
+    import dpkit.convert.original as original
+
+    real = original.load_torch_zip
+
+    def patched(path):
+        payload = real(path)
+        payload["cfg"]["policy"]["_target_"] = "diffusion_policy.policy.diffusion_transformer_lowdim_policy.X"
+        return payload
+
+    monkeypatch.setattr(original, "load_torch_zip", patched)
+    ckpt = _fixture("original_pusht_lowdim_tiny") / "latest.ckpt"
+    _refused(capsys, [str(ckpt)], tmp_path / "out", "cfg.policy._target_", "diffusion_transformer_lowdim_policy")
+
+
+def test_out_is_kept_without_force(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(SystemExit):
+        convert_main([str(_fixture("original_pusht_lowdim_tiny") / "latest.ckpt"), "--out", str(out), "--no-progress"])
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
