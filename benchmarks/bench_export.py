@@ -41,7 +41,7 @@ def make_checkpoint(config: str, run_dir: Path, data: Path) -> Path:
 
 def main() -> None:
     from dpkit.errors import DpkitError
-    from dpkit.export.cli import export_bundle
+    from dpkit.export.writer import export_bundle
     from dpkit.io import atomic_write_json
     from dpkit.train.data import resolve_dataset_path
 
