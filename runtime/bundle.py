@@ -6,8 +6,8 @@
 
 Needs only numpy: this is what a runtime-only install reads. The C++ reader (cpp/src/manifest.cpp)
 applies the same rules with the same messages; cpp/tests/data/damaged_bundles.json is the table of
-damaged bundles both test suites refuse. `validate_obs` is the one check of caller observations against
-a bundle's `observations` spec, shared by every Python backend.
+damaged bundles both test suites refuse. Caller observations are checked by the backends
+(dpkit.runtime.backend.validate_observations).
 """
 
 from __future__ import annotations
@@ -48,44 +48,6 @@ MAX_TRAIN_TIMESTEPS = 10000
 MAX_SAMPLERS = 1024
 MAX_EXTERNAL_FILES = 64
 MAX_TRT_BATCH = 65536
-
-
-# --------------------------------------------------------------------------- observations
-
-
-def validate_obs(obs: Any, spec: list[dict[str, Any]], n_obs_steps: int) -> tuple[dict[str, np.ndarray], int]:
-    """Check an observation dict against the spec; return contiguous float32 arrays and the batch size."""
-    if not isinstance(obs, dict):
-        raise DpkitError(f"obs must be a dict of numpy arrays, got {type(obs).__name__}")
-    names = [o["name"] for o in spec]
-    unknown = sorted(set(obs) - set(names))
-    missing = [n for n in names if n not in obs]
-    if missing or unknown:
-        raise DpkitError(f"obs keys {sorted(obs)} do not match the policy's {names}"
-                         + (f" (missing {missing})" if missing else "") + (f" (unknown {unknown})" if unknown else ""))
-    out: dict[str, np.ndarray] = {}
-    batch = None
-    for o in spec:
-        name, arr = o["name"], obs[o["name"]]
-        if hasattr(arr, "detach"):  # a torch tensor: accept it, the contract is numpy
-            arr = arr.detach().cpu().numpy()
-        arr = np.asarray(arr)
-        want = (n_obs_steps, *o["shape"])
-        if arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != want:
-            raise DpkitError(f"obs[{name!r}] has shape {tuple(arr.shape)}, expected (B, {', '.join(map(str, want))})")
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
-            raise DpkitError(f"obs[{name!r}] has dtype {arr.dtype}, expected {o['dtype']}")
-        if arr.shape[0] < 1:
-            raise DpkitError(f"obs[{name!r}] has batch size 0")
-        if batch is None:
-            batch = arr.shape[0]
-        elif arr.shape[0] != batch:
-            raise DpkitError(f"obs[{name!r}] has batch size {arr.shape[0]}, other inputs have {batch}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.all(np.isfinite(arr)):
-            raise DpkitError(f"obs[{name!r}] contains NaN or Inf")
-        out[name] = arr
-    return out, int(batch)
 
 
 # --------------------------------------------------------------------------- reading policy.json
@@ -462,10 +424,6 @@ class Bundle:
     def obs_keys(self) -> tuple[str, ...]:
         return tuple(o["name"] for o in self.observations)
 
-    def unnormalize_actions(self, traj: np.ndarray) -> np.ndarray:
-        """(B, H, A) normalized trajectory -> (B, Ta, A) executed actions in environment units."""
-        i = self.first_action_index
-        return traj[:, i : i + self.n_action_steps] * self.action_scale.astype(np.float32) + self.action_offset.astype(np.float32)
 
 
 # --------------------------------------------------------------------------- TensorRT

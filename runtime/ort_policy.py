@@ -18,7 +18,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
-from dpkit.runtime.bundle import Bundle, bundle_trt_options, load_bundle
+from dpkit.runtime.bundle import Bundle, bundle_trt_options, check_graph_io, load_bundle
 from dpkit.runtime.sampling import StepPlan, run_reverse
 
 
@@ -68,15 +68,11 @@ class OrtPolicy(PolicyBackend):
                 if p == "TensorrtExecutionProvider" else p for p in providers]
 
     def _check_graph_io(self) -> None:
-        enc_in = [i.name for i in self.encoder.get_inputs()]
-        if enc_in != list(self.obs_keys):
-            raise DpkitError(f"{self.bundle.graph_files['encoder']}: inputs {enc_in} do not match policy.json "
-                             f"observations {list(self.obs_keys)}")
-        den_in = [i.name for i in self.denoiser.get_inputs()]
-        if den_in != ["sample", "timestep", "cond"]:
-            raise DpkitError(f"{self.bundle.graph_files['denoiser']}: inputs {den_in}, expected [sample, timestep, cond]")
+        # What the provider really loaded (load_bundle checked the files): names, types, fixed sizes.
         # Graphs exported with --fp16 keep float32 inputs and outputs (casts are inside), so the loop is
         # the same for both precisions.
+        for graph, session in (("encoder", self.encoder), ("denoiser", self.denoiser)):
+            check_graph_io(self.bundle, graph, session.get_inputs(), session.get_outputs())
 
     def plan(self, sampler: str | None = None, steps: int | None = None) -> StepPlan:
         """The numpy step plan of the sampler `sample(sampler=..., steps=...)` runs."""

@@ -11,7 +11,8 @@ import torch
 
 from dpkit.errors import DpkitError
 from dpkit.export.schedule import DEFAULT_DDIM_STEPS, build_scheduler
-from dpkit.runtime.bundle import Schedule, validate_obs
+from dpkit.runtime.backend import validate_observations as validate_obs
+from dpkit.runtime.bundle import Schedule
 from dpkit.runtime.sampling import StepPlan, draw_noise, run_reverse
 from dpkit.train.config import load_config
 from dpkit.train.normalizer import Normalizer
