@@ -134,7 +134,7 @@ def test_tampered_bundle_is_refused(bundles, tmp_path):
     data = bytearray((b / "denoiser.onnx").read_bytes())
     data[-3] ^= 0xFF
     (b / "denoiser.onnx").write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match="sha256 mismatch for .*denoiser.onnx"):
+    with pytest.raises(RuntimeError, match=r"models.denoiser.sha256 does not match denoiser.onnx"):
         CppPolicy(b)
 
 
@@ -195,4 +195,12 @@ def test_last_timing_and_default_sampler_rule(bundles):
     assert t["steps"] == 100
     assert t["encoder_ms"] > 0 and t["denoiser_ms"] > 0 and t["loop_ms"] >= 0
     assert t["total_ms"] == pytest.approx(t["encoder_ms"] + t["denoiser_ms"] + t["loop_ms"])
-    assert cpp._policy.find_sampler("ddim") == cpp.info["default_sampler"]
+    # The typed handle of the C++ API: the default sampler, its name reported in info.
+    default = cpp._policy.find_sampler()
+    assert default.name == cpp.info["default_sampler"] == "ddim-10"
+    assert (default.sampler, default.num_inference_steps, default.uses_step_noise) == ("ddim", 10, False)
+    assert cpp._policy.find_sampler("ddpm").name == "ddpm-100" and cpp._policy.find_sampler("ddpm").uses_step_noise
+    other = load_policy(bundles["lowdim"], backend="cpp", threads=1)
+    with pytest.raises(ValueError, match="made by another Policy") as info:
+        cpp._policy.sample([obs["obs"]], other._policy.find_sampler())
+    assert isinstance(info.value, DpkitError)

@@ -1,6 +1,6 @@
 // Example: a receding-horizon controller embedding dpkit the way a robot controller would.
 //
-//   dpkit_controller BUNDLE STREAM [--sampler ddim] [--steps 10] [--threads 2] [--seed 0]
+//   dpkit_controller BUNDLE STREAM [--sampler ddpm|ddim] [--steps K] [--threads 2] [--seed 0]
 //                    [--fast] [--max-chunks N] [--dump actions.f32] [--ort-library PATH]
 //
 // STREAM is a recorded observation stream (cpp/examples/record_observations.py). Per episode the
@@ -8,7 +8,8 @@
 // and every Ta control ticks asks the policy for a chunk and executes its Ta actions, one per tick at
 // the stream's control rate (10 Hz). It reports per-chunk latency p50/p99/max and deadline misses (a
 // chunk not ready within one control period). --fast skips the sleeps (same latencies, no pacing).
-// --dump writes every executed action as float32 (chunks, Ta, A) for comparison with Python.
+// --dump writes every executed action as float32 (chunks, Ta, A) for comparison with Python. Without
+// --sampler / --steps it uses the bundle's default sampler (Policy::find_sampler's rule).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -71,13 +72,13 @@ double percentile(std::vector<double> v, double q) {
 
 int run(int argc, char** argv) {
   if (argc < 3) {
-    std::cerr << "usage: dpkit_controller BUNDLE STREAM [--sampler ddim] [--steps 10] [--threads 2] [--seed 0]\n"
+    std::cerr << "usage: dpkit_controller BUNDLE STREAM [--sampler ddpm|ddim] [--steps K] [--threads 2] [--seed 0]\n"
                  "                        [--fast] [--max-chunks N] [--dump FILE] [--ort-library PATH]\n";
     return 2;
   }
   const std::string bundle = argv[1], stream_path = argv[2];
-  std::string sampler = "ddim", dump;
-  int steps = 10, max_chunks = -1;
+  std::string sampler, dump;  // "" and 0: the bundle's default sampler
+  int steps = 0, max_chunks = -1;
   bool fast = false;
   dpkit::PolicyParams params;
   for (int i = 3; i < argc; ++i) {
@@ -108,20 +109,20 @@ int run(int argc, char** argv) {
       throw std::runtime_error("stream input " + s.names[i] + " does not match the bundle's " + info.observations[i].name);
 
   const int To = info.n_obs_steps, Ta = info.n_action_steps, A = info.action_dim;
-  std::printf("bundle %s (%s, To=%d H=%d Ta=%d), ONNX Runtime %s, %s-%d, %d threads\n", bundle.c_str(),
-              info.obs_mode.c_str(), To, info.horizon, Ta, info.ort_version.c_str(), sampler.c_str(), steps,
-              params.intra_op_threads);
-
   // Everything the loop touches is allocated here, before the first tick.
   dpkit::SampleRequest req;
   req.sampler = policy.find_sampler(sampler, steps);
+  std::printf("bundle %s (%s, To=%d H=%d Ta=%d), ONNX Runtime %s, %s, %d threads\n", bundle.c_str(),
+              info.obs_mode.c_str(), To, info.horizon, Ta, info.ort_version.c_str(), req.sampler.name().c_str(),
+              params.intra_op_threads);
   std::vector<std::vector<float>> window(s.names.size());
   for (std::size_t i = 0; i < window.size(); ++i) {
     window[i].resize(info.observation_size(i));
     req.observations.push_back({window[i].data(), window[i].size()});
   }
   std::vector<float> chunk(info.actions_size());
-  const dpkit::SampleOutput out{{}, {chunk.data(), chunk.size()}};
+  dpkit::SampleOutput out;
+  out.actions = {chunk.data(), chunk.size()};
   std::vector<double> latencies_ms;
   std::vector<float> executed;
   const auto period = std::chrono::duration<double>(1.0 / s.control_hz);

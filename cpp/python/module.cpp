@@ -1,6 +1,7 @@
 // dpkit.runtime._core: dpkit::Policy for Python. Used through dpkit.runtime.cpp_policy.CppPolicy.
 //
-// numpy in: float32 C-contiguous arrays are read in place (others are converted once by pybind11).
+// numpy in: float32 C-contiguous arrays are read in place, other numeric arrays converted once; anything
+// else (lists, strings, booleans) is an InputError. Samplers are typed handles from find_sampler.
 // numpy out: the result arrays are allocated here and C++ writes into them directly. The GIL is
 // released while sampling, so Python threads (one Policy each) run concurrently; calls on one Policy
 // from several threads are serialized by its lock (dpkit::Policy itself is one-thread-at-a-time).
@@ -33,22 +34,67 @@ std::string shape_of(const py::array& a) {
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
+// A numeric numpy array as float32, C order (one conversion when it is not already). Anything else --
+// a list, strings, booleans, objects -- is an InputError naming `what`, never a silent cast.
+FloatArray as_float32(const py::handle& obj, const std::string& what) {
+  if (!py::isinstance<py::array>(obj))
+    throw dpkit::InputError(what + " must be a numpy array, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+  const py::array a = py::reinterpret_borrow<py::array>(obj);
+  const char kind = a.dtype().kind();
+  if (kind != 'f' && kind != 'i' && kind != 'u')
+    throw dpkit::InputError(what + " must hold numbers, got dtype " + std::string(py::str(a.dtype())));
+  return FloatArray::ensure(a);
+}
+
 // Injected noise must have exactly the documented shape (C++ alone sees only a float count).
-void check_noise(const std::optional<FloatArray>& a, const char* what, std::vector<py::ssize_t> want) {
-  if (!a) return;
-  bool ok = static_cast<std::size_t>(a->ndim()) == want.size();
-  for (std::size_t d = 0; ok && d < want.size(); ++d) ok = a->shape(static_cast<py::ssize_t>(d)) == want[d];
+void check_shape(const FloatArray& a, const std::string& what, const std::vector<py::ssize_t>& want) {
+  bool ok = static_cast<std::size_t>(a.ndim()) == want.size();
+  for (std::size_t d = 0; ok && d < want.size(); ++d) ok = a.shape(static_cast<py::ssize_t>(d)) == want[d];
   if (ok) return;
   std::string w = "(";
   for (std::size_t d = 0; d < want.size(); ++d) w += (d ? ", " : "") + std::to_string(want[d]);
-  throw dpkit::InputError(std::string(what) + " has shape " + shape_of(*a) + ", expected " + w + ")");
+  throw dpkit::InputError(what + " has shape " + shape_of(a) + ", expected " + w + (want.size() == 1 ? ",)" : ")"));
+}
+
+// find_sampler's arguments as Python passes them: None = "not given" (the C++ rule then applies).
+dpkit::Sampler find_sampler(const PyPolicy& self, const py::object& sampler, const py::object& steps) {
+  std::string kind;
+  if (!sampler.is_none()) {
+    if (!py::isinstance<py::str>(sampler))
+      throw dpkit::InputError("sampler must be 'ddpm', 'ddim' or None, got " + std::string(py::repr(sampler)));
+    kind = sampler.cast<std::string>();
+    if (kind.empty()) throw dpkit::InputError("unknown sampler '' (expected ddpm or ddim)");
+  }
+  int k = 0;
+  if (!steps.is_none()) {
+    // An integer (Python or numpy), not a bool and not a float: 10.6 must not quietly become 10.
+    if (PyBool_Check(steps.ptr()) || !PyIndex_Check(steps.ptr()))
+      throw dpkit::InputError("num_inference_steps must be an integer, got " + std::string(py::repr(steps)));
+    const long long v = py::int_(steps).cast<long long>();
+    if (v < 1 || v > 1000000)
+      throw dpkit::InputError("num_inference_steps must be >= 1, got " + std::to_string(v));
+    k = static_cast<int>(v);
+  }
+  return self.policy.find_sampler(kind, k);
 }
 
 // The batch comes from the first observation's leading dimension; C++ then checks every size.
-py::tuple sample(PyPolicy& self_, const std::vector<FloatArray>& observations, int sampler,
-                 std::optional<FloatArray> initial_noise, std::optional<FloatArray> step_noise) {
+py::tuple sample(PyPolicy& self_, const py::object& observations_in, const py::object& sampler_in,
+                 const py::object& initial_noise_in, const py::object& step_noise_in) {
   dpkit::Policy& self = self_.policy;
   const dpkit::PolicyInfo& info = self.info();
+  if (!py::isinstance<dpkit::Sampler>(sampler_in))
+    throw dpkit::InputError("sampler must be a Sampler from Policy.find_sampler, got " +
+                            std::string(py::str(py::type::of(sampler_in).attr("__name__"))));
+  const dpkit::Sampler sampler = sampler_in.cast<dpkit::Sampler>();
+  if (!py::isinstance<py::list>(observations_in) && !py::isinstance<py::tuple>(observations_in))
+    throw dpkit::InputError("observations must be a list of numpy arrays, one per encoder input");
+  std::vector<FloatArray> observations;
+  for (const py::handle& o : py::reinterpret_borrow<py::sequence>(observations_in)) {
+    const std::size_t i = observations.size();
+    observations.push_back(as_float32(o, "observation '" + (i < info.observations.size() ? info.observations[i].name
+                                                                                        : std::to_string(i)) + "'"));
+  }
   if (observations.empty() || observations[0].ndim() < 2)
     throw dpkit::InputError("observations: expected " + std::to_string(info.observations.size()) +
                             " arrays shaped (B, To, ...), the first one (B, " + std::to_string(info.n_obs_steps) + ", ...)");
@@ -68,14 +114,18 @@ py::tuple sample(PyPolicy& self_, const std::vector<FloatArray>& observations, i
                               ") with the same B for every input");
     }
   }
-  const int B = static_cast<int>(observations[0].shape(0));
-  const int s = sampler < 0 ? info.default_sampler : sampler;
-  if (s >= static_cast<int>(info.samplers.size()))
-    throw dpkit::InputError("sampler index " + std::to_string(sampler) + " is not one of the bundle's " +
-                            std::to_string(info.samplers.size()) + " samplers");
-  check_noise(initial_noise, "initial_noise", {B, info.horizon, info.action_dim});
-  check_noise(step_noise, "step_noise", {info.samplers[static_cast<std::size_t>(s)].num_inference_steps, B,
-                                         info.horizon, info.action_dim});
+  if (B0 < 1 || B0 > info.max_batch)
+    throw dpkit::InputError("batch " + std::to_string(B0) + " is outside [1, max_batch = " + std::to_string(info.max_batch) + "]");
+  const int B = static_cast<int>(B0);
+  std::optional<FloatArray> initial_noise, step_noise;
+  if (!initial_noise_in.is_none()) {
+    initial_noise = as_float32(initial_noise_in, "initial_noise");
+    check_shape(*initial_noise, "initial_noise", {B, info.horizon, info.action_dim});
+  }
+  if (!step_noise_in.is_none()) {
+    step_noise = as_float32(step_noise_in, "step_noise");
+    check_shape(*step_noise, "step_noise", {sampler.num_inference_steps(), B, info.horizon, info.action_dim});
+  }
   dpkit::SampleRequest req;
   req.batch = B;
   req.sampler = sampler;
@@ -119,6 +169,14 @@ PYBIND11_MODULE(_core, m) {
     }
   });
 
+  // Made only by Policy.find_sampler; sample() refuses one from another Policy.
+  py::class_<dpkit::Sampler>(m, "Sampler")
+      .def_property_readonly("name", &dpkit::Sampler::name)
+      .def_property_readonly("sampler", &dpkit::Sampler::sampler)
+      .def_property_readonly("num_inference_steps", &dpkit::Sampler::num_inference_steps)
+      .def_property_readonly("uses_step_noise", &dpkit::Sampler::uses_step_noise)
+      .def("__repr__", [](const dpkit::Sampler& s) { return "<dpkit Sampler " + s.name() + ">"; });
+
   py::class_<PyPolicy>(m, "Policy")
       .def(py::init([](const std::string& bundle_dir, const std::string& provider, int threads, int max_batch,
                        std::uint64_t seed, const std::string& ort_library, bool verify_sha256, int device_id,
@@ -135,20 +193,21 @@ PYBIND11_MODULE(_core, m) {
              py::gil_scoped_release release;  // loading sessions can take a while
              return std::make_unique<PyPolicy>(bundle_dir, p);
            }),
-           py::arg("bundle_dir"), py::arg("provider") = "cpu", py::arg("threads") = 2, py::arg("max_batch") = 1,
+           py::arg("bundle_dir"), py::arg("provider") = "cpu", py::arg("threads") = 2, py::arg("max_batch") = 8,
            py::arg("seed") = 0, py::arg("ort_library") = "", py::arg("verify_sha256") = true, py::arg("device_id") = 0,
            py::arg("allow_spinning") = true)
-      .def("find_sampler", [](const PyPolicy& self, const std::string& sampler, int k) {
-             return self.policy.find_sampler(sampler, k);
-           }, py::arg("sampler"), py::arg("num_inference_steps") = 0)
+      .def("find_sampler", &find_sampler, py::arg("sampler") = py::none(), py::arg("num_inference_steps") = py::none(),
+           "the bundle's sampler of this kind ('ddpm'/'ddim'; None: the default sampler's kind) with this many steps "
+           "(None: the default sampler if of that kind, else the kind's largest); InputError lists the available ones")
       .def("reseed", [](PyPolicy& self, std::uint64_t seed) {
              py::gil_scoped_release release;
              std::lock_guard<std::mutex> lock(self.mutex);
              self.policy.reseed(seed);
            }, py::arg("seed"))
-      .def("sample", &sample, py::arg("observations"), py::arg("sampler") = -1, py::arg("initial_noise") = py::none(),
+      .def("sample", &sample, py::arg("observations"), py::arg("sampler"), py::arg("initial_noise") = py::none(),
            py::arg("step_noise") = py::none(),
-           "observations: list of float32 arrays in info order -> (trajectory (B,H,A), actions (B,Ta,A))")
+           "observations: list of float32 arrays in info order; sampler: from find_sampler -> "
+           "(trajectory (B,H,A), actions (B,Ta,A))")
       .def_property_readonly("last_timing", [](PyPolicy& self) {
         dpkit::SampleTiming t;
         {
@@ -180,8 +239,10 @@ PYBIND11_MODULE(_core, m) {
         d["cond_dim"] = i.cond_dim;
         d["max_batch"] = i.max_batch;
         d["observations"] = obs;
+        d["action_scale"] = i.action_scale;
+        d["action_offset"] = i.action_offset;
         d["samplers"] = samplers;
-        d["default_sampler"] = i.default_sampler;
+        d["default_sampler"] = i.default_sampler;  // its name
         d["provider"] = i.provider;
         d["ort_version"] = i.ort_version;
         d["ort_library"] = i.ort_library;

@@ -1,14 +1,15 @@
 // dpkit::Policy: bundle -> two ORT sessions + buffers sized for max_batch -> the K-step reverse loop.
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <random>
 
 #include "internal.hpp"
+#include "manifest.hpp"
 #include "ort.hpp"
 
 namespace dpkit {
@@ -53,10 +54,18 @@ std::string profile_shapes(const std::vector<std::pair<std::string, std::vector<
   return s;
 }
 
-bool is_file(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+std::string human_bytes(double bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  int u = 0;
+  while (bytes >= 1024.0 && u < 5) bytes /= 1024.0, ++u;
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f %s", bytes, units[u]);
+  return buf;
 }
+
+// Each loaded Policy gets its own id, so a Sampler handle knows which Policy made it (an address could
+// be reused by a later Policy).
+std::atomic<std::uint64_t> g_next_policy_id{1};
 
 // The graph's declared inputs/outputs must be the contract's: same names, element types and fixed sizes
 // (a -1 in `want` is the dynamic batch; a dynamic dim in the graph accepts anything).
@@ -89,92 +98,134 @@ std::size_t PolicyInfo::observation_size(std::size_t i, int batch) const {
 }
 std::size_t PolicyInfo::trajectory_size(int batch) const { return static_cast<std::size_t>(batch) * horizon * action_dim; }
 std::size_t PolicyInfo::actions_size(int batch) const { return static_cast<std::size_t>(batch) * n_action_steps * action_dim; }
-std::size_t PolicyInfo::step_noise_size(int sampler, int batch) const {
-  if (sampler < 0 || static_cast<std::size_t>(sampler) >= samplers.size())
-    throw InputError("sampler index " + std::to_string(sampler) + " is out of range (the bundle has " +
-                     std::to_string(samplers.size()) + ")");
-  return static_cast<std::size_t>(samplers[static_cast<std::size_t>(sampler)].num_inference_steps) * trajectory_size(batch);
+std::size_t PolicyInfo::step_noise_size(const Sampler& sampler, int batch) const {
+  if (!sampler) throw InputError("step_noise_size: the Sampler is empty (use Policy::find_sampler)");
+  return static_cast<std::size_t>(sampler.num_inference_steps()) * trajectory_size(batch);
 }
 
+// ---- the loaded policy ---------------------------------------------------------------------------------
+//
+// Data path of one `sample` call. Every tensor below is a view of a buffer made at load, bound once per
+// batch size in an Ort::IoBinding, so a call only fills buffers and runs the bindings:
+//   observations (host) --encoder--> cond --denoiser x K--> noise_pred (host) --apply_step--> sample (host)
+// With "cpu", cond is a host buffer. With "cuda" and "tensorrt", cond is device memory from ONNX Runtime's
+// CUDA allocator: the encoder writes it there and all K denoiser runs read it there, so the condition
+// (the largest per-step input: To x features) never crosses the bus. The sample (B x H x A floats) and
+// timestep stay on the host, because the reverse-step arithmetic (detail::apply_step) runs on the CPU
+// and dpkit ships no CUDA kernels; ONNX Runtime copies them in (and noise_pred out) inside each run.
+// The device path compiles against the ORT C++ API only (no CUDA headers) and has NOT been run on the
+// machines this was written on (no GPU there); the CPU path, which shares every line but the cond buffer,
+// is what the tests run.
 struct Policy::Impl {
+  std::uint64_t id = 0;  // see g_next_policy_id
   PolicyInfo info;
   Manifest m;
-  std::vector<std::vector<StepCoefficients>> steps;  // per sampler
+  std::vector<std::vector<StepCoefficients>> steps;  // per sampler, in info.samplers order
 
-  // Owned buffers for max_batch; the Ort::Values below are views of them.
+  // Host buffers for max_batch; the tensors in OrtState are views of them.
   std::vector<std::vector<float>> obs;
-  std::vector<float> cond, x, eps, noise;
+  std::vector<float> cond, x, eps, noise;  // `cond` stays empty when it lives on the device
   std::vector<int64_t> timestep;
 
   // Every ORT object lives here, created only once the library is loaded: even a null Ort:: handle
   // calls into the API when destroyed, so none may exist before (e.g. when policy.json is bad).
-  struct Views {
-    std::vector<Ort::Value> enc_in;
-    Ort::Value enc_out{nullptr};
-    std::vector<Ort::Value> den_in;  // sample, timestep, cond
-    Ort::Value den_out{nullptr};
+  // Member order is destruction order reversed: bindings, then device memory, then its allocator, then
+  // the sessions.
+  struct Bindings {
+    Ort::IoBinding encoder{nullptr}, denoiser{nullptr};
   };
   struct OrtState {
     Ort::Session encoder{nullptr}, denoiser{nullptr};
     Ort::RunOptions run_options;
-    std::vector<Views> views;  // tensors for each batch size b (index b - 1), made once at load
+    Ort::Allocator device_allocator{nullptr};                 // cuda / tensorrt only
+    std::unique_ptr<Ort::MemoryAllocation> device_cond;      // (max_batch, C) floats on the GPU
+    std::vector<Bindings> bindings;  // for each batch size b (index b - 1), made once at load
   };
   std::unique_ptr<OrtState> ort;
-  std::vector<const char*> enc_in_names;
-  const char* enc_out_names[1] = {"cond"};
-  const char* den_in_names[3] = {"sample", "timestep", "cond"};
-  const char* den_out_names[1] = {"noise_pred"};
 
   std::mt19937_64 rng;
   std::normal_distribution<float> normal;
   SampleTiming timing;
 
+  // Loading, step by step.
   void load(const std::string& dir, const PolicyParams& p);
-  void make_views(int max_batch);
-  void run(int batch, int sampler, const float* initial_noise, const float* step_noise);
+  static void validate_params(const PolicyParams& p);
+  void check_buffer_budget(const PolicyParams& p) const;
+  void check_model_files(const std::string& dir, const PolicyParams& p) const;
+  void make_sessions(const std::string& dir, const PolicyParams& p, const detail::OrtRuntime& rt);
+  void check_graph_io(const std::string& dir) const;
+  void fill_info(const std::string& dir, const PolicyParams& p, const detail::OrtRuntime& rt);
+  void allocate_buffers(const PolicyParams& p);
+  void bind_buffers(const PolicyParams& p);
+  void warm_up(const std::string& dir);
+
+  // Sampling.
+  void run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise);
   void draw(float* out, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) out[i] = normal(rng);
   }
+  bool on_device() const { return info.provider != "cpu"; }
 };
 
 void Policy::Impl::load(const std::string& dir, const PolicyParams& p) {
+  validate_params(p);
+  m = detail::load_manifest(dir);
+  check_buffer_budget(p);  // before anything large is allocated or loaded
+  check_model_files(dir, p);
+  const detail::OrtRuntime& rt = detail::ort_runtime(p.ort_library);
+  make_sessions(dir, p, rt);
+  check_graph_io(dir);
+  fill_info(dir, p, rt);
+  allocate_buffers(p);
+  bind_buffers(p);
+  warm_up(dir);
+  rng.seed(p.seed);
+  id = g_next_policy_id.fetch_add(1);
+}
+
+void Policy::Impl::validate_params(const PolicyParams& p) {
   if (p.max_batch < 1) throw InputError("PolicyParams::max_batch must be >= 1, got " + std::to_string(p.max_batch));
   if (p.intra_op_threads < 0) throw InputError("PolicyParams::intra_op_threads must be >= 0");
-  m = detail::load_manifest(dir);
+  if (p.device_id < 0) throw InputError("PolicyParams::device_id must be >= 0, got " + std::to_string(p.device_id));
+}
 
+// Refuse an absurd max_batch from the sizes alone (double arithmetic: no overflow for any int).
+void Policy::Impl::check_buffer_budget(const PolicyParams& p) const {
+  double floats = static_cast<double>(m.cond_dim) + 3.0 * m.horizon * m.action_dim;  // cond, x, eps, noise
+  for (const auto& o : m.observations) floats += static_cast<double>(m.n_obs_steps) * static_cast<double>(o.step_size);
+  const double per_item = floats * sizeof(float) + sizeof(int64_t);  // + timestep
+  const double bytes = per_item * p.max_batch;
+  if (bytes > static_cast<double>(kMaxBufferBytes))
+    throw InputError("PolicyParams::max_batch = " + std::to_string(p.max_batch) + " needs " + human_bytes(bytes) +
+                     " (" + std::to_string(static_cast<unsigned long long>(per_item)) + " bytes per batch item) of "
+                     "preallocated buffers for this bundle; the limit is " + human_bytes(double(kMaxBufferBytes)));
+  if (p.max_batch > kMaxBatchLimit)
+    throw InputError("PolicyParams::max_batch = " + std::to_string(p.max_batch) + " exceeds the limit of " +
+                     std::to_string(kMaxBatchLimit));
+}
+
+// load_manifest has checked that every graph and external-data file exists inside the bundle and that
+// the graphs' declared inputs/outputs are the contract's; here their bytes are checked against policy.json.
+void Policy::Impl::check_model_files(const std::string& dir, const PolicyParams& p) const {
+  if (p.verify_sha256) detail::verify_bundle_sha256(m, dir);
+}
+
+void Policy::Impl::make_sessions(const std::string& dir, const PolicyParams& p, const detail::OrtRuntime& rt) {
   const std::string enc_path = dir + "/" + m.encoder.file, den_path = dir + "/" + m.denoiser.file;
-  for (const auto* e : {&m.encoder, &m.denoiser}) {
-    const std::string path = dir + "/" + e->file;
-    if (!is_file(path)) throw Error("missing model file " + path + " (named in " + dir + "/policy.json)");
-    if (p.verify_sha256) {
-      const std::string got = detail::sha256_file_hex(path);
-      if (got != e->sha256)
-        throw Error("sha256 mismatch for " + path + ": policy.json says " + e->sha256 + ", file has " + got +
-                    " (the bundle was modified or is incomplete; re-export it)");
-    }
-  }
-
-  const detail::OrtRuntime& rt = detail::ort_runtime(p.ort_library);
   ort = std::make_unique<OrtState>();
-  Ort::Session& encoder = ort->encoder;
-  Ort::Session& denoiser = ort->denoiser;
-  const Ort::RunOptions& run_options = ort->run_options;
-  std::vector<Views>& views = ort->views;
   PolicyParams enc_params = p;
   enc_params.allow_spinning = false;  // runs once per chunk; spinning would steal cores from the denoiser
-  // TensorRT: the exporter's engines are reused only with its profile (batch 1..its max_batch, opt
-  // min(8, max)); without exported engines ORT builds them at load into the same cache folder.
+  // TensorRT: sessions use the manifest's profile (tensorrt.min/opt/max_batch, precision; written once by
+  // dpkit-export), so they reuse the exporter's engines, or build them at the first load into the same
+  // cache folder with the same profile (dpkit.runtime.bundle.ort_trt_options). A manifest without a
+  // `tensorrt` entry gets no profile: ORT builds an engine per input shape it meets.
   detail::TrtSettings enc_trt, den_trt;
   if (p.provider == "tensorrt") {
-    int trt_max = p.max_batch;
-    if (m.has_tensorrt) {
-      if (p.max_batch > m.tensorrt_max_batch)
-        throw InputError("PolicyParams::max_batch = " + std::to_string(p.max_batch) + " exceeds the batch range 1.." +
-                         std::to_string(m.tensorrt_max_batch) + " of the bundle's TensorRT engines (re-export with "
-                         "dpkit-export --tensorrt --max-batch " + std::to_string(p.max_batch) + ")");
-      trt_max = m.tensorrt_max_batch;
-    }
-    const int opt = std::max(1, std::min(8, trt_max));
+    if (m.has_tensorrt && p.max_batch > m.tensorrt_max_batch)
+      throw InputError("PolicyParams::max_batch = " + std::to_string(p.max_batch) + " exceeds the batch range " +
+                       std::to_string(m.tensorrt_min_batch) + ".." + std::to_string(m.tensorrt_max_batch) +
+                       " of the bundle's TensorRT profile (re-export with dpkit-export --max-batch " +
+                       std::to_string(p.max_batch) + ")");
     std::vector<std::pair<std::string, std::vector<int64_t>>> enc_in, den_in = {
         {"sample", {m.horizon, m.action_dim}}, {"timestep", {}}, {"cond", {m.cond_dim}}};
     for (const auto& o : m.observations) {
@@ -185,20 +236,27 @@ void Policy::Impl::load(const std::string& dir, const PolicyParams& p) {
     for (auto [t, in] : {std::pair{&enc_trt, &enc_in}, std::pair{&den_trt, &den_in}}) {
       t->cache_dir = dir + "/" + m.tensorrt_cache_dir;
       t->fp16 = m.tensorrt_precision == "fp16";
-      t->min_shapes = profile_shapes(*in, 1);
-      t->opt_shapes = profile_shapes(*in, opt);
-      t->max_shapes = profile_shapes(*in, trt_max);
+      if (m.has_tensorrt) {
+        t->min_shapes = profile_shapes(*in, m.tensorrt_min_batch);
+        t->opt_shapes = profile_shapes(*in, m.tensorrt_opt_batch);
+        t->max_shapes = profile_shapes(*in, m.tensorrt_max_batch);
+      }
     }
   }
   try {
     Ort::SessionOptions enc_opts = detail::make_session_options(enc_params, enc_trt);
     Ort::SessionOptions den_opts = detail::make_session_options(p, den_trt);
-    encoder = Ort::Session(*rt.env, enc_path.c_str(), enc_opts);
-    denoiser = Ort::Session(*rt.env, den_path.c_str(), den_opts);
+    ort->encoder = Ort::Session(*rt.env, enc_path.c_str(), enc_opts);
+    ort->denoiser = Ort::Session(*rt.env, den_path.c_str(), den_opts);
   } catch (const Ort::Exception& e) {
     throw Error("ONNX Runtime could not load the bundle " + dir + ": " + e.what());
   }
+}
 
+void Policy::Impl::check_graph_io(const std::string& dir) const {
+  const std::string enc_path = dir + "/" + m.encoder.file, den_path = dir + "/" + m.denoiser.file;
+  const Ort::Session& encoder = ort->encoder;
+  const Ort::Session& denoiser = ort->denoiser;
   const int To = m.n_obs_steps, H = m.horizon, A = m.action_dim, C = m.cond_dim;
   const auto F = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, I64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
   if (encoder.GetInputCount() != m.observations.size() || encoder.GetOutputCount() != 1)
@@ -217,74 +275,101 @@ void Policy::Impl::load(const std::string& dir, const PolicyParams& p) {
   check_io(denoiser, true, 1, den_path, "timestep", I64, {-1});
   check_io(denoiser, true, 2, den_path, "cond", F, {-1, C});
   check_io(denoiser, false, 0, den_path, "noise_pred", F, {-1, H, A});
+}
 
-  for (const auto& s : m.samplers) steps.push_back(detail::make_steps(m, s));
-
+void Policy::Impl::fill_info(const std::string& dir, const PolicyParams& p, const detail::OrtRuntime& rt) {
   info.bundle_dir = dir;
   info.obs_mode = m.obs_mode;
-  info.n_obs_steps = To;
-  info.horizon = H;
+  info.n_obs_steps = m.n_obs_steps;
+  info.horizon = m.horizon;
   info.n_action_steps = m.n_action_steps;
-  info.action_dim = A;
+  info.action_dim = m.action_dim;
   info.first_action_index = m.first_action_index;
-  info.cond_dim = C;
+  info.cond_dim = m.cond_dim;
   info.max_batch = p.max_batch;
   info.observations = m.observations;
-  for (const auto& s : m.samplers) info.samplers.push_back({s.name, s.sampler, s.num_inference_steps});
-  info.default_sampler = m.default_sampler;
+  info.action_scale = m.action_scale;
+  info.action_offset = m.action_offset;
+  for (const auto& s : m.samplers) {
+    steps.push_back(detail::make_steps(m, s));
+    const bool noisy = std::any_of(steps.back().begin(), steps.back().end(), [](const StepCoefficients& c) { return c.sigma > 0.0f; });
+    info.samplers.push_back({s.name, s.sampler, s.num_inference_steps, noisy});
+  }
+  info.default_sampler = m.samplers[static_cast<std::size_t>(m.default_sampler)].name;
   info.provider = p.provider;
   info.ort_version = rt.version;
   info.ort_library = rt.library;
+}
 
-  for (std::size_t i = 0; i < m.observations.size(); ++i) {
-    obs.emplace_back(info.observation_size(i, p.max_batch), 0.0f);
-    enc_in_names.push_back(info.observations[i].name.c_str());
-  }
-  cond.assign(static_cast<std::size_t>(p.max_batch) * C, 0.0f);
+void Policy::Impl::allocate_buffers(const PolicyParams& p) {
+  const std::size_t B = static_cast<std::size_t>(p.max_batch);
+  for (std::size_t i = 0; i < m.observations.size(); ++i) obs.emplace_back(info.observation_size(i, p.max_batch), 0.0f);
+  if (!on_device()) cond.assign(B * static_cast<std::size_t>(m.cond_dim), 0.0f);
   x.assign(info.trajectory_size(p.max_batch), 0.0f);
   eps.assign(x.size(), 0.0f);
   noise.assign(x.size(), 0.0f);
-  timestep.assign(static_cast<std::size_t>(p.max_batch), 0);
-  make_views(p.max_batch);
-  rng.seed(p.seed);
+  timestep.assign(B, 0);
+}
 
-  // Warm-up: ORT allocates its arenas and plans on the first run of each shape; do it here, not in
-  // the caller's first control cycle. Noise is zero so no generator draws are consumed.
-  for (int b : {1, p.max_batch}) {
+// One encoder and one denoiser binding per batch size, each bound to views of the buffers: a call then
+// runs a ready binding (no tensor creation, no name lookup).
+void Policy::Impl::bind_buffers(const PolicyParams& p) {
+  const Ort::MemoryInfo host = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  Ort::MemoryInfo cond_mem{nullptr};
+  float* cond_data = cond.data();
+  const std::size_t C = static_cast<std::size_t>(m.cond_dim);
+  if (on_device()) {
+    // "Cuda" is ORT's name for CUDA device memory (onnxruntime_c_api.h); the session's CUDA provider owns
+    // the allocator, so the memory is where both sessions' CUDA kernels expect it.
+    cond_mem = Ort::MemoryInfo("Cuda", OrtDeviceAllocator, p.device_id, OrtMemTypeDefault);
+    ort->device_allocator = Ort::Allocator(ort->denoiser, cond_mem);
+    ort->device_cond = std::make_unique<Ort::MemoryAllocation>(
+        ort->device_allocator.GetAllocation(static_cast<std::size_t>(p.max_batch) * C * sizeof(float)));
+    cond_data = static_cast<float*>(ort->device_cond->get());
+  }
+  const OrtMemoryInfo* cond_info = on_device() ? static_cast<const OrtMemoryInfo*>(cond_mem)
+                                                : static_cast<const OrtMemoryInfo*>(host);
+  const int64_t To = m.n_obs_steps, H = m.horizon, A = m.action_dim;
+  ort->bindings.reserve(static_cast<std::size_t>(p.max_batch));
+  for (int b = 1; b <= p.max_batch; ++b) {
+    Bindings bb{Ort::IoBinding(ort->encoder), Ort::IoBinding(ort->denoiser)};
+    for (std::size_t i = 0; i < obs.size(); ++i) {
+      std::vector<int64_t> dims = {b, To};
+      dims.insert(dims.end(), m.observations[i].shape.begin(), m.observations[i].shape.end());
+      bb.encoder.BindInput(m.observations[i].name.c_str(), Ort::Value::CreateTensor<float>(
+          host, obs[i].data(), info.observation_size(i, b), dims.data(), dims.size()));
+    }
+    const int64_t cdims[2] = {b, static_cast<int64_t>(C)}, xdims[3] = {b, H, A}, tdims[1] = {b};
+    const std::size_t n = info.trajectory_size(b);
+    const Ort::Value cond_view = Ort::Value::CreateTensor<float>(cond_info, cond_data, static_cast<std::size_t>(b) * C, cdims, 2);
+    bb.encoder.BindOutput("cond", cond_view);
+    bb.denoiser.BindInput("sample", Ort::Value::CreateTensor<float>(host, x.data(), n, xdims, 3));
+    bb.denoiser.BindInput("timestep", Ort::Value::CreateTensor<int64_t>(host, timestep.data(), static_cast<std::size_t>(b), tdims, 1));
+    bb.denoiser.BindInput("cond", cond_view);
+    bb.denoiser.BindOutput("noise_pred", Ort::Value::CreateTensor<float>(host, eps.data(), n, xdims, 3));
+    ort->bindings.push_back(std::move(bb));
+  }
+}
+
+// ORT allocates its arenas and plans on the first run of each shape; do it here, not in the caller's
+// first control cycle. Noise is zero so no generator draws are consumed.
+void Policy::Impl::warm_up(const std::string& dir) {
+  for (int b : {1, info.max_batch}) {
+    Bindings& bb = ort->bindings[static_cast<std::size_t>(b - 1)];
     try {
-      encoder.Run(run_options, enc_in_names.data(), views[b - 1].enc_in.data(), enc_in_names.size(), enc_out_names,
-                  &views[b - 1].enc_out, 1);
-      denoiser.Run(run_options, den_in_names, views[b - 1].den_in.data(), 3, den_out_names, &views[b - 1].den_out, 1);
+      ort->encoder.Run(ort->run_options, bb.encoder);
+      bb.encoder.SynchronizeOutputs();
+      ort->denoiser.Run(ort->run_options, bb.denoiser);
+      bb.denoiser.SynchronizeOutputs();
     } catch (const Ort::Exception& e) {
       throw Error("ONNX Runtime failed on a warm-up run of " + dir + " at batch " + std::to_string(b) + ": " + e.what());
     }
   }
 }
 
-void Policy::Impl::make_views(int max_batch) {
-  const Ort::MemoryInfo mem = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
-  const int64_t To = m.n_obs_steps, H = m.horizon, A = m.action_dim, C = m.cond_dim;
-  for (int b = 1; b <= max_batch; ++b) {
-    Views v;
-    for (std::size_t i = 0; i < obs.size(); ++i) {
-      std::vector<int64_t> dims = {b, To};
-      dims.insert(dims.end(), m.observations[i].shape.begin(), m.observations[i].shape.end());
-      v.enc_in.push_back(Ort::Value::CreateTensor<float>(mem, obs[i].data(), info.observation_size(i, b), dims.data(), dims.size()));
-    }
-    const int64_t cdims[2] = {b, C}, xdims[3] = {b, H, A}, tdims[1] = {b};
-    const std::size_t n = info.trajectory_size(b);
-    v.enc_out = Ort::Value::CreateTensor<float>(mem, cond.data(), static_cast<std::size_t>(b * C), cdims, 2);
-    v.den_in.push_back(Ort::Value::CreateTensor<float>(mem, x.data(), n, xdims, 3));
-    v.den_in.push_back(Ort::Value::CreateTensor<int64_t>(mem, timestep.data(), static_cast<std::size_t>(b), tdims, 1));
-    v.den_in.push_back(Ort::Value::CreateTensor<float>(mem, cond.data(), static_cast<std::size_t>(b * C), cdims, 2));
-    v.den_out = Ort::Value::CreateTensor<float>(mem, eps.data(), n, xdims, 3);
-    ort->views.push_back(std::move(v));
-  }
-}
-
 // The hot path: no allocation, no tensor creation, no name lookups.
-void Policy::Impl::run(int batch, int sampler, const float* initial_noise, const float* step_noise) {
-  Views& v = ort->views[static_cast<std::size_t>(batch - 1)];
+void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise) {
+  Bindings& bb = ort->bindings[static_cast<std::size_t>(batch - 1)];
   Ort::Session& encoder = ort->encoder;
   Ort::Session& denoiser = ort->denoiser;
   const Ort::RunOptions& run_options = ort->run_options;
@@ -295,16 +380,18 @@ void Policy::Impl::run(int batch, int sampler, const float* initial_noise, const
   Clock::duration in_denoiser{};
   try {
     const Clock::time_point t0 = Clock::now();
-    encoder.Run(run_options, enc_in_names.data(), v.enc_in.data(), enc_in_names.size(), enc_out_names, &v.enc_out, 1);
+    encoder.Run(run_options, bb.encoder);
+    bb.encoder.SynchronizeOutputs();  // cond complete before the denoiser session (its own stream) reads it
     const Clock::duration in_encoder = Clock::now() - t0;
     if (initial_noise) std::memcpy(x.data(), initial_noise, n * sizeof(float));
     else draw(x.data(), n);
-    const auto& ks = steps[static_cast<std::size_t>(sampler)];
+    const auto& ks = steps[sampler];
     for (std::size_t k = 0; k < ks.size(); ++k) {
       const StepCoefficients& c = ks[k];
       std::fill(timestep.begin(), timestep.begin() + batch, c.timestep);
       const Clock::time_point d0 = Clock::now();
-      denoiser.Run(run_options, den_in_names, v.den_in.data(), 3, den_out_names, &v.den_out, 1);
+      denoiser.Run(run_options, bb.denoiser);
+      bb.denoiser.SynchronizeOutputs();  // noise_pred is in `eps` (a no-op on the CPU)
       in_denoiser += Clock::now() - d0;
       const float* nz = nullptr;
       if (c.sigma > 0.0f) {
@@ -325,8 +412,15 @@ void Policy::Impl::run(int batch, int sampler, const float* initial_noise, const
   }
 }
 
+// ---- the public API ------------------------------------------------------------------------------------
+
 Policy::Policy(const std::string& bundle_dir, const PolicyParams& params) : impl_(std::make_unique<Impl>()) {
-  impl_->load(bundle_dir, params);
+  try {
+    impl_->load(bundle_dir, params);
+  } catch (const std::bad_alloc&) {
+    throw Error("out of memory while loading the bundle " + bundle_dir + " with max_batch = " +
+                std::to_string(params.max_batch));
+  }
 }
 Policy::~Policy() = default;
 Policy::Policy(Policy&&) noexcept = default;
@@ -341,25 +435,42 @@ const PolicyInfo& Policy::info() const { return impl().info; }
 
 const SampleTiming& Policy::last_timing() const { return impl().timing; }
 
-int Policy::find_sampler(const std::string& sampler, int num_inference_steps) const {
-  const auto& list = impl().info.samplers;
+Sampler Policy::find_sampler(const std::string& kind_in, int num_inference_steps) const {
+  const Impl& im = impl();
+  const auto& list = im.info.samplers;
+  const std::size_t def = static_cast<std::size_t>(im.m.default_sampler);
+  const std::string kind = kind_in.empty() ? list[def].sampler : kind_in;
+  if (kind != "ddpm" && kind != "ddim") throw InputError("unknown sampler \"" + kind + "\" (expected ddpm or ddim)");
+  auto handle = [&](std::size_t i) {
+    Sampler s;
+    s.owner_ = im.id;
+    s.index_ = static_cast<int>(i);
+    s.info_ = list[i];
+    return s;
+  };
   if (num_inference_steps <= 0) {
-    // The Python backends' rule: the default sampler if it is of this kind, else the kind's largest K.
-    const int def = impl().info.default_sampler;
-    if (list[static_cast<std::size_t>(def)].sampler == sampler) return def;
-    int best = -1;
+    // dpkit.runtime.bundle.Schedule.find: the default sampler if it is of this kind, else the kind's largest K.
+    if (list[def].sampler == kind) return handle(def);
+    std::size_t best = list.size();
     for (std::size_t i = 0; i < list.size(); ++i)
-      if (list[i].sampler == sampler && (best < 0 || list[i].num_inference_steps > list[static_cast<std::size_t>(best)].num_inference_steps))
-        best = static_cast<int>(i);
-    if (best >= 0) return best;
+      if (list[i].sampler == kind && (best == list.size() || list[i].num_inference_steps > list[best].num_inference_steps))
+        best = i;
+    if (best < list.size()) return handle(best);
+  } else {
+    for (std::size_t i = 0; i < list.size(); ++i)
+      if (list[i].sampler == kind && list[i].num_inference_steps == num_inference_steps) return handle(i);
   }
-  for (std::size_t i = 0; i < list.size(); ++i)
-    if (list[i].sampler == sampler && list[i].num_inference_steps == num_inference_steps) return static_cast<int>(i);
   std::string names;
   for (const auto& s : list) names += (names.empty() ? "" : ", ") + s.name;
-  throw InputError("bundle " + impl_->info.bundle_dir + " has no sampler " + sampler +
+  throw InputError("bundle " + im.info.bundle_dir + " has no sampler " + kind +
                    (num_inference_steps > 0 ? " with " + std::to_string(num_inference_steps) + " steps" : "") +
                    "; available: " + names);
+}
+
+Sampler Policy::default_sampler() const {
+  const Impl& im = impl();
+  const auto& d = im.info.samplers[static_cast<std::size_t>(im.m.default_sampler)];
+  return find_sampler(d.sampler, d.num_inference_steps);
 }
 
 void Policy::reseed(std::uint64_t seed) {
@@ -368,7 +479,7 @@ void Policy::reseed(std::uint64_t seed) {
   im.normal.reset();
 }
 
-void Policy::sample(const SampleRequest& req, const SampleOutput& out) {
+void Policy::sample(const SampleRequest& req, SampleOutput& out) {
   const auto t_start = std::chrono::steady_clock::now();
   Impl& im = impl();
   const PolicyInfo& info = im.info;
@@ -376,10 +487,14 @@ void Policy::sample(const SampleRequest& req, const SampleOutput& out) {
   if (B < 1 || B > info.max_batch)
     throw InputError("batch " + std::to_string(B) + " is outside [1, max_batch = " + std::to_string(info.max_batch) +
                      "] (raise PolicyParams::max_batch)");
-  const int sampler = req.sampler < 0 ? info.default_sampler : req.sampler;
-  if (sampler >= static_cast<int>(info.samplers.size()))
-    throw InputError("sampler index " + std::to_string(req.sampler) + " is not one of the bundle's " +
-                     std::to_string(info.samplers.size()) + " samplers (use Policy::find_sampler)");
+  if (!req.sampler)
+    throw InputError("SampleRequest::sampler is empty (set it from Policy::find_sampler or Policy::default_sampler)");
+  if (req.sampler.owner_ != im.id)
+    throw InputError("SampleRequest::sampler " + req.sampler.name() + " was made by another Policy (use this "
+                     "Policy's find_sampler)");
+  const std::size_t sampler = static_cast<std::size_t>(req.sampler.index_);
+  if (!out.trajectory.data && !out.actions.data)
+    throw InputError("SampleOutput has no outputs: set trajectory, actions or both");
   if (req.observations.size() != info.observations.size())
     throw InputError("expected " + std::to_string(info.observations.size()) + " observation arrays (" +
                      info.observations[0].name + (info.observations.size() > 1 ? ", ..." : "") + "), got " +
@@ -392,25 +507,25 @@ void Policy::sample(const SampleRequest& req, const SampleOutput& out) {
                        " floats, got " + std::to_string(got));
   };
   const int64_t b = B, To = info.n_obs_steps, H = info.horizon, A = info.action_dim;
+  const std::size_t n = info.trajectory_size(B);
+  const int64_t K = info.samplers[sampler].num_inference_steps;
+  const int64_t Ta = info.n_action_steps;
+  // Every check before the first copy into the Policy's buffers or `out`.
   for (std::size_t i = 0; i < info.observations.size(); ++i) {
     const ObservationInfo& o = info.observations[i];
     const ConstFloatSpan& s = req.observations[i];
-    const std::size_t n = info.observation_size(i, B);
-    if ((s.data ? s.size : 0) != n) {
+    const std::size_t on = info.observation_size(i, B);
+    if ((s.data ? s.size : 0) != on) {
       std::vector<int64_t> dims = {b, To};
       dims.insert(dims.end(), o.shape.begin(), o.shape.end());
-      expect(s.data ? s.size : 0, n, "observation '" + o.name + "'", dims);
+      expect(s.data ? s.size : 0, on, "observation '" + o.name + "'", dims);
     }
-    if (!all_finite(s.data, n)) {
-      const std::size_t at = first_non_finite(s.data, n);
+    if (!all_finite(s.data, on)) {
+      const std::size_t at = first_non_finite(s.data, on);
       throw InputError("observation '" + o.name + "' holds " + (std::isnan(s.data[at]) ? "NaN" : "Inf") +
-                       " at flat index " + std::to_string(at) + " (batch item " + std::to_string(at / (n / B)) + ")");
+                       " at flat index " + std::to_string(at) + " (batch item " + std::to_string(at / (on / B)) + ")");
     }
-    std::memcpy(im.obs[i].data(), s.data, n * sizeof(float));
   }
-  const std::size_t n = info.trajectory_size(B);
-  const int64_t K = info.samplers[static_cast<std::size_t>(sampler)].num_inference_steps;
-  const int64_t Ta = info.n_action_steps;
   if (req.initial_noise.data) {
     expect(req.initial_noise.size, n, "initial_noise", std::array<int64_t, 3>{b, H, A});
     if (!all_finite(req.initial_noise.data, n)) throw InputError("initial_noise holds NaN or Inf");
@@ -422,6 +537,8 @@ void Policy::sample(const SampleRequest& req, const SampleOutput& out) {
   if (out.trajectory.data) expect(out.trajectory.size, n, "output trajectory", std::array<int64_t, 3>{b, H, A});
   if (out.actions.data) expect(out.actions.size, info.actions_size(B), "output actions", std::array<int64_t, 3>{b, Ta, A});
 
+  for (std::size_t i = 0; i < info.observations.size(); ++i)
+    std::memcpy(im.obs[i].data(), req.observations[i].data, info.observation_size(i, B) * sizeof(float));
   im.run(B, sampler, req.initial_noise.data, req.step_noise.data);
 
   if (out.trajectory.data) std::memcpy(out.trajectory.data, im.x.data(), n * sizeof(float));

@@ -2,23 +2,26 @@
 //
 //   #include <dpkit/runtime.hpp>
 //
-//   dpkit::PolicyParams params;                 // CPU, 2 threads, batch 1, seed 0
-//   dpkit::Policy policy("bundles/tiny", params);
+//   dpkit::Policy policy("bundles/tiny");                        // CPU, 2 threads, batch 1, seed 0
 //   const dpkit::PolicyInfo& info = policy.info();
 //   std::vector<float> obs(info.observation_size(0));            // (1, To, 20) for a low-dim bundle
 //   std::vector<float> actions(info.actions_size());             // (1, Ta, A), un-normalized
-//   dpkit::SampleRequest req;
+//   dpkit::SampleRequest req;                                    // once, outside the control loop:
 //   req.observations = {{obs.data(), obs.size()}};
-//   req.sampler = policy.find_sampler("ddim", 10);              // once, outside the control loop
-//   policy.sample(req, {{}, {actions.data(), actions.size()}});
+//   req.sampler = policy.find_sampler("ddim", 10);               // or policy.default_sampler()
+//   dpkit::SampleOutput out;
+//   out.actions = {actions.data(), actions.size()};
+//   policy.sample(req, out);                                     // each cycle: refill obs, sample
 //
 // Thread safety: a Policy is NOT safe to use from two threads at once (it owns its buffers and random
 // generator). Use one Policy per thread; separate Policy objects never share mutable state, so they may
-// sample concurrently. `info()` and `find_sampler()` are const and safe to call at any time. (The Python
-// module serializes calls on one object with a lock; see dpkit.runtime.cpp_policy.)
+// sample concurrently. `info()`, `find_sampler()` and `default_sampler()` are const and may be called
+// from any thread while no other thread moves or destroys the Policy. (The Python module serializes
+// calls on one object with a lock.)
 //
 // Errors: every failure throws dpkit::Error (a std::runtime_error) whose message names the file, tensor
-// or expected shape. Bad caller input (shapes, NaN/Inf, unknown sampler) throws dpkit::InputError.
+// or expected shape. Bad caller input (shapes, NaN/Inf, a sampler handle of another Policy, an absurd
+// max_batch) throws dpkit::InputError.
 #pragma once
 
 #include <cstddef>
@@ -54,6 +57,13 @@ struct FloatSpan {
   std::size_t size = 0;
 };
 
+// Largest buffer memory a Policy preallocates at load (observations, condition, sample, noise, all for
+// max_batch); a max_batch needing more is an InputError before anything is allocated.
+constexpr std::size_t kMaxBufferBytes = std::size_t{4} << 30;  // 4 GiB
+// Largest PolicyParams::max_batch. Load makes one pair of ONNX Runtime bindings per batch size
+// 1..max_batch (measured on CPU: about 0.7 ms and 55 KB each, so 4096 loads in about 3 s).
+constexpr int kMaxBatchLimit = 4096;
+
 struct PolicyParams {
   // Execution provider: "cpu", "cuda" or "tensorrt". An unavailable one is an Error, never a fallback.
   std::string provider = "cpu";
@@ -61,7 +71,8 @@ struct PolicyParams {
   int intra_op_threads = 2;
   // Let idle intra-op threads spin between runs: lower latency, more CPU burned.
   bool allow_spinning = true;
-  // Largest batch `sample` accepts; buffers are sized for it at load.
+  // Largest batch `sample` accepts, 1..kMaxBatchLimit; buffers are sized for it at load (at most
+  // kMaxBufferBytes of them).
   int max_batch = 1;
   // Seed of the generator that draws noise the caller does not inject.
   std::uint64_t seed = 0;
@@ -80,10 +91,31 @@ struct ObservationInfo {
   std::size_t step_size = 0;    // product of `shape`
 };
 
+// One of the bundle's samplers, as listed in PolicyInfo::samplers.
 struct SamplerInfo {
-  std::string name;             // e.g. "ddim-10"
-  std::string sampler;          // "ddpm" or "ddim"
-  int num_inference_steps = 0;  // K
+  std::string name;              // e.g. "ddim-10"
+  std::string sampler;           // "ddpm" or "ddim"
+  int num_inference_steps = 0;   // K
+  bool uses_step_noise = false;  // whether a step adds noise (DDPM); DDIM (eta = 0) ignores step_noise
+};
+
+// A sampler of one particular Policy, from Policy::find_sampler or Policy::default_sampler. Cheap to
+// copy; look it up once, outside the control loop. A default-constructed Sampler, or one from another
+// Policy, makes `sample` throw InputError. It stays valid when its Policy is moved.
+class Sampler {
+ public:
+  Sampler() = default;
+  const std::string& name() const { return info_.name; }           // e.g. "ddim-10"
+  const std::string& sampler() const { return info_.sampler; }     // "ddpm" or "ddim" ("" when empty)
+  int num_inference_steps() const { return info_.num_inference_steps; }
+  bool uses_step_noise() const { return info_.uses_step_noise; }
+  explicit operator bool() const { return owner_ != 0; }
+
+ private:
+  friend class Policy;
+  std::uint64_t owner_ = 0;  // id of the Policy that made it (0: none)
+  int index_ = -1;           // into PolicyInfo::samplers
+  SamplerInfo info_;
 };
 
 // What the bundle describes, plus what this Policy was built with.
@@ -98,30 +130,38 @@ struct PolicyInfo {
   int cond_dim = 0;              // C
   int max_batch = 0;
   std::vector<ObservationInfo> observations;  // encoder inputs, in graph order
-  std::vector<SamplerInfo> samplers;
-  int default_sampler = 0;       // index into `samplers`
+  std::vector<float> action_scale, action_offset;  // (A,): actions = trajectory * scale + offset
+  std::vector<SamplerInfo> samplers;          // in policy.json order
+  std::string default_sampler;   // name of the bundle's default sampler
   std::string provider;          // the provider in use ("cpu", "cuda", "tensorrt")
   std::string ort_version;       // version string of the loaded ONNX Runtime library
   std::string ort_library;       // path it was loaded from
 
   // Float counts for a batch of `batch`: observation i (batch, To, *shape), trajectory (batch, H, A),
-  // actions (batch, Ta, A), step noise for sampler s (K, batch, H, A).
+  // actions (batch, Ta, A), step noise for `sampler` (K, batch, H, A).
   std::size_t observation_size(std::size_t i, int batch = 1) const;
   std::size_t trajectory_size(int batch = 1) const;
   std::size_t actions_size(int batch = 1) const;
-  std::size_t step_noise_size(int sampler, int batch = 1) const;
+  std::size_t step_noise_size(const Sampler& sampler, int batch = 1) const;
 };
 
 struct SampleRequest {
   int batch = 1;
   // One span per PolicyInfo::observations entry, in that order: (batch, To, *shape) float32, C order.
   std::vector<ConstFloatSpan> observations;
-  // Index from Policy::find_sampler; -1 = the bundle's default sampler.
-  int sampler = -1;
+  // Required: from Policy::find_sampler or Policy::default_sampler of the Policy that samples.
+  Sampler sampler;
   // Optional injected noise (empty span = draw from the Policy's generator):
-  // initial sample (batch, H, A) and per-step noise (K, batch, H, A) (only DDPM uses it).
+  // initial sample (batch, H, A) and per-step noise (K, batch, H, A) (used only when
+  // sampler.uses_step_noise()).
   ConstFloatSpan initial_noise;
   ConstFloatSpan step_noise;
+};
+
+// Where `sample` writes: caller memory, at least one of the two (both empty is an InputError).
+struct SampleOutput {
+  FloatSpan trajectory;  // optional: (batch, H, A), normalized
+  FloatSpan actions;     // optional: (batch, Ta, A), un-normalized executed actions
 };
 
 // Where the time of the last `sample` call went (steady clock, milliseconds). Cheap to record: two clock
@@ -133,11 +173,6 @@ struct SampleTiming {
   double denoiser_ms = 0;  // all K denoiser.onnx runs
   int steps = 0;           // K
   double loop_ms() const { return total_ms - encoder_ms - denoiser_ms; }
-};
-
-struct SampleOutput {
-  FloatSpan trajectory;  // optional: (batch, H, A), normalized
-  FloatSpan actions;     // optional: (batch, Ta, A), un-normalized executed actions
 };
 
 // A loaded bundle with its ONNX Runtime sessions and preallocated buffers. Move-only.
@@ -152,18 +187,20 @@ class Policy {
 
   const PolicyInfo& info() const;
 
-  // Index of the bundle's sampler ("ddpm" or "ddim", K steps; K <= 0: the default sampler when it is of
-  // that kind, else the kind's largest K). InputError lists the available ones.
-  int find_sampler(const std::string& sampler, int num_inference_steps) const;
+  // The bundle's sampler of kind `sampler` ("ddpm" or "ddim"; "" = the default sampler's kind) with
+  // `num_inference_steps` steps (<= 0: the default sampler when it is of that kind, else the kind's
+  // largest K) -- the rule of dpkit.runtime.bundle.Schedule.find. InputError lists the available ones.
+  Sampler find_sampler(const std::string& sampler = "", int num_inference_steps = 0) const;
+  Sampler default_sampler() const;
 
   // Restart the noise generator (same seed => same noise sequence).
   void reseed(std::uint64_t seed);
 
-  // Encode the observations once, run the K reverse steps, write the results into `out`.
+  // Encode the observations once, run the K reverse steps, write the results into `out`'s spans.
   // dpkit allocates nothing here: every buffer and tensor was made for batches 1..max_batch at load,
   // and ONNX Runtime was warmed up at batch 1 and max_batch (its first run at another batch size
-  // plans that shape once).
-  void sample(const SampleRequest& request, const SampleOutput& out);
+  // plans that shape once). On an error nothing is written to `out`.
+  void sample(const SampleRequest& request, SampleOutput& out);
 
   // Timing of the last successful `sample` call (zeros before the first).
   const SampleTiming& last_timing() const;

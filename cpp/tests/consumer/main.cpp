@@ -18,8 +18,11 @@ int main(int argc, char** argv) {
       obs.emplace_back(info.observation_size(i), 0.0f);
       req.observations.push_back({obs.back().data(), obs.back().size()});
     }
+    req.sampler = policy.default_sampler();
     std::vector<float> actions(info.actions_size());
-    policy.sample(req, {{}, {actions.data(), actions.size()}});
+    dpkit::SampleOutput out;
+    out.actions = {actions.data(), actions.size()};
+    policy.sample(req, out);
     std::printf("ok: ONNX Runtime %s, first action (%.3f, %.3f)\n", info.ort_version.c_str(), actions[0], actions[1]);
   } catch (const dpkit::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
