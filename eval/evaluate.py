@@ -95,18 +95,19 @@ def _check_policy(policy: Any) -> None:
             raise DpkitError(f"policy {type(policy).__name__} has no {attr!r}; it cannot be evaluated")
     if policy.obs_mode not in OBS_KEYS:
         raise DpkitError(f"policy observation mode {policy.obs_mode!r} is not one PushT offers ({', '.join(OBS_KEYS)})")
-    expected = OBS_KEYS[policy.obs_mode]
-    if tuple(policy.obs_keys) != expected:
-        raise DpkitError(
-            f"policy inputs {list(policy.obs_keys)} do not match PushT's {policy.obs_mode} observations {list(expected)}"
-        )
+    # Names from the policy's observation spec (a converted policy has its source's); PushT builds each.
+    unknown = [k for k in policy.obs_keys if k not in pusht.OBS_NAMES or (k == "image" and policy.obs_mode != "image")]
+    if unknown:
+        gives = [k for k in pusht.OBS_NAMES if k != "image" or policy.obs_mode == "image"]
+        raise DpkitError(f"policy inputs {list(policy.obs_keys)} do not match PushT's {policy.obs_mode} observations: "
+                         f"{unknown[0]!r} is not one of {', '.join(gives)}")
     if int(policy.n_obs_steps) < 1 or int(policy.n_action_steps) < 1:
         raise DpkitError(f"policy needs n_obs_steps >= 1 and n_action_steps >= 1, has {policy.n_obs_steps}, {policy.n_action_steps}")
 
 
 def _start(env: Any, policy: Any, index: int, seed: int, record: bool) -> _Episode:
     raw = pusht.reset_legacy(env, seed)
-    first = pusht.observe(env, policy.obs_mode, raw)
+    first = pusht.observe(env, policy.obs_mode, raw, policy.obs_keys)
     # As the original: the history starts as the first observation repeated To times.
     history = {k: collections.deque([v] * policy.n_obs_steps, maxlen=policy.n_obs_steps) for k, v in first.items()}
     frames = [pusht.render_frame(env, pusht.coverage(env), 0, seed)] if record else None
@@ -182,7 +183,7 @@ def evaluate_policy(
             slots = sorted(running)
             obs = {
                 k: np.stack([np.stack(running[s].history[k]) for s in slots]).astype(np.float32, copy=False)
-                for k in OBS_KEYS[mode]
+                for k in policy.obs_keys
             }
             chunk_seed = int(np.random.SeedSequence([sample_seed, len(latencies)]).generate_state(1)[0])
             t0 = time.perf_counter()
@@ -199,7 +200,7 @@ def evaluate_policy(
                     raw, reward, terminated, _, info = env.step(action.astype(np.float64))
                     ep.steps += 1
                     ep.max_reward = max(ep.max_reward, float(reward))
-                    for k, v in pusht.observe(env, mode, raw).items():
+                    for k, v in pusht.observe(env, mode, raw, policy.obs_keys).items():
                         ep.history[k].append(v)
                     if ep.frames is not None:
                         ep.frames.append(pusht.render_frame(env, float(info["coverage"]), ep.steps, ep.seed))

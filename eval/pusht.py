@@ -19,7 +19,7 @@ Coordinates are gym-pusht's: pixels of the 512x512 world, x right, y down; angle
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -178,24 +178,55 @@ def coverage(env: Any) -> float:
     return float(env.unwrapped._get_coverage())
 
 
-def observe(env: Any, obs_mode: str, raw: Any) -> dict[str, np.ndarray]:
-    """One step's observation in the bundle's layout (no batch or time axis).
+OBS_NAMES = ("image", "agent_pos", "obs", "state", "environment_state")
+"""Observations PushT gives a policy, by the name in its observation spec (the bundle's / run's):
+image (3, 96, 96) in [0, 1]; agent_pos and lerobot's state: agent x, y; obs: the dataset's 9 keypoints then
+agent x, y; environment_state: gym-pusht's 8 block corners (lerobot's keypoint policies), all in pixels."""
+
+
+def block_corners(env: Any) -> np.ndarray:
+    """(16,) gym-pusht's `environment_state`: the T's two rectangles' corners x0, y0, ..., x7, y7 (pixels)."""
+    u = env.unwrapped
+    return np.asarray(type(u).get_keypoints(u._block_shapes), dtype=np.float64).reshape(-1)
+
+
+def observe(env: Any, obs_mode: str, raw: Any, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """One step's observation in the policy's layout (no batch or time axis).
 
     image:  {"image": (3, 96, 96) float32 in [0, 1], "agent_pos": (2,) float32 pixels}
     lowdim: {"obs": (20,) float32} = 9 keypoints x0, y0, ..., x8, y8, then agent x, y
+    `keys` (a policy's observation names, see OBS_NAMES) selects and adds others, e.g. a converted
+    lerobot keypoint policy's ("state", "environment_state").
     """
     if obs_mode == "image":
         pixels = np.asarray(raw["pixels"])
-        return {
+        out = {
             "image": np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0),
             "agent_pos": np.asarray(raw["agent_pos"], dtype=np.float32),
         }
-    if obs_mode == "lowdim":
+    elif obs_mode == "lowdim":
         # The "state" observation wraps the angle to [0, 2 pi); rotation does not care.
         state = np.asarray(raw, dtype=np.float64)
         kp = block_keypoints(state[2:5]).reshape(-1)
-        return {"obs": np.concatenate([kp, state[:2]]).astype(np.float32)}
-    raise DpkitError(f"unknown observation mode {obs_mode!r} (expected one of {', '.join(OBS_MODES)})")
+        out = {"obs": np.concatenate([kp, state[:2]]).astype(np.float32), "agent_pos": state[:2].astype(np.float32)}
+    else:
+        raise DpkitError(f"unknown observation mode {obs_mode!r} (expected one of {', '.join(OBS_MODES)})")
+    if keys is None:
+        return {k: out[k] for k in ("image", "agent_pos") if k in out} if obs_mode == "image" else {"obs": out["obs"]}
+    result = {}
+    for k in keys:
+        if k == "state":
+            result[k] = out["agent_pos"]
+        elif k == "environment_state":
+            result[k] = block_corners(env).astype(np.float32)
+        elif k == "obs" and k not in out:
+            state = env_state(env)
+            result[k] = np.concatenate([block_keypoints(state[2:5]).reshape(-1), state[:2]]).astype(np.float32)
+        elif k in out:
+            result[k] = out[k]
+        else:
+            raise DpkitError(f"PushT ({obs_mode} env) cannot give observation {k!r} (it gives: {', '.join(OBS_NAMES)})")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------
