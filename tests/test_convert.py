@@ -327,3 +327,35 @@ def test_converted_policy_is_evaluated_in_gym_pusht(runs, name):
     report = evaluate_policy(load_policy(runs[name], backend="torch"), episodes=2, max_steps=16, progress=False)
     assert report["n_episodes"] == 2 and [e["steps"] for e in report["episodes"]] == [16, 16]
     assert 0.0 <= report["score"] <= 1.0
+
+
+def test_lerobot_older_layout_statistics_in_model_safetensors(tmp_path):
+    """lerobot <= 0.3 kept the statistics as buffers in model.safetensors (names as in NOTES.md, read from
+    lerobot 0.3.3); rebuilt here from the 0.6.1 fixture, it must sample the same trajectories."""
+    from safetensors.torch import load_file, save_file
+
+    from dpkit.runtime import load_policy
+
+    name = "lerobot_pusht_keypoints"
+    src = _copy(name, tmp_path / "old", skip=tuple(p.name for p in _fixture(name).glob("policy_*")))
+    tensors = load_file(str(PEERS / name / "model.safetensors"))
+    stats = load_file(str(PEERS / name / "policy_postprocessor_step_0_unnormalizer_processor.safetensors"))
+    for feat in ("observation.state", "observation.environment_state"):
+        for stat in ("min", "max"):
+            tensors[f"normalize_inputs.buffer_{feat.replace('.', '_')}.{stat}"] = stats[f"{feat}.{stat}"]
+    for prefix in ("normalize_targets", "unnormalize_outputs"):
+        for stat in ("min", "max"):
+            tensors[f"{prefix}.buffer_action.{stat}"] = stats[f"action.{stat}"].clone()
+    (src / "model.safetensors").unlink()
+    save_file(tensors, str(src / "model.safetensors"))
+    summary = convert_policy(src, tmp_path / "run")
+    assert summary["source"]["version"].startswith("model.safetensors buffers")
+    _check_policy(load_policy(tmp_path / "run", backend="torch"), name)
+
+    # 0.3.3 can save a folder without unnormalize_outputs.*: refused, never inf statistics
+    del tensors["unnormalize_outputs.buffer_action.min"], tensors["unnormalize_outputs.buffer_action.max"]
+    (src / "model.safetensors").unlink()
+    save_file(tensors, str(src / "model.safetensors"))
+    with pytest.raises(DpkitError, match="no action.min statistics"):
+        convert_policy(src, tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()
