@@ -16,6 +16,13 @@ class DpkitError(Exception):
     exit_code = 1
 
 
+class InputError(DpkitError, ValueError):
+    """The caller passed something wrong (an argument, an observation's shape or values, injected noise).
+
+    Also a ValueError, like the C++ runtime's `_core.InputError`, so each backend raises the same kinds.
+    """
+
+
 def cli_entry(fn: Callable[..., int | None]) -> Callable[..., int]:
     """Wrap a CLI `main` so DpkitError (and Ctrl-C) become one line on stderr and a non-zero exit."""
 

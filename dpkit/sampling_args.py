@@ -16,7 +16,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from dpkit.errors import DpkitError
+from dpkit.errors import InputError
 
 SAMPLERS = ("ddpm", "ddim")
 MAX_SEED = 2**63 - 1
@@ -26,7 +26,7 @@ def check_sampler(sampler: Any) -> str | None:
     if sampler is None:
         return None
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
-        raise DpkitError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
+        raise InputError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
     return sampler
 
 
@@ -34,13 +34,13 @@ def check_steps(steps: Any, num_inference_steps: Any = None) -> int | None:
     """`steps` and its long name `num_inference_steps` (either, or both if equal) -> a positive int or None."""
     if steps is not None and num_inference_steps is not None and _as_int(steps, "steps") != _as_int(
             num_inference_steps, "num_inference_steps"):
-        raise DpkitError(f"steps={steps!r} and num_inference_steps={num_inference_steps!r} disagree")
+        raise InputError(f"steps={steps!r} and num_inference_steps={num_inference_steps!r} disagree")
     value = steps if steps is not None else num_inference_steps
     if value is None:
         return None
     k = _as_int(value, "steps")
     if k < 1:
-        raise DpkitError(f"steps must be a positive integer, got {value!r}")
+        raise InputError(f"steps must be a positive integer, got {value!r}")
     return k
 
 
@@ -49,7 +49,7 @@ def check_seed(seed: Any) -> int | None:
         return None
     s = _as_int(seed, "seed")
     if not 0 <= s <= MAX_SEED:
-        raise DpkitError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     return s
 
 
@@ -67,5 +67,5 @@ def resolve_sampler(sampler: str | None, steps: int | None, *, default: tuple[st
 def _as_int(value: Any, name: str) -> int:
     # bool is an int to Python but never a step count or seed; floats (10.6 or 10.0) are refused, not rounded.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DpkitError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+        raise InputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpkit.errors import DpkitError
+from dpkit.errors import InputError
 from dpkit.runtime.sampling import Inpaint, draw_noise
 from dpkit.sampling_args import check_sampler, check_seed, check_steps
 
@@ -106,8 +106,6 @@ class PolicyBackend:
         choice = self.resolve_sampler(sampler, steps, num_inference_steps=num_inference_steps)
         seed = check_seed(seed)
         arrays, batch = self.check_obs(obs)
-        if self.max_batch is not None and batch > self.max_batch:
-            raise DpkitError(f"batch {batch} exceeds this policy's max_batch {self.max_batch}")
         # With no seed, a backend with its own generator (cpp) draws what is not injected; else numpy does.
         fill = seed is not None or not self.draws_own_noise
         initial_noise, step_noise = draw_noise((batch, self.horizon, self.action_dim), choice.num_inference_steps,
@@ -117,7 +115,7 @@ class PolicyBackend:
             start = self.spec.first_action_index if prefix_start is None else prefix_start
             inpaint = Inpaint.check(prefix, start, prefix_weights, (batch, self.horizon, self.action_dim))
         elif prefix_start is not None or prefix_weights is not None:
-            raise DpkitError("prefix_start / prefix_weights given without a prefix")
+            raise InputError("prefix_start / prefix_weights given without a prefix")
         traj = self._run(arrays, batch, choice, initial_noise, step_noise, inpaint)
         return np.asarray(traj, dtype=np.float32)
 
@@ -137,7 +135,7 @@ class PolicyBackend:
         try:
             a = np.asarray(actions, dtype=np.float64)
         except (ValueError, TypeError) as e:
-            raise DpkitError(f"actions must be a float array ({str(e).splitlines()[0]})") from None
+            raise InputError(f"actions must be a float array ({str(e).splitlines()[0]})") from None
         return ((a - self.spec.action_offset) / self.spec.action_scale).astype(np.float32)
 
     def executed_actions(self, traj: np.ndarray) -> np.ndarray:
@@ -168,12 +166,12 @@ def validate_observations(obs: Any, spec: Sequence[dict[str, Any]], n_obs_steps:
 
     `check_values=False` leaves the shape and NaN/Inf checks to a backend that makes them itself (C++)."""
     if not isinstance(obs, dict):
-        raise DpkitError(f"obs must be a dict of numpy arrays, got {type(obs).__name__}")
+        raise InputError(f"obs must be a dict of numpy arrays, got {type(obs).__name__}")
     names = [o["name"] for o in spec]
     unknown = sorted(map(str, set(obs) - set(names)))
     missing = [n for n in names if n not in obs]
     if missing or unknown:
-        raise DpkitError(f"obs keys {sorted(map(str, obs))} do not match the policy's {names}"
+        raise InputError(f"obs keys {sorted(map(str, obs))} do not match the policy's {names}"
                          + (f" (missing {missing})" if missing else "") + (f" (unknown {unknown})" if unknown else ""))
     out: dict[str, np.ndarray] = {}
     batch = None
@@ -184,21 +182,21 @@ def validate_observations(obs: Any, spec: Sequence[dict[str, Any]], n_obs_steps:
         try:
             arr = np.asarray(arr)
         except ValueError as e:  # a ragged nested list
-            raise DpkitError(f"obs[{name!r}] is not a rectangular array ({str(e).splitlines()[0]})") from None
+            raise InputError(f"obs[{name!r}] is not a rectangular array ({str(e).splitlines()[0]})") from None
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) \
                 or arr.dtype == np.bool_:
-            raise DpkitError(f"obs[{name!r}] has dtype {arr.dtype}, expected {o['dtype']} (or another real number type)")
+            raise InputError(f"obs[{name!r}] has dtype {arr.dtype}, expected {o['dtype']} (or another real number type)")
         want = (n_obs_steps, *o["shape"])
         if check_values and (arr.ndim != len(want) + 1 or tuple(arr.shape[1:]) != want):
-            raise DpkitError(f"obs[{name!r}] has shape {tuple(arr.shape)}, expected (B, {', '.join(map(str, want))})")
+            raise InputError(f"obs[{name!r}] has shape {tuple(arr.shape)}, expected (B, {', '.join(map(str, want))})")
         if arr.ndim == 0 or arr.shape[0] < 1:
-            raise DpkitError(f"obs[{name!r}] has shape {tuple(arr.shape)}: no batch dimension or batch size 0")
+            raise InputError(f"obs[{name!r}] has shape {tuple(arr.shape)}: no batch dimension or batch size 0")
         if batch is None:
             batch = arr.shape[0]
         elif arr.shape[0] != batch:
-            raise DpkitError(f"obs[{name!r}] has batch size {arr.shape[0]}, other inputs have {batch}")
+            raise InputError(f"obs[{name!r}] has batch size {arr.shape[0]}, other inputs have {batch}")
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if check_values and not np.all(np.isfinite(arr)):
-            raise DpkitError(f"obs[{name!r}] contains NaN or Inf")
+            raise InputError(f"obs[{name!r}] contains NaN or Inf")
         out[name] = arr
     return out, int(batch)

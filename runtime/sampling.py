@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from dpkit.errors import DpkitError
+from dpkit.errors import DpkitError, InputError
 from dpkit.runtime.bundle import SamplerSpec, Schedule
 
 # Floor of the DDPM posterior variance before its square root (as in the spec; keeps sqrt finite at t=0).
@@ -162,20 +162,20 @@ class Inpaint:
         try:
             values = np.asarray(prefix)
         except ValueError as e:
-            raise DpkitError(f"prefix is not a rectangular array ({str(e).splitlines()[0]})") from None
+            raise InputError(f"prefix is not a rectangular array ({str(e).splitlines()[0]})") from None
         if values.ndim != 3 or values.shape[0] != batch or values.shape[2] != action_dim or values.shape[1] < 1:
-            raise DpkitError(f"prefix has shape {values.shape}, expected ({batch}, P, {action_dim}) with P >= 1")
+            raise InputError(f"prefix has shape {values.shape}, expected ({batch}, P, {action_dim}) with P >= 1")
         if not np.issubdtype(values.dtype, np.floating) and not np.issubdtype(values.dtype, np.integer):
-            raise DpkitError(f"prefix must be a float array, got {values.dtype}")
+            raise InputError(f"prefix must be a float array, got {values.dtype}")
         n = values.shape[1]
         if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= horizon - n:
-            raise DpkitError(f"prefix of {n} rows starting at {start!r} does not fit the horizon {horizon}")
+            raise InputError(f"prefix of {n} rows starting at {start!r} does not fit the horizon {horizon}")
         w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
         if w.shape != (n,) or not np.all((w >= 0) & (w <= 1)):
-            raise DpkitError(f"prefix weights must be {n} values in [0, 1], got shape {w.shape}")
+            raise InputError(f"prefix weights must be {n} values in [0, 1], got shape {w.shape}")
         values = values.astype(np.float32)
         if not np.all(np.isfinite(values)):
-            raise DpkitError("prefix contains NaN or Inf")
+            raise InputError("prefix contains NaN or Inf")
         return cls(int(start), values, w.astype(np.float32))
 
     def apply(self, x: np.ndarray, x_init: np.ndarray, sqrt_a: float, sqrt_1m_a: float) -> None:
@@ -213,11 +213,11 @@ def _check_noise(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
     try:
         arr = np.asarray(arr)
     except ValueError as e:  # a ragged nested list
-        raise DpkitError(f"{name} is not a rectangular array ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{name} is not a rectangular array ({str(e).splitlines()[0]})") from None
     if arr.shape != tuple(shape):
-        raise DpkitError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
+        raise InputError(f"{name} has shape {arr.shape}, expected {tuple(shape)}")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise DpkitError(f"{name} must be a float array, got {arr.dtype}")
+        raise InputError(f"{name} must be a float array, got {arr.dtype}")
     if not np.all(np.isfinite(arr)):
-        raise DpkitError(f"{name} contains NaN or Inf")
+        raise InputError(f"{name} contains NaN or Inf")
     return arr.astype(np.float32, copy=False)

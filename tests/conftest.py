@@ -62,12 +62,13 @@ def tiny_runs(tmp_path_factory, synthetic_store) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tiny_bundles(tmp_path_factory, tiny_runs) -> dict[str, Path]:
-    """The shipped export path (dpkit.export.export_bundle, parity-verified) of `tiny_runs`, DDIM 2/5/10."""
+    """The shipped export path (dpkit.export.export_bundle, parity-verified) of `tiny_runs`: samplers
+    ddpm-10, ddpm-100 and ddim-2/5/10/100 (default ddim-10)."""
     from dpkit.export import export_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     out = {}
     for mode, run in tiny_runs.items():
         out[mode] = root / mode
-        export_bundle(run, out[mode], ddim_steps=(2, 5, 10), log=lambda s: None)
+        export_bundle(run, out[mode], ddim_steps=(2, 5, 10, 100), ddpm_steps=(10,), log=lambda s: None)
     return out

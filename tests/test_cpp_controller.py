@@ -63,9 +63,8 @@ def run_and_compare(controller: Path, bundle: Path, inputs, lengths, obs_mode: s
     return res.stdout
 
 
-def test_controller_matches_python_backend(controller, tmp_path):
-    make = _load(ROOT / "cpp/tests/make_test_bundle.py").make_bundle
-    bundle = make(tmp_path / "bundle", "lowdim", seed=2)
+def test_controller_matches_python_backend(controller, tiny_bundles, tmp_path):
+    bundle = tiny_bundles["lowdim"]
     lengths = [13, 30]
     obs = np.random.default_rng(0).uniform(50, 450, (sum(lengths), 20)).astype(np.float32)
     out = run_and_compare(controller, bundle, {"obs": obs}, lengths, "lowdim", tmp_path)
@@ -80,8 +79,7 @@ def test_controller_rejects_a_bad_stream(controller, tmp_path):
 
 
 @pytest.mark.dataset
-def test_controller_on_recorded_pusht(controller, real_dataset, tmp_path):
+def test_controller_on_recorded_pusht(controller, real_dataset, tiny_bundles, tmp_path):
     rec = _load(ROOT / "cpp/examples/record_observations.py")
-    make = _load(ROOT / "cpp/tests/make_test_bundle.py").make_bundle
     inputs, lengths = rec.read_pusht(real_dataset, 2, "lowdim")
-    run_and_compare(controller, make(tmp_path / "bundle", "lowdim", seed=2), inputs, lengths, "lowdim", tmp_path)
+    run_and_compare(controller, tiny_bundles["lowdim"], inputs, lengths, "lowdim", tmp_path)

@@ -2,14 +2,13 @@
 
     .venv/bin/pytest tests/test_cpp_runtime.py
 
-Bundles are the random test bundles of cpp/tests/make_test_bundle.py (real contract, tiny graphs). The
+Bundles are the session's tiny bundles (tests/conftest.py: random weights, the shipped export path). The
 oracle is the "ort" backend, i.e. the bundle's graphs in Python ONNX Runtime driven by
 dpkit.runtime.sampling, with identical injected noise.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from pathlib import Path
 
@@ -21,18 +20,10 @@ from dpkit.errors import DpkitError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_make_test_bundle():
-    spec = importlib.util.spec_from_file_location("make_test_bundle", ROOT / "cpp" / "tests" / "make_test_bundle.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory) -> dict[str, Path]:
-    make = _load_make_test_bundle().make_bundle
-    root = tmp_path_factory.mktemp("cpp_bundles")
-    return {mode: make(root / mode, mode, seed=1) for mode in ("lowdim", "image")}
+def bundles(tiny_bundles) -> dict[str, Path]:
+    """The session's exported tiny bundles (tests/conftest.py)."""
+    return tiny_bundles
 
 
 def random_obs(policy, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -89,7 +80,7 @@ def test_interface_and_defaults(bundles):
     ({"obs": np.full((1, 2, 20), np.nan, np.float32)}, r"observation 'obs' holds NaN at flat index 0"),
     ({"obs": np.full((1, 2, 20), np.inf, np.float32)}, r"holds Inf"),
     ({"state": np.zeros((1, 2, 20), np.float32)}, r"obs keys \['state'\] do not match"),
-    ({"obs": np.full((1, 2, 20), "a")}, r"observation 'obs' has dtype <U1, expected float32"),
+    ({"obs": np.full((1, 2, 20), "a")}, r"obs\['obs'\] has dtype <U1, expected float32"),
 ])
 def test_bad_observations_are_value_errors(bundles, bad, match):
     from dpkit.runtime.cpp_policy import CppPolicy
