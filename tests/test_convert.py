@@ -359,3 +359,48 @@ def test_lerobot_older_layout_statistics_in_model_safetensors(tmp_path):
     with pytest.raises(DpkitError, match="no action.min statistics"):
         convert_policy(src, tmp_path / "run2")
     assert not (tmp_path / "run2").exists()
+
+
+def test_lerobot_separate_rgb_encoder_per_camera(tmp_path):
+    """use_separate_rgb_encoder_per_camera with one camera: the encoder's tensors are under rgb_encoder.0."""
+    from safetensors.torch import load_file, save_file
+
+    from dpkit.runtime import load_policy
+
+    name = "lerobot_pusht_image_seed1"
+    src = _copy(name, tmp_path / "sep", skip=("model.safetensors",))
+    tensors = {k.replace("diffusion.rgb_encoder.", "diffusion.rgb_encoder.0."): v
+               for k, v in load_file(str(PEERS / name / "model.safetensors")).items()}
+    save_file(tensors, str(src / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    with pytest.raises(DpkitError, match="rgb_encoder.0."):  # the shared-encoder config names no index
+        convert_policy(src, tmp_path / "bad")
+    cfg["use_separate_rgb_encoder_per_camera"] = True
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert_policy(src, tmp_path / "run")
+    _check_policy(load_policy(tmp_path / "run", backend="torch"), name)
+
+
+def test_observation_layout_config_is_validated_and_defaults_unchanged():
+    import torch
+
+    from dpkit.train.config import Config, load_config
+    from dpkit.train.policy import OBS_SPECS, ObsEncoder, obs_specs
+
+    for bad, msg in [({"obs_keys": ["state", "image"], "obs_dims": [2]}, "an image policy"),
+                     ({"obs_mode": "image", "obs_keys": ["state"], "obs_dims": [2]}, "an image policy"),
+                     ({"obs_keys": ["state", "environment_state"], "obs_dims": [2]}, "one size per vector"),
+                     ({"obs_keys": ["state", "state"], "obs_dims": [2, 2]}, "repeated"),
+                     ({"obs_mode": "image", "image_std": [0.2, 0.0, 0.2]}, "image_std")]:
+        with pytest.raises(DpkitError, match=msg):
+            Config.from_dict({"policy": {"obs_mode": "lowdim", **bad}})
+    for mode in ("image", "lowdim"):
+        cfg = load_config("tiny", [f"policy.obs_mode={mode}"]).policy
+        assert obs_specs(cfg) == OBS_SPECS[mode]
+    # dpkit's own image policies keep mapping [0, 1] to [-1, 1] exactly (x * 2 - 1)
+    from dpkit.train.normalizer import Normalizer
+
+    cfg = load_config("tiny", ["policy.obs_mode=image"]).policy
+    enc = ObsEncoder(cfg, Normalizer.fit({"agent_pos": np.random.rand(4, 2), "action": np.random.rand(4, 2)}))
+    assert torch.equal(enc.image_scale.flatten(), torch.full((3,), 2.0))
+    assert torch.equal(enc.image_offset.flatten(), torch.full((3,), -1.0))
