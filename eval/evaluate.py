@@ -235,12 +235,7 @@ def evaluate_policy(
         "n_action_steps": ta,
         "mean_chunk_latency_ms": float(np.mean(latencies) * 1e3),
         "n_chunks": len(latencies),
-        "n_episodes": episodes,
-        "seed_start": seed_start,
-        "max_steps": max_steps,
-        "n_envs": n_envs,
-        "sample_seed": sample_seed,
-        "wall_s": round(time.perf_counter() - t_start, 3),
+        **protocol_fields(episodes, seed_start, max_steps, n_envs, sample_seed, t_start),
         "videos": [str(path) for path, _ in videos],
         "episodes": [
             {"seed": e.seed, "max_reward": e.max_reward, "steps": e.steps, "success": e.success} for e in finished
@@ -253,6 +248,13 @@ def evaluate_policy(
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
+
+
+def protocol_fields(episodes: int, seed_start: int, max_steps: int, n_envs: int, sample_seed: int,
+                    t_start: float) -> dict[str, Any]:
+    """The report keys that say which protocol ran (shared by every evaluation mode)."""
+    return {"n_episodes": episodes, "seed_start": seed_start, "max_steps": max_steps, "n_envs": n_envs,
+            "sample_seed": sample_seed, "wall_s": round(time.perf_counter() - t_start, 3)}
 
 
 def rollout_evaluator(cfg: Any) -> Any:

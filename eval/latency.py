@@ -29,6 +29,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.eval import pusht
+from dpkit.eval.evaluate import protocol_fields
 from dpkit.runtime.realtime import EXECUTIONS, RealTimeController
 
 
@@ -134,11 +135,6 @@ def evaluate_latency(
         "mean_jump_at_switch_px": mean(jumps["switch"]),
         "mean_jump_inside_px": mean(jumps["inside"]),
         "mean_chunk_latency_ms": float(np.mean(latencies) * 1e3) if latencies else None,
-        "n_episodes": episodes,
-        "seed_start": seed_start,
-        "max_steps": max_steps,
-        "n_envs": n_envs,
-        "sample_seed": sample_seed,
-        "wall_s": round(time.perf_counter() - t_start, 3),
+        **protocol_fields(episodes, seed_start, max_steps, n_envs, sample_seed, t_start),
         "episodes": results,
     }

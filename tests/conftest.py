@@ -39,6 +39,14 @@ def synthetic_store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_store(tmp_path_factory) -> Path:
+    """A 4-episode synthetic store for the training tests (with synthetic.SMALL_TRAIN)."""
+    from synthetic import make_synthetic_pusht
+
+    return make_synthetic_pusht(tmp_path_factory.mktemp("train_data") / "pusht.zarr", n_episodes=4)
+
+
+@pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, synthetic_store) -> dict[str, Path]:
     """Random-weight `tiny` checkpoints (lowdim, image) fitted to the synthetic store; EMA != raw weights."""
     from dpkit.train.checkpoint import save_checkpoint

@@ -101,3 +101,16 @@ def make_synthetic_pusht(
                     zf.write(f, f.relative_to(target).as_posix())
         shutil.rmtree(target)
     return path
+
+
+# Config overrides that make the `tiny` config train in a second on a synthetic store (tests only).
+SMALL_TRAIN = [
+    "policy.down_dims=[16,32]",
+    "policy.diffusion_step_embed_dim=16",
+    "train.batch_size=8",
+    "train.lr_warmup_steps=2",
+    "train.log_every=1",
+    "train.val_every=3",
+    "train.val_batches=2",
+    "data.val_ratio=0.25",
+]

@@ -17,25 +17,16 @@ from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.cli import main as cli_main
 from dpkit.train.config import load_config
 from dpkit.train.trainer import EMA, EpochBatches, train
+from synthetic import SMALL_TRAIN as SMALL
 from synthetic import make_synthetic_pusht
 
 ROOT = Path(__file__).resolve().parents[1]
 # A very small U-Net keeps each run to a couple of seconds on 2 cores.
-SMALL = [
-    "policy.down_dims=[16,32]",
-    "policy.diffusion_step_embed_dim=16",
-    "train.batch_size=8",
-    "train.lr_warmup_steps=2",
-    "train.log_every=1",
-    "train.val_every=3",
-    "train.val_batches=2",
-    "data.val_ratio=0.25",
-]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return make_synthetic_pusht(tmp_path_factory.mktemp("data") / "pusht.zarr", n_episodes=4)
+def store(train_store) -> Path:
+    return train_store
 
 
 def _cfg(store, *extra):
