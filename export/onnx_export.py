@@ -16,17 +16,18 @@ Tanh, Mul: supported everywhere) rather than the Mish op. 18 is the exporter's m
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dpkit.errors import DpkitError
 from dpkit.export.fast_conv import GemmConv1d, GemmConvTranspose1d, batch_gemm_convs
+from dpkit.train.policy import named_forward
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 18
@@ -41,26 +42,19 @@ HALF_LAYERS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.Linear, GemmConv1d, 
 
 
 class _EncoderGraph(nn.Module):
-    """The encoder with one named input per observation (the bundle's observation names, in order).
+    """The encoder with one named input per observation (the bundle's observation names, in order)."""
 
-    torch.export binds keyword inputs through the forward's signature, so each instance gets a subclass
-    whose forward signature lists exactly its observation names."""
-
-    def __new__(cls, encoder: nn.Module):
-        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
-            inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Tensor) for k in encoder.obs_keys]
-
-        def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
-            bound = forward.__signature__.bind(self, *args, **kwargs)
-            return self.encoder(*[bound.arguments[k] for k in self.encoder.obs_keys]).float()
-
-        forward.__signature__ = inspect.Signature(params)
-        sub = type(cls.__name__, (cls,), {"forward": forward, "__new__": nn.Module.__new__})
-        return nn.Module.__new__(sub)
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_EncoderGraph":
+        if cls is _EncoderGraph and args:
+            cls = named_forward(_EncoderGraph, args[0].obs_keys)
+        return super().__new__(cls)
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
         self.encoder = encoder
+
+    def forward(self, *observations: Tensor) -> Tensor:
+        return self.encoder(*observations).float()
 
 
 class _DenoiserGraph(nn.Module):

@@ -14,6 +14,7 @@ is the PyTorch reference the ONNX and C++ runtimes are checked against: it drive
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Mapping
 
 import numpy as np
@@ -66,6 +67,29 @@ def obs_specs(cfg: PolicyConfig) -> list[tuple[str, tuple[int, ...], str]]:
     return specs
 
 
+_NAMED_FORWARD: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def named_forward(cls: type, names: list[str] | tuple[str, ...]) -> type:
+    """A subclass of `cls` whose forward takes exactly `names` (positional or keyword) and passes them on in
+    that order to `cls.forward(*inputs)`. torch.export binds inputs (and dynamic shapes) through the
+    forward's signature, so a module whose inputs are a policy's observation names needs this one."""
+    key = (cls, tuple(names))
+    if key not in _NAMED_FORWARD:
+        sig = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+        base = cls.forward
+
+        def forward(self, *args: Tensor, **kwargs: Tensor) -> Tensor:
+            bound = sig.bind(self, *args, **kwargs)
+            return base(self, *[bound.arguments[n] for n in key[1]])
+
+        forward.__signature__ = sig
+        _NAMED_FORWARD[key] = type(cls.__name__, (cls,), {"forward": forward, "__qualname__": cls.__qualname__,
+                                                           "__module__": cls.__module__})
+    return _NAMED_FORWARD[key]
+
+
 class ObsEncoder(nn.Module):
     """Raw observation history -> condition vector (exported as encoder.onnx).
 
@@ -74,6 +98,12 @@ class ObsEncoder(nn.Module):
     image:  forward(image (B, To, 3, 96, 96) in [0, 1], agent_pos (B, To, 2) px) -> (B, To * (F + 2))
     lowdim: forward(obs (B, To, 20) px) -> (B, To * 20)
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ObsEncoder":
+        # forward's parameters are the observation names (image, agent_pos / obs / a converted layout's)
+        if cls is ObsEncoder and args:
+            cls = named_forward(ObsEncoder, [name for name, _, _ in obs_specs(args[0])])
+        return super().__new__(cls)
 
     def __init__(self, cfg: PolicyConfig, normalizer: Normalizer):
         super().__init__()
