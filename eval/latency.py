@@ -30,7 +30,7 @@ import numpy as np
 from dpkit.errors import DpkitError
 from dpkit.eval import pusht
 from dpkit.eval.evaluate import protocol_fields
-from dpkit.runtime.realtime import EXECUTIONS, RealTimeController
+from dpkit.runtime.realtime import EXECUTIONS, make_controller
 
 
 def evaluate_latency(
@@ -72,9 +72,9 @@ def evaluate_latency(
             wave = list(range(wave_start, min(wave_start + n_envs, episodes)))
             seeds = [seed_start + i for i in wave]
             obs = [pusht.observe(envs[j], mode, pusht.reset_legacy(envs[j], s)) for j, s in enumerate(seeds)]
-            ctl = RealTimeController(policy, execution=execution, delay=latency_steps, blend=blend, sampler=sampler,
-                                     steps=steps, seed=int(np.random.SeedSequence([sample_seed, wave_start])
-                                                           .generate_state(1)[0]))
+            ctl = make_controller(policy, execution=execution, delay=latency_steps, blend=blend, sampler=sampler,
+                                  steps=steps, seed=int(np.random.SeedSequence([sample_seed, wave_start])
+                                                        .generate_state(1)[0]))
             with ctl:
                 done = [False] * len(wave)
                 best = [0.0] * len(wave)

@@ -77,9 +77,11 @@ class CppPolicy(PolicyBackend):
         return SamplerChoice(h.name, h.sampler, h.num_inference_steps, h.uses_step_noise, h)
 
     def _run(self, arrays, batch, choice, initial_noise, step_noise, inpaint) -> np.ndarray:
-        if inpaint is not None:
-            raise DpkitError("the cpp backend does not inpaint a prefix yet (use the ort or torch backend)")
-        traj, _ = self._policy.sample(list(arrays.values()), choice.handle, initial_noise, step_noise)
+        if inpaint is None:
+            traj, _ = self._policy.sample(list(arrays.values()), choice.handle, initial_noise, step_noise)
+        else:
+            traj, _ = self._policy.sample(list(arrays.values()), choice.handle, initial_noise, step_noise,
+                                          inpaint.values, inpaint.start, inpaint.weights)
         return traj
 
     @property

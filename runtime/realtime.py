@@ -233,3 +233,78 @@ class RealTimeController:
         # async: the new chunk's action 0 belongs to tick `start`; `n - start` ticks have passed since.
         self._index = at_index if at_index is not None else (0 if self.execution == "sync" else n - start)
         self.switched = True
+
+
+# ---- the C++ controller -------------------------------------------------------------------------------
+
+
+class CppRealTimeController:
+    """The C++ `dpkit::RealTimeController` over a CppPolicy, with the reference's interface (`step`, `stats`,
+    `switched`, `choice`, `expected_delay`, `close`, context manager) — the same rules, run in C++ (the
+    worker thread and the whole tick in C++, the GIL released while a tick waits).
+
+    C++ fixes the batch at construction; here it is taken from the first observation (a batch-1
+    controller checks the settings at once and is remade when the first step brings another batch).
+    Chunk r samples with the C++ generator reseeded to `_core.RealTimeController.request_seed(seed, r)`,
+    not numpy's: its actions equal the Python reference's run over a policy drawing that same noise.
+    """
+
+    def __init__(self, policy: Any, execution: str = "async-inpaint", delay: int | None = None, margin: int = 0,
+                 blend: int = 0, sampler: str | None = None, steps: int | None = None, seed: int = 0,
+                 period: float = 0.1, batch: int | None = None):
+        from dpkit.runtime import _core
+
+        if execution not in EXECUTIONS:
+            raise DpkitError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
+        self.policy = policy
+        self.execution = execution
+        self.choice = policy.resolve_sampler(sampler, steps)
+        seed = check_seed(seed)
+        self._args = dict(execution=execution, delay=-1 if delay is None else delay, margin=margin, blend=blend,
+                          sampler=self.choice.sampler, num_inference_steps=self.choice.num_inference_steps,
+                          seed=seed, period=period)
+        self._make = lambda b: _core.RealTimeController(policy._policy, batch=b, **self._args)
+        self._ctl = self._make(1 if batch is None else batch)
+        self._fixed_batch = batch is not None
+        self._stepped = False
+
+    def step(self, obs: dict[str, Any]) -> np.ndarray:
+        """Feed this tick's observation {key: (B, ...)}; get this tick's action (B, A) at once."""
+        if not self._stepped and not self._fixed_batch and isinstance(obs, dict) and obs:
+            shape = np.shape(next(iter(obs.values())))
+            b = int(shape[0]) if shape else 1
+            if b != self._ctl.batch:
+                self._ctl.close()
+                self._ctl = self._make(b)
+        self._stepped = True
+        return self._ctl.step(obs)
+
+    @property
+    def stats(self) -> ControllerStats:
+        s = self._ctl.stats
+        return ControllerStats(s["ticks"], s["requests"], s["chunks"], s["deadline_misses"], s["wait_ticks"],
+                               list(s["latencies_s"]))
+
+    @property
+    def switched(self) -> bool:
+        return self._ctl.switched
+
+    def expected_delay(self) -> int:
+        return self._ctl.expected_delay()
+
+    def close(self) -> None:
+        self._ctl.close()
+
+    def __enter__(self) -> "CppRealTimeController":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def make_controller(policy: Any, **kwargs: Any) -> "RealTimeController | CppRealTimeController":
+    """The real-time controller for `policy`: the C++ one for a "cpp" backend policy, else the Python
+    reference. Keyword arguments are RealTimeController's (`clock`/`history` only for the reference)."""
+    if getattr(policy, "backend", None) == "cpp" and "clock" not in kwargs and "history" not in kwargs:
+        return CppRealTimeController(policy, **kwargs)
+    return RealTimeController(policy, **kwargs)

@@ -1,4 +1,5 @@
-// dpkit.runtime._core: dpkit::Policy for Python. Used through dpkit.runtime.cpp_policy.CppPolicy.
+// dpkit.runtime._core: dpkit::Policy and dpkit::RealTimeController for Python. Used through
+// dpkit.runtime.cpp_policy.CppPolicy and dpkit.runtime.realtime.make_controller.
 //
 // numpy in: float32 C-contiguous arrays are read in place, other numeric arrays converted once; anything
 // else (lists, strings, booleans) is an InputError. Samplers are typed handles from find_sampler.
@@ -80,7 +81,8 @@ dpkit::Sampler find_sampler(const PyPolicy& self, const py::object& sampler, con
 
 // The batch comes from the first observation's leading dimension; C++ then checks every size.
 py::tuple sample(PyPolicy& self_, const py::object& observations_in, const py::object& sampler_in,
-                 const py::object& initial_noise_in, const py::object& step_noise_in) {
+                 const py::object& initial_noise_in, const py::object& step_noise_in, const py::object& prefix_in,
+                 int prefix_start, const py::object& prefix_weights_in) {
   dpkit::Policy& self = self_.policy;
   const dpkit::PolicyInfo& info = self.info();
   if (!py::isinstance<dpkit::Sampler>(sampler_in))
@@ -126,9 +128,27 @@ py::tuple sample(PyPolicy& self_, const py::object& observations_in, const py::o
     step_noise = as_float32(step_noise_in, "step_noise");
     check_shape(*step_noise, "step_noise", {sampler.num_inference_steps(), B, info.horizon, info.action_dim});
   }
+  std::optional<FloatArray> prefix, prefix_weights;
+  if (!prefix_in.is_none()) {
+    prefix = as_float32(prefix_in, "prefix");
+    if (prefix->ndim() != 3 || prefix->shape(0) != B || prefix->shape(2) != info.action_dim || prefix->shape(1) < 1)
+      throw dpkit::InputError("prefix has shape " + shape_of(*prefix) + ", expected (" + std::to_string(B) + ", P, " +
+                              std::to_string(info.action_dim) + ") with P >= 1");
+  }
+  if (!prefix_weights_in.is_none()) {
+    prefix_weights = as_float32(prefix_weights_in, "prefix_weights");
+    if (prefix_weights->ndim() != 1)
+      throw dpkit::InputError("prefix weights must be a 1-d array, got shape " + shape_of(*prefix_weights));
+  }
   dpkit::SampleRequest req;
   req.batch = B;
   req.sampler = sampler;
+  if (prefix) {
+    req.prefix = span_of(*prefix);
+    req.prefix_rows = static_cast<int>(prefix->shape(1));
+    req.prefix_start = prefix_start;
+  }
+  if (prefix_weights) req.prefix_weights = span_of(*prefix_weights);
   for (const auto& a : observations) req.observations.push_back(span_of(a));
   if (initial_noise) req.initial_noise = span_of(*initial_noise);
   if (step_noise) req.step_noise = span_of(*step_noise);
@@ -143,6 +163,100 @@ py::tuple sample(PyPolicy& self_, const py::object& observations_in, const py::o
     self.sample(req, out);
   }
   return py::make_tuple(traj, actions);
+}
+
+// dpkit::RealTimeController over a PyPolicy: its worker holds the policy's lock around each chunk, so the
+// Policy stays usable (serialized) from Python. `mutex` serializes the controller's own calls.
+struct PyController {
+  PyController(PyPolicy& p, const dpkit::ControllerParams& params)
+      : policy_of(&p), ctl(p.policy, params), batch(params.batch) {}
+  PyPolicy* policy_of;
+  dpkit::RealTimeController ctl;
+  int batch;
+  std::mutex mutex;
+  std::vector<dpkit::ConstFloatSpan> spans;  // this step's observations, read by C++ during the call
+};
+
+dpkit::Execution execution_of(const std::string& e) {
+  if (e == "sync") return dpkit::Execution::sync;
+  if (e == "async") return dpkit::Execution::async;
+  if (e == "async-inpaint") return dpkit::Execution::async_inpaint;
+  throw dpkit::InputError("execution must be one of sync, async, async-inpaint, got '" + e + "'");
+}
+
+int int_arg(const py::object& v, const std::string& name, int none_value) {
+  if (v.is_none()) return none_value;
+  if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+    throw dpkit::InputError(name + " must be an integer, got " + std::string(py::repr(v)));
+  const long long x = py::int_(v).cast<long long>();
+  if (x < -(1LL << 30) || x > (1LL << 30)) throw dpkit::InputError(name + " is out of range, got " + std::to_string(x));
+  return static_cast<int>(x);
+}
+
+// One tick's observations: {name: (B, *shape)} or a list in info order, B = the controller's batch.
+py::array_t<float> controller_step(PyController& self, PyPolicy& policy, const py::object& obs_in) {
+  const dpkit::PolicyInfo& info = policy.policy.info();
+  std::vector<FloatArray> held;
+  if (py::isinstance<py::dict>(obs_in)) {
+    const py::dict d = py::reinterpret_borrow<py::dict>(obs_in);
+    bool match = d.size() == info.observations.size();
+    for (const auto& o : info.observations) match = match && d.contains(o.name);
+    if (!match) {
+      std::string got, want;
+      for (const auto& kv : d) got += (got.empty() ? "" : ", ") + std::string(py::str(kv.first));
+      for (const auto& o : info.observations) want += (want.empty() ? "" : ", ") + o.name;
+      throw dpkit::InputError("observation keys [" + got + "] do not match the policy's [" + want + "]");
+    }
+    for (const auto& o : info.observations) held.push_back(as_float32(d[py::str(o.name)], "observation '" + o.name + "'"));
+  } else if (py::isinstance<py::list>(obs_in) || py::isinstance<py::tuple>(obs_in)) {
+    for (const py::handle& o : py::reinterpret_borrow<py::sequence>(obs_in))
+      held.push_back(as_float32(o, "observation " + std::to_string(held.size())));
+    if (held.size() != info.observations.size())
+      throw dpkit::InputError("expected " + std::to_string(info.observations.size()) + " observation arrays, got " +
+                              std::to_string(held.size()));
+  } else {
+    throw dpkit::InputError("observations must be a dict {name: array} or a list of arrays, got " +
+                            std::string(py::str(py::type::of(obs_in).attr("__name__"))));
+  }
+  for (std::size_t i = 0; i < held.size(); ++i) {
+    std::vector<py::ssize_t> want = {self.batch};
+    want.insert(want.end(), info.observations[i].shape.begin(), info.observations[i].shape.end());
+    check_shape(held[i], "observation '" + info.observations[i].name + "'", want);
+  }
+  py::array_t<float> action({self.batch, info.action_dim});
+  {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(self.mutex);
+    self.spans.clear();
+    for (const auto& a : held) self.spans.push_back(span_of(a));
+    self.ctl.step(self.spans, {action.mutable_data(), static_cast<std::size_t>(action.size())});
+  }
+  return action;
+}
+
+py::dict controller_stats(PyController& self) {
+  dpkit::ControllerStats s;
+  {
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(self.mutex);
+    s = self.ctl.stats();
+  }
+  py::dict d;
+  d["ticks"] = s.ticks;
+  d["requests"] = s.requests;
+  d["chunks"] = s.chunks;
+  d["deadline_misses"] = s.deadline_misses;
+  d["wait_ticks"] = s.wait_ticks;
+  d["latencies_s"] = s.latencies_s;
+  if (s.latencies_s.empty()) {
+    d["latency_ms"] = py::none();
+  } else {
+    py::dict ms;
+    for (auto [name, q] : {std::pair{"p50", 50.0}, {"p90", 90.0}, {"p99", 99.0}, {"max", 100.0}})
+      ms[name] = 1e3 * s.latency_percentile(q);
+    d["latency_ms"] = ms;
+  }
+  return d;
 }
 
 }  // namespace
@@ -205,9 +319,12 @@ PYBIND11_MODULE(_core, m) {
              self.policy.reseed(seed);
            }, py::arg("seed"))
       .def("sample", &sample, py::arg("observations"), py::arg("sampler"), py::arg("initial_noise") = py::none(),
-           py::arg("step_noise") = py::none(),
+           py::arg("step_noise") = py::none(), py::arg("prefix") = py::none(), py::arg("prefix_start") = -1,
+           py::arg("prefix_weights") = py::none(),
            "observations: list of float32 arrays in info order; sampler: from find_sampler -> "
-           "(trajectory (B,H,A), actions (B,Ta,A))")
+           "(trajectory (B,H,A), actions (B,Ta,A)). prefix (B,P,A) normalized: a committed prefix the "
+           "trajectory continues (inpainting) at rows prefix_start (-1: first_action_index) on, with optional "
+           "per-row prefix_weights (P,) in [0, 1]")
       .def_property_readonly("last_timing", [](PyPolicy& self) {
         dpkit::SampleTiming t;
         {
@@ -248,4 +365,53 @@ PYBIND11_MODULE(_core, m) {
         d["ort_library"] = i.ort_library;
         return d;
       });
+
+  // The Policy must outlive the controller (keep_alive); `step` releases the GIL (it may wait for a chunk).
+  py::class_<PyController>(m, "RealTimeController")
+      .def(py::init([](PyPolicy& policy, const std::string& execution, const py::object& delay, const py::object& margin,
+                       const py::object& blend, const py::object& sampler, const py::object& steps,
+                       std::uint64_t seed, double period, const py::object& batch) {
+             dpkit::ControllerParams p;
+             p.execution = execution_of(execution);
+             p.delay = int_arg(delay, "delay", -1);
+             p.margin = int_arg(margin, "margin", 0);
+             p.blend = int_arg(blend, "blend", 0);
+             p.sampler = find_sampler(policy, sampler, steps);
+             p.seed = seed;
+             p.period = period;
+             p.batch = int_arg(batch, "batch", 1);
+             p.policy_mutex = &policy.mutex;
+             return std::make_unique<PyController>(policy, p);
+           }),
+           py::arg("policy"), py::arg("execution") = "async-inpaint", py::arg("delay") = py::none(),
+           py::arg("margin") = 0, py::arg("blend") = 0, py::arg("sampler") = py::none(),
+           py::arg("num_inference_steps") = py::none(), py::arg("seed") = 0, py::arg("period") = 0.1,
+           py::arg("batch") = 1, py::keep_alive<1, 2>(),
+           "dpkit::RealTimeController: delay None/-1 = measured on the wall clock, else fixed (virtual time)")
+      .def("step", [](PyController& self, const py::object& obs) {
+             return controller_step(self, *self.policy_of, obs);
+           }, py::arg("observations"), "one tick: {name: (B, *shape)} or a list -> this tick's action (B, A)")
+      .def_property_readonly("stats", &controller_stats)
+      .def_property_readonly("switched", [](PyController& self) {
+        std::lock_guard<std::mutex> lock(self.mutex);
+        return self.ctl.switched();
+      })
+      .def_property_readonly("batch", [](const PyController& self) { return self.batch; })
+      .def("expected_delay", [](PyController& self) {
+        std::lock_guard<std::mutex> lock(self.mutex);
+        return self.ctl.expected_delay();
+      })
+      .def("close", [](PyController& self) {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(self.mutex);
+        self.ctl.close();
+      })
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](PyController& self, const py::args&) {
+        py::gil_scoped_release release;
+        std::lock_guard<std::mutex> lock(self.mutex);
+        self.ctl.close();
+      })
+      .def_static("request_seed", &dpkit::RealTimeController::request_seed, py::arg("seed"), py::arg("request"),
+                  "the generator seed of request `request` (the Policy is reseeded with it before that chunk)");
 }

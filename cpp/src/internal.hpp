@@ -71,10 +71,14 @@ Manifest load_manifest(const std::string& bundle_dir);
 //   x0 = clamp((x - sqrt_1m_at * eps) * inv_sqrt_at, -r, r)      (clamp only when clip)
 //   x  = c_x0 * x0 + c_x * x + c_eps * eps + sigma * noise        (sigma = 0: no noise term)
 // DDPM has c_eps = 0; DDIM (eta = 0) has c_x = 0 and sigma = 0.
+// For inpainting, the noise levels around the step: sqrt(alpha_cumprod) of its input (timestep; for
+// step 0 that is the initial sample's level) and of its output (prev timestep, or the sampler's
+// final_alpha_cumprod after the last step).
 struct StepCoefficients {
   int64_t timestep = 0;
   float sqrt_1m_at = 0, inv_sqrt_at = 0;
   float c_x0 = 0, c_x = 0, c_eps = 0, sigma = 0;
+  float sqrt_at = 0, sqrt_ap = 0, sqrt_1m_ap = 0;
 };
 
 std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& s);
@@ -82,6 +86,17 @@ std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& 
 // One reverse step over n floats, in place on x. `noise` may be null when step.sigma == 0.
 void apply_step(const StepCoefficients& step, bool clip, float clip_range, float* x, const float* eps,
                 const float* noise, std::size_t n);
+
+// Inpainting (dpkit.runtime.sampling.Inpaint.apply): rows start .. start + rows - 1 of every batch item
+// of x (batch, horizon, A) become  w_j * (sqrt_a * prefix_j + sqrt_1m_a * x_init_j) + (1 - w_j) * x_j,
+// the committed prefix (batch, rows, A) noised to the level x is at with the initial sample's own noise.
+struct Inpaint {
+  const float* prefix = nullptr;   // (batch, rows, A), normalized
+  const float* weights = nullptr;  // (rows,) in [0, 1]
+  int start = 0, rows = 0;
+};
+void apply_inpaint(const Inpaint& p, float sqrt_a, float sqrt_1m_a, float* x, const float* x_init, int batch,
+                   int horizon, int action_dim);
 
 }  // namespace detail
 }  // namespace dpkit

@@ -125,6 +125,8 @@ struct Policy::Impl {
   // Host buffers for max_batch; the tensors in OrtState are views of them.
   std::vector<std::vector<float>> obs;
   std::vector<float> cond, x, eps, noise;  // `cond` stays empty when it lives on the device
+  // Inpainting: the initial sample (its noise re-noises the prefix), the prefix and its weights.
+  std::vector<float> x_init, prefix, prefix_weights;
   std::vector<int64_t> timestep;
 
   // Every ORT object lives here, created only once the library is loaded: even a null Ort:: handle
@@ -160,7 +162,9 @@ struct Policy::Impl {
   void warm_up(const std::string& dir);
 
   // Sampling.
-  void run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise);
+  // `inpaint.rows` 0: no prefix; else it points into `prefix` / `prefix_weights`.
+  void run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise,
+           const detail::Inpaint& inpaint);
   void draw(float* out, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) out[i] = normal(rng);
   }
@@ -191,7 +195,8 @@ void Policy::Impl::validate_params(const PolicyParams& p) {
 
 // Refuse an absurd max_batch from the sizes alone (double arithmetic: no overflow for any int).
 void Policy::Impl::check_buffer_budget(const PolicyParams& p) const {
-  double floats = static_cast<double>(m.cond_dim) + 3.0 * m.horizon * m.action_dim;  // cond, x, eps, noise
+  // cond, x, eps, noise, x_init, prefix (the prefix weights are per row, not per item)
+  double floats = static_cast<double>(m.cond_dim) + 5.0 * m.horizon * m.action_dim;
   for (const auto& o : m.observations) floats += static_cast<double>(m.n_obs_steps) * static_cast<double>(o.step_size);
   const double per_item = floats * sizeof(float) + sizeof(int64_t);  // + timestep
   const double bytes = per_item * p.max_batch;
@@ -308,6 +313,9 @@ void Policy::Impl::allocate_buffers(const PolicyParams& p) {
   x.assign(info.trajectory_size(p.max_batch), 0.0f);
   eps.assign(x.size(), 0.0f);
   noise.assign(x.size(), 0.0f);
+  x_init.assign(x.size(), 0.0f);
+  prefix.assign(x.size(), 0.0f);
+  prefix_weights.assign(static_cast<std::size_t>(m.horizon), 0.0f);
   timestep.assign(B, 0);
 }
 
@@ -368,7 +376,8 @@ void Policy::Impl::warm_up(const std::string& dir) {
 }
 
 // The hot path: no allocation, no tensor creation, no name lookups.
-void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise) {
+void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise,
+                       const detail::Inpaint& inpaint) {
   Bindings& bb = ort->bindings[static_cast<std::size_t>(batch - 1)];
   Ort::Session& encoder = ort->encoder;
   Ort::Session& denoiser = ort->denoiser;
@@ -386,6 +395,11 @@ void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_nois
     if (initial_noise) std::memcpy(x.data(), initial_noise, n * sizeof(float));
     else draw(x.data(), n);
     const auto& ks = steps[sampler];
+    const int H = info.horizon, A = info.action_dim;
+    if (inpaint.rows > 0) {
+      std::memcpy(x_init.data(), x.data(), n * sizeof(float));
+      detail::apply_inpaint(inpaint, ks[0].sqrt_at, ks[0].sqrt_1m_at, x.data(), x_init.data(), batch, H, A);
+    }
     for (std::size_t k = 0; k < ks.size(); ++k) {
       const StepCoefficients& c = ks[k];
       std::fill(timestep.begin(), timestep.begin() + batch, c.timestep);
@@ -402,6 +416,8 @@ void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_nois
         }
       }
       detail::apply_step(c, clip, r, x.data(), eps.data(), nz, n);
+      if (inpaint.rows > 0)
+        detail::apply_inpaint(inpaint, c.sqrt_ap, c.sqrt_1m_ap, x.data(), x_init.data(), batch, H, A);
     }
     // Recorded only on success; sample() adds the total.
     timing.encoder_ms = std::chrono::duration<double, std::milli>(in_encoder).count();
@@ -534,12 +550,44 @@ void Policy::sample(const SampleRequest& req, SampleOutput& out) {
     expect(req.step_noise.size, static_cast<std::size_t>(K) * n, "step_noise", std::array<int64_t, 4>{K, b, H, A});
     if (!all_finite(req.step_noise.data, req.step_noise.size)) throw InputError("step_noise holds NaN or Inf");
   }
+  detail::Inpaint inpaint;
+  if (req.prefix.data) {
+    const int P = req.prefix_rows, start = req.prefix_start == -1 ? info.first_action_index : req.prefix_start;
+    if (P < 1 || start < 0 || P > info.horizon - start)
+      throw InputError("prefix of " + std::to_string(P) + " rows starting at " + std::to_string(start) +
+                       " does not fit the horizon " + std::to_string(info.horizon) + " (need 1 <= rows <= horizon - start)");
+    const std::size_t pn = static_cast<std::size_t>(B) * P * A;
+    expect(req.prefix.size, pn, "prefix", std::array<int64_t, 3>{b, P, A});
+    if (!all_finite(req.prefix.data, pn)) throw InputError("prefix contains NaN or Inf");
+    if (req.prefix_weights.data) {
+      if (req.prefix_weights.size != static_cast<std::size_t>(P))
+        throw InputError("prefix weights must be " + std::to_string(P) + " values in [0, 1], got " +
+                         std::to_string(req.prefix_weights.size));
+      for (int j = 0; j < P; ++j)
+        if (!(req.prefix_weights.data[j] >= 0.0f && req.prefix_weights.data[j] <= 1.0f))  // NaN fails too
+          throw InputError("prefix weights must be " + std::to_string(P) + " values in [0, 1], got " +
+                           std::to_string(req.prefix_weights.data[j]) + " at " + std::to_string(j));
+    }
+    inpaint.start = start;
+    inpaint.rows = P;
+  } else if (req.prefix_rows != 0 || req.prefix_weights.data) {
+    throw InputError("SampleRequest::prefix_rows / prefix_weights given without a prefix");
+  }
   if (out.trajectory.data) expect(out.trajectory.size, n, "output trajectory", std::array<int64_t, 3>{b, H, A});
   if (out.actions.data) expect(out.actions.size, info.actions_size(B), "output actions", std::array<int64_t, 3>{b, Ta, A});
 
   for (std::size_t i = 0; i < info.observations.size(); ++i)
     std::memcpy(im.obs[i].data(), req.observations[i].data, info.observation_size(i, B) * sizeof(float));
-  im.run(B, sampler, req.initial_noise.data, req.step_noise.data);
+  if (inpaint.rows > 0) {
+    std::memcpy(im.prefix.data(), req.prefix.data, static_cast<std::size_t>(B) * inpaint.rows * A * sizeof(float));
+    if (req.prefix_weights.data)
+      std::memcpy(im.prefix_weights.data(), req.prefix_weights.data, inpaint.rows * sizeof(float));
+    else
+      std::fill(im.prefix_weights.begin(), im.prefix_weights.begin() + inpaint.rows, 1.0f);
+    inpaint.prefix = im.prefix.data();
+    inpaint.weights = im.prefix_weights.data();
+  }
+  im.run(B, sampler, req.initial_noise.data, req.step_noise.data, inpaint);
 
   if (out.trajectory.data) std::memcpy(out.trajectory.data, im.x.data(), n * sizeof(float));
   if (out.actions.data) {

@@ -22,6 +22,9 @@ std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& 
     c.timestep = t;
     c.sqrt_1m_at = static_cast<float>(std::sqrt(1.0 - a_t));
     c.inv_sqrt_at = static_cast<float>(1.0 / std::sqrt(a_t));
+    c.sqrt_at = static_cast<float>(std::sqrt(a_t));
+    c.sqrt_ap = static_cast<float>(std::sqrt(a_p));
+    c.sqrt_1m_ap = static_cast<float>(std::sqrt(1.0 - a_p));
     if (s.sampler == "ddpm") {
       const double b_t = 1.0 - a_t / a_p;
       c.c_x0 = static_cast<float>(std::sqrt(a_p) * b_t / (1.0 - a_t));
@@ -49,6 +52,23 @@ void apply_step(const StepCoefficients& c, bool clip, float r, float* __restrict
     for (std::size_t i = 0; i < n; ++i) {
       const float x0 = std::min(std::max((x[i] - c.sqrt_1m_at * eps[i]) * c.inv_sqrt_at, lo), hi);
       x[i] = c.c_x0 * x0 + c.c_x * x[i] + c.c_eps * eps[i];
+    }
+  }
+}
+
+void apply_inpaint(const Inpaint& p, float sqrt_a, float sqrt_1m_a, float* x, const float* x_init, int batch,
+                   int horizon, int action_dim) {
+  const std::size_t A = static_cast<std::size_t>(action_dim);
+  for (int b = 0; b < batch; ++b) {
+    const std::size_t row0 = (static_cast<std::size_t>(b) * horizon + p.start) * A;
+    const float* v = p.prefix + static_cast<std::size_t>(b) * p.rows * A;
+    for (int j = 0; j < p.rows; ++j) {
+      const float w = p.weights[j], keep = 1.0f - w;
+      for (std::size_t a = 0; a < A; ++a) {
+        const std::size_t i = row0 + j * A + a;
+        const float known = sqrt_a * v[j * A + a] + sqrt_1m_a * x_init[i];
+        x[i] = w * known + keep * x[i];
+      }
     }
   }
 }

@@ -458,6 +458,105 @@ TEST(Policy, EitherOutputAloneIsWritten) {
   EXPECT_EQ(max_abs_diff(actions, both.actions), 0.0f);
 }
 
+// ---- inpainting: a committed prefix (numpy-parity in tests/test_inpaint.py) ------------------------------
+namespace {
+Result run_prefix(dpkit::Policy& p, const std::vector<std::vector<float>>& obs, int b, const dpkit::Sampler& sampler,
+                  const std::vector<float>& init, const std::vector<float>* prefix, int rows, int start = -1,
+                  const std::vector<float>* weights = nullptr) {
+  dpkit::SampleRequest req;
+  req.batch = b;
+  req.sampler = sampler;
+  for (const auto& o : obs) req.observations.push_back({o.data(), o.size()});
+  req.initial_noise = {init.data(), init.size()};
+  if (prefix) req.prefix = {prefix->data(), prefix->size()};
+  req.prefix_rows = prefix ? rows : 0;
+  req.prefix_start = start;
+  if (weights) req.prefix_weights = {weights->data(), weights->size()};
+  Result r;
+  r.traj.resize(p.info().trajectory_size(b));
+  r.actions.resize(p.info().actions_size(b));
+  dpkit::SampleOutput out{{r.traj.data(), r.traj.size()}, {r.actions.data(), r.actions.size()}};
+  p.sample(req, out);
+  return r;
+}
+}  // namespace
+
+TEST(Policy, InpaintedRowsEndAsThePrefix) {
+  dpkit::Policy p(kLowdim, params(2));
+  const auto& info = p.info();
+  const int H = info.horizon, A = info.action_dim, P = 3, B = 2;
+  const auto obs = observations(info, B, 1);
+  const auto init = randn(info.trajectory_size(B), 3);
+  const auto prefix = randn(static_cast<std::size_t>(B) * P * A, 5, 0.5f);  // a different prefix per batch item
+  for (const char* kind : {"ddim", "ddpm"}) {
+    const dpkit::Sampler s = p.find_sampler(kind, 10);
+    p.reseed(1);
+    const Result free = run_prefix(p, obs, B, s, init, nullptr, 0);
+    for (int start : {info.first_action_index, 0, H - P}) {
+      p.reseed(1);
+      const Result r = run_prefix(p, obs, B, s, init, &prefix, P, start);
+      for (int b = 0; b < B; ++b)
+        for (int j = 0; j < P * A; ++j)  // the final alpha_cumprod is 1: exactly the prefix
+          EXPECT_EQ(r.traj[(static_cast<std::size_t>(b) * H + start) * A + j], prefix[b * P * A + j]) << kind;
+      EXPECT_GT(max_abs_diff(r.traj, free.traj), 1e-3f) << kind;
+    }
+    p.reseed(1);  // -1 is first_action_index
+    const Result by_default = run_prefix(p, obs, B, s, init, &prefix, P, -1);
+    p.reseed(1);
+    EXPECT_EQ(by_default.traj, run_prefix(p, obs, B, s, init, &prefix, P, info.first_action_index).traj);
+  }
+}
+
+TEST(Policy, InpaintingWeightsBlend) {
+  dpkit::Policy p(kLowdim, params());
+  const auto& info = p.info();
+  const int A = info.action_dim, i0 = info.first_action_index;
+  const auto obs = observations(info, 1, 1);
+  const auto init = randn(info.trajectory_size(), 3);
+  const auto prefix = randn(static_cast<std::size_t>(3) * A, 5, 0.5f);
+  const dpkit::Sampler s = p.find_sampler("ddim", 10);
+  const Result free = run_prefix(p, obs, 1, s, init, nullptr, 0);
+  const std::vector<float> zero(3, 0.0f), soft = {1.0f, 0.5f, 0.25f};
+  EXPECT_EQ(run_prefix(p, obs, 1, s, init, &prefix, 3, -1, &zero).traj, free.traj);  // weight 0: no prefix
+  const Result hard = run_prefix(p, obs, 1, s, init, &prefix, 3);
+  const Result blended = run_prefix(p, obs, 1, s, init, &prefix, 3, -1, &soft);
+  for (int a = 0; a < A; ++a) EXPECT_EQ(blended.traj[i0 * A + a], prefix[a]);  // weight 1: exact
+  float gap = 0;
+  for (int a = A; a < 3 * A; ++a) gap = std::max(gap, std::fabs(blended.traj[i0 * A + a] - hard.traj[i0 * A + a]));
+  EXPECT_GT(gap, 1e-4f);
+}
+
+TEST(Policy, BadPrefixesAreInputErrors) {
+  dpkit::Policy p(kLowdim, params(2));
+  const auto& info = p.info();
+  const auto obs = observations(info, 1, 1);
+  std::vector<float> traj(info.trajectory_size(1)), prefix(3 * 2, 0.1f), w = {1.0f, 0.5f, 0.0f};
+  auto call = [&](int rows, int start, std::size_t size, const std::vector<float>* weights, const float* data) {
+    dpkit::SampleRequest r;
+    r.observations = {{obs[0].data(), obs[0].size()}};
+    r.sampler = p.default_sampler();
+    r.prefix = {data, size};
+    r.prefix_rows = rows;
+    r.prefix_start = start;
+    if (weights) r.prefix_weights = {weights->data(), weights->size()};
+    dpkit::SampleOutput out{{traj.data(), traj.size()}, {}};
+    return error_of([&] { p.sample(r, out); });
+  };
+  EXPECT_EQ(call(3, -1, 6, &w, prefix.data()), "(no error)");
+  EXPECT_MSG(call(3, 14, 6, nullptr, prefix.data()), "prefix of 3 rows starting at 14 does not fit the horizon 16");
+  EXPECT_MSG(call(17, 0, 34, nullptr, prefix.data()), "does not fit the horizon 16");
+  EXPECT_MSG(call(0, 0, 0, nullptr, prefix.data()), "prefix of 0 rows");
+  EXPECT_MSG(call(3, -2, 6, nullptr, prefix.data()), "starting at -2");
+  EXPECT_MSG(call(3, -1, 5, nullptr, prefix.data()), "prefix: expected shape (1, 3, 2) = 6 floats, got 5");
+  std::vector<float> bad_w = {1.0f, 1.5f, 0.0f}, nan_w = {1.0f, NAN, 0.0f}, short_w = {1.0f};
+  EXPECT_MSG(call(3, -1, 6, &bad_w, prefix.data()), "prefix weights must be 3 values in [0, 1]");
+  EXPECT_MSG(call(3, -1, 6, &nan_w, prefix.data()), "prefix weights must be 3 values in [0, 1]");
+  EXPECT_MSG(call(3, -1, 6, &short_w, prefix.data()), "prefix weights must be 3 values in [0, 1], got 1");
+  EXPECT_MSG(call(3, -1, 6, &w, nullptr), "prefix_rows / prefix_weights given without a prefix");
+  prefix[4] = NAN;
+  EXPECT_MSG(call(3, -1, 6, nullptr, prefix.data()), "prefix contains NaN or Inf");
+}
+
 // ---- "sample() allocates nothing" -----------------------------------------------------------------------
 // This test binary replaces the global operator new/delete with malloc/free plus a counter that counts
 // only while armed. Every C++ allocation in the process goes through them, ONNX Runtime's included:
@@ -534,6 +633,10 @@ TEST(Policy, SampleAllocatesNothing) {
     for (const auto& o : obs3) r3.observations.push_back({o.data(), o.size()});
     r3.initial_noise = {init.data(), init.size()};
     r3.step_noise = {steps.data(), steps.size()};
+    const std::vector<float> prefix(static_cast<std::size_t>(3) * 4 * info.action_dim, 0.25f), weights = {1, 1, 0.5f, 0.25f};
+    r3.prefix = {prefix.data(), prefix.size()};  // inpainting allocates nothing either
+    r3.prefix_rows = 4;
+    r3.prefix_weights = {weights.data(), weights.size()};
     dpkit::SampleOutput out1{{traj.data(), info.trajectory_size(1)}, {actions.data(), info.actions_size(1)}};
     dpkit::SampleOutput out3{{traj.data(), traj.size()}, {actions.data(), actions.size()}};
 
@@ -550,5 +653,27 @@ TEST(Policy, SampleAllocatesNothing) {
     // For the report (not a promise dpkit can keep for ONNX Runtime): 10 calls = 10 encoder + 100 denoiser runs.
     std::printf("%s: ONNX Runtime made %ld allocations in 110 runs; dpkit made %ld\n", bundle.c_str(),
                 g_ort_allocations.load(), g_dpkit_allocations.load());
+  }
+}
+
+TEST(Policy, ControllerStepAllocatesNothing) {
+  dpkit::Policy p(kLowdim, params(2));
+  const auto& info = p.info();
+  for (auto e : {dpkit::Execution::sync, dpkit::Execution::async, dpkit::Execution::async_inpaint}) {
+    dpkit::ControllerParams cp;
+    cp.execution = e;
+    cp.delay = 2;
+    cp.blend = 2;
+    cp.batch = 2;
+    dpkit::RealTimeController ctl(p, cp);
+    const auto obs = randn(2 * info.observations[0].step_size, 1, 100.0f, 256.0f);
+    std::vector<float> action(2 * static_cast<std::size_t>(info.action_dim));
+    ctl.step(obs.data(), action.data());  // start-up outside the count (like any first call)
+    g_dpkit_allocations = 0;
+    g_counting = true;
+    for (int n = 0; n < 40; ++n) ctl.step(obs.data(), action.data());  // both threads, 5+ chunks
+    g_counting = false;
+    EXPECT_EQ(g_dpkit_allocations.load(), 0) << "dpkit's heap allocations during 40 controller ticks";
+    EXPECT_GE(ctl.stats().chunks, 5);
   }
 }

@@ -26,7 +26,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -102,6 +104,7 @@ struct SamplerInfo {
 // A sampler of one particular Policy, from Policy::find_sampler or Policy::default_sampler. Cheap to
 // copy; look it up once, outside the control loop. A default-constructed Sampler, or one from another
 // Policy, makes `sample` throw InputError. It stays valid when its Policy is moved.
+class RealTimeController;
 class Sampler {
  public:
   Sampler() = default;
@@ -113,6 +116,7 @@ class Sampler {
 
  private:
   friend class Policy;
+  friend class RealTimeController;
   std::uint64_t owner_ = 0;  // id of the Policy that made it (0: none)
   int index_ = -1;           // into PolicyInfo::samplers
   SamplerInfo info_;
@@ -156,6 +160,17 @@ struct SampleRequest {
   // sampler.uses_step_noise()).
   ConstFloatSpan initial_noise;
   ConstFloatSpan step_noise;
+  // Optional committed prefix (inpainting; empty span = none): `prefix_rows` = P rows of normalized
+  // actions (batch, P, A) that the trajectory must continue at rows prefix_start .. prefix_start + P - 1
+  // (prefix_start -1 = PolicyInfo::first_action_index), with optional per-row weights (P,) in [0, 1]
+  // (empty = all 1). After the initial sample and after every reverse step, row j becomes
+  //   w_j * (sqrt(a) * prefix_j + sqrt(1 - a) * initial_noise_j) + (1 - w_j) * x_j
+  // with `a` the alpha_cumprod of the level x is at: a weight-1 row ends as the prefix itself (the same
+  // arithmetic as dpkit.runtime.sampling.Inpaint). The prefix is copied into buffers made at load.
+  ConstFloatSpan prefix;
+  int prefix_rows = 0;
+  int prefix_start = -1;
+  ConstFloatSpan prefix_weights;
 };
 
 // Where `sample` writes: caller memory, at least one of the two (both empty is an InputError).
@@ -213,5 +228,94 @@ class Policy {
 
 // Version string of the ONNX Runtime library a Policy loaded ("" before the first Policy).
 std::string ort_version();
+
+// ---- real-time chunk execution ---------------------------------------------------------------------------
+//
+//   dpkit::Policy policy("bundles/tiny");
+//   dpkit::ControllerParams cp;                       // async-inpaint, delay measured online, 10 Hz
+//   dpkit::RealTimeController ctl(policy, cp);        // references `policy`, starts the worker thread
+//   std::vector<float> action(policy.info().action_dim);
+//   for (;;) {                                        // every control period:
+//     ctl.step(obs_now.data(), action.data());        // (B, *shape) in, (B, A) out, at once
+//   }
+//
+// One observation in, one action out, every tick, while the next chunk is sampled on a worker thread --
+// the rules of the Python reference dpkit.runtime.realtime.RealTimeController (same names):
+//  * start-up: the first tick waits for the first chunk (there is nothing to execute before it);
+//  * async modes: when the actions left in the current chunk fall to expected_delay() + margin, the next
+//    chunk is requested from the latest To-step history, and switched in at index n - request_tick;
+//  * sync: the next chunk is requested when the current one is exhausted; the last action is held
+//    (wait_ticks) until it arrives, and it executes from its first action;
+//  * async_inpaint: the request carries the old trajectory's rows for the d ticks that execute meanwhile
+//    (weight 1) and `blend` more with weights 1 - (j - d + 1) / (blend + 1) (SampleRequest::prefix);
+//  * a chunk exhausted while the next is pending holds the last action: a deadline miss (async modes).
+// Time: delay >= 0 makes time virtual: the chunk requested at tick n is delivered at tick n + d exactly
+// (step waits for the worker if needed), so runs are reproducible. delay = -1 is wall-clock time: a chunk
+// is delivered at the first step after it is done, and d = ceil(max recent latency / period).
+// Noise: request r samples with the Policy's generator reseeded to request_seed(seed, r).
+//
+// Ownership and threads: the controller references the Policy, which must outlive it; after
+// construction the Policy is used only by the controller's worker thread -- do not call it yourself
+// until close() (or pass `policy_mutex`, which the worker holds around each sample and you hold around
+// yours). `step`, `close`, `stats` and the accessors are for one control thread. An exception in the
+// worker is rethrown by the `step` that would deliver its chunk. close() (and the destructor) let a chunk
+// being sampled finish, drop one not yet started, and join the worker; step after close is an InputError.
+
+enum class Execution { sync, async, async_inpaint };
+
+struct ControllerParams {
+  Execution execution = Execution::async_inpaint;
+  int delay = -1;   // inference delay d in ticks, 0..n_action_steps; -1 = measured online (wall clock)
+  int margin = 0;   // request this many ticks earlier than d requires, 0..n_action_steps
+  int blend = 0;    // async_inpaint: blended rows after the d hard ones, 0..1000000
+  Sampler sampler;  // of the controlled Policy; empty = its default sampler
+  std::uint64_t seed = 0;  // request r draws its noise from request_seed(seed, r)
+  double period = 0.1;     // seconds per tick (for the measured delay)
+  int batch = 1;           // B, 1..max_batch
+  int history = 8;         // latencies the measured delay looks back over, >= 1
+  // Seconds, monotonic; read by the worker thread before and after each chunk (latency). Empty: the
+  // steady clock. Tests inject a virtual one.
+  std::function<double()> clock;
+  std::mutex* policy_mutex = nullptr;  // see "Ownership and threads"
+};
+
+// Counters since construction. Latencies (seconds, the most recent kMaxLatencySamples chunks).
+struct ControllerStats {
+  static constexpr std::size_t kMaxLatencySamples = 100000;
+  std::int64_t ticks = 0;
+  std::int64_t requests = 0;         // chunks requested (the last may still be pending)
+  std::int64_t chunks = 0;           // chunks switched in
+  std::int64_t deadline_misses = 0;  // async: ticks with nothing left to execute while a chunk was pending
+  std::int64_t wait_ticks = 0;       // sync: ticks holding the last action while the next chunk is computed
+  std::vector<double> latencies_s;   // in delivery order
+  // Linear-interpolated percentile of latencies_s (q in [0, 100], numpy's default); 0 when empty.
+  double latency_percentile(double q) const;
+};
+
+class RealTimeController {
+ public:
+  RealTimeController(Policy& policy, const ControllerParams& params);
+  ~RealTimeController();  // close()
+  RealTimeController(const RealTimeController&) = delete;
+  RealTimeController& operator=(const RealTimeController&) = delete;
+
+  // Feed this tick's observation -- one span per PolicyInfo::observations entry, (batch, *shape) -- and
+  // get this tick's action (batch, A), un-normalized. Allocates nothing.
+  void step(const std::vector<ConstFloatSpan>& observations, FloatSpan action);
+  // The same for a bundle with one observation input: obs (batch, *shape) floats, action (batch, A).
+  void step(const float* observation, float* action);
+
+  bool switched() const;      // whether the last step's action came from a chunk switched in at that tick
+  int expected_delay() const; // d in ticks: fixed, or measured (1 before the first chunk)
+  ControllerStats stats() const;  // a copy (allocates; call it outside the control loop)
+  void close();
+
+  // The seed of request r's noise (a splitmix64 mix of both).
+  static std::uint64_t request_seed(std::uint64_t seed, std::uint64_t request);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace dpkit
