@@ -178,6 +178,8 @@ def read_lerobot(folder: str | Path, name: str):
     }
     if sched_kind == "DDIM":
         policy_cfg["ddim_steps"] = k
+    else:  # DDPM with all num_train_timesteps steps; another count is recorded in source.sampler
+        policy_cfg["default_sampler"] = "ddpm"
     if image:
         nkp = cfg.get("spatial_softmax_num_keypoints")
         policy_cfg.update({"crop_size": crop[0] if crop else IMAGE_SIZE, "resnet_width": 64,

@@ -106,6 +106,8 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     }
     if kind == "ddim":
         policy_cfg["ddim_steps"] = num_inference
+    else:  # the original evaluates DDPM with num_inference_steps (100 = all in its configs)
+        policy_cfg["default_sampler"] = "ddpm"
     try:
         config = Config.from_dict({"name": name, "policy": policy_cfg, "train": {"ema": False}})
     except DpkitError as e:

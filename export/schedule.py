@@ -84,6 +84,6 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm
         "variance_type": str(ddpm.config.variance_type),
         "betas": [float(b) for b in ddpm.betas],
         "alphas_cumprod": [float(a) for a in ddpm.alphas_cumprod],
-        "default_sampler": f"ddim-{policy_cfg.ddim_steps}",
+        "default_sampler": f"ddim-{policy_cfg.ddim_steps}" if policy_cfg.default_sampler == "ddim" else f"ddpm-{n}",
         "samplers": samplers,
     }

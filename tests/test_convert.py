@@ -95,6 +95,8 @@ def test_converted_run_reproduces_the_peer_in_torch(runs, name):
     _fixture(name)
     policy = load_policy(runs[name], backend="torch")
     assert list(policy.obs_keys) == EXPECTED_OBS[name]
+    choice = policy.resolve_sampler()  # every fixture is configured as DDPM-100, the peer's default
+    assert (choice.sampler, choice.num_inference_steps) == ("ddpm", 100)
     _check_policy(policy, name)
     state = json.loads(next((runs[name] / "checkpoints").glob("step_*/state.json")).read_text())
     src = state["source"]
@@ -127,6 +129,7 @@ def test_exported_bundle_reproduces_the_peer(bundles, name, backend):
     _check_policy(policy, name, action_tol=RUNTIME_ACTION_TOL_PX)
     manifest = json.loads((bundles[name] / "policy.json").read_text())
     assert [o["name"] for o in manifest["observations"]] == EXPECTED_OBS[name]
+    assert manifest["scheduler"]["default_sampler"] == "ddpm-100"
     origin = manifest["source"]["converted_from"]
     assert origin["format"] == ("diffusion_policy" if name.startswith("original") else "lerobot")
     assert len(origin["sha256"]) == 64
@@ -404,3 +407,15 @@ def test_observation_layout_config_is_validated_and_defaults_unchanged():
     enc = ObsEncoder(cfg, Normalizer.fit({"agent_pos": np.random.rand(4, 2), "action": np.random.rand(4, 2)}))
     assert torch.equal(enc.image_scale.flatten(), torch.full((3,), 2.0))
     assert torch.equal(enc.image_offset.flatten(), torch.full((3,), -1.0))
+
+
+def test_lerobot_ddim_config_sets_the_default_sampler(tmp_path):
+    from dpkit.runtime import load_policy
+
+    src = _copy("lerobot_pusht_keypoints", tmp_path / "ddim")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(noise_scheduler_type="DDIM", num_inference_steps=10)
+    (src / "config.json").write_text(json.dumps(cfg))
+    convert_policy(src, tmp_path / "run")
+    choice = load_policy(tmp_path / "run", backend="torch").resolve_sampler()
+    assert (choice.sampler, choice.num_inference_steps) == ("ddim", 10)

@@ -81,6 +81,9 @@ class PolicyConfig:
     prediction_type: str = "epsilon"
     ddim_steps: int = 10
     """Default DDIM step count (inference)."""
+    default_sampler: str = "ddim"
+    """Sampler a call that names none runs: "ddim" (ddim_steps steps) or "ddpm" (num_train_timesteps steps);
+    dpkit-convert carries a DDPM-configured source's choice."""
 
     @property
     def first_action_index(self) -> int:
@@ -163,6 +166,8 @@ class PolicyConfig:
                f"policy.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
         _check(self.prediction_type == "epsilon", "policy.prediction_type: only 'epsilon' is supported")
         _range("policy.ddim_steps", self.ddim_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")
+        _check(self.default_sampler in ("ddim", "ddpm"),
+               f"policy.default_sampler must be 'ddim' or 'ddpm', got {self.default_sampler!r}")
 
 
 @dataclass

@@ -242,7 +242,8 @@ class DiffusionPolicy(nn.Module):
     def resolve_sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(kind, K) that `sample(sampler=..., steps=...)` runs: the rule every backend shares."""
         T = self.cfg.num_train_timesteps
-        return resolve_sampler(sampler, steps, default=("ddim", self.cfg.ddim_steps), largest={"ddpm": T, "ddim": T})
+        default = ("ddim", self.cfg.ddim_steps) if self.cfg.default_sampler == "ddim" else ("ddpm", T)
+        return resolve_sampler(sampler, steps, default=default, largest={"ddpm": T, "ddim": T})
 
     def make_scheduler(self, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
         """A diffusers scheduler with the training betas, `set_timesteps(steps)` already called."""
