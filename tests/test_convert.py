@@ -419,3 +419,43 @@ def test_lerobot_ddim_config_sets_the_default_sampler(tmp_path):
     convert_policy(src, tmp_path / "run")
     choice = load_policy(tmp_path / "run", backend="torch").resolve_sampler()
     assert (choice.sampler, choice.num_inference_steps) == ("ddim", 10)
+
+
+def test_original_ddim_workspace_defaults_to_its_ddim(tmp_path, monkeypatch):
+    """An original DDIM workspace's scheduler (train_diffusion_unet_ddim_lowdim_workspace.yaml) becomes the
+    default sampler; the fixture's ddim10_* references were made with exactly that scheduler."""
+    import dpkit.convert.original as original
+    from dpkit.runtime import load_policy
+
+    real = original.load_torch_zip
+
+    def as_ddim_workspace(path):
+        payload = real(path)
+        pol = payload["cfg"]["policy"]
+        pol["noise_scheduler"] = {"_target_": original.DDIM, "num_train_timesteps": 100, "beta_start": 0.0001,
+                                  "beta_end": 0.02, "beta_schedule": "squaredcos_cap_v2", "clip_sample": True,
+                                  "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "epsilon"}
+        pol["num_inference_steps"] = 10
+        return payload
+
+    monkeypatch.setattr(original, "load_torch_zip", as_ddim_workspace)
+    name = "original_pusht_lowdim_tiny"
+    convert_policy(_fixture(name) / "latest.ckpt", tmp_path / "run")
+    policy = load_policy(tmp_path / "run", backend="torch")
+    ref = _reference(name)
+    traj = policy.sample(ref["obs"], initial_noise=ref["ddim_initial_noise"])  # no sampler named: the default
+    assert np.abs(traj - ref["ddim_traj"]).max() <= TRAJ_TOL
+    assert np.abs(policy.executed_actions(traj) - ref["ddim_actions"]).max() <= ACTION_TOL_PX
+
+
+def test_cli_json_summary_and_ckpt_folder(tmp_path, capsys):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "latest.ckpt").symlink_to(_fixture("original_pusht_lowdim_tiny") / "latest.ckpt")
+    with pytest.raises(SystemExit) as e:
+        convert_main([str(tmp_path), "--out", str(tmp_path / "run"), "--no-ema", "--json", str(tmp_path / "s.json"),
+                      "--no-progress"])
+    assert e.value.code == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["source"]["weights"] == "model" and summary["step"] == 10 and summary["obs_mode"] == "lowdim"
+    assert "dpkit-convert: diffusion_policy" in capsys.readouterr().out
