@@ -459,3 +459,18 @@ def test_cli_json_summary_and_ckpt_folder(tmp_path, capsys):
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["source"]["weights"] == "model" and summary["step"] == 10 and summary["obs_mode"] == "lowdim"
     assert "dpkit-convert: diffusion_policy" in capsys.readouterr().out
+
+
+def test_force_replaces_only_a_run_folder(tmp_path, capsys):
+    ckpt = str(_fixture("original_pusht_lowdim_tiny") / "latest.ckpt")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "episodes.zarr").write_text("x")
+    with pytest.raises(SystemExit):
+        convert_main([ckpt, "--out", str(data), "--force", "--no-progress"])
+    assert "replaces only a dpkit run folder" in capsys.readouterr().err and (data / "episodes.zarr").exists()
+    for _ in range(2):  # a second conversion over the first run is allowed with --force
+        with pytest.raises(SystemExit) as e:
+            convert_main([ckpt, "--out", str(tmp_path / "run"), "--force", "--no-progress"])
+        assert e.value.code == 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir()] == ["step_000010"]
