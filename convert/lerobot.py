@@ -115,8 +115,6 @@ def read_lerobot(folder: str | Path, name: str):
     if image:
         want("vision_backbone", "resnet18", "dpkit's encoder is a ResNet-18")
         want("use_group_norm", True, "dpkit's ResNet-18 uses GroupNorm (BatchNorm is not implemented)")
-        want("pretrained_backbone_weights", lambda v: v is None or cfg.get("use_group_norm"),
-             "pretrained weights with BatchNorm")
         want("resize_shape", None, "no resize step in dpkit's encoder")
         want("crop_ratio", 1.0, "dpkit crops by crop_shape only", default=1.0)
         if crop is not None and not (isinstance(crop, list) and len(crop) == 2 and crop[0] == crop[1]):
