@@ -216,7 +216,7 @@ def test_cli_failure_keeps_an_earlier_report(tmp_path, capsys, monkeypatch):
     code, _, stderr = _run_cli(args + ["--video-dir", str(videos)], capsys)
     assert code != 0 and "sampler failed" in stderr
     assert out.read_text() == '{"score": 0.5}\n'
-    assert list(videos.iterdir()) == []
+    assert not videos.exists() or list(videos.iterdir()) == []  # no video of a failed run
 
 
 class StandStill(TowardBlock):
