@@ -3,6 +3,7 @@
     dpkit-export runs/tiny --out bundles/tiny                   # run folder: its latest checkpoint, EMA
     dpkit-export runs/tiny/checkpoints/step_003000 --out b --force --no-ema --ddim-steps 5,10,20
     dpkit-export runs/tiny --out bundles/tiny-trt --fp16 --tensorrt --max-batch 64   # GPU machines
+    dpkit-export runs/tiny --out bundles/tiny-int8 --precision int8                  # int8 weights, CPUs
 
 The bundle is built in a temp folder beside --out and renamed into place only after ONNX Runtime
 reproduced PyTorch within the parity bound; on failure nothing is left behind. The work is done by the
@@ -37,8 +38,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    p.add_argument("--precision", default=None, metavar="fp32|fp16|int8",
+                   help="weights of the shipped graphs (default fp32): fp16 for GPUs (same as --fp16); int8: the "
+                        "denoiser's matrix products with int8 weights for CPUs (dynamic quantization, checked "
+                        "against the fp32 graphs)")
     p.add_argument("--fp16", action="store_true",
-                   help="ship fp16 graphs (GPU targets; GroupNorm, Mish and normalization stay fp32)")
+                   help="ship fp16 graphs (GPU targets; GroupNorm, Mish and normalization stay fp32); = --precision fp16")
     p.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines into BUNDLE/trt_cache")
     p.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
                    help=f"TensorRT optimization profile written into policy.json: batch 1..N (default {DEFAULT_MAX_BATCH})")
@@ -58,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     export_bundle(
-        args.checkpoint, args.out, force=args.force, ema=not args.no_ema, fp16=args.fp16, tensorrt=args.tensorrt,
+        args.checkpoint, args.out, force=args.force, ema=not args.no_ema, fp16=args.fp16, precision=args.precision,
+        tensorrt=args.tensorrt,
         opset=args.opset, gemm_conv=not args.plain_conv, ddim_steps=parse_steps(args.ddim_steps), data=args.data,
         max_batch=args.max_batch, opt_batch=args.opt_batch, json_path=args.json,
     )

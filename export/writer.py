@@ -52,8 +52,9 @@ def _external_data(graph: Path) -> list[dict[str, str]]:
 
 def build_manifest(policy, config: dict[str, Any], source: dict[str, Any], paths: dict[str, Path], *,
                    opset: int, ema: bool, fp16: bool, scheduler: dict[str, Any], tensorrt: dict[str, Any],
-                   gemm_conv: bool = True) -> dict[str, Any]:
-    """policy.json for the graphs at `paths` (docs/bundle-format.md); `parity` is filled in later."""
+                   gemm_conv: bool = True, quantization: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """policy.json for the graphs at `paths` (docs/bundle-format.md); `parity` is filled in later.
+    `quantization`: per graph, the block dpkit.export.quantize.quantize_denoiser returned (int8 graphs)."""
     import onnx
     import onnxruntime
     import torch
@@ -65,6 +66,9 @@ def build_manifest(policy, config: dict[str, Any], source: dict[str, Any], paths
     for g, p in paths.items():
         models[g] = {"file": p.name, "sha256": sha256_file(p), "inputs": io_names[g][0], "outputs": io_names[g][1],
                      "dtype": "float16" if fp16 else "float32"}
+        models[g]["precision"] = "int8" if (quantization or {}).get(g) else ("fp16" if fp16 else "fp32")
+        if models[g]["precision"] == "int8":
+            models[g]["quantization"] = quantization[g]
         ext = _external_data(p)
         if ext:
             models[g]["external_data"] = ext
@@ -92,6 +96,7 @@ def build_manifest(policy, config: dict[str, Any], source: dict[str, Any], paths
             "dpkit_version": dpkit.__version__,
             "ema": ema,
             "fp16": fp16,
+            "precision": models["denoiser"]["precision"],
             "conv_lowering": "gemm" if gemm_conv else "conv",
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         },
@@ -120,6 +125,46 @@ def check_out(out: Path, force: bool) -> None:
         raise DpkitError(f"{out} exists and is not a bundle folder (no {MANIFEST}); --force only replaces bundles")
 
 
+def _quantize_int8(policy, tmp: Path, out: Path, config, source, samples, details: dict[str, Any],
+                   log: Callable[[str], None], **manifest_args) -> tuple[dict[str, Any], dict[str, float]]:
+    """Turn the verified fp32 bundle in `tmp` into the int8 one (denoiser quantized, encoder unchanged),
+    measure it against the fp32 graphs (kept in a sibling temp folder until then) and refuse it above
+    INT8_BOUNDS. Returns (manifest, per-check max error)."""
+    import shutil
+    import tempfile
+
+    from dpkit.export.quantize import INT8_BOUNDS, check_int8_error, measure_int8_error, quantize_denoiser
+
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=tmp.parent) as ref_dir:
+        ref = Path(ref_dir)
+        for f in tmp.iterdir():
+            shutil.move(str(f), str(ref / f.name))
+        encoder = ref / read_manifest(ref)["models"]["encoder"]["file"]
+        for f in ref.iterdir():  # the encoder graph (and its data file) ships unchanged
+            if f.name == encoder.name or f.name.startswith(encoder.name + "."):
+                shutil.copy2(f, tmp / f.name)
+        block = quantize_denoiser(ref / "denoiser.onnx", tmp / "denoiser.onnx")
+        paths = {"encoder": tmp / encoder.name, "denoiser": tmp / "denoiser.onnx"}
+        manifest = build_manifest(policy, config, source, paths, fp16=False, quantization={"denoiser": block},
+                                  **manifest_args)
+        atomic_write_json(tmp / MANIFEST, manifest)
+        load_bundle(tmp)  # the runtime's reader accepts what this writer wrote
+        rows, worst = measure_int8_error(ref, tmp, policy, samples)
+    lines = ["int8 error (ONNX Runtime int8 graphs vs the fp32 graphs, same inputs and injected noise):",
+             f"  {'check':<10} {'inputs':<8} {'batch':>5}  {'max abs err':>11}  bound"]
+    for r in rows:
+        bound = INT8_BOUNDS.get(r["check"])
+        flag = "  FAIL" if bound is not None and not r["max_abs_err"] <= bound else ""
+        lines.append(f"  {r['check']:<10} {r['inputs']:<8} {r['batch']:>5}  {r['max_abs_err']:>11.3e}  "
+                     f"{'-' if bound is None else f'{bound:g}'}{flag}")
+    log("\n".join(lines + [f"  quantized {block['nodes_quantized']} MatMul/Gemm nodes, {block['nodes_float']} kept float"]))
+    check_int8_error(worst, INT8_BOUNDS, out)
+    details["int8"] = {"reference": "fp32 ONNX graphs", "bounds": dict(INT8_BOUNDS), "rows": rows, "max": worst}
+    manifest["export"]["quantization_error"] = {"reference": "fp32 ONNX graphs", "bounds": dict(INT8_BOUNDS),
+                                                "max": worst}
+    return manifest, worst
+
+
 def write_bundle(
     policy,
     out: str | Path,
@@ -129,6 +174,7 @@ def write_bundle(
     force: bool = False,
     ema: bool = True,
     fp16: bool = False,
+    precision: str | None = None,
     opset: int = DEFAULT_OPSET,
     gemm_conv: bool = True,
     ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS,
@@ -145,14 +191,20 @@ def write_bundle(
     `config`: the resolved training config copied into the manifest; `source`: {"checkpoint", "step"};
     `samples`: dataset windows for the parity check (dpkit.export.verify.dataset_samples), else random
     inputs only; `ddpm_steps`: DDPM step counts listed besides num_train_timesteps; `external_data`:
-    store the weights in `<graph>.onnx.data` files (listed and hashed in the manifest). Returns a summary
-    (timings, sizes, parity). Raises DpkitError on bad input or failed parity (nothing written).
+    store the weights in `<graph>.onnx.data` files (listed and hashed in the manifest); `precision`:
+    "fp32" (default), "fp16" (same as `fp16=True`) or "int8" (dpkit.export.quantize: the fp32 graphs are
+    exported and verified first, then the denoiser's matrix products get int8 weights and the error
+    against the fp32 graphs must stay within INT8_BOUNDS). Returns a summary (timings, sizes, parity).
+    Raises DpkitError on bad input or failed parity (nothing written).
     """
     import onnx
 
+    from dpkit.export.quantize import parse_precision
     from dpkit.export.verify import FP16_TOLERANCE, FP32_TOLERANCE, format_table, verify_bundle
 
     out = Path(out)
+    precision = parse_precision(precision, fp16)
+    fp16 = precision == "fp16"
     check_out(out, force)
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise DpkitError(f"--opset must be in [{MIN_OPSET}, {onnx.defs.onnx_opset_version()}], got {opset}")
@@ -185,15 +237,23 @@ def write_bundle(
             if not worst <= tol:  # also catches NaN
                 raise DpkitError(f"parity check failed: {label} max abs error {worst:.3e} > {tol:g}; "
                                  f"no bundle written to {out}")
-        manifest["parity"] = parity  # of the graphs the bundle ships (fp16 ones with --fp16)
+        if precision == "int8":
+            t = time.perf_counter()
+            manifest, parity = _quantize_int8(policy, tmp, out, config, source, samples, details, log,
+                                              opset=opset, ema=ema, scheduler=scheduler, tensorrt=tensorrt,
+                                              gemm_conv=gemm_conv)
+            timings["int8_s"] = time.perf_counter() - t
+        manifest["parity"] = parity  # of the graphs the bundle ships (fp16 ones with --fp16; int8: vs fp32 graphs)
         manifest["parity_details"] = details
         atomic_write_json(tmp / MANIFEST, manifest)
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     summary = {
         "bundle": str(out), "checkpoint": source.get("checkpoint", ""), "obs_mode": policy.cfg.obs_mode,
         "parameters": policy.num_parameters(), "seconds": time.perf_counter() - t0, **timings,
-        "sizes_bytes": sizes, "parity": manifest["parity"], "fp16": fp16, "opset": opset,
+        "sizes_bytes": sizes, "parity": manifest["parity"], "fp16": fp16, "precision": precision, "opset": opset,
     }
+    if "quantization_error" in manifest["export"]:
+        summary["quantization_error"] = manifest["export"]["quantization_error"]
     log(f"wrote {out} ({', '.join(f'{k} {v / 1e6:.2f} MB' for k, v in sizes.items())}) "
         f"in {summary['seconds']:.1f} s")
     return summary
@@ -206,6 +266,7 @@ def export_bundle(
     force: bool = False,
     ema: bool = True,
     fp16: bool = False,
+    precision: str | None = None,
     tensorrt: bool = False,
     opset: int = DEFAULT_OPSET,
     gemm_conv: bool = True,
@@ -222,10 +283,16 @@ def export_bundle(
     Raises DpkitError on bad input or failed parity (no bundle written) and TensorRTUnavailable (exit 2)
     after writing the bundle (and `json_path`) when `tensorrt` cannot be honoured.
     """
+    from dpkit.export.quantize import parse_precision
     from dpkit.export.verify import dataset_samples
     from dpkit.train.checkpoint import load_checkpoint
 
     out = Path(out)
+    precision = parse_precision(precision, fp16)
+    fp16 = precision == "fp16"
+    if tensorrt and precision == "int8":
+        raise DpkitError("--precision int8 is for CPUs (ONNX Runtime's integer MatMul kernels); TensorRT engines "
+                         "are built from fp32 or fp16 bundles")
     if json_path:
         check_writable_file(json_path)
     check_out(out, force)  # before the slow part
@@ -238,10 +305,8 @@ def export_bundle(
     samples, inputs_desc = dataset_samples(state["config"], data)
     log(f"parity inputs: {inputs_desc}")
     source = {"checkpoint": str(state.get("checkpoint_path", "")), "step": int(state.get("step", 0))}
-    if isinstance(state.get("source"), dict):  # a run written by dpkit-convert: where the policy came from
-        source["converted_from"] = state["source"]
     summary = write_bundle(policy, out, config=state["config"], source=source, force=force, ema=ema, fp16=fp16,
-                           opset=opset, gemm_conv=gemm_conv, ddim_steps=ddim_steps, ddpm_steps=ddpm_steps,
+                           precision=precision, opset=opset, gemm_conv=gemm_conv, ddim_steps=ddim_steps, ddpm_steps=ddpm_steps,
                            samples=samples, inputs_desc=inputs_desc, max_batch=max_batch, opt_batch=opt_batch,
                            log=log)
     summary["checkpoint"] = state["checkpoint_path"]

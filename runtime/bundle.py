@@ -32,6 +32,7 @@ FORMAT = "dpkit-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "policy.json"
 GRAPHS = ("encoder", "denoiser")
+PRECISIONS = ("fp32", "fp16", "int8")  # models.<graph>.precision (docs/bundle-format.md, "Precision")
 
 # Bounds every reader applies before sizing anything from the manifest (docs/bundle-format.md, "Limits");
 # cpp/src/manifest.cpp has the same numbers.
@@ -326,6 +327,7 @@ def _validate_model(r: _Reader, models: Any, name: str, outputs: list[str]) -> N
     dtype = r.str(m, "dtype", path)
     if dtype not in ("float32", "float16"):  # float16 graphs still take and return float32 (casts inside)
         r.fail(f"{path}.dtype", f'must be "float32" or "float16", got {json.dumps(dtype)}')
+    _validate_precision(r, m, path, dtype)
     ext = m.get("external_data", [])
     if not isinstance(ext, list) or len(ext) > MAX_EXTERNAL_FILES:
         r.fail(f"{path}.external_data", f"must be a list of at most {MAX_EXTERNAL_FILES} {{file, sha256}} entries")
@@ -337,6 +339,38 @@ def _validate_model(r: _Reader, models: Any, name: str, outputs: list[str]) -> N
             r.fail(f"{epath}.file", f"{json.dumps(f)} is listed twice")
         seen.add(f)
         r.sha256(e, "sha256", epath)
+
+
+def model_precision(m: dict[str, Any]) -> str:
+    """A validated models.<graph> entry's precision: its `precision`, else the one its dtype implies (bundles
+    written before int8 existed have no `precision`)."""
+    return m.get("precision", "fp16" if m["dtype"] == "float16" else "fp32")
+
+
+def _validate_precision(r: _Reader, m: dict[str, Any], path: str, dtype: str) -> None:
+    """`precision` (optional; default from dtype) and the `quantization` block int8 graphs carry."""
+    if "precision" in m:
+        precision = r.str(m, "precision", path)
+        if precision not in PRECISIONS:
+            r.fail(f"{path}.precision", f'must be "fp32", "fp16" or "int8", got {json.dumps(precision)}')
+        if (precision == "fp16") != (dtype == "float16"):
+            r.fail(f"{path}.precision", f'{json.dumps(precision)} does not match dtype {json.dumps(dtype)}')
+    qpath = f"{path}.quantization"
+    if model_precision(m) != "int8":
+        if "quantization" in m:
+            r.fail(qpath, 'is only allowed with precision "int8"')
+        return
+    q = r.at(m, "quantization", path)
+    if not isinstance(q, dict):
+        r.fail(qpath, "must be an object")
+    method = r.str(q, "method", qpath)
+    if method not in ("dynamic", "static"):
+        r.fail(f"{qpath}.method", f'must be "dynamic" or "static", got {json.dumps(method)}')
+    r.boolean(q, "per_channel", qpath)
+    if not r.strings(q, "op_types", qpath):
+        r.fail(f"{qpath}.op_types", "must name at least one op type")
+    r.integer(q, "nodes_quantized", qpath, 1)
+    r.str(q, "onnxruntime_version", qpath)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -419,6 +453,8 @@ class Bundle:
     action_dim = property(lambda self: self.manifest["action_dim"])
     first_action_index = property(lambda self: self.manifest["first_action_index"])
     cond_dim = property(lambda self: self.manifest["cond_dim"])
+    # The denoiser's precision ("fp32", "fp16", "int8"): the graph run K times per chunk.
+    precision = property(lambda self: model_precision(self.manifest["models"]["denoiser"]))
 
     @property
     def obs_keys(self) -> tuple[str, ...]:

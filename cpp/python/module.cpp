@@ -360,6 +360,7 @@ PYBIND11_MODULE(_core, m) {
         d["action_offset"] = i.action_offset;
         d["samplers"] = samplers;
         d["default_sampler"] = i.default_sampler;  // its name
+        d["precision"] = i.precision;
         d["provider"] = i.provider;
         d["ort_version"] = i.ort_version;
         d["ort_library"] = i.ort_library;

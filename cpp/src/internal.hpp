@@ -23,6 +23,8 @@ struct ModelEntry {
   std::vector<std::string> inputs;
   std::vector<std::string> outputs;
   std::string dtype;
+  // "fp32" | "fp16" | "int8": `precision`, or from dtype when absent (bundles from before int8).
+  std::string precision;
 };
 
 struct SamplerEntry {

@@ -163,6 +163,33 @@ std::string list_str(const std::vector<std::string>& v) {
   return s;
 }
 
+// `precision` (optional; default from dtype) and the `quantization` block of int8 graphs (the same rules
+// as dpkit.runtime.bundle._validate_precision).
+void read_precision(const Reader& r, const json& m, const std::string& path, ModelEntry& e) {
+  e.precision = e.dtype == "float16" ? "fp16" : "fp32";
+  if (m.contains("precision")) {
+    e.precision = r.str(m, "precision", path);
+    if (e.precision != "fp32" && e.precision != "fp16" && e.precision != "int8")
+      r.fail(path + ".precision", "must be \"fp32\", \"fp16\" or \"int8\", got " + in_quotes(e.precision));
+    if ((e.precision == "fp16") != (e.dtype == "float16"))
+      r.fail(path + ".precision", in_quotes(e.precision) + " does not match dtype " + in_quotes(e.dtype));
+  }
+  const std::string qpath = path + ".quantization";
+  if (e.precision != "int8") {
+    if (m.contains("quantization")) r.fail(qpath, "is only allowed with precision \"int8\"");
+    return;
+  }
+  const json& q = r.at(m, "quantization", path);
+  if (!q.is_object()) r.fail(qpath, "must be an object");
+  const std::string method = r.str(q, "method", qpath);
+  if (method != "dynamic" && method != "static")
+    r.fail(qpath + ".method", "must be \"dynamic\" or \"static\", got " + in_quotes(method));
+  r.boolean(q, "per_channel", qpath);
+  if (r.strings(q, "op_types", qpath).empty()) r.fail(qpath + ".op_types", "must name at least one op type");
+  r.integer(q, "nodes_quantized", qpath, 1, 1 << 30);
+  r.str(q, "onnxruntime_version", qpath);
+}
+
 ModelEntry read_model(const Reader& r, const json& models, const std::string& name,
                       const std::vector<std::string>& outputs,
                       std::vector<std::pair<std::string, std::string>>& external) {
@@ -178,6 +205,7 @@ ModelEntry read_model(const Reader& r, const json& models, const std::string& na
   // float16 graphs (dpkit-export --fp16) still take and return float32: the casts are inside the graph.
   if (e.dtype != "float32" && e.dtype != "float16")
     r.fail(path + ".dtype", "must be \"float32\" or \"float16\", got \"" + e.dtype + "\"");
+  read_precision(r, m, path, e);
   auto ext = m.find("external_data");
   if (ext != m.end()) {
     if (!ext->is_array() || ext->size() > kMaxExternalFiles)

@@ -301,6 +301,7 @@ void Policy::Impl::fill_info(const std::string& dir, const PolicyParams& p, cons
     info.samplers.push_back({s.name, s.sampler, s.num_inference_steps, noisy});
   }
   info.default_sampler = m.samplers[static_cast<std::size_t>(m.default_sampler)].name;
+  info.precision = m.denoiser.precision;
   info.provider = p.provider;
   info.ort_version = rt.version;
   info.ort_library = rt.library;

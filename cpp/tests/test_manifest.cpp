@@ -152,6 +152,19 @@ TEST(Manifest, DamagedBundleTable) {
   }
 }
 
+TEST(Manifest, PrecisionIsReadOrImpliedByDtype) {
+  json j = bundle_manifest("lowdim");
+  EXPECT_EQ(d::parse_manifest(j.dump(), "x").denoiser.precision, "fp32");  // dpkit-export writes it
+  j["models"]["denoiser"]["precision"] = "int8";
+  j["models"]["denoiser"]["quantization"] = {{"method", "dynamic"}, {"per_channel", false}, {"op_types", {"MatMul"}},
+                                             {"nodes_quantized", 3}, {"onnxruntime_version", "1.32.0"}};
+  EXPECT_EQ(d::parse_manifest(j.dump(), "x").denoiser.precision, "int8");
+  j["models"]["denoiser"].erase("precision");  // bundles from before int8: fp32/fp16 from dtype
+  j["models"]["denoiser"].erase("quantization");
+  j["models"]["denoiser"]["dtype"] = "float16";
+  EXPECT_EQ(d::parse_manifest(j.dump(), "x").denoiser.precision, "fp16");
+}
+
 TEST(Manifest, TensorRTProfile) {
   const d::Manifest m = d::parse_manifest(bundle_manifest("lowdim").dump(), "x");
   EXPECT_TRUE(m.has_tensorrt);  // dpkit-export writes the profile into every bundle
@@ -163,6 +176,7 @@ TEST(Manifest, TensorRTProfile) {
   EXPECT_FALSE(m.tensorrt_engines);
   json j = bundle_manifest("lowdim");
   j["models"]["denoiser"]["dtype"] = "float16";  // --fp16 graphs keep float32 inputs and outputs
+  j["models"]["denoiser"]["precision"] = "fp16";
   j["tensorrt"] = {{"cache_dir", "engines"}, {"min_batch", 2}, {"opt_batch", 4}, {"max_batch", 16},
                    {"precision", "fp16"}, {"engines", true}};
   const d::Manifest e = d::parse_manifest(j.dump(), "x");

@@ -137,6 +137,7 @@ struct PolicyInfo {
   std::vector<float> action_scale, action_offset;  // (A,): actions = trajectory * scale + offset
   std::vector<SamplerInfo> samplers;          // in policy.json order
   std::string default_sampler;   // name of the bundle's default sampler
+  std::string precision;         // the denoiser's weights: "fp32", "fp16" or "int8" (docs/bundle-format.md)
   std::string provider;          // the provider in use ("cpu", "cuda", "tensorrt")
   std::string ort_version;       // version string of the loaded ONNX Runtime library
   std::string ort_library;       // path it was loaded from

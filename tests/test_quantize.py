@@ -1,0 +1,119 @@
+"""int8 bundles (`dpkit-export --precision int8`): manifest fields, both runtimes, the error bound.
+
+    .venv/bin/pytest -q tests/test_quantize.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from dpkit.errors import DpkitError
+from dpkit.export import quantize, writer
+from dpkit.export.cli import main as export_main
+from dpkit.runtime import load_policy
+from dpkit.runtime.bundle import load_bundle
+from dpkit.runtime.parity import random_observations, trajectory_errors
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory, tiny_runs):
+    out = tmp_path_factory.mktemp("int8") / "lowdim"
+    summary = writer.export_bundle(tiny_runs["lowdim"], out, precision="int8", ddim_steps=(5, 10), log=lambda s: None)
+    return out, summary
+
+
+def test_int8_manifest_records_precision_quantization_and_error(int8_bundle):
+    out, summary = int8_bundle
+    m = load_bundle(out).manifest
+    den, enc = m["models"]["denoiser"], m["models"]["encoder"]
+    assert den["precision"] == "int8" and den["dtype"] == "float32" and enc["precision"] == "fp32"
+    assert "quantization" not in enc and m["export"]["precision"] == "int8" and summary["precision"] == "int8"
+    q = den["quantization"]
+    assert q["method"] == "dynamic" and q["op_types"] == ["MatMul", "Gemm"] and q["per_channel"] is quantize.PER_CHANNEL
+    graph = onnx.load(str(out / "denoiser.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert q["nodes_quantized"] == ops.count("MatMulInteger") > 0
+    assert q["nodes_float"] == ops.count("MatMul") + ops.count("Gemm") > 0  # the layers kept float
+    # The weights the float layers use stay float; the others are int8.
+    init_types = {i.name: i.data_type for i in graph.graph.initializer}
+    assert any(n.startswith(quantize.FLOAT_LAYERS) and t == onnx.TensorProto.FLOAT for n, t in init_types.items())
+    assert sum(t == onnx.TensorProto.INT8 for t in init_types.values()) >= q["nodes_quantized"]
+    # The error against the fp32 graphs: measured, recorded in the export block and the summary, within bounds.
+    err = m["export"]["quantization_error"]
+    assert err == summary["quantization_error"] and err["bounds"] == quantize.INT8_BOUNDS
+    assert set(err["max"]) == {"encoder", "denoiser", "traj_ddim", "traj_ddpm"}
+    assert err["max"]["encoder"] == 0.0  # the encoder graph ships unchanged
+    for check, bound in quantize.INT8_BOUNDS.items():
+        assert 0 < err["max"][check] <= bound, (check, err["max"])  # rounding is visible, and bounded
+    assert m["parity"] == err["max"] and m["parity_details"]["int8"]["max"] == err["max"]
+    assert m["parity_details"]["fp32"]["max"]["denoiser"] < 1e-4  # the fp32 graphs were verified first
+
+
+def test_int8_file_is_smaller_than_fp32(int8_bundle, tiny_bundles):
+    out, _ = int8_bundle
+    # int8 weights: a quarter of the bytes for the quantized layers; in this small test model the float
+    # layers (step embedding, first and last) are a larger share than in `tiny` (26 %) or the 65.8 M model.
+    assert (out / "denoiser.onnx").stat().st_size < 0.6 * (tiny_bundles["lowdim"] / "denoiser.onnx").stat().st_size
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 100)])
+def test_int8_runs_in_ort_and_cpp_and_they_agree(int8_bundle, tiny_bundles, sampler, steps):
+    out, _ = int8_bundle
+    ort_p = load_policy(out, backend="ort")
+    cpp_p = load_policy(out, backend="cpp")
+    assert cpp_p.info["precision"] == "int8"
+    assert load_policy(tiny_bundles["lowdim"], backend="cpp").info["precision"] == "fp32"
+    obs = random_observations(ort_p.observations, ort_p.n_obs_steps, batch=2, seed=3)
+    errs = trajectory_errors(ort_p, {"cpp": cpp_p}, obs, sampler, steps, seed=5)
+    assert errs["cpp"] < 1e-4, errs  # the same int8 graphs in both runtimes
+    # ... and they are not the fp32 graphs
+    fp32 = load_policy(tiny_bundles["lowdim"], backend="ort")
+    assert trajectory_errors(ort_p, {"fp32": fp32}, obs, sampler, steps, seed=5)["fp32"] > 1e-4
+
+
+def test_bound_violation_refuses_to_write(tmp_path, tiny_runs, monkeypatch):
+    monkeypatch.setattr(quantize, "INT8_BOUNDS", {"denoiser": 0.0, "traj_ddim": 0.0, "traj_ddpm": 0.0})
+    out = tmp_path / "b"
+    with pytest.raises(DpkitError, match=r"int8 error check failed: denoiser .* > bound 0; no bundle written"):
+        writer.export_bundle(tiny_runs["lowdim"], out, precision="int8", ddim_steps=(10,), log=lambda s: None)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temp folders left either
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--precision", "int4"], "--precision must be one of fp32, fp16, int8, got 'int4'"),
+    (["--precision", "INT8"], "--precision must be one of fp32, fp16, int8, got 'INT8'"),
+    (["--precision", "int8", "--fp16"], "--fp16 contradicts --precision int8"),
+    (["--precision", "int8", "--tensorrt"], "--precision int8 is for CPUs"),
+])
+def test_cli_bad_precision_is_one_line(tmp_path, tiny_runs, capsys, argv, expect):
+    out = tmp_path / "b"
+    with pytest.raises(SystemExit) as e:
+        export_main([str(tiny_runs["lowdim"]), "--out", str(out), *argv])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_parse_precision():
+    assert quantize.parse_precision(None) == "fp32"
+    assert quantize.parse_precision(None, fp16=True) == "fp16"
+    assert quantize.parse_precision("fp16", fp16=True) == "fp16"
+    assert quantize.parse_precision("int8") == "int8"
+
+
+def test_cli_writes_int8_and_its_json(tmp_path, tiny_runs):
+    out, js = tmp_path / "b", tmp_path / "s.json"
+    with pytest.raises(SystemExit) as e:
+        export_main([str(tiny_runs["lowdim"]), "--out", str(out), "--precision", "int8", "--ddim-steps", "10",
+                     "--json", str(js)])
+    assert e.value.code == 0
+    s = json.loads(js.read_text())
+    assert s["precision"] == "int8" and set(s["quantization_error"]["max"]) >= set(quantize.INT8_BOUNDS)
+    a = load_policy(out, backend="ort").sample(random_observations(load_bundle(out).observations, 2, 1), seed=0)
+    assert np.isfinite(a).all()
