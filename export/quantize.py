@@ -116,7 +116,8 @@ def quantize_denoiser(src: Path, dst: Path, per_channel: bool | None = None,
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=list(OP_TYPES), per_channel=per_channel,
                          weight_type=QuantType.QInt8, nodes_to_exclude=keep, use_external_data_format=external)
     q = onnx.load(str(dst), load_external_data=False)
-    n_int = sum(1 for n in q.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"))
+    integer_ops = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+    n_int = sum(1 for n in q.graph.node if n.op_type in integer_ops)
     if n_int == 0:
         raise DpkitError(f"int8 export: ONNX Runtime quantized no node of {src.name}")
     n_float = sum(1 for n in q.graph.node if n.op_type in ("MatMul", "Gemm"))
@@ -167,7 +168,8 @@ def measure_int8_error(fp32_bundle: Path, int8_bundle: Path, policy, samples: di
     else:
         obs, kind = random_observations(ref.observations, ref.n_obs_steps, TRAJ_BATCH, seed), "random"
     default = ref.bundle.schedule.find()
-    ddim_k = default.num_inference_steps if default.sampler == "ddim" else ref.bundle.schedule.find("ddim").num_inference_steps
+    ddim = default if default.sampler == "ddim" else ref.bundle.schedule.find("ddim")
+    ddim_k = ddim.num_inference_steps
     for check, sampler, steps in (("traj_ddim", "ddim", ddim_k),
                                   ("traj_ddpm", "ddpm", ref.bundle.schedule.num_train_timesteps)):
         err = trajectory_errors(ref, {"int8": q}, obs, sampler, steps, seed)["int8"]

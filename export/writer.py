@@ -306,7 +306,8 @@ def export_bundle(
     log(f"parity inputs: {inputs_desc}")
     source = {"checkpoint": str(state.get("checkpoint_path", "")), "step": int(state.get("step", 0))}
     summary = write_bundle(policy, out, config=state["config"], source=source, force=force, ema=ema, fp16=fp16,
-                           precision=precision, opset=opset, gemm_conv=gemm_conv, ddim_steps=ddim_steps, ddpm_steps=ddpm_steps,
+                           precision=precision, opset=opset, gemm_conv=gemm_conv, ddim_steps=ddim_steps,
+                           ddpm_steps=ddpm_steps,
                            samples=samples, inputs_desc=inputs_desc, max_batch=max_batch, opt_batch=opt_batch,
                            log=log)
     summary["checkpoint"] = state["checkpoint_path"]
