@@ -117,3 +117,23 @@ def test_cli_writes_int8_and_its_json(tmp_path, tiny_runs):
     assert s["precision"] == "int8" and set(s["quantization_error"]["max"]) >= set(quantize.INT8_BOUNDS)
     a = load_policy(out, backend="ort").sample(random_observations(load_bundle(out).observations, 2, 1), seed=0)
     assert np.isfinite(a).all()
+
+
+def test_precision_benchmark_table_and_memory_limit():
+    from dpkit.benchmarks.bench_precision import add_limits, markdown
+
+    rows = [{"backend": "ort", "precision": p, "part": "denoiser", "batch": 1, "p50_ms": ms} for p, ms in
+            (("fp32", 20.0), ("int8", 8.0))]
+    rows += [{"backend": "cpp", "precision": p, "part": "chunk_ddim10", "batch": 1, "p50_ms": 10 * ms + 1,
+              "denoiser_call_ms_from_chunk": ms} for p, ms in (("fp32", 16.0), ("int8", 5.0))]
+    machine = {"date": "d", "cpu": "c", "cpu_features": [], "cores": 2, "threads": 2, "gemm_fp32_gflops": 1,
+               "mem_gbps": 20.0, "load_avg_1m": 1, "onnxruntime": "x"}
+    result = {"machine": machine, "configs": [{"config": "tiny", "params": 4e6, "rows": rows, "skipped": [],
+                                               "denoiser_weight_bytes": {"fp32": 200e6, "int8": 50e6}}]}
+    add_limits(result)
+    assert rows[0]["memory_limit_ms"] == pytest.approx(10.0) and rows[0]["memory_share"] == pytest.approx(0.5)
+    assert rows[1]["memory_share"] == pytest.approx(2.5 / 8.0)
+    assert rows[2]["memory_share"] == pytest.approx(10.0 / 16.0)  # the C++ timer's denoiser share of a chunk
+    md = markdown(result)
+    assert "| ort | denoiser | 1 | 20.00 | 8.00 | 2.50× | 50 % | 31 % |" in md
+    assert "| cpp | denoiser (C++ timer) | 1 | 16.00 | 5.00 | 3.20× | 62 % | 50 % |" in md
