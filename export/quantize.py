@@ -48,9 +48,9 @@ FLOAT_LAYERS = ("denoiser.unet.step_encoder.", "denoiser.unet.down.0.0.block1.",
 
 # Refusal bounds of an int8 bundle against its fp32 graphs (max abs error). The predicted noise is ~N(0, 1)
 # per entry; trajectories are normalized actions in [-1, 1] (1.0 = half the action range, 256 px in PushT).
-# Measured (README "int8"; per-tensor weights, FLOAT_LAYERS kept float): one denoiser call 0.02-0.06 for
+# Measured (README "int8"; per-tensor weights, FLOAT_LAYERS kept float): one denoiser call 0.02-0.07 for
 # trained and random-weight models alike, so 0.2 leaves a 3x margin and still catches a mis-scaled layer
-# (errors of order 1). Trajectories: 5e-3 for a trained `tiny` policy (about 1.3 px), but 0.03-0.14 for
+# (errors of order 1). Trajectories: 5e-3-1.3e-2 for trained `tiny` policies (1-3 px), but 0.03-0.14 for
 # random-weight models (benchmarks, tests), whose DDIM steps amplify each call's error instead of
 # contracting it; 0.5 (a quarter of the clip range) refuses a trajectory that went somewhere else, not
 # rounding. The real check of rounding is the task score (README "int8").
