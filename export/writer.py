@@ -305,6 +305,8 @@ def export_bundle(
     samples, inputs_desc = dataset_samples(state["config"], data)
     log(f"parity inputs: {inputs_desc}")
     source = {"checkpoint": str(state.get("checkpoint_path", "")), "step": int(state.get("step", 0))}
+    if isinstance(state.get("source"), dict):  # a run written by dpkit-convert: where the policy came from
+        source["converted_from"] = state["source"]
     summary = write_bundle(policy, out, config=state["config"], source=source, force=force, ema=ema, fp16=fp16,
                            precision=precision, opset=opset, gemm_conv=gemm_conv, ddim_steps=ddim_steps,
                            ddpm_steps=ddpm_steps,
