@@ -30,10 +30,11 @@ MODES = ("sync", "async", "async-inpaint")
 
 def run(bundle: Path, backend: str, delays: list[int], episodes: int, sampler: str | None, steps: int | None,
         blend: int, progress: bool) -> dict[str, Any]:
+    from dpkit.eval.evaluate import MAX_ENVS
     from dpkit.eval.latency import evaluate_latency
     from dpkit.runtime import load_policy
 
-    options = {"max_batch": min(episodes, 50)} if backend == "cpp" else {}
+    options = {"max_batch": min(episodes, MAX_ENVS)} if backend == "cpp" else {}
     policy = load_policy(bundle, backend=backend, **options)
     rows = []
     t0 = time.perf_counter()

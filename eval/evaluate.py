@@ -105,6 +105,16 @@ def _check_policy(policy: Any) -> None:
         raise DpkitError(f"policy needs n_obs_steps >= 1 and n_action_steps >= 1, has {policy.n_obs_steps}, {policy.n_action_steps}")
 
 
+def env_count(policy: Any, episodes: int, n_envs: int | None) -> int:
+    """Environments stepped together: `n_envs` (default min(episodes, MAX_ENVS)), at most `episodes` and
+    the policy's `max_batch` (a backend with preallocated buffers, cpp, takes that many per call)."""
+    n = min(episodes, MAX_ENVS) if n_envs is None else min(int(n_envs), episodes)
+    n = min(n, getattr(policy, "max_batch", None) or n)
+    if n < 1:
+        raise DpkitError(f"n_envs must be >= 1, got {n}")
+    return n
+
+
 def _start(env: Any, policy: Any, index: int, seed: int, record: bool) -> _Episode:
     raw = pusht.reset_legacy(env, seed)
     first = pusht.observe(env, policy.obs_mode, raw, policy.obs_keys)
@@ -142,7 +152,7 @@ def evaluate_policy(
 ) -> dict[str, Any]:
     """Roll `policy` out on episodes seeded `seed_start .. seed_start + episodes - 1`; returns the report.
 
-    n_envs: environments stepped together (default min(episodes, 50)); a free one takes the next
+    n_envs: environments stepped together (see env_count); a free one takes the next
     episode. sampler, steps: the reverse process (None: the policy's default). Chunk c is sampled with
     `seed` = a hash of (sample_seed, c), so the same policy, backend, seeds and n_envs give the same
     report. Videos of the first `n_videos` episodes go to `video_dir` when given.
@@ -154,11 +164,7 @@ def evaluate_policy(
         raise DpkitError(f"max_steps must be >= 1, got {max_steps}")
     if not 0 <= seed_start <= 2**32 - 1 - episodes:
         raise DpkitError(f"seed_start must be in [0, 2**32 - episodes), got {seed_start}")
-    n_envs = min(episodes, MAX_ENVS) if n_envs is None else min(int(n_envs), episodes)
-    # A backend with preallocated buffers (cpp) takes at most `max_batch` environments per call.
-    n_envs = min(n_envs, getattr(policy, "max_batch", None) or n_envs)
-    if n_envs < 1:
-        raise DpkitError(f"n_envs must be >= 1, got {n_envs}")
+    n_envs = env_count(policy, episodes, n_envs)
     video_dir = Path(video_dir) if video_dir is not None else None
     n_videos = n_videos if video_dir is not None else 0
 

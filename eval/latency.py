@@ -29,7 +29,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.eval import pusht
-from dpkit.eval.evaluate import protocol_fields
+from dpkit.eval.evaluate import env_count, protocol_fields
 from dpkit.runtime.realtime import EXECUTIONS, make_controller
 
 
@@ -52,10 +52,7 @@ def evaluate_latency(
         raise DpkitError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
     if episodes < 1 or max_steps < 1:
         raise DpkitError(f"episodes and max_steps must be >= 1, got {episodes}, {max_steps}")
-    n_envs = min(episodes, 50) if n_envs is None else min(int(n_envs), episodes)
-    n_envs = min(n_envs, getattr(policy, "max_batch", None) or n_envs)
-    if n_envs < 1:
-        raise DpkitError(f"n_envs must be >= 1, got {n_envs}")
+    n_envs = env_count(policy, episodes, n_envs)
     from tqdm import tqdm
 
     mode = policy.obs_mode
