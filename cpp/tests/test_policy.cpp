@@ -60,6 +60,16 @@ struct Result {
   std::vector<float> traj, actions;
 };
 
+// Both outputs of one sample() call for a prepared request.
+Result run_request(dpkit::Policy& p, const dpkit::SampleRequest& req) {
+  Result r;
+  r.traj.resize(p.info().trajectory_size(req.batch));
+  r.actions.resize(p.info().actions_size(req.batch));
+  dpkit::SampleOutput out{{r.traj.data(), r.traj.size()}, {r.actions.data(), r.actions.size()}};
+  p.sample(req, out);
+  return r;
+}
+
 Result run(dpkit::Policy& p, const std::vector<std::vector<float>>& obs, int b, dpkit::Sampler sampler = {},
            const std::vector<float>* init = nullptr, const std::vector<float>* steps = nullptr) {
   dpkit::SampleRequest req;
@@ -68,12 +78,7 @@ Result run(dpkit::Policy& p, const std::vector<std::vector<float>>& obs, int b, 
   for (const auto& o : obs) req.observations.push_back({o.data(), o.size()});
   if (init) req.initial_noise = {init->data(), init->size()};
   if (steps) req.step_noise = {steps->data(), steps->size()};
-  Result r;
-  r.traj.resize(p.info().trajectory_size(b));
-  r.actions.resize(p.info().actions_size(b));
-  dpkit::SampleOutput out{{r.traj.data(), r.traj.size()}, {r.actions.data(), r.actions.size()}};
-  p.sample(req, out);
-  return r;
+  return run_request(p, req);
 }
 
 float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -472,12 +477,7 @@ Result run_prefix(dpkit::Policy& p, const std::vector<std::vector<float>>& obs, 
   req.prefix_rows = prefix ? rows : 0;
   req.prefix_start = start;
   if (weights) req.prefix_weights = {weights->data(), weights->size()};
-  Result r;
-  r.traj.resize(p.info().trajectory_size(b));
-  r.actions.resize(p.info().actions_size(b));
-  dpkit::SampleOutput out{{r.traj.data(), r.traj.size()}, {r.actions.data(), r.actions.size()}};
-  p.sample(req, out);
-  return r;
+  return run_request(p, req);
 }
 }  // namespace
 
