@@ -33,6 +33,7 @@ from dpkit.benchmarks.machine import latency_stats, machine_info, time_calls, us
 from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_obs
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
+from dpkit.sampling_args import parse_sampler_label
 
 MODELS = ("tiny", "pusht_lowdim", "pusht_image")
 # name -> (load_policy backend, provider). Providers other than CPU are tried only when present.
@@ -436,13 +437,7 @@ def _split(values: list[str] | None) -> list[str]:
 
 def parse_samplers(values: list[str]) -> tuple[tuple[str, int], ...]:
     """`ddpm-100 ddim-10` (or `ddim:10`) -> (("ddpm", 100), ("ddim", 10))."""
-    out = []
-    for v in values:
-        kind, sep, k = v.replace(":", "-").partition("-")
-        if kind not in ("ddpm", "ddim") or not sep or not k.isdigit() or int(k) < 1:
-            raise DpkitError(f"--samplers entry {v!r} is not SAMPLER-K with SAMPLER ddpm or ddim (e.g. ddim-10)")
-        out.append((kind, int(k)))
-    return tuple(dict.fromkeys(out))
+    return tuple(dict.fromkeys(parse_sampler_label(v, "--samplers entry") for v in values))
 
 
 def settings_from_args(a: argparse.Namespace) -> Settings:

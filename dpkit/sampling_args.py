@@ -64,6 +64,19 @@ def resolve_sampler(sampler: str | None, steps: int | None, *, default: tuple[st
     return kind, k
 
 
+def parse_sampler_label(text: Any, what: str = "sampler") -> tuple[str, int]:
+    """`"ddim-10"` (or `"ddim:10"`) -> `("ddim", 10)`: the one spelling of a sampler with its step count,
+    used by dpkit-bench --samplers and train.eval_samplers. `what` names the field in the error."""
+    kind, sep, k = str(text).replace(":", "-").partition("-")
+    if not isinstance(text, str) or kind not in SAMPLERS or not sep or not k.isdigit() or int(k) < 1:
+        raise InputError(f"{what} {text!r} is not SAMPLER-K with SAMPLER ddpm or ddim (e.g. ddim-10)")
+    return kind, int(k)
+
+
+def sampler_label(kind: str, k: int) -> str:
+    return f"{kind}-{k}"
+
+
 def _as_int(value: Any, name: str) -> int:
     # bool is an int to Python but never a step count or seed; floats (10.6 or 10.0) are refused, not rounded.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

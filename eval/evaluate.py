@@ -264,17 +264,31 @@ def protocol_fields(episodes: int, seed_start: int, max_steps: int, n_envs: int,
 
 
 def rollout_evaluator(cfg: Any) -> Any:
-    """`score(policy) -> float` for the trainer: an in-memory DiffusionPolicy scored with this protocol
-    (`train.eval_episodes` legacy seeds, `train.eval_max_steps` steps, the default sampler), through the
-    same "torch" backend `dpkit-eval --checkpoint` uses."""
+    """`evaluate(policy) -> {sampler label: report}` for the trainer: an in-memory DiffusionPolicy rolled
+    out on `train.eval_episodes` legacy seeds for `train.eval_max_steps` steps with each sampler of
+    `train.eval_samplers` (empty: the policy's default), through the same "torch" backend and
+    `evaluate_policy` that `dpkit-eval --checkpoint` uses. Each report is dpkit-eval's, minus the
+    per-episode rows."""
     from dpkit.runtime.torch_policy import TorchPolicy
+    from dpkit.sampling_args import parse_sampler_label, sampler_label
 
-    def score(policy: Any) -> float:
-        report = evaluate_policy(TorchPolicy(policy=policy), episodes=cfg.train.eval_episodes,
-                                 max_steps=cfg.train.eval_max_steps, progress=False)
-        return float(report["score"])
+    samplers = [parse_sampler_label(v) for v in cfg.train.eval_samplers]
 
-    return score
+    def evaluate(policy: Any) -> dict[str, dict[str, Any]]:
+        wrapped = TorchPolicy(policy=policy)
+        if not samplers:
+            choice = wrapped.resolve_sampler()
+            runs = [(None, None, sampler_label(choice.sampler, choice.num_inference_steps))]
+        else:
+            runs = [(kind, k, sampler_label(kind, k)) for kind, k in samplers]
+        out = {}
+        for kind, k, label in runs:
+            report = evaluate_policy(wrapped, episodes=cfg.train.eval_episodes, max_steps=cfg.train.eval_max_steps,
+                                     progress=False, sampler=kind, steps=k)
+            out[label] = {key: v for key, v in report.items() if key not in ("episodes", "videos")}
+        return out
+
+    return evaluate
 
 
 class _ArgumentParser(argparse.ArgumentParser):

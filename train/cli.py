@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dpkit-train",
         description="Train a Diffusion Policy on the PushT demonstrations (see the module docstring for examples).",
     )
-    p.add_argument("--config", help="named config (tiny, pusht_lowdim, pusht_image) or a YAML path")
+    p.add_argument("--config", help="named config (tiny, pusht_lowdim, pusht_lowdim_cpu, pusht_image) or a YAML path")
     p.add_argument("--data", help="dataset: .zarr folder, .zarr.zip, or a folder containing one")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
     p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
@@ -77,7 +77,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
         ckpt_io.check_resume_config(found, state, cfg)
     else:
         if args.config is None:
-            raise DpkitError("--config NAME|PATH is required (named configs: tiny, pusht_lowdim, pusht_image)")
+            raise DpkitError("--config NAME|PATH is required (named configs: tiny, pusht_lowdim, pusht_lowdim_cpu, pusht_image)")
         cfg = load_config(args.config, extra)
         run_dir = Path(args.out) if args.out else Path("runs") / cfg.name
         ckpt_io.check_run_dir(run_dir, resume=False, force=args.force)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     check_writable_dir(run_dir, "run folder")
     if args.json:
         check_writable_file(args.json)
-    from dpkit.train.trainer import train
+    from dpkit.train.trainer import format_protocol, train
 
     rollout_eval = None
     if cfg.train.eval_every > 0:
@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['samples_per_s']:.0f} samples/s" if summary["samples_per_s"] else "",
             f"-> {summary['checkpoint']}",
         )
+        for line in format_protocol(summary["protocol"]):
+            print(line)
     return 0
 
 

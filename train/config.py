@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from dpkit.errors import DpkitError
+from dpkit.sampling_args import parse_sampler_label, sampler_label
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -33,6 +34,8 @@ MAX_HORIZON = 1024
 MAX_SEED = 2**32 - 1
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
+SPLITS = ("dpkit", "original")
+NORMALIZER_EPISODES = ("train", "all")
 
 
 @dataclass
@@ -178,6 +181,11 @@ class DataConfig:
     max_train_episodes: int | None = 90
     """The paper's image config trains on 90 episodes; None uses every training episode."""
     split_seed: int = 42
+    split: str = "dpkit"
+    """How episodes are split into train/val given split_seed: "dpkit" (one permutation) or "original" (the
+    original diffusion_policy's algorithm: the same episodes as its code for the same seed)."""
+    normalizer_episodes: str = "train"
+    """Episodes the normalizer is fitted on: "train" (the training split) or "all" (as the original does)."""
     num_workers: int = 0
     """DataLoader worker processes (0: load in the training process)."""
 
@@ -190,6 +198,9 @@ class DataConfig:
         _check(self.max_train_episodes is None or self.max_train_episodes >= 1, "data.max_train_episodes must be >= 1")
         # One range for every seed (numpy's legacy seeding, used for train.seed, takes [0, 2**32)).
         _range("data.split_seed", self.split_seed, 0, MAX_SEED)
+        _check(self.split in SPLITS, f"data.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        _check(self.normalizer_episodes in NORMALIZER_EPISODES,
+               f"data.normalizer_episodes must be one of {', '.join(NORMALIZER_EPISODES)}, got {self.normalizer_episodes!r}")
         # Each worker is a forked process; more than 128 is a typo.
         _range("data.num_workers", self.num_workers, 0, 128)
 
@@ -222,7 +233,15 @@ class TrainConfig:
     eval_every: int = 0
     """Rollout evaluation in gym-pusht every N steps (0: off); keeps the best checkpoint by score."""
     eval_episodes: int = 10
+    """Legacy test seeds per evaluation (the paper: 50)."""
     eval_max_steps: int = 300
+    eval_start: int = 0
+    """No rollout evaluation before this step (the protocol summary is about the end of training)."""
+    eval_samplers: tuple[str, ...] = ()
+    """Samplers each evaluation runs, as SAMPLER-K (e.g. [ddim-10, ddpm-100]); the first one picks the best
+    checkpoint. Empty: the policy's default sampler."""
+    eval_last: int = 10
+    """The summary reports max and mean over the last this-many evaluations (the paper: 10 checkpoints)."""
 
     def validate(self) -> None:
         """Every field in its range (see PolicyConfig.validate)."""
@@ -258,6 +277,11 @@ class TrainConfig:
         # Every evaluation runs all its episodes (up to eval_max_steps steps each): more than 10,000 is a typo.
         _range("train.eval_episodes", self.eval_episodes, 1, 10_000)
         _check(self.eval_max_steps >= 1, f"train.eval_max_steps must be >= 1, got {self.eval_max_steps}")
+        _check(self.eval_start >= 0, f"train.eval_start must be >= 0, got {self.eval_start}")
+        labels = [sampler_label(*parse_sampler_label(v, "train.eval_samplers entry")) for v in self.eval_samplers]
+        _check(len(set(labels)) == len(labels), f"train.eval_samplers lists a sampler twice: {list(self.eval_samplers)}")
+        self.eval_samplers = tuple(labels)
+        _range("train.eval_last", self.eval_last, 1, 10_000)
 
 
 @dataclass
@@ -384,7 +408,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a named config (`tiny`, `pusht_lowdim`, `pusht_image`) or a YAML path, then apply overrides."""
+    """Load a named config (`tiny`, `pusht_lowdim`, `pusht_lowdim_cpu`, `pusht_image`) or a YAML path, then apply overrides."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.yaml"

@@ -232,19 +232,33 @@ def load_replay(path: str | os.PathLike, obs_mode: str) -> Replay:
 
 
 def split_episodes(
-    n_episodes: int, val_ratio: float, seed: int, max_train_episodes: int | None = None
+    n_episodes: int, val_ratio: float, seed: int, max_train_episodes: int | None = None, method: str = "dpkit"
 ) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) episode ids, sorted. Val gets round(n * val_ratio) episodes (at least 1 when
-    val_ratio > 0, never all); max_train_episodes then subsamples the rest. Deterministic in `seed`."""
-    rng = np.random.default_rng(seed)
+    val_ratio > 0, never all); max_train_episodes then subsamples the rest. Deterministic in `seed`.
+
+    method "dpkit": one generator permutes the episodes, val is the first n_val, the subsample draws
+    from the same generator. method "original": the original diffusion_policy's choice for the same
+    seed — val is drawn without replacement by a generator seeded `seed`, then a second generator with
+    the same seed draws positions among the remaining episodes (in id order) for the training subset.
+    """
     n_val = 0
     if val_ratio > 0 and n_episodes > 1:
         n_val = min(max(1, round(n_episodes * val_ratio)), n_episodes - 1)
-    perm = rng.permutation(n_episodes)
-    val, train = np.sort(perm[:n_val]), perm[n_val:]
-    if max_train_episodes is not None and len(train) > max_train_episodes:
-        train = rng.choice(train, size=max_train_episodes, replace=False)
-    return np.sort(train).astype(np.int64), val.astype(np.int64)
+    if method == "original":
+        val = np.random.default_rng(seed).choice(n_episodes, size=n_val, replace=False)
+        train = np.setdiff1d(np.arange(n_episodes), val)
+        if max_train_episodes is not None and len(train) > max_train_episodes:
+            train = train[np.random.default_rng(seed).choice(len(train), size=max_train_episodes, replace=False)]
+    elif method == "dpkit":
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n_episodes)
+        val, train = perm[:n_val], perm[n_val:]
+        if max_train_episodes is not None and len(train) > max_train_episodes:
+            train = rng.choice(train, size=max_train_episodes, replace=False)
+    else:
+        raise DpkitError(f"unknown split method {method!r} (expected 'dpkit' or 'original')")
+    return np.sort(train).astype(np.int64), np.sort(val).astype(np.int64)
 
 
 def window_index(
@@ -316,17 +330,25 @@ class PushTDataset(torch.utils.data.Dataset):
         batch = self.__getitems__([i % len(self)])
         return _map(batch, lambda a: a[0])
 
-    def fit_normalizer(self):
-        """A Normalizer fitted on every step of this dataset's episodes (use the training split)."""
+    def fit_normalizer(self, episodes: np.ndarray | None = None):
+        """A Normalizer fitted on every step of `episodes` (default: this dataset's, i.e. the training
+        split; data.normalizer_episodes=all passes every episode, as the original does)."""
         from dpkit.train.normalizer import Normalizer
 
-        steps = np.concatenate([np.arange(*self.replay.episode_bounds(e)) for e in self.episodes])
+        episodes = self.episodes if episodes is None else episodes
+        steps = np.concatenate([np.arange(*self.replay.episode_bounds(e)) for e in episodes])
         data = {"action": self.replay.action[steps]}
         if self.obs_mode == "lowdim":
             data["obs"] = self.replay.lowdim_obs[steps]
         else:
             data["agent_pos"] = self.replay.agent_pos[steps]
         return Normalizer.fit(data)
+
+
+def fit_normalizer(cfg: Config, train_ds: "PushTDataset"):
+    """The run's normalizer: fitted on the training episodes, or on all (data.normalizer_episodes=all)."""
+    every = np.arange(train_ds.replay.n_episodes) if cfg.data.normalizer_episodes == "all" else None
+    return train_ds.fit_normalizer(every)
 
 
 def _map(tree, fn):
@@ -345,7 +367,7 @@ def load_datasets(cfg: Config, data_path: str | os.PathLike | None = None) -> tu
     path = resolve_dataset_path(data_path if data_path is not None else cfg.data.path)
     replay = load_replay(path, cfg.policy.obs_mode)
     d = cfg.data
-    train_eps, val_eps = split_episodes(replay.n_episodes, d.val_ratio, d.split_seed, d.max_train_episodes)
+    train_eps, val_eps = split_episodes(replay.n_episodes, d.val_ratio, d.split_seed, d.max_train_episodes, d.split)
     train = PushTDataset(replay, train_eps, cfg.policy)
     if len(train) == 0:
         raise DpkitError(f"{path}: no training windows (episodes shorter than the horizon {cfg.policy.horizon}?)")

@@ -30,7 +30,7 @@ from dpkit.errors import DpkitError
 from dpkit.io import atomic_write_json, atomic_write_text, check_writable_dir
 from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.config import Config
-from dpkit.train.data import PushTDataset, load_datasets, to_tensors
+from dpkit.train.data import PushTDataset, fit_normalizer, load_datasets, to_tensors
 
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
@@ -125,13 +125,73 @@ def validation_loss(policy: torch.nn.Module, ds: PushTDataset, batch_size: int, 
     return total / count
 
 
-def _score_rollouts(rollout_eval: Callable[[Any], float], policy: torch.nn.Module) -> float:
+def _score_rollouts(rollout_eval: Callable[[Any], Any], policy: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """{sampler label: {"score", "success_rate"}} from the evaluator (a bare float counts as "default")."""
     was_training = policy.training
     policy.eval()
     try:
-        return float(rollout_eval(policy))
+        result = rollout_eval(policy)
     finally:
         policy.train(was_training)
+    if not isinstance(result, dict):
+        result = {"default": {"score": result}}
+    out = {}
+    for label, report in result.items():
+        score = float(report["score"])
+        if not math.isfinite(score):
+            raise DpkitError(f"rollout evaluation ({label}) returned a non-finite score {score}")
+        rate = report.get("success_rate")
+        out[str(label)] = {"score": score, "success_rate": float(rate) if rate is not None else None}
+    if not out:
+        raise DpkitError("rollout evaluation returned no result")
+    return out
+
+
+def protocol_summary(evaluations: list[dict[str, Any]], last: int, episodes: int | None = None) -> dict[str, Any] | None:
+    """The paper's numbers from a run's rollout evaluations: per sampler, the max and the mean of the
+    scores (and success rates) of the last `last` evaluated checkpoints. `evaluations` holds
+    {"step", "samplers": {label: {"score", "success_rate"}}} in step order. None when there are none."""
+    if not evaluations:
+        return None
+    tail = evaluations[-last:]
+    per_sampler = {}
+    for label in tail[-1]["samplers"]:
+        rows = [(e["step"], e["samplers"][label]) for e in tail if label in e["samplers"]]
+        scores = [r["score"] for _, r in rows]
+        rates = [r["success_rate"] for _, r in rows if r.get("success_rate") is not None]
+        per_sampler[label] = {
+            "max": max(scores),
+            "mean": float(np.mean(scores)),
+            "success_rate_max": max(rates) if rates else None,
+            "success_rate_mean": float(np.mean(rates)) if rates else None,
+            "steps": [step for step, _ in rows],
+            "scores": scores,
+            "success_rates": [r.get("success_rate") for _, r in rows],
+        }
+    return {
+        "last": last,
+        "evaluated": len(evaluations),
+        "counted": len(tail),
+        "complete": len(tail) == last,
+        "episodes": episodes,
+        "samplers": per_sampler,
+    }
+
+
+def format_protocol(protocol: dict[str, Any] | None) -> list[str]:
+    """The CLI's closing lines for a protocol summary (one per sampler)."""
+    if protocol is None:
+        return []
+    head = (f"last {protocol['counted']} of {protocol['evaluated']} evaluations"
+            + (f" x {protocol['episodes']} episodes" if protocol.get("episodes") else ""))
+    if not protocol["complete"]:
+        head += f" (fewer than train.eval_last={protocol['last']})"
+    lines = []
+    for label, r in protocol["samplers"].items():
+        rate = (f"; success max {r['success_rate_max']:.2f} mean {r['success_rate_mean']:.2f}"
+                if r["success_rate_mean"] is not None else "")
+        lines.append(f"{label}: score max {r['max']:.3f} mean {r['mean']:.3f}{rate} ({head})")
+    return lines
 
 
 def _has_accelerator() -> bool:
@@ -299,7 +359,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         _clear_run(run_dir)
     acc.wait_for_everyone()
     if state is None:
-        normalizer = train_ds.fit_normalizer()
+        normalizer = fit_normalizer(cfg, train_ds)
         policy, ema, optimizer, scheduler = build(normalizer)
     step = int(state["step"]) if state is not None else 0
     model, optimizer = acc.prepare(policy, optimizer)
@@ -315,6 +375,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         pin_memory=acc.device.type == "cuda",
     )
     metrics = _Metrics(run_dir, main, resume_step=step if state is not None else None)
+    # Every rollout evaluation of the run so far (carried in checkpoints, so a resumed run's summary is whole).
+    evaluations: list[dict[str, Any]] = list(state.get("evaluations", [])) if state is not None else []
     saved_best = state.get("best_score") if state is not None else None
     best_score = float(saved_best) if saved_best is not None else -math.inf
     if main:
@@ -340,6 +402,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
                 "world_size": world,
                 "data_path": str(train_ds.replay.path),
                 "best_score": best_score if math.isfinite(best_score) else None,
+                "evaluations": evaluations,
                 "rng": "reseeded per micro-batch from (train.seed, rank, step * grad_accum_steps + i)",
                 "metrics": {"loss": last_loss, "val_loss": val, "score": score},
             },
@@ -355,7 +418,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     last_loss = val_loss = score = None
     last_ckpt = resume_from
     stopped_early = False
-    train_time, t_window, steps_done = 0.0, time.perf_counter(), 0
+    train_time, eval_time, t_window, steps_done = 0.0, 0.0, time.perf_counter(), 0
     wall0 = time.perf_counter()
     while step < end:
         step_loss = torch.zeros((), device=acc.device)
@@ -412,16 +475,26 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
             t_window = time.perf_counter()
         bar.update(1)
 
-        evaluate_now = t.eval_every > 0 and step % t.eval_every == 0
+        evaluate_now = t.eval_every > 0 and step % t.eval_every == 0 and step >= t.eval_start
         if step % t.checkpoint_every == 0 or step == end or evaluate_now:
             t0 = time.perf_counter()
             if main:
                 if evaluate_now:
-                    score = _score_rollouts(rollout_eval, eval_policy)
+                    t_eval = time.perf_counter()
+                    results = _score_rollouts(rollout_eval, eval_policy)
+                    eval_time += time.perf_counter() - t_eval
+                    evaluations.append({"step": step, "samplers": results})
+                    score = next(iter(results.values()))["score"]  # the first sampler picks the best
                     best = score > best_score
                     best_score = max(best_score, score)
-                    metrics.log({"step": step, "score": score, "best_score": best_score})
-                    print(f"\nstep {step}: rollout score {score:.3f} (best {best_score:.3f})")
+                    record = {"step": step, "score": score, "best_score": best_score, "eval": results}
+                    for label, r in results.items():  # flat scalars for TensorBoard
+                        record[f"score/{label}"] = r["score"]
+                        if r["success_rate"] is not None:
+                            record[f"success_rate/{label}"] = r["success_rate"]
+                    metrics.log(record)
+                    shown = ", ".join(f"{label} {r['score']:.3f}" for label, r in results.items())
+                    print(f"\nstep {step}: rollout score {shown} (best {best_score:.3f})")
                 last_ckpt = save(step, last_loss, val_loss, score if evaluate_now else None)
                 if evaluate_now and best:
                     ckpt_io.copy_checkpoint(last_ckpt, run_dir, ckpt_io.BEST)
@@ -440,8 +513,11 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         "final_loss": last_loss,
         "val_loss": val_loss,
         "best_score": best_score if math.isfinite(best_score) else None,
+        "protocol": protocol_summary(evaluations, t.eval_last, t.eval_episodes if t.eval_every > 0 else None),
+        "evaluations": evaluations,
         "samples_per_s": steps_done * samples_per_step / train_time if train_time > 0 else None,
         "wall_s": wall,
+        "eval_s": eval_time,
         "checkpoint": str(ckpt_io.checkpoints_dir(run_dir) / f"step_{step:06d}"),
         "processes": world,
         "device": str(acc.device),
