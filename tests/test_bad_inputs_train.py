@@ -106,6 +106,8 @@ BAD_VALUES = {
     "data.val_ratio": [(1, "data.val_ratio must be in [0, 1)"), (".nan", "data.val_ratio must be a finite number")],
     "data.max_train_episodes": [(0, "data.max_train_episodes must be >= 1")],
     "data.split_seed": [(-1, "data.split_seed must be in [0, 4294967295]")],
+    "data.split": [("random", "data.split must be one of dpkit, original")],
+    "data.normalizer_episodes": [("val", "data.normalizer_episodes must be one of train, all")],
     "data.num_workers": [(-1, "data.num_workers must be in [0, 128]")],
     "train.steps": [(0, "train.steps must be >= 1")],
     "train.batch_size": [(0, "train.batch_size must be >= 1")],
@@ -129,6 +131,11 @@ BAD_VALUES = {
     "train.eval_every": [(-1, "train.eval_every must be >= 0")],
     "train.eval_episodes": [(0, "train.eval_episodes must be in [1, 10000]")],
     "train.eval_max_steps": [(0, "train.eval_max_steps must be >= 1")],
+    "train.eval_start": [(-1, "train.eval_start must be >= 0")],
+    "train.eval_samplers": [("[ddim]", "train.eval_samplers entry 'ddim' is not SAMPLER-K"),
+                            ("[ddim-10,ddim:10]", "train.eval_samplers lists a sampler twice"),
+                            ("ddim-10", "train.eval_samplers must be a list")],
+    "train.eval_last": [(0, "train.eval_last must be in [1, 10000]")],
 }
 
 
@@ -146,7 +153,7 @@ def test_bad_config_value_is_refused(key, value, message):
 
 
 def test_named_configs_and_their_round_trip_are_valid():
-    for name in ("tiny", "pusht_lowdim", "pusht_image"):
+    for name in ("tiny", "pusht_lowdim", "pusht_lowdim_cpu", "pusht_image"):
         cfg = load_config(name)
         assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from dpkit.errors import DpkitError
 from dpkit.train.config import load_config
 from dpkit.train.data import (
     PushTDataset,
+    fit_normalizer,
     load_datasets,
     load_replay,
     resolve_dataset_path,
@@ -98,6 +100,32 @@ def test_split_is_disjoint_deterministic_and_subsampled():
     assert len(sub) == 90 and set(sub) <= set(train)
     assert len(split_episodes(5, 0.0, seed=0)[1]) == 0
     assert len(split_episodes(2, 0.9, seed=0)[0]) == 1  # never every episode in val
+
+
+def test_original_split_picks_the_original_codes_episodes():
+    """data.split=original against the original repository's own functions run on the same arguments
+    (tests/data/original_split.json, made by tests/data/make_original_split.py)."""
+    cases = json.loads((Path(__file__).parent / "data" / "original_split.json").read_text())["cases"]
+    assert len(cases) >= 8
+    for c in cases:
+        train, val = split_episodes(c["n_episodes"], c["val_ratio"], c["seed"], c["max_train_episodes"], "original")
+        assert train.tolist() == c["train"] and val.tolist() == c["val"], c
+    ours = split_episodes(206, 0.02, 42, 90)  # the two methods really differ (the NOTES' deviation)
+    assert ours[0].tolist() != cases[0]["train"]
+    with pytest.raises(DpkitError, match="unknown split method 'x'"):
+        split_episodes(10, 0.1, 0, None, "x")
+
+
+def test_normalizer_on_all_episodes_is_the_originals_option(store):
+    cfg = load_config("tiny", [f"data.path={store}", "data.val_ratio=0.25", "policy.horizon=10",
+                               "data.normalizer_episodes=all"])
+    train, _ = load_datasets(cfg)
+    norm = fit_normalizer(cfg, train).to_dict()
+    np.testing.assert_allclose(norm["action"]["min"], train.replay.action[:].min(0), rtol=1e-6)
+    np.testing.assert_allclose(norm["obs"]["max"], train.replay.lowdim_obs[:].max(0), rtol=1e-6)
+    default = fit_normalizer(load_config("tiny", [f"data.path={store}", "data.val_ratio=0.25", "policy.horizon=10"]),
+                             train).to_dict()
+    assert not np.allclose(default["action"]["min"], norm["action"]["min"])  # the option changes something
 
 
 def test_normalizer_is_fitted_on_training_episodes_only(store):

@@ -215,6 +215,57 @@ def test_rollout_hook_keeps_best_checkpoint(store, tmp_path, monkeypatch):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000003"
 
 
+def test_paper_protocol_summary_over_the_last_evaluations(store, tmp_path, monkeypatch, capsys):
+    """train.eval_samplers x train.eval_last: each evaluation runs every sampler through the dpkit-eval
+    code path; train_summary.json and the CLI's last lines give max/mean of the last N, per sampler, and
+    a resumed run's summary still counts the evaluations made before it stopped."""
+    import dpkit.eval.evaluate as evaluate
+
+    calls = []
+
+    def fake_evaluate(policy, episodes, max_steps, sampler=None, steps=None, **kw):
+        calls.append((sampler, steps, episodes))
+        n = len(calls)
+        return {"score": 0.1 * n, "success_rate": 0.01 * n, "episodes": [{"seed": 0}], "videos": []}
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", fake_evaluate)
+    run = tmp_path / "run"
+    args = ["--config", "tiny", "--out", str(run), "--no-progress", *SMALL, f"data.path={store}",
+            "train.eval_every=2", "train.eval_start=4", "train.eval_last=2", "train.eval_episodes=3",
+            "train.eval_samplers=[ddim:2,ddpm-10]", "train.checkpoint_every=100"]
+    assert _cli(*args, "--steps", "6") == 0
+    assert calls == [("ddim", 2, 3), ("ddpm", 10, 3)] * 2  # steps 4 and 6, not 2 (before eval_start)
+    assert _cli("--out", str(run), "--resume", "--steps", "8", "--no-progress", "--json", str(tmp_path / "s.json")) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert json.loads((tmp_path / "s.json").read_text()) == summary
+    assert [e["step"] for e in summary["evaluations"]] == [4, 6, 8]  # the one before --resume is kept
+    p = summary["protocol"]
+    assert (p["last"], p["evaluated"], p["counted"], p["complete"], p["episodes"]) == (2, 3, 2, True, 3)
+    ddim, ddpm = p["samplers"]["ddim-2"], p["samplers"]["ddpm-10"]
+    assert ddim["steps"] == ddpm["steps"] == [6, 8]
+    assert ddim["scores"] == pytest.approx([0.3, 0.5]) and ddpm["scores"] == pytest.approx([0.4, 0.6])
+    assert (ddim["max"], ddim["mean"]) == pytest.approx((0.5, 0.4))
+    assert (ddpm["success_rate_max"], ddpm["success_rate_mean"]) == pytest.approx((0.06, 0.05))
+    assert out[-2] == "ddim-2: score max 0.500 mean 0.400; success max 0.05 mean 0.04 (last 2 of 3 evaluations x 3 episodes)"
+    assert out[-1].startswith("ddpm-10: score max 0.600 mean 0.500")
+    assert summary["best_score"] == pytest.approx(0.5)  # the first sampler picks checkpoints/best
+    assert ckpt_io.read_state(run / "checkpoints" / "best")["step"] == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["score/ddpm-10"] for r in records if "score/ddpm-10" in r] == pytest.approx([0.2, 0.4, 0.6])
+
+
+def test_protocol_summary_edge_cases():
+    from dpkit.train.trainer import format_protocol, protocol_summary
+
+    assert protocol_summary([], 10) is None and format_protocol(None) == []
+    evals = [{"step": s, "samplers": {"default": {"score": s / 10, "success_rate": None}}} for s in (1, 2, 3)]
+    p = protocol_summary(evals, 10)
+    assert (p["counted"], p["complete"], p["samplers"]["default"]["mean"]) == (3, False, pytest.approx(0.2))
+    assert p["samplers"]["default"]["success_rate_mean"] is None
+    assert "fewer than train.eval_last=10" in format_protocol(p)[0] and "success" not in format_protocol(p)[0]
+
+
 def test_ema_warmup_and_epoch_batches():
     lin = torch.nn.Linear(2, 2)
     ema = EMA(lin, power=0.75, max_decay=0.9999)

@@ -278,7 +278,10 @@ class TrainConfig:
         _range("train.eval_episodes", self.eval_episodes, 1, 10_000)
         _check(self.eval_max_steps >= 1, f"train.eval_max_steps must be >= 1, got {self.eval_max_steps}")
         _check(self.eval_start >= 0, f"train.eval_start must be >= 0, got {self.eval_start}")
-        labels = [sampler_label(*parse_sampler_label(v, "train.eval_samplers entry")) for v in self.eval_samplers]
+        try:
+            labels = [sampler_label(*parse_sampler_label(v, "train.eval_samplers entry")) for v in self.eval_samplers]
+        except DpkitError as e:
+            raise DpkitError(f"bad config: {e}") from None
         _check(len(set(labels)) == len(labels), f"train.eval_samplers lists a sampler twice: {list(self.eval_samplers)}")
         self.eval_samplers = tuple(labels)
         _range("train.eval_last", self.eval_last, 1, 10_000)
