@@ -419,7 +419,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     last_ckpt = resume_from
     stopped_early = False
     train_time, eval_time, t_window, steps_done = 0.0, 0.0, time.perf_counter(), 0
-    wall0 = time.perf_counter()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     while step < end:
         step_loss = torch.zeros((), device=acc.device)
         for i in range(t.grad_accum_steps):
@@ -518,6 +518,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         "samples_per_s": steps_done * samples_per_step / train_time if train_time > 0 else None,
         "wall_s": wall,
         "eval_s": eval_time,
+        "cpu_s": time.process_time() - cpu0,
         "checkpoint": str(ckpt_io.checkpoints_dir(run_dir) / f"step_{step:06d}"),
         "processes": world,
         "device": str(acc.device),
