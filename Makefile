@@ -13,13 +13,14 @@ DEMO_TRAIN_SECONDS ?= 480
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup install test test-fast pytest demo bench clean
+.PHONY: help setup install test test-fast pytest demo bench paper clean
 
 help:
 	@echo "make demo   - set up, train on PushT, export, evaluate with the C++ runtime, benchmark, report"
 	@echo "make test   - set up, build, run the C++ tests (plain + ASan/UBSan), the consumer build and pytest"
 	@echo "make test-fast - the edit loop: pytest without the slow tests, stop at the first failure"
 	@echo "make bench  - full latency benchmark (dpkit-bench) into benchmarks/results/"
+	@echo "make paper  - the paper's PushT low-dim table on this CPU: 3 seeds of pusht_lowdim_cpu (~1.5 h on 2 cores)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,9 @@ demo: install
 
 bench: install
 	$(VENV)/bin/dpkit-bench
+
+paper: install
+	$(PY) -m dpkit.benchmarks.bench_paper_protocol
 
 clean:
 	rm -rf build demo_out .pytest_cache
