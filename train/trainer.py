@@ -271,8 +271,10 @@ def train(
     ends the run early at that step with a checkpoint, as an interruption would (the LR schedule still
     spans `cfg.train.steps`), so a later `resume=True` continues it.
 
-    `rollout_eval(policy) -> score` scores the EMA policy every `train.eval_every` steps (the trainer does
-    not know the simulator: `dpkit-train` passes `dpkit.eval.evaluate.rollout_evaluator(cfg)`).
+    `rollout_eval(policy) -> {sampler label: {"score", "success_rate"}}` (or a bare score) scores the EMA
+    policy every `train.eval_every` steps from `train.eval_start` on; the summary's `protocol` is the
+    paper's max/mean over the last `train.eval_last` of them (the trainer does not know the simulator:
+    `dpkit-train` passes `dpkit.eval.evaluate.rollout_evaluator(cfg)`).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
