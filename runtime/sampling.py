@@ -20,30 +20,36 @@ from dpkit.errors import DpkitError, InputError
 from dpkit.runtime.bundle import SamplerSpec, Schedule
 
 # Floor of the DDPM posterior variance before its square root (as in the spec; keeps sqrt finite at t=0).
-MIN_VARIANCE = 1e-20
+MIN_VARIANCE = np.float32(1e-20)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Per-step constants of one sampler, derived once from the schedule arrays (float64).
+    """Per-step float32 scalars of one sampler, derived once from the schedule arrays as diffusers derives them.
 
-    Step k maps (x, eps) to `c_x0[k] * x0 + c_x[k] * x + c_eps[k] * eps + sigma[k] * noise_k` with
-    `x0 = clip((x - sqrt_1m_at[k] * eps) / sqrt_at[k])`. The spec's DDPM and DDIM formulas are the two
-    choices of coefficients below; writing them as one affine update keeps the loop free of branches.
+    Everything is float32, from `a_t = float32(alphas_cumprod[t])` and `a_p` (the prev timestep's, or
+    `final_alpha_cumprod`), and step k is, in this order (docs/bundle-format.md, "The reverse step"):
+        x0  = (x - sqrt_1m_at[k] * eps) / sqrt_at[k];   clamp x0 to [-r, r] when clip
+        x'  = c_x0[k] * x0 + c_x[k] * x          DDPM
+        x'  = c_x0[k] * x0 + c_eps[k] * eps      DDIM (eta = 0; eps as predicted, not re-derived from x0)
+        x' += sigma[k] * noise_k                 DDPM at t > 0
+    The same operations, rounded at the same points, as diffusers' DDPMScheduler/DDIMScheduler.step: a step
+    equals theirs up to PyTorch's CPU sqrt, which is not always correctly rounded (a scalar can be one ulp
+    off), and equals the C++ runtime's bit for bit (tests/test_sampling.py, cpp/tests/test_schedule.cpp).
     """
 
     sampler: SamplerSpec
     timesteps: np.ndarray  # (K,) int64
-    sqrt_at: np.ndarray
+    sqrt_at: np.ndarray  # (K,) float32, as every coefficient below
     sqrt_1m_at: np.ndarray
     c_x0: np.ndarray
-    c_x: np.ndarray
-    c_eps: np.ndarray
+    c_x: np.ndarray  # DDPM only (zeros for DDIM)
+    c_eps: np.ndarray  # DDIM only (zeros for DDPM)
     sigma: np.ndarray  # 0 where no noise is added (DDIM, and DDPM at t = 0)
-    clip: float | None  # clip_sample_range, or None when clip_sample is off
-    sqrt_a0: float = 1.0  # sqrt(alphas_cumprod[timesteps[0]]): the noise level of the initial sample
-    sqrt_ap: np.ndarray | None = None  # (K,) sqrt(alpha_cumprod) of each step's output (prev timestep)
-    sqrt_1m_ap: np.ndarray | None = None
+    clip: np.float32 | None  # clip_sample_range, or None when clip_sample is off
+    # (K + 1,) float64 alpha_cumprod of the chain's noise levels: the initial sample's, then each step's
+    # output (prev timestep, or final_alpha_cumprod after the last step). Only inpainting reads them.
+    levels: np.ndarray
 
     @property
     def num_steps(self) -> int:
@@ -58,22 +64,29 @@ class StepPlan:
         acp = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
         t = np.asarray(sampler.timesteps, dtype=np.int64)
         p = np.asarray(sampler.prev_timesteps, dtype=np.int64)
-        a_t = acp[t]
-        a_p = np.where(p >= 0, acp[np.maximum(p, 0)], float(sampler.final_alpha_cumprod))
+        levels_t = acp[t]
+        levels_p = np.where(p >= 0, acp[np.maximum(p, 0)], float(sampler.final_alpha_cumprod))
+        a_t, a_p = levels_t.astype(np.float32), levels_p.astype(np.float32)
+        if not (np.all(a_t < 1) and np.all(a_p > 0) and np.all(a_p <= 1)):
+            k = int(np.argmax(~((a_t < 1) & (a_p > 0) & (a_p <= 1))))
+            raise DpkitError(f"sampler {sampler.name}: alphas_cumprod at step {k} gives a degenerate step "
+                             f"(a_t = {a_t[k]}, a_p = {a_p[k]} in float32)")
+        one = np.float32(1.0)
+        beta_t, beta_p = one - a_t, one - a_p
         zeros = np.zeros_like(a_t)
         if sampler.sampler == "ddpm":
-            b_t = 1.0 - a_t / a_p
-            c_x0 = np.sqrt(a_p) * b_t / (1.0 - a_t)
-            c_x = np.sqrt(a_t / a_p) * (1.0 - a_p) / (1.0 - a_t)
+            alpha_t = a_t / a_p  # this step's own alpha and beta
+            b_t = one - alpha_t
+            c_x0 = np.sqrt(a_p) * b_t / beta_t
+            c_x = np.sqrt(alpha_t) * beta_p / beta_t
             c_eps = zeros
-            var = np.maximum((1.0 - a_p) / (1.0 - a_t) * b_t, MIN_VARIANCE)
-            sigma = np.where(t > 0, np.sqrt(var), 0.0)
+            sigma = np.where(t > 0, np.sqrt(np.maximum(beta_p / beta_t * b_t, MIN_VARIANCE)), zeros)
         elif sampler.sampler == "ddim":
             if sampler.eta != 0.0:
                 raise DpkitError(f"sampler {sampler.name}: only eta = 0 is supported, got {sampler.eta}")
             c_x0 = np.sqrt(a_p)
             c_x = zeros
-            c_eps = np.sqrt(1.0 - a_p)
+            c_eps = np.sqrt(beta_p)
             sigma = zeros
         else:
             raise DpkitError(f"sampler {sampler.name}: unknown kind {sampler.sampler!r} (expected ddpm or ddim)")
@@ -81,31 +94,29 @@ class StepPlan:
             sampler=sampler,
             timesteps=t,
             sqrt_at=np.sqrt(a_t),
-            sqrt_1m_at=np.sqrt(1.0 - a_t),
+            sqrt_1m_at=np.sqrt(beta_t),
             c_x0=c_x0,
             c_x=c_x,
             c_eps=c_eps,
-            sigma=sigma,
-            clip=float(schedule.clip_sample_range) if schedule.clip_sample else None,
-            sqrt_a0=float(np.sqrt(a_t[0])),
-            sqrt_ap=np.sqrt(a_p),
-            sqrt_1m_ap=np.sqrt(1.0 - a_p),
+            sigma=sigma.astype(np.float32),
+            clip=np.float32(schedule.clip_sample_range) if schedule.clip_sample else None,
+            levels=np.concatenate([levels_t[:1], levels_p]),
         )
 
     def step(self, k: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
         """One reverse step k: x_t -> x_prev (float32 arrays of the same shape)."""
-        x0 = (x - np.float32(self.sqrt_1m_at[k]) * eps) / np.float32(self.sqrt_at[k])
+        x0 = (x - self.sqrt_1m_at[k] * eps) / self.sqrt_at[k]
         if self.clip is not None:
             np.clip(x0, -self.clip, self.clip, out=x0)
-        out = np.float32(self.c_x0[k]) * x0
-        if self.c_x[k] != 0.0:
-            out += np.float32(self.c_x[k]) * x
-        if self.c_eps[k] != 0.0:
-            out += np.float32(self.c_eps[k]) * eps
+        out = self.c_x0[k] * x0
+        if self.sampler.sampler == "ddpm":
+            out += self.c_x[k] * x
+        else:
+            out += self.c_eps[k] * eps
         if self.sigma[k] != 0.0:
             if noise is None:
                 raise DpkitError(f"{self.sampler.name}: step {k} (t={self.timesteps[k]}) needs noise")
-            out += np.float32(self.sigma[k]) * noise
+            out += self.sigma[k] * noise
         return out
 
 
@@ -178,11 +189,13 @@ class Inpaint:
             raise InputError("prefix contains NaN or Inf")
         return cls(int(start), values, w.astype(np.float32))
 
-    def apply(self, x: np.ndarray, x_init: np.ndarray, sqrt_a: float, sqrt_1m_a: float) -> None:
-        """Overwrite the prefix rows of `x` in place at the noise level alpha_cumprod = sqrt_a ** 2."""
+    def apply(self, x: np.ndarray, x_init: np.ndarray, alpha_cumprod: float) -> None:
+        """Overwrite the prefix rows of `x` in place at the noise level `alpha_cumprod` (float64; its two
+        square roots are taken in float64, then rounded to float32)."""
         rows = slice(self.start, self.start + self.values.shape[1])
         w = self.weights[None, :, None]
-        known = np.float32(sqrt_a) * self.values + np.float32(sqrt_1m_a) * x_init[:, rows]
+        sqrt_a, sqrt_1m_a = np.float32(np.sqrt(alpha_cumprod)), np.float32(np.sqrt(1.0 - alpha_cumprod))
+        known = sqrt_a * self.values + sqrt_1m_a * x_init[:, rows]
         x[:, rows] = w * known + (np.float32(1.0) - w) * x[:, rows]
 
 
@@ -200,12 +213,12 @@ def run_reverse(
     # Timestep tensors are built before the loop so the loop itself only runs the model and the update.
     t_batches = [np.full((batch,), t, dtype=np.int64) for t in plan.timesteps]
     if inpaint is not None:
-        inpaint.apply(x, initial_noise, plan.sqrt_a0, np.sqrt(1.0 - plan.sqrt_a0**2))
+        inpaint.apply(x, initial_noise, plan.levels[0])
     for k in range(plan.num_steps):
         eps = np.asarray(denoise(x, t_batches[k]), dtype=np.float32)
         x = plan.step(k, x, eps, None if step_noise is None else step_noise[k])
         if inpaint is not None:
-            inpaint.apply(x, initial_noise, plan.sqrt_ap[k], plan.sqrt_1m_ap[k])
+            inpaint.apply(x, initial_noise, plan.levels[k + 1])
     return x
 
 

@@ -30,12 +30,21 @@ FIXTURES = {
     "lerobot_pusht_image_seed1": "",
 }
 TRAJ_TOL, ACTION_TOL_PX = 1e-4, 1e-3
-# ort and cpp sample with the runtime's own reverse step (dpkit.runtime.sampling / C++: coefficients in
-# float64, one affine update), not diffusers' float32 step the peers ran. Over DDPM-100 that alone moves
-# the normalized trajectory by ~5e-6 (measured with PyTorch's denoiser inside the numpy loop), i.e.
-# ~1.3e-3 px at PushT's ~250 px action half-range; the graphs add < 1e-6. The issue's 1e-3 px is met by
-# torch (<= 2e-4 px) but not by these two backends: they are held to the trajectory bound and this one.
-RUNTIME_ACTION_TOL_PX = 2.5e-3
+# ort and cpp step in float32 in diffusers' order (dpkit.runtime.sampling, cpp/src/schedule.cpp), and now
+# sample bit-identically to each other. Max abs diff of executed actions to the peer, px (normalized
+# trajectory in brackets), measured 2026-12-01 on the 2-core AMD EPYC (torch 2.13, onnxruntime 1.32):
+#   fixture                      torch ddpm / ddim             ort = cpp ddpm / ddim
+#   original_pusht_lowdim_tiny   2.0e-4 (7.8e-7) / 6.1e-4 (2.5e-6)   1.2e-4 (6.0e-7) / 1.13e-3 (4.6e-6)
+#   lerobot_pusht_keypoints      1.3e-4 (9.5e-7) / 3.4e-4 (1.9e-6)   2.4e-4 (7.8e-7) / 5.0e-4 (2.0e-6)
+#   lerobot_pusht_image_seed1    9.2e-5 (8.3e-7) / 4.0e-4 (1.6e-6)   8.2e-4 (3.3e-6) / 1.74e-3 (7.2e-6)
+# (with float64 coefficients, one affine update: ort/cpp DDPM-100 1.04e-3..1.31e-3, DDIM-10 up to 1.86e-3.)
+# DDPM-100 meets the issue's 1e-3 px in every backend. DDIM-10 does not in ort/cpp, and the step is not
+# why: with PyTorch's denoiser and condition inside the numpy loop DDIM-10 reproduces the torch backend
+# exactly. What is left is the graphs' own float32 rounding in ONNX Runtime, amplified by DDIM's 10 large
+# steps: the original low-dim denoiser (1.13e-3 with PyTorch's condition too; every ORT graph
+# optimization level gives the same) and the image encoder (its condition is 1.6e-6 off PyTorch's, which
+# alone moves DDIM-10 to 1.7e-3-1.9e-3). That bound is held separately until the graphs close it.
+RUNTIME_DDIM_ACTION_TOL_PX = 2.5e-3
 EXPECTED_OBS = {"original_pusht_lowdim_tiny": ["obs"], "lerobot_pusht_keypoints": ["state", "environment_state"],
                 "lerobot_pusht_image_seed1": ["state", "image"]}
 
@@ -74,7 +83,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def _check_policy(policy, name: str, action_tol: float = ACTION_TOL_PX) -> None:
+def _check_policy(policy, name: str, ddim_action_tol: float = ACTION_TOL_PX) -> None:
     ref = _reference(name)
     obs = ref["obs"]
     assert next(iter(obs.values())).shape[0] >= 2
@@ -82,10 +91,10 @@ def _check_policy(policy, name: str, action_tol: float = ACTION_TOL_PX) -> None:
     step_noise = np.concatenate([ref["step_noise"], np.zeros_like(ref["step_noise"][:1])])
     traj = policy.sample(obs, sampler="ddpm", steps=100, initial_noise=ref["initial_noise"], step_noise=step_noise)
     assert np.abs(traj - ref["ddpm_traj"]).max() <= TRAJ_TOL
-    assert np.abs(policy.executed_actions(traj) - ref["ddpm_actions"]).max() <= action_tol
+    assert np.abs(policy.executed_actions(traj) - ref["ddpm_actions"]).max() <= ACTION_TOL_PX
     traj = policy.sample(obs, sampler="ddim", steps=10, initial_noise=ref["ddim_initial_noise"])
     assert np.abs(traj - ref["ddim_traj"]).max() <= TRAJ_TOL
-    assert np.abs(policy.executed_actions(traj) - ref["ddim_actions"]).max() <= action_tol
+    assert np.abs(policy.executed_actions(traj) - ref["ddim_actions"]).max() <= ddim_action_tol
 
 
 @pytest.mark.parametrize("name", list(FIXTURES))
@@ -126,13 +135,30 @@ def test_exported_bundle_reproduces_the_peer(bundles, name, backend):
 
     _fixture(name)
     policy = load_policy(bundles[name], backend=backend)
-    _check_policy(policy, name, action_tol=RUNTIME_ACTION_TOL_PX)
+    _check_policy(policy, name, ddim_action_tol=RUNTIME_DDIM_ACTION_TOL_PX)
     manifest = json.loads((bundles[name] / "policy.json").read_text())
     assert [o["name"] for o in manifest["observations"]] == EXPECTED_OBS[name]
     assert manifest["scheduler"]["default_sampler"] == "ddpm-100"
     origin = manifest["source"]["converted_from"]
     assert origin["format"] == ("diffusion_policy" if name.startswith("original") else "lerobot")
     assert len(origin["sha256"]) == 64
+
+
+@pytest.mark.slow
+def test_ort_and_cpp_sample_identically(bundles):
+    """One step description in two languages: the same graphs and noise give the same bits in both."""
+    from dpkit.runtime import load_policy
+
+    name = "lerobot_pusht_image_seed1"  # both graphs non-trivial, and the largest diffs to the peer
+    _fixture(name)
+    ref = _reference(name)
+    step_noise = np.concatenate([ref["step_noise"], np.zeros_like(ref["step_noise"][:1])])
+    ort_policy, cpp_policy = (load_policy(bundles[name], backend=b) for b in ("ort", "cpp"))
+    for sampler, steps, init, noise in (("ddpm", 100, ref["initial_noise"], step_noise),
+                                        ("ddim", 10, ref["ddim_initial_noise"], None)):
+        a, b = (p.sample(ref["obs"], sampler=sampler, steps=steps, initial_noise=init, step_noise=noise)
+                for p in (ort_policy, cpp_policy))
+        np.testing.assert_array_equal(a, b, err_msg=f"{sampler}-{steps}")
 
 
 def test_original_ckpt_no_ema_takes_the_trained_weights(tmp_path):

@@ -69,18 +69,29 @@ Manifest parse_manifest(const std::string& json_text, const std::string& where);
 Manifest load_manifest(const std::string& bundle_dir);
 
 // ---- the reverse step (docs/bundle-format.md) ----------------------------------------------------------
-// Per-step coefficients computed once at load from the manifest arrays, so that a step is
-//   x0 = clamp((x - sqrt_1m_at * eps) * inv_sqrt_at, -r, r)      (clamp only when clip)
-//   x  = c_x0 * x0 + c_x * x + c_eps * eps + sigma * noise        (sigma = 0: no noise term)
-// DDPM has c_eps = 0; DDIM (eta = 0) has c_x = 0 and sigma = 0.
-// For inpainting, the noise levels around the step: sqrt(alpha_cumprod) of its input (timestep; for
-// step 0 that is the initial sample's level) and of its output (prev timestep, or the sampler's
-// final_alpha_cumprod after the last step).
+// Per-step float32 scalars computed once at load from the manifest arrays (a_t, a_p: alphas_cumprod of the
+// timestep and of the prev timestep or final_alpha_cumprod, rounded to float32), as diffusers computes them:
+//   sqrt_at = sqrt(a_t), sqrt_1m_at = sqrt(1 - a_t)
+//   DDPM: alpha = a_t / a_p, beta = 1 - alpha, c_x0 = sqrt(a_p) * beta / (1 - a_t),
+//         c_x = sqrt(alpha) * (1 - a_p) / (1 - a_t), sigma = sqrt(max((1 - a_p) / (1 - a_t) * beta, 1e-20))
+//         (0 at t = 0)
+//   DDIM (eta = 0): c_x0 = sqrt(a_p), c_eps = sqrt(1 - a_p)
+// so that a step is, in float32 and in this order (diffusers' DDPMScheduler/DDIMScheduler.step):
+//   x0 = clamp((x - sqrt_1m_at * eps) / sqrt_at, -r, r)      (clamp only when clip)
+//   x  = c_x0 * x0 + c_x * x  (+ sigma * noise)                DDPM
+//   x  = c_x0 * x0 + c_eps * eps                               DDIM (eps as predicted, not from the clamped x0)
+// For inpainting, the noise levels around the step, sqrt(alpha_cumprod) and sqrt(1 - alpha_cumprod) taken in
+// double: of its input (level_in: the timestep's; for step 0 that is the initial sample's level) and of its
+// output (level_out: the prev timestep's, or the sampler's final_alpha_cumprod after the last step).
+struct NoiseLevel {
+  float sqrt_a = 1, sqrt_1m_a = 0;
+};
 struct StepCoefficients {
   int64_t timestep = 0;
-  float sqrt_1m_at = 0, inv_sqrt_at = 0;
+  bool ddim = false;
+  float sqrt_at = 1, sqrt_1m_at = 0;
   float c_x0 = 0, c_x = 0, c_eps = 0, sigma = 0;
-  float sqrt_at = 0, sqrt_ap = 0, sqrt_1m_ap = 0;
+  NoiseLevel level_in, level_out;
 };
 
 std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& s);

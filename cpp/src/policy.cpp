@@ -399,7 +399,7 @@ void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_nois
     const int H = info.horizon, A = info.action_dim;
     if (inpaint.rows > 0) {
       std::memcpy(x_init.data(), x.data(), n * sizeof(float));
-      detail::apply_inpaint(inpaint, ks[0].sqrt_at, ks[0].sqrt_1m_at, x.data(), x_init.data(), batch, H, A);
+      detail::apply_inpaint(inpaint, ks[0].level_in.sqrt_a, ks[0].level_in.sqrt_1m_a, x.data(), x_init.data(), batch, H, A);
     }
     for (std::size_t k = 0; k < ks.size(); ++k) {
       const StepCoefficients& c = ks[k];
@@ -418,7 +418,7 @@ void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_nois
       }
       detail::apply_step(c, clip, r, x.data(), eps.data(), nz, n);
       if (inpaint.rows > 0)
-        detail::apply_inpaint(inpaint, c.sqrt_ap, c.sqrt_1m_ap, x.data(), x_init.data(), batch, H, A);
+        detail::apply_inpaint(inpaint, c.level_out.sqrt_a, c.level_out.sqrt_1m_a, x.data(), x_init.data(), batch, H, A);
     }
     // Recorded only on success; sample() adds the total.
     timing.encoder_ms = std::chrono::duration<double, std::milli>(in_encoder).count();

@@ -3,8 +3,10 @@
     .venv/bin/python cpp/tests/make_schedule_fixture.py
 
 For each sampler the fixture holds, per step k, a random x and eps, the standard-normal noise diffusers
-drew, and diffusers' `prev_sample` (float32). The C++ test applies its own coefficients (built from the
-same manifest `scheduler` object) and must match. Committed; rerun only when the step definition changes.
+drew, diffusers' `prev_sample` ("out", float32) and the numpy reference's step (dpkit.runtime.sampling,
+"ours"). The C++ test (test_schedule.cpp) builds its scalars from the same manifest `scheduler` object and
+must equal "ours" bit for bit and "out" to a few float32 ulps; tests/test_sampling.py holds the numpy step
+to the same table. Committed; rerun only when the step definition changes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from dpkit.runtime.bundle import Schedule
+from dpkit.runtime.sampling import StepPlan
+
 sys.path.insert(0, str(Path(__file__).parent))
 from make_test_bundle import T_TRAIN, scheduler_json  # noqa: E402
 
@@ -24,6 +29,7 @@ N = 8  # floats per step: enough to hit the clip on both sides
 
 def main() -> int:
     sched = scheduler_json()
+    schedule = Schedule.from_dict(sched)
     torch.manual_seed(0)
     cases = []
     for name in ["ddpm-100", "ddpm-10", "ddim-10"]:
@@ -33,8 +39,9 @@ def main() -> int:
         sch = (DDPMScheduler(variance_type="fixed_small", **kw) if entry["sampler"] == "ddpm"
                else DDIMScheduler(set_alpha_to_one=True, steps_offset=0, **kw))
         sch.set_timesteps(entry["num_inference_steps"])
+        plan = StepPlan.build(schedule, schedule.find(entry["sampler"], entry["num_inference_steps"]))
         steps = []
-        for t in sch.timesteps:
+        for k, t in enumerate(sch.timesteps):
             x = torch.randn(1, N) * 1.5
             eps = torch.randn(1, N) * 1.5
             g = torch.Generator().manual_seed(int(t) + 1000)
@@ -43,8 +50,9 @@ def main() -> int:
                 out = sch.step(eps, t, x, generator=g).prev_sample
             else:
                 out = sch.step(eps, t, x, eta=0.0).prev_sample
+            ours = plan.step(k, x[0].numpy(), eps[0].numpy(), noise[0].numpy())
             steps.append({"t": int(t), "x": x[0].tolist(), "eps": eps[0].tolist(), "noise": noise[0].tolist(),
-                          "out": out[0].tolist()})
+                          "out": out[0].tolist(), "ours": [float(v) for v in ours]})
         cases.append({"sampler": name, "steps": steps})
     out = Path(__file__).parent / "data" / "schedule_fixture.json"
     out.write_text(json.dumps({"scheduler": sched, "cases": cases}) + "\n")
