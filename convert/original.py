@@ -4,10 +4,14 @@
     config, normalizer, weights, source, step = read_original("latest.ckpt", name="orig", ema=True)
 
 Accepted: the low-dim U-Net policy (DiffusionUnetLowdimPolicy with a ConditionalUnet1D, observations
-as global conditioning, the PushT keypoint layout: 9 keypoints then agent x, y = 20 values). The file
-is read by dpkit.convert.unpickle (nothing in it is executed). The policy's LinearNormalizer travels as
-its own scale/offset (dpkit's normalizer is the same affine map). EMA weights by default, as the
-original's eval.py loads them when `training.use_ema`.
+as global conditioning, the PushT keypoint layout: 9 keypoints then agent x, y = 20 values) and the
+hybrid image policy (DiffusionUnetHybridImagePolicy: one rgb camera through robomimic's ResNet-18 with
+GroupNorm + spatial softmax + Linear + ReLU, center crop at eval, plus low-dim vectors such as PushT's
+agent_pos; per step the features are concatenated in shape_meta order, e.g. [image feature, agent_pos]).
+The file is read by dpkit.convert.unpickle (nothing in it is executed). The policy's LinearNormalizer
+travels as its own scale/offset (dpkit's normalizer is the same affine map); the hybrid's image range
+normalizer (x * scale + offset, one value for every pixel) becomes the encoder's image mean/std. EMA
+weights by default, as the original's eval.py loads them when `training.use_ema`.
 """
 
 from __future__ import annotations
@@ -15,19 +19,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dpkit.errors import DpkitError
-from dpkit.train.config import LOWDIM_OBS_DIM, Config
+from dpkit.train.config import IMAGE_SIZE, LOWDIM_OBS_DIM, Config
 from dpkit.train.normalizer import Normalizer
 
-from dpkit.convert.mapping import unet_name
+from dpkit.convert.mapping import resnet_name, unet_name
 from dpkit.convert.run import sha256_file
 from dpkit.convert.unpickle import load_torch_zip, loads_plain
 
 LOWDIM_POLICY = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"
+HYBRID_POLICY = "diffusion_policy.policy.diffusion_unet_hybrid_image_policy.DiffusionUnetHybridImagePolicy"
 UNET = "diffusion_policy.model.diffusion.conditional_unet1d.ConditionalUnet1D"
 DDPM = "diffusers.schedulers.scheduling_ddpm.DDPMScheduler"
 DDIM = "diffusers.schedulers.scheduling_ddim.DDIMScheduler"
 BETA_DEFAULTS = {"beta_start": 0.0001, "beta_end": 0.02}
+CROP_DEFAULT = [76, 76]  # DiffusionUnetHybridImagePolicy's crop_shape when the cfg names none
 
 
 def _get(d: Any, path: str, src: str) -> Any:
@@ -55,21 +63,30 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     cfg = payload["cfg"]
     pol = _get(cfg, "policy", src)
     target = _get(cfg, "policy._target_", src)
-    _require(target == LOWDIM_POLICY, src, "policy._target_", target,
-             "this converter reads the low-dim U-Net policy, DiffusionUnetLowdimPolicy")
-    model = _get(cfg, "policy.model", src)
-    _require(model.get("_target_") == UNET, src, "policy.model._target_", model.get("_target_"),
-             "dpkit's denoiser is the ConditionalUnet1D")
-    _require(model.get("cond_predict_scale", False) is True, src, "policy.model.cond_predict_scale",
-             model.get("cond_predict_scale"), "dpkit's FiLM always predicts scale and bias")
-    _require(model.get("local_cond_dim") is None, src, "policy.model.local_cond_dim", model.get("local_cond_dim"),
-             "no local conditioning")
-    for key, want in (("obs_as_global_cond", True), ("obs_as_local_cond", False), ("pred_action_steps_only", False),
-                      ("oa_step_convention", True)):
+    _require(target in (LOWDIM_POLICY, HYBRID_POLICY), src, "policy._target_", target,
+             "this converter reads the U-Net policies DiffusionUnetLowdimPolicy and DiffusionUnetHybridImagePolicy")
+    hybrid = target == HYBRID_POLICY
+    # the lowdim policy nests its ConditionalUnet1D's arguments under policy.model; the hybrid takes them itself
+    unet_at = "policy" if hybrid else "policy.model"
+    unet = pol if hybrid else _get(cfg, unet_at, src)
+    if not hybrid:
+        _require(unet.get("_target_") == UNET, src, "policy.model._target_", unet.get("_target_"),
+                 "dpkit's denoiser is the ConditionalUnet1D")
+        _require(unet.get("local_cond_dim") is None, src, "policy.model.local_cond_dim", unet.get("local_cond_dim"),
+                 "no local conditioning")
+    _require(unet.get("cond_predict_scale", hybrid) is True, src, f"{unet_at}.cond_predict_scale",
+             unet.get("cond_predict_scale"), "dpkit's FiLM always predicts scale and bias")
+    wants = (("obs_as_global_cond", True),) if hybrid else (
+        ("obs_as_global_cond", True), ("obs_as_local_cond", False), ("pred_action_steps_only", False),
+        ("oa_step_convention", True))
+    for key, want in wants:
         _require(pol.get(key, want) == want, src, f"policy.{key}", pol.get(key), f"dpkit's model needs {want}")
-    obs_dim, action_dim = _get(cfg, "policy.obs_dim", src), _get(cfg, "policy.action_dim", src)
-    _require(obs_dim == LOWDIM_OBS_DIM, src, "policy.obs_dim", obs_dim,
-             f"dpkit's keypoint observation is PushT's {LOWDIM_OBS_DIM} values: 9 keypoints, then agent x, y")
+    if hybrid:
+        obs_keys, obs_dims, camera, action_dim = _hybrid_layout(pol, src)
+    else:
+        obs_dim, action_dim = _get(cfg, "policy.obs_dim", src), _get(cfg, "policy.action_dim", src)
+        _require(obs_dim == LOWDIM_OBS_DIM, src, "policy.obs_dim", obs_dim,
+                 f"dpkit's keypoint observation is PushT's {LOWDIM_OBS_DIM} values: 9 keypoints, then agent x, y")
     _require(cfg.get("n_latency_steps", 0) == 0, src, "n_latency_steps", cfg.get("n_latency_steps"), "must be 0")
 
     sched = _get(cfg, "policy.noise_scheduler", src)
@@ -90,15 +107,15 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     num_inference = pol.get("num_inference_steps") or sched.get("num_train_timesteps")
 
     policy_cfg = {
-        "obs_mode": "lowdim",
+        "obs_mode": "image" if hybrid else "lowdim",
         "n_obs_steps": _get(cfg, "policy.n_obs_steps", src),
         "horizon": _get(cfg, "policy.horizon", src),
         "n_action_steps": _get(cfg, "policy.n_action_steps", src),
         "action_dim": action_dim,
-        "down_dims": list(_get(cfg, "policy.model.down_dims", src)),
-        "kernel_size": _get(cfg, "policy.model.kernel_size", src),
-        "n_groups": _get(cfg, "policy.model.n_groups", src),
-        "diffusion_step_embed_dim": _get(cfg, "policy.model.diffusion_step_embed_dim", src),
+        "down_dims": list(_get(cfg, f"{unet_at}.down_dims", src)),
+        "kernel_size": _get(cfg, f"{unet_at}.kernel_size", src),
+        "n_groups": _get(cfg, f"{unet_at}.n_groups", src),
+        "diffusion_step_embed_dim": _get(cfg, f"{unet_at}.diffusion_step_embed_dim", src),
         "num_train_timesteps": sched.get("num_train_timesteps", 1000),
         "beta_schedule": sched.get("beta_schedule", "linear"),
         "clip_sample": sched.get("clip_sample", True),
@@ -108,10 +125,6 @@ def read_original(path: str | Path, name: str, ema: bool = True):
         policy_cfg["ddim_steps"] = num_inference
     else:  # the original evaluates DDPM with num_inference_steps (100 = all in its configs)
         policy_cfg["default_sampler"] = "ddpm"
-    try:
-        config = Config.from_dict({"name": name, "policy": policy_cfg, "train": {"ema": False}})
-    except DpkitError as e:
-        raise DpkitError(f"{src}: its cfg does not fit dpkit's model ({e})") from None
 
     dicts = payload["state_dicts"]
     use_ema = ema and bool(cfg.get("training", {}).get("use_ema", False)) and isinstance(dicts.get("ema_model"), dict)
@@ -119,14 +132,29 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     sd = dicts.get(which)
     if not isinstance(sd, dict):
         raise DpkitError(f"{src}: state_dicts[{which!r}] is missing")
-    normalizer, weights = _normalizer(sd, src), {}
+    if hybrid:
+        crop = pol.get("crop_shape", CROP_DEFAULT)
+        # the original crops only when crop_shape is set (robomimic's CropRandomizer); 96 = no crop in dpkit
+        policy_cfg.update({"obs_keys": obs_keys, "obs_dims": obs_dims,
+                           "crop_size": IMAGE_SIZE if crop is None else crop[0]})
+        policy_cfg.update(_image_fields(sd, camera, f"{src}: state_dicts[{which!r}]"))
+    try:
+        config = Config.from_dict({"name": name, "policy": policy_cfg, "train": {"ema": False}})
+    except DpkitError as e:
+        raise DpkitError(f"{src}: its cfg does not fit dpkit's model ({e})") from None
+
+    where = f"{src}: state_dicts[{which!r}]"
+    normalizer = _normalizer(sd, [k for k in obs_keys if k != "image"] if hybrid else ["obs"], src)
+    encoder = _robomimic_weights(sd, camera, config, where) if hybrid else {}
+    weights = {}
     for key, value in sd.items():
-        if key.startswith("normalizer.") or key in ("_dummy_variable", "mask_generator._dummy_variable"):
+        if key.startswith(("normalizer.", "obs_encoder.")) or key in ("_dummy_variable", "mask_generator._dummy_variable"):
             continue
         mapped = unet_name(key[len("model."):]) if key.startswith("model.") else None
         if mapped is None:
-            raise DpkitError(f"{src}: state_dicts[{which!r}] tensor {key!r} has no place in dpkit's model")
+            raise DpkitError(f"{where} tensor {key!r} has no place in dpkit's model")
         weights[mapped] = value
+    weights.update(encoder)
 
     step = 0
     pickles = payload.get("pickles")
@@ -136,12 +164,14 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     source = {"format": "diffusion_policy", "version": "BaseWorkspace checkpoint (real-stanford/diffusion_policy)",
               "path": str(path.resolve()), "sha256": sha256_file(path), "weights": which,
               "policy": target, "sampler": f"{kind}-{num_inference}", "global_step": step}
+    if hybrid:
+        source["observations"] = {k: ("image" if k == camera else k) for k in pol["shape_meta"]["obs"]}
     return config, normalizer, weights, source, step
 
 
-def _normalizer(sd: dict[str, Any], src: str) -> Normalizer:
+def _normalizer(sd: dict[str, Any], keys: list[str], src: str) -> Normalizer:
     stats = {}
-    for key in ("obs", "action"):
+    for key in keys + ["action"]:
         p = f"normalizer.params_dict.{key}."
         fields = {"scale": p + "scale", "offset": p + "offset", "min": p + "input_stats.min",
                   "max": p + "input_stats.max"}
@@ -153,3 +183,111 @@ def _normalizer(sd: dict[str, Any], src: str) -> Normalizer:
         return Normalizer(stats)
     except DpkitError as e:
         raise DpkitError(f"{src}: {e}") from None
+
+
+def _hybrid_layout(pol: dict[str, Any], src: str) -> tuple[list[str], list[int], str, int]:
+    """(dpkit obs_keys, obs_dims, the camera's key, action_dim) of a hybrid policy's shape_meta, after
+    refusing what dpkit's image encoder does not compute exactly as the original."""
+    _require(pol.get("obs_encoder_group_norm", False) is True, src, "policy.obs_encoder_group_norm",
+             pol.get("obs_encoder_group_norm"), "the original then keeps robomimic's BatchNorm; dpkit converts the "
+             "GroupNorm ResNet-18 only")
+    _require(pol.get("eval_fixed_crop", False) is True, src, "policy.eval_fixed_crop", pol.get("eval_fixed_crop"),
+             "without it the original evaluates on robomimic's crops, not the center crop dpkit takes")
+    crop = pol.get("crop_shape", CROP_DEFAULT)
+    _require(crop is None or (isinstance(crop, list) and len(crop) == 2 and crop[0] == crop[1]
+                              and isinstance(crop[0], int)), src, "policy.crop_shape", crop, "a square crop or null")
+    meta = _get({"policy": pol}, "policy.shape_meta.obs", src)
+    action = _get({"policy": pol}, "policy.shape_meta.action", src)
+    _require(isinstance(action, dict) and list(action.get("shape") or []) == [2], src, "policy.shape_meta.action",
+             action, "one PushT action of shape [2]")
+    keys, dims, cameras = [], [], []
+    for key, attr in (meta.items() if isinstance(meta, dict) else []):
+        kind = attr.get("type", "low_dim") if isinstance(attr, dict) else None
+        shape = list(attr.get("shape") or []) if isinstance(attr, dict) else None
+        _require(kind in ("rgb", "low_dim"), src, f"policy.shape_meta.obs.{key}.type", kind, "rgb or low_dim")
+        if kind == "rgb":
+            cameras.append(key)
+            _require(shape == [3, IMAGE_SIZE, IMAGE_SIZE], src, f"policy.shape_meta.obs.{key}.shape", shape,
+                     f"dpkit's encoder takes [3, {IMAGE_SIZE}, {IMAGE_SIZE}]")
+            keys.append("image")
+        else:
+            _require(len(shape) == 1 and isinstance(shape[0], int), src, f"policy.shape_meta.obs.{key}.shape",
+                     shape, "a vector [D]")
+            keys.append(key)
+            dims.append(shape[0])
+    _require(len(cameras) == 1, src, "policy.shape_meta.obs (rgb keys)", cameras, "dpkit's encoder takes one camera")
+    return keys, dims, cameras[0], 2
+
+
+def _image_fields(sd: dict[str, Any], camera: str, where: str) -> dict[str, Any]:
+    """The encoder's sizes (read from its tensors: robomimic fixes them, not the cfg) and the image
+    normalizer as per-channel mean/std."""
+    enc = f"obs_encoder.obs_nets.{camera}."
+    need = {"stem": enc + "backbone.nets.0.weight", "keypoints": enc + "pool.nets.weight", "out": enc + "nets.3.weight",
+            "scale": f"normalizer.params_dict.{camera}.scale", "offset": f"normalizer.params_dict.{camera}.offset"}
+    for key in need.values():
+        if key not in sd:
+            raise DpkitError(f"{where} has no tensor {key!r} (not robomimic's VisualCore with a ResNet-18?)")
+    scale, offset = sd[need["scale"]].double().reshape(-1), sd[need["offset"]].double().reshape(-1)
+    # The original reshapes the image to (-1, scale.numel()): only one value applies the same map to every pixel.
+    if scale.numel() != 1 or offset.numel() != 1 or not bool(torch.isfinite(scale).all() & torch.isfinite(offset).all()) \
+            or float(scale[0]) == 0.0:
+        raise DpkitError(f"{where}: the {camera!r} normalizer (scale {scale.tolist()}, offset {offset.tolist()}) is not "
+                         f"one finite affine map for every pixel")
+    a, b = float(scale[0]), float(offset[0])
+    if a < 0:
+        raise DpkitError(f"{where}: the {camera!r} normalizer scale {a} is negative (dpkit's image std is positive)")
+    # x * a + b == (x - mean) / std
+    return {"resnet_width": int(sd[need["stem"]].shape[0]), "spatial_softmax_keypoints": int(sd[need["keypoints"]].shape[0]),
+            "image_feature_dim": int(sd[need["out"]].shape[0]), "image_mean": [-b / a] * 3, "image_std": [1.0 / a] * 3}
+
+
+def _robomimic_weights(sd: dict[str, Any], camera: str, config: Config, where: str) -> dict[str, Any]:
+    """dpkit names of the robomimic VisualCore's tensors: `backbone.nets.*` (torchvision's ResNet children),
+    `pool.nets.*` (the spatial softmax's 1x1 conv), `nets.3.*` (the Linear). The VisualCore stores its
+    backbone and pool a second time as `nets.0.*` / `nets.1.*`: those must equal the first names. The pool's
+    fixed buffers must be what dpkit computes: temperature 1, the position grid of the crop's feature map."""
+    from dpkit.train.vision import ResNet18Trunk, SpatialSoftmax
+
+    enc = f"obs_encoder.obs_nets.{camera}."
+    canonical: dict[str, Any] = {}
+    for key, value in sd.items():
+        if not key.startswith("obs_encoder."):
+            continue
+        rest = key[len(enc):] if key.startswith(enc) else None
+        if rest is not None and rest.startswith("nets.0.nets."):
+            rest = "backbone." + rest[len("nets.0."):]
+        elif rest is not None and rest.startswith("nets.1."):
+            rest = "pool." + rest[len("nets.1."):]
+        if rest is None:
+            raise DpkitError(f"{where} tensor {key!r} has no place in dpkit's model")
+        if rest in canonical:
+            if not (canonical[rest].shape == value.shape and torch.equal(canonical[rest], value)):
+                raise DpkitError(f"{where}: {key!r} differs from {enc + rest!r}, the same robomimic tensor")
+            continue
+        canonical[rest] = value
+    weights = {}
+    side = ResNet18Trunk.output_size(config.policy.crop_size)
+    grid = SpatialSoftmax(1, side, side, 1).grid
+    for rest, value in canonical.items():
+        if rest == "pool.temperature":
+            if value.numel() != 1 or float(value.reshape(-1)[0]) != 1.0:
+                raise DpkitError(f"{where}: spatial softmax temperature {value.reshape(-1).tolist()} is not supported "
+                                 f"(dpkit's is 1)")
+            continue
+        if rest in ("pool.pos_x", "pool.pos_y"):
+            ours = grid[:, 0 if rest.endswith("x") else 1]
+            if value.numel() != ours.numel() or float((value.reshape(-1).float() - ours).abs().max()) > 1e-6:
+                raise DpkitError(f"{where}: the spatial softmax grid {enc + rest!r} {list(value.shape)} does not match "
+                                 f"a {side}x{side} feature map of crop {config.policy.crop_size}")
+            continue
+        if rest.startswith("backbone.nets."):
+            mapped = resnet_name("backbone." + rest[len("backbone.nets."):])
+        elif rest in ("nets.3.weight", "nets.3.bias"):
+            mapped = resnet_name("out." + rest.rsplit(".", 1)[1])
+        else:
+            mapped = resnet_name(rest)  # pool.nets.weight / bias
+        if mapped is None:
+            raise DpkitError(f"{where} tensor {enc + rest!r} has no place in dpkit's model")
+        weights[mapped] = value
+    return weights
