@@ -148,7 +148,8 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     encoder = _robomimic_weights(sd, camera, config, where) if hybrid else {}
     weights = {}
     for key, value in sd.items():
-        if key.startswith(("normalizer.", "obs_encoder.")) or key in ("_dummy_variable", "mask_generator._dummy_variable"):
+        if key.startswith(("normalizer.", "obs_encoder.")) or key in ("_dummy_variable",
+                                                                      "mask_generator._dummy_variable"):
             continue
         mapped = unet_name(key[len("model."):]) if key.startswith("model.") else None
         if mapped is None:
@@ -229,16 +230,16 @@ def _image_fields(sd: dict[str, Any], camera: str, where: str) -> dict[str, Any]
         if key not in sd:
             raise DpkitError(f"{where} has no tensor {key!r} (not robomimic's VisualCore with a ResNet-18?)")
     scale, offset = sd[need["scale"]].double().reshape(-1), sd[need["offset"]].double().reshape(-1)
-    # The original reshapes the image to (-1, scale.numel()): only one value applies the same map to every pixel.
-    if scale.numel() != 1 or offset.numel() != 1 or not bool(torch.isfinite(scale).all() & torch.isfinite(offset).all()) \
-            or float(scale[0]) == 0.0:
-        raise DpkitError(f"{where}: the {camera!r} normalizer (scale {scale.tolist()}, offset {offset.tolist()}) is not "
-                         f"one finite affine map for every pixel")
+    # The original reshapes the image to (-1, scale.numel()): only one value maps every pixel the same way.
+    if scale.numel() != 1 or offset.numel() != 1 or not bool(torch.isfinite(torch.cat([scale, offset])).all()):
+        raise DpkitError(f"{where}: the {camera!r} normalizer (scale {scale.tolist()}, offset {offset.tolist()}) "
+                         f"is not one finite affine map for every pixel")
     a, b = float(scale[0]), float(offset[0])
-    if a < 0:
-        raise DpkitError(f"{where}: the {camera!r} normalizer scale {a} is negative (dpkit's image std is positive)")
+    if a <= 0:
+        raise DpkitError(f"{where}: the {camera!r} normalizer scale {a} is not positive (dpkit's image std is)")
     # x * a + b == (x - mean) / std
-    return {"resnet_width": int(sd[need["stem"]].shape[0]), "spatial_softmax_keypoints": int(sd[need["keypoints"]].shape[0]),
+    return {"resnet_width": int(sd[need["stem"]].shape[0]),
+            "spatial_softmax_keypoints": int(sd[need["keypoints"]].shape[0]),
             "image_feature_dim": int(sd[need["out"]].shape[0]), "image_mean": [-b / a] * 3, "image_std": [1.0 / a] * 3}
 
 
