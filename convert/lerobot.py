@@ -9,8 +9,10 @@ and the earlier one (<= 0.3.x: `normalize_inputs.buffer_<feature>.<stat>` / `unn
 buffers inside model.safetensors). Observations: `observation.state`, at most one camera, an optional
 `observation.environment_state`; they keep lerobot's per-step conditioning order [state, image feature,
 environment state] (dpkit's `obs_keys`). Normalization: MEAN_STD / MIN_MAX / IDENTITY become dpkit's
-affine normalizer (vectors) or the encoder's per-channel image mean/std. Everything else the model
-cannot represent exactly is refused naming the config.json field and value.
+affine normalizer (vectors) or the encoder's per-channel image mean/std. The ResNet-18 keeps its norm:
+GroupNorm, or BatchNorm with its running statistics (`use_group_norm: false`, dpkit's `encoder_norm`
+"batch"). Everything else the model cannot represent exactly is refused naming the config.json field
+and value.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def read_lerobot(folder: str | Path, name: str):
     crop = cfg.get("crop_shape")
     if image:
         want("vision_backbone", "resnet18", "dpkit's encoder is a ResNet-18")
-        want("use_group_norm", True, "dpkit's ResNet-18 uses GroupNorm (BatchNorm is not implemented)")
+        # GroupNorm (lerobot's default) or torchvision's BatchNorm: dpkit's encoder has both (encoder_norm)
+        want("use_group_norm", lambda v: isinstance(v, bool), "true or false", default=True)
         want("resize_shape", None, "no resize step in dpkit's encoder")
         want("crop_ratio", 1.0, "dpkit crops by crop_shape only", default=1.0)
         if crop is not None and not (isinstance(crop, list) and len(crop) == 2 and crop[0] == crop[1]):
@@ -182,13 +185,16 @@ def read_lerobot(folder: str | Path, name: str):
         nkp = cfg.get("spatial_softmax_num_keypoints")
         policy_cfg.update({"crop_size": crop[0] if crop else IMAGE_SIZE, "resnet_width": 64,
                            "spatial_softmax_keypoints": nkp, "image_feature_dim": 2 * nkp if isinstance(nkp, int) else nkp,
-                           "image_mean": image_norm[0], "image_std": image_norm[1]})
+                           "image_mean": image_norm[0], "image_std": image_norm[1],
+                           "encoder_norm": "group" if cfg.get("use_group_norm", True) else "batch"})
     try:
         config = Config.from_dict({"name": name, "policy": policy_cfg, "train": {"ema": False}})
     except DpkitError as e:
         raise DpkitError(f"{src / 'config.json'} does not fit dpkit's model ({e})") from None
 
     # --- weights ---------------------------------------------------------------------------------------
+    if image:
+        _check_norm_tensors(src, tensors, cfg.get("use_group_norm", True))
     weights = {}
     enc_prefixes = ("diffusion.rgb_encoder.0.", "diffusion.rgb_encoder.")
     for key, value in tensors.items():
@@ -273,6 +279,22 @@ def _statistics(src: Path, tensors: dict[str, Any], inputs: dict, action: dict) 
         raise DpkitError(f"{src}: no normalization statistics (neither policy_*processor files nor "
                          f"normalize_inputs.* buffers in {WEIGHTS})")
     return stats, "model.safetensors buffers (lerobot <= 0.3)"
+
+
+def _check_norm_tensors(src: Path, tensors: dict[str, Any], group_norm: bool) -> None:
+    """The encoder's norm tensors must be what use_group_norm says: BatchNorm running statistics exactly
+    when it is false (GroupNorm has none), and valid ones (a variance is >= 0)."""
+    stats = [k for k in tensors
+             if k.startswith("diffusion.rgb_encoder.") and k.endswith((".running_mean", ".running_var"))]
+    if group_norm and stats:
+        raise DpkitError(f"{src / 'config.json'}: use_group_norm = true but {WEIGHTS} holds BatchNorm running "
+                         f"statistics ({stats[0]!r}, {len(stats)} such)")
+    if not group_norm and not stats:
+        raise DpkitError(f"{src / 'config.json'}: use_group_norm = false but {WEIGHTS} holds no BatchNorm running "
+                         f"statistics (running_mean / running_var): the encoder's weights are not a BatchNorm ResNet")
+    for k in stats:
+        if k.endswith(".running_var") and bool((tensors[k] < 0).any()):
+            raise DpkitError(f"{src / WEIGHTS}: BatchNorm statistics {k!r} has a negative variance")
 
 
 def _check_grid(src: Path, grid: Any, config: Config) -> None:

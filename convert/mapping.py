@@ -32,12 +32,14 @@ _UNET_RULES = [
     (re.compile(r"^final_conv\.1\.(weight|bias)$"), r"final.1.\1"),
 ]
 
+# a norm layer's tensors: GroupNorm's affine pair, plus BatchNorm's running statistics and batch counter
+_NORM = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _RESNET_RULES = [
     (re.compile(r"^backbone\.0\.weight$"), "stem.0.weight"),
-    (re.compile(r"^backbone\.1\.(weight|bias)$"), r"stem.1.\1"),
+    (re.compile(rf"^backbone\.1\.{_NORM}$"), r"stem.1.\1"),
     (re.compile(r"^backbone\.([4-7])\.([01])\.(conv[12])\.weight$"), None),
-    (re.compile(r"^backbone\.([4-7])\.([01])\.bn([12])\.(weight|bias)$"), None),
-    (re.compile(r"^backbone\.([4-7])\.([01])\.downsample\.([01])\.(weight|bias)$"), None),
+    (re.compile(rf"^backbone\.([4-7])\.([01])\.bn([12])\.{_NORM}$"), None),
+    (re.compile(rf"^backbone\.([4-7])\.([01])\.downsample\.([01])\.{_NORM}$"), None),
 ]
 
 
@@ -92,8 +94,8 @@ def load_mapped(policy, weights: dict, source: str) -> None:
         if tuple(v.shape) != tuple(expected[k].shape):
             raise DpkitError(f"{source}: tensor for {k!r} has shape {list(v.shape)}, the config implies "
                              f"{list(expected[k].shape)}")
-        if not v.is_floating_point():
-            raise DpkitError(f"{source}: tensor for {k!r} is {v.dtype}, expected floating point")
+        if v.is_floating_point() != expected[k].is_floating_point():  # integer: BatchNorm's num_batches_tracked
+            raise DpkitError(f"{source}: tensor for {k!r} is {v.dtype}, expected {expected[k].dtype}")
         if not bool(torch.isfinite(v).all()):
             raise DpkitError(f"{source}: tensor for {k!r} contains NaN or Inf")
-    policy.load_state_dict({k: v.to(torch.float32) for k, v in weights.items()}, strict=False)
+    policy.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()}, strict=False)

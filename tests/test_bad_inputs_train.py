@@ -84,6 +84,7 @@ BAD_VALUES = {
     "policy.action_dim": [(3, "policy.action_dim must be 2")],
     "policy.crop_size": [(32, "policy.crop_size must be in [33, 96]"), (97, "policy.crop_size")],
     "policy.resnet_width": [(4, "policy.resnet_width must be in [8, 256]"), (50, "GroupNorm groups")],
+    "policy.encoder_norm": [("layer", "policy.encoder_norm must be one of group, batch")],
     "policy.spatial_softmax_keypoints": [(0, "policy.spatial_softmax_keypoints must be in [1,")],
     "policy.image_feature_dim": [(0, "policy.image_feature_dim must be in [1,")],
     "policy.down_dims": [("[]", "policy.down_dims must not be empty"), ("[16,0]", "policy.down_dims entry"),

@@ -36,6 +36,7 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 SPLITS = ("dpkit", "original")
 NORMALIZER_EPISODES = ("train", "all")
+ENCODER_NORMS = ("group", "batch")
 
 
 @dataclass
@@ -65,6 +66,10 @@ class PolicyConfig:
     """Random crop in training, center crop at inference; 96 disables cropping; at least 33."""
     resnet_width: int = 64
     """Channels of the ResNet-18's first stage (64 is the standard network; tiny uses less)."""
+    encoder_norm: str = "group"
+    """The ResNet-18's normalization: "group" (GroupNorm, channels // 16 groups, as Diffusion Policy) or
+    "batch" (BatchNorm with running statistics, applied in eval mode and in the exported graph; what
+    dpkit-convert sets for a lerobot policy trained with use_group_norm: false)."""
     spatial_softmax_keypoints: int = 32
     image_feature_dim: int = 64
     """Per-image feature width after the spatial-softmax head."""
@@ -133,10 +138,13 @@ class PolicyConfig:
         # >= 8 channels in the first stage (narrower is no longer a ResNet-18 in any useful sense); <= 256
         # (4x the standard network, 2048 channels in the last stage: larger is a typo).
         _range("policy.resnet_width", self.resnet_width, 8, 256)
+        _check(self.encoder_norm in ENCODER_NORMS, f"policy.encoder_norm must be one of "
+                                                   f"{', '.join(ENCODER_NORMS)}, got {self.encoder_norm!r}")
         for c in (self.resnet_width, 2 * self.resnet_width, 4 * self.resnet_width, 8 * self.resnet_width):
             groups = resnet_groups(c)
-            _check(c % groups == 0, f"policy.resnet_width={self.resnet_width}: a stage of {c} channels is not "
-                                    f"divisible into its {groups} GroupNorm groups (multiples of 16 always work)")
+            _check(self.encoder_norm != "group" or c % groups == 0,
+                   f"policy.resnet_width={self.resnet_width}: a stage of {c} channels is not "
+                   f"divisible into its {groups} GroupNorm groups (multiples of 16 always work)")
         _range("policy.spatial_softmax_keypoints", self.spatial_softmax_keypoints, 1, 1024)
         _range("policy.image_feature_dim", self.image_feature_dim, 1, 4096)
 

@@ -116,7 +116,8 @@ class ObsEncoder(nn.Module):
         step_dim = sum(d for _, d in vectors)
         if cfg.obs_mode == "image":
             self.image_encoder = ImageEncoder(
-                IMAGE_SIZE, cfg.crop_size, cfg.resnet_width, cfg.spatial_softmax_keypoints, cfg.image_feature_dim
+                IMAGE_SIZE, cfg.crop_size, cfg.resnet_width, cfg.spatial_softmax_keypoints, cfg.image_feature_dim,
+                norm=cfg.encoder_norm,
             )
             # (x - mean) / std as x * scale + offset (float64 -> float32: the default is exactly 2x - 1).
             mean, std = np.asarray(cfg.image_mean, np.float64), np.asarray(cfg.image_std, np.float64)

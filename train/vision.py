@@ -1,10 +1,13 @@
-"""Image encoder: crop -> ResNet-18 (GroupNorm) trunk -> spatial softmax keypoints -> Linear + ReLU.
+"""Image encoder: crop -> ResNet-18 trunk (GroupNorm or BatchNorm) -> spatial softmax keypoints -> Linear + ReLU.
 
-    enc = ImageEncoder(crop_size=84, width=64, num_keypoints=32, feature_dim=64)
-    feats = enc(images)      # (N, 3, 96, 96) in [-1, 1] -> (N, 64)
+    enc = ImageEncoder(96, crop_size=84, width=64, num_keypoints=32, feature_dim=64)   # norm="group"
+    feats = enc(images)      # (N, 3, 96, 96), normalized -> (N, 64)
 
-Written here because torchvision does not import beside the pinned torch. GroupNorm replaces BatchNorm
-(as in Diffusion Policy) because batch statistics interact badly with EMA weights and small batches.
+Written here because torchvision does not import beside the pinned torch. GroupNorm (`norm="group"`, the
+default) replaces BatchNorm as in Diffusion Policy, because batch statistics interact badly with EMA weights
+and small batches. `norm="batch"` keeps torchvision's BatchNorm2d (eps 1e-5, momentum 0.1): it exists for
+policies trained elsewhere with it (lerobot's `use_group_norm: false`); in eval mode it applies its running
+statistics, which export to ONNX as constants; in training mode it uses and updates the batch statistics.
 Training mode crops at a random offset per image; eval mode takes the center crop by static slicing, so
 the exported graph has no randomness and no data-dependent shapes.
 """
@@ -16,22 +19,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpkit.errors import DpkitError
+from dpkit.train.config import ENCODER_NORMS
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(max(1, channels // 16), channels)
+def _norm(channels: int, kind: str) -> nn.Module:
+    """The trunk's normalization layer: GroupNorm of channels // 16 groups, or BatchNorm2d."""
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 16), channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise DpkitError(f"image encoder norm must be one of {', '.join(ENCODER_NORMS)}, got {kind!r}")
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str = "group"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = _norm(out_ch)
+        self.norm1 = _norm(out_ch, norm)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
-        self.norm2 = _norm(out_ch)
+        self.norm2 = _norm(out_ch, norm)
         self.shortcut = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _norm(out_ch))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), _norm(out_ch, norm))
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.norm1(self.conv1(x)))
@@ -42,12 +51,12 @@ class BasicBlock(nn.Module):
 class ResNet18Trunk(nn.Module):
     """ResNet-18 without the final pool and fc: (N, 3, S, S) -> (N, 8*width, ceil(S/32), ceil(S/32))."""
 
-    def __init__(self, width: int = 64):
+    def __init__(self, width: int = 64, norm: str = "group"):
         super().__init__()
         self.out_channels = 8 * width
         self.stem = nn.Sequential(
             nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
-            _norm(width),
+            _norm(width, norm),
             nn.ReLU(),
             nn.MaxPool2d(3, stride=2, padding=1),
         )
@@ -55,7 +64,7 @@ class ResNet18Trunk(nn.Module):
         in_ch = width
         for i, out_ch in enumerate((width, 2 * width, 4 * width, 8 * width)):
             stride = 1 if i == 0 else 2
-            stages += [BasicBlock(in_ch, out_ch, stride), BasicBlock(out_ch, out_ch, 1)]
+            stages += [BasicBlock(in_ch, out_ch, stride, norm), BasicBlock(out_ch, out_ch, 1, norm)]
             in_ch = out_ch
         self.stages = nn.Sequential(*stages)
 
@@ -87,15 +96,18 @@ class SpatialSoftmax(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """(N, 3, S, S) images -> (N, feature_dim); crops to `crop_size` (random in training, center in eval)."""
+    """(N, 3, S, S) images -> (N, feature_dim); crops to `crop_size` (random in training, center in eval).
 
-    def __init__(self, image_size: int, crop_size: int, width: int, num_keypoints: int, feature_dim: int):
+    `norm` is the trunk's normalization, "group" or "batch" (see the module docstring)."""
+
+    def __init__(self, image_size: int, crop_size: int, width: int, num_keypoints: int, feature_dim: int,
+                 norm: str = "group"):
         super().__init__()
         if not 1 <= crop_size <= image_size:
             raise DpkitError(f"crop_size {crop_size} must be in [1, {image_size}]")
         self.image_size = image_size
         self.crop_size = crop_size
-        self.trunk = ResNet18Trunk(width)
+        self.trunk = ResNet18Trunk(width, norm)
         side = ResNet18Trunk.output_size(crop_size)
         self.pool = SpatialSoftmax(self.trunk.out_channels, side, side, num_keypoints)
         self.out = nn.Linear(2 * num_keypoints, feature_dim)
