@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import io
 import json
 import os
 import platform
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dpkit.benchmarks.figures import png_bytes, pyplot
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
 
@@ -193,10 +193,7 @@ def _minutes(seconds: float | None) -> str:
 
 
 def plot(result: dict[str, Any]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, a in result["samplers"].items():
@@ -212,11 +209,7 @@ def plot(result: dict[str, Any]) -> bytes:
     ax.set_title(f"{result['config']}: score vs step (band: min–max over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 @cli_entry

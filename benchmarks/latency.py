@@ -19,7 +19,6 @@ Results go to `--out-dir` (default benchmarks/results/) as latency.json, latency
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dpkit.benchmarks.figures import png_bytes, pyplot
 from dpkit.benchmarks.machine import latency_stats, machine_info, time_calls, usable_cores
 from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_obs
 from dpkit.errors import DpkitError, cli_entry
@@ -368,10 +368,7 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 def plot_png(result: dict[str, Any]) -> bytes:
     """Per model (columns) and batch (rows): p50 chunk latency per backend, one bar per sampler-K, whisker to p99."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     chunks = [r for r in result["rows"] if r["kind"] == "chunk"]
     models = [m for m in result["models"] if any(r["model"] == m for r in chunks)] or list(result["models"])
@@ -408,11 +405,7 @@ def plot_png(result: dict[str, Any]) -> bytes:
     fig.suptitle(f"dpkit-bench{' --quick' if result['quick'] else ''}: {m['cpu']}, {m['threads']} threads, "
                  f"{m['gemm_fp32_gflops']} GFLOP/s fp32 GEMM",
                  fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def write_results(result: dict[str, Any], out_dir: Path, json_path: Path | None = None) -> dict[str, Path]:
