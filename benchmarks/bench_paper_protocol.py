@@ -178,7 +178,7 @@ def markdown(result: dict[str, Any]) -> str:
     for label, a in result["samplers"].items():
         lines.append(f"| dpkit `{result['config']}` | {label} | {cell(a, 'max')} | {cell(a, 'mean')} | "
                      f"{cell(a, 'success_rate_mean')} |")
-    lines += ["", "| seed | steps | wall | CPU time | of it evaluation | runs sharing the cores | "
+    lines += ["", "| seed | steps | wall | CPU time | wall in rollout evaluations | runs sharing the cores | "
               + " | ".join(f"{label} max / mean" for label in result["samplers"]) + " |",
               "|---|---|---|---|---|---|" + "---|" * len(result["samplers"])]
     for s in result["seeds"]:
