@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from dpkit.benchmarks.figures import png_bytes, pyplot
+from dpkit.benchmarks.report import png_bytes, pyplot, write_report
 from dpkit.errors import DpkitError, cli_entry
-from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
+from dpkit.io import check_writable_file
 
 MODES = ("sync", "async", "async-inpaint")
 
@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = a.out_dir / a.name
     check_writable_file(stem.with_suffix(".json"))
     result = run(a.bundle, a.backend, sorted(set(a.delays)), a.episodes, a.sampler, a.steps, a.blend, not a.no_progress)
-    atomic_write_json(stem.with_suffix(".json"), result)
-    atomic_write_text(stem.with_suffix(".md"), markdown(result))
-    atomic_write_bytes(stem.with_suffix(".png"), plot(result))
-    print(markdown(result))
-    print(f"wrote {stem}.json/.md/.png")
+    write_report(stem, result, markdown(result), plot(result))
     return 0
 
 

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from dpkit.benchmarks.figures import png_bytes, pyplot
+from dpkit.benchmarks.report import png_bytes, pyplot, write_report
 from dpkit.errors import DpkitError, cli_entry
-from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
+from dpkit.io import atomic_write_json, check_writable_file
 
 # Diffusion Policy (Chi et al. 2023), PushT with low-dim (keypoint) observations, CNN-based policy, DDPM-100:
 # max / mean over the last 10 checkpoints, averaged over 3 training seeds x 50 environment starts.
@@ -249,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "paper": PAPER,
         **collect(a.runs_dir, a.seeds),
     }
-    atomic_write_json(stem.with_suffix(".json"), result)
-    atomic_write_text(stem.with_suffix(".md"), markdown(result))
-    atomic_write_bytes(stem.with_suffix(".png"), plot(result))
-    print(markdown(result))
-    print(f"wrote {stem}.json/.md/.png")
+    write_report(stem, result, markdown(result), plot(result))
     return 0
 
 

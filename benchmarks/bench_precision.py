@@ -21,7 +21,6 @@ Writes results JSON + markdown (default benchmarks/results/int8/precision.{json,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable

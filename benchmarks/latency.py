@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from dpkit.benchmarks.figures import png_bytes, pyplot
+from dpkit.benchmarks.report import png_bytes, pyplot
 from dpkit.benchmarks.machine import latency_stats, machine_info, time_calls, usable_cores
 from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_obs
 from dpkit.errors import DpkitError, cli_entry
