@@ -27,6 +27,15 @@ struct PyPolicy {
   std::mutex mutex;
 };
 
+// Runs fn() with the GIL released and `owner.mutex` held: every call into the runtime that can take a while
+// or race with another thread's call goes through here (other Python threads run meanwhile).
+template <class Owner, class Fn>
+auto without_gil_locked(Owner& owner, Fn&& fn) {
+  py::gil_scoped_release release;
+  std::lock_guard<std::mutex> lock(owner.mutex);
+  return fn();
+}
+
 dpkit::ConstFloatSpan span_of(const FloatArray& a) { return {a.data(), static_cast<std::size_t>(a.size())}; }
 
 std::string shape_of(const py::array& a) {
@@ -157,11 +166,7 @@ py::tuple sample(PyPolicy& self_, const py::object& observations_in, const py::o
   FloatArray actions({B, info.n_action_steps, info.action_dim});
   dpkit::SampleOutput out{{traj.mutable_data(), static_cast<std::size_t>(traj.size())},
                           {actions.mutable_data(), static_cast<std::size_t>(actions.size())}};
-  {
-    py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(self_.mutex);
-    self.sample(req, out);
-  }
+  without_gil_locked(self_, [&] { self.sample(req, out); });
   return py::make_tuple(traj, actions);
 }
 
@@ -224,23 +229,16 @@ py::array_t<float> controller_step(PyController& self, PyPolicy& policy, const p
     check_shape(held[i], "observation '" + info.observations[i].name + "'", want);
   }
   py::array_t<float> action({self.batch, info.action_dim});
-  {
-    py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(self.mutex);
+  without_gil_locked(self, [&] {
     self.spans.clear();
     for (const auto& a : held) self.spans.push_back(span_of(a));
     self.ctl.step(self.spans, {action.mutable_data(), static_cast<std::size_t>(action.size())});
-  }
+  });
   return action;
 }
 
 py::dict controller_stats(PyController& self) {
-  dpkit::ControllerStats s;
-  {
-    py::gil_scoped_release release;
-    std::lock_guard<std::mutex> lock(self.mutex);
-    s = self.ctl.stats();
-  }
+  const dpkit::ControllerStats s = without_gil_locked(self, [&] { return self.ctl.stats(); });
   py::dict d;
   d["ticks"] = s.ticks;
   d["requests"] = s.requests;
@@ -314,9 +312,7 @@ PYBIND11_MODULE(_core, m) {
            "the bundle's sampler of this kind ('ddpm'/'ddim'; None: the default sampler's kind) with this many steps "
            "(None: the default sampler if of that kind, else the kind's largest); InputError lists the available ones")
       .def("reseed", [](PyPolicy& self, std::uint64_t seed) {
-             py::gil_scoped_release release;
-             std::lock_guard<std::mutex> lock(self.mutex);
-             self.policy.reseed(seed);
+             without_gil_locked(self, [&] { self.policy.reseed(seed); });
            }, py::arg("seed"))
       .def("sample", &sample, py::arg("observations"), py::arg("sampler"), py::arg("initial_noise") = py::none(),
            py::arg("step_noise") = py::none(), py::arg("prefix") = py::none(), py::arg("prefix_start") = -1,
@@ -326,12 +322,7 @@ PYBIND11_MODULE(_core, m) {
            "trajectory continues (inpainting) at rows prefix_start (-1: first_action_index) on, with optional "
            "per-row prefix_weights (P,) in [0, 1]")
       .def_property_readonly("last_timing", [](PyPolicy& self) {
-        dpkit::SampleTiming t;
-        {
-          py::gil_scoped_release release;
-          std::lock_guard<std::mutex> lock(self.mutex);
-          t = self.policy.last_timing();
-        }
+        const dpkit::SampleTiming t = without_gil_locked(self, [&] { return self.policy.last_timing(); });
         py::dict d;
         d["total_ms"] = t.total_ms;
         d["encoder_ms"] = t.encoder_ms;
@@ -394,24 +385,16 @@ PYBIND11_MODULE(_core, m) {
            }, py::arg("observations"), "one tick: {name: (B, *shape)} or a list -> this tick's action (B, A)")
       .def_property_readonly("stats", &controller_stats)
       .def_property_readonly("switched", [](PyController& self) {
-        std::lock_guard<std::mutex> lock(self.mutex);
-        return self.ctl.switched();
+        return without_gil_locked(self, [&] { return self.ctl.switched(); });
       })
       .def_property_readonly("batch", [](const PyController& self) { return self.batch; })
       .def("expected_delay", [](PyController& self) {
-        std::lock_guard<std::mutex> lock(self.mutex);
-        return self.ctl.expected_delay();
+        return without_gil_locked(self, [&] { return self.ctl.expected_delay(); });
       })
-      .def("close", [](PyController& self) {
-        py::gil_scoped_release release;
-        std::lock_guard<std::mutex> lock(self.mutex);
-        self.ctl.close();
-      })
+      .def("close", [](PyController& self) { without_gil_locked(self, [&] { self.ctl.close(); }); })
       .def("__enter__", [](py::object self) { return self; })
       .def("__exit__", [](PyController& self, const py::args&) {
-        py::gil_scoped_release release;
-        std::lock_guard<std::mutex> lock(self.mutex);
-        self.ctl.close();
+        without_gil_locked(self, [&] { self.ctl.close(); });
       })
       .def_static("request_seed", &dpkit::RealTimeController::request_seed, py::arg("seed"), py::arg("request"),
                   "the generator seed of request `request` (the Policy is reseeded with it before that chunk)");
