@@ -195,13 +195,15 @@ class DiffusionPolicy(nn.Module):
         return obs
 
     def _check_obs(self, obs: Mapping[str, Any], check_finite: bool) -> list[Tensor]:
-        """Encoder inputs in order, as float32 on the model's device; DpkitError on anything malformed."""
+        """Encoder inputs in order, in the model's dtype (float32; float64 after `.double()`, for a reference
+        run) on its device; DpkitError on anything malformed."""
         if not isinstance(obs, Mapping):
             raise DpkitError(f"observations must be a dict of tensors, got {type(obs).__name__}")
         missing = [k for k in self.obs_keys if k not in obs]
         if missing:
             raise DpkitError(f"observation {missing[0]!r} missing (expected keys: {', '.join(self.obs_keys)})")
-        device = next(self.parameters()).device
+        param = next(self.parameters())
+        device, dtype = param.device, param.dtype
         out, batch = [], None
         for name, shape, _ in self.obs_specs:
             x = obs[name]
@@ -217,7 +219,7 @@ class DiffusionPolicy(nn.Module):
             batch = b
             if check_finite and not bool(torch.isfinite(x).all()):
                 raise DpkitError(f"observation {name!r} contains NaN or Inf")
-            out.append(x.to(device=device, dtype=torch.float32))
+            out.append(x.to(device=device, dtype=dtype))
         return out
 
     # ---- training -----------------------------------------------------------------------------------
@@ -290,14 +292,15 @@ class DiffusionPolicy(nn.Module):
         sampler, steps = self.resolve_sampler(sampler, steps)
         sched = self.make_scheduler(sampler, steps)
         inputs = self._check_obs(obs, check_finite=True)
-        device = inputs[0].device
+        device, dtype = inputs[0].device, inputs[0].dtype
         shape = (inputs[0].shape[0], self.cfg.horizon, self.cfg.action_dim)
         num_steps = len(sched.timesteps)
-        initial_noise = _check_noise("initial_noise", initial_noise, shape, device)
-        step_noise = _check_noise("step_noise", step_noise, (num_steps, *shape), device)
+        initial_noise = _check_noise("initial_noise", initial_noise, shape, device, dtype)
+        step_noise = _check_noise("step_noise", step_noise, (num_steps, *shape), device, dtype)
 
         cond = self.encoder(*inputs)
-        x = initial_noise if initial_noise is not None else randn_tensor(shape, generator=generator, device=device)
+        x = initial_noise if initial_noise is not None else randn_tensor(shape, generator=generator, device=device,
+                                                                         dtype=dtype)
         # DDPMScheduler.step draws its own noise; with injected noise it draws from this scratch generator
         # and `_swap_ddpm_noise` replaces that draw by the injected one.
         scratch = torch.Generator(device=device) if sampler == "ddpm" and step_noise is not None else None
@@ -370,7 +373,8 @@ def _inpaint(x: Tensor, x_init: Tensor, inpaint: tuple[int, Tensor, Tensor], alp
     return x
 
 
-def _check_noise(name: str, noise: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor | None:
+def _check_noise(name: str, noise: Tensor | None, shape: tuple[int, ...], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Tensor | None:
     if noise is None:
         return None
     if not isinstance(noise, Tensor):
@@ -379,7 +383,7 @@ def _check_noise(name: str, noise: Tensor | None, shape: tuple[int, ...], device
         raise DpkitError(f"{name}: expected shape {tuple(shape)}, got {tuple(noise.shape)}")
     if not bool(torch.isfinite(noise).all()):
         raise DpkitError(f"{name} contains NaN or Inf")
-    return noise.to(device=device, dtype=torch.float32)
+    return noise.to(device=device, dtype=dtype)
 
 
 def build_policy(cfg: PolicyConfig, normalizer: Normalizer) -> DiffusionPolicy:
