@@ -27,7 +27,7 @@ from dpkit.errors import DpkitError
 from dpkit.train.config import IMAGE_SIZE, Config
 from dpkit.train.normalizer import Normalizer
 
-from dpkit.convert.mapping import resnet_name, unet_name
+from dpkit.convert.mapping import PEER_FINAL_NORM_GROUPS, resnet_name, unet_name
 from dpkit.convert.run import sha256_file
 
 WEIGHTS = "model.safetensors"
@@ -173,14 +173,15 @@ def read_lerobot(folder: str | Path, name: str):
         "n_obs_steps": cfg.get("n_obs_steps"), "horizon": cfg.get("horizon"),
         "n_action_steps": cfg.get("n_action_steps"), "action_dim": 2,
         "down_dims": cfg.get("down_dims"), "kernel_size": cfg.get("kernel_size"), "n_groups": cfg.get("n_groups"),
+        "final_norm_groups": PEER_FINAL_NORM_GROUPS,  # lerobot's final block: 8 groups whatever n_groups
         "diffusion_step_embed_dim": cfg.get("diffusion_step_embed_dim"),
         "num_train_timesteps": T, "beta_schedule": cfg.get("beta_schedule"),
         "clip_sample": cfg.get("clip_sample", True), "prediction_type": "epsilon",
     }
     if sched_kind == "DDIM":
         policy_cfg["ddim_steps"] = k
-    else:  # DDPM with all num_train_timesteps steps; another count is recorded in source.sampler
-        policy_cfg["default_sampler"] = "ddpm"
+    else:  # lerobot samples DDPM with num_inference_steps (null: all num_train_timesteps)
+        policy_cfg["default_sampler"], policy_cfg["ddpm_steps"] = "ddpm", k
     if image:
         nkp = cfg.get("spatial_softmax_num_keypoints")
         policy_cfg.update({"crop_size": crop[0] if crop else IMAGE_SIZE, "resnet_width": 64,

@@ -14,6 +14,11 @@ import re
 
 from dpkit.errors import DpkitError
 
+# Not a name but a rule behind one: both peers build the U-Net's final conv block (`final_conv.0`) with
+# GroupNorm's default of 8 groups whatever their n_groups is. Its tensors have the same shapes for any group
+# count, so nothing but the outputs would show a wrong one (dpkit's `policy.final_norm_groups`).
+PEER_FINAL_NORM_GROUPS = 8
+
 _UNET_RULES = [
     (re.compile(r"^diffusion_step_encoder\.([13])\.(weight|bias)$"), r"step_encoder.\1.\2"),
     # residual blocks of the down/up levels and the middle: conv blocks, FiLM, residual 1x1 conv

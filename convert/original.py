@@ -25,7 +25,7 @@ from dpkit.errors import DpkitError
 from dpkit.train.config import IMAGE_SIZE, LOWDIM_OBS_DIM, Config
 from dpkit.train.normalizer import Normalizer
 
-from dpkit.convert.mapping import resnet_name, unet_name
+from dpkit.convert.mapping import PEER_FINAL_NORM_GROUPS, resnet_name, unet_name
 from dpkit.convert.run import sha256_file
 from dpkit.convert.unpickle import load_torch_zip, loads_plain
 
@@ -115,6 +115,7 @@ def read_original(path: str | Path, name: str, ema: bool = True):
         "down_dims": list(_get(cfg, f"{unet_at}.down_dims", src)),
         "kernel_size": _get(cfg, f"{unet_at}.kernel_size", src),
         "n_groups": _get(cfg, f"{unet_at}.n_groups", src),
+        "final_norm_groups": PEER_FINAL_NORM_GROUPS,  # the original's final block: 8 groups whatever n_groups
         "diffusion_step_embed_dim": _get(cfg, f"{unet_at}.diffusion_step_embed_dim", src),
         "num_train_timesteps": sched.get("num_train_timesteps", 1000),
         "beta_schedule": sched.get("beta_schedule", "linear"),
@@ -123,8 +124,8 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     }
     if kind == "ddim":
         policy_cfg["ddim_steps"] = num_inference
-    else:  # the original evaluates DDPM with num_inference_steps (100 = all in its configs)
-        policy_cfg["default_sampler"] = "ddpm"
+    else:  # the original samples DDPM with num_inference_steps (100 = all in its configs)
+        policy_cfg["default_sampler"], policy_cfg["ddpm_steps"] = "ddpm", num_inference
 
     dicts = payload["state_dicts"]
     use_ema = ema and bool(cfg.get("training", {}).get("use_ema", False)) and isinstance(dicts.get("ema_model"), dict)

@@ -32,7 +32,8 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm
     """The `scheduler` manifest object for a DiffusionPolicy: arrays plus the table of listed samplers.
 
     The schedulers come from `policy.make_scheduler`, the same objects `policy.sample` steps with.
-    DDPM is listed with num_train_timesteps steps, then with each count of `ddpm_steps` (descending).
+    DDPM is listed with num_train_timesteps steps, then with each count of `ddpm_steps` and the config's
+    default DDPM count (descending).
     """
     policy_cfg = policy.cfg
     n = policy_cfg.num_train_timesteps
@@ -41,7 +42,10 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm
     if bad:
         raise DpkitError(f"DDIM step counts {bad} are outside [1, {n}] (num_train_timesteps)")
 
-    ddpm_counts = sorted({int(k) for k in ddpm_steps} - {n}, reverse=True)
+    default_kind, default_k = policy_cfg.default_sampling
+    # the default DDPM count (a converted source's num_inference_steps) is always listed, as ddim_steps is
+    listed = {int(k) for k in ddpm_steps} | ({default_k} if default_kind == "ddpm" else set())
+    ddpm_counts = sorted(listed - {n}, reverse=True)
     bad = [k for k in ddpm_counts if not 1 <= k <= n]
     if bad:
         raise DpkitError(f"DDPM step counts {bad} are outside [1, {n}] (num_train_timesteps)")
@@ -84,6 +88,6 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm
         "variance_type": str(ddpm.config.variance_type),
         "betas": [float(b) for b in ddpm.betas],
         "alphas_cumprod": [float(a) for a in ddpm.alphas_cumprod],
-        "default_sampler": f"ddim-{policy_cfg.ddim_steps}" if policy_cfg.default_sampler == "ddim" else f"ddpm-{n}",
+        "default_sampler": f"{default_kind}-{default_k}",
         "samplers": samplers,
     }

@@ -256,7 +256,8 @@ _OPTIMIZER_FIELDS = ("lr", "betas", "weight_decay")
 
 
 def check_resume_config(ckpt: Path, state: dict[str, Any], cfg: Any) -> None:
-    """Refuse settings a resume would silently ignore (the optimizer state restores lr, betas, weight_decay)."""
+    """Refuse settings a resume would silently ignore (the optimizer state restores lr, betas, weight_decay)
+    or silently change (GroupNorm group counts, which the weights' shapes do not show)."""
     saved = state["config"].get("train", {})
     for key in _OPTIMIZER_FIELDS:
         new, old = getattr(cfg.train, key), saved.get(key)
@@ -264,6 +265,17 @@ def check_resume_config(ckpt: Path, state: dict[str, Any], cfg: Any) -> None:
             raise DpkitError(f"--resume cannot change train.{key} (checkpoint {ckpt.name}: {old}, asked: "
                              f"{list(new) if isinstance(new, tuple) else new}): its optimizer state carries it; "
                              f"start a new run instead")
+    # GroupNorm group counts are not in the tensors' shapes: a changed one would load and train on silently.
+    # A checkpoint without final_norm_groups built its final block with n_groups.
+    policy = state["config"].get("policy", {})
+    saved_groups = {"n_groups": policy.get("n_groups"),
+                    "final_norm_groups": policy.get("final_norm_groups") or policy.get("n_groups")}
+    asked = {"n_groups": cfg.policy.n_groups, "final_norm_groups": cfg.policy.final_norm_groups or cfg.policy.n_groups}
+    for key, old in saved_groups.items():
+        if old is not None and old != asked[key]:
+            raise DpkitError(f"--resume cannot change policy.{key} (checkpoint {ckpt.name}: {old} groups, asked: "
+                             f"{asked[key]}): GroupNorm groups are not in the weights' shapes; set "
+                             f"policy.{key}={old} to continue this run")
 
 
 def load_weights_into(module: torch.nn.Module, ckpt: Path, prefix: str) -> None:

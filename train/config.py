@@ -78,6 +78,12 @@ class PolicyConfig:
     down_dims: tuple[int, ...] = (512, 1024, 2048)
     kernel_size: int = 5
     n_groups: int = 8
+    """GroupNorm groups of every residual block (each down_dims entry must be a multiple)."""
+    final_norm_groups: int | None = None
+    """GroupNorm groups of the final conv block (width down_dims[0]). The original diffusion_policy and
+    lerobot use 8 there whatever n_groups is (their final block keeps GroupNorm's default), and so do dpkit's
+    configs and dpkit-convert. None: n_groups, the rule of configs and checkpoints written before this field
+    existed (the same network when n_groups is 8), so they load and sample unchanged."""
     diffusion_step_embed_dim: int = 128
     skip_connection: str = "concat"
     """How decoder blocks take the encoder's features: "concat" (original) or "add"."""
@@ -89,13 +95,25 @@ class PolicyConfig:
     prediction_type: str = "epsilon"
     ddim_steps: int = 10
     """Default DDIM step count (inference)."""
+    ddpm_steps: int | None = None
+    """DDPM step count of the default sampler when default_sampler is "ddpm"; None: all num_train_timesteps
+    (the rule of configs written before this field existed). dpkit-convert sets a DDPM source's
+    num_inference_steps here (lerobot and the original sample DDPM with that many steps)."""
     default_sampler: str = "ddim"
-    """Sampler a call that names none runs: "ddim" (ddim_steps steps) or "ddpm" (num_train_timesteps steps);
+    """Sampler a call that names none runs: "ddim" (ddim_steps steps) or "ddpm" (ddpm_steps steps);
     dpkit-convert carries a DDPM-configured source's choice."""
 
     @property
     def first_action_index(self) -> int:
         return self.n_obs_steps - 1
+
+    @property
+    def default_sampling(self) -> tuple[str, int]:
+        """(kind, K) of the default sampler: the one home of this rule (the policy's resolve_sampler and the
+        bundle's `scheduler.default_sampler` both read it)."""
+        if self.default_sampler == "ddim":
+            return "ddim", self.ddim_steps
+        return "ddpm", self.num_train_timesteps if self.ddpm_steps is None else self.ddpm_steps
 
     def validate(self) -> None:
         """Every field in its range, checked here so a bad value fails before any data loads.
@@ -159,6 +177,11 @@ class PolicyConfig:
         for d in self.down_dims:
             _range("policy.down_dims entry", d, 1, 8192)
             _check(d % self.n_groups == 0, f"policy.down_dims entry {d} is not divisible by n_groups={self.n_groups}")
+        if self.final_norm_groups is not None:
+            _range("policy.final_norm_groups", self.final_norm_groups, 1, 4096)
+            _check(self.down_dims[0] % self.final_norm_groups == 0,
+                   f"policy.final_norm_groups={self.final_norm_groups} does not divide down_dims[0]="
+                   f"{self.down_dims[0]} (the final block's width)")
         _check(self.kernel_size >= 1 and self.kernel_size % 2 == 1,
                f"policy.kernel_size must be a positive odd number (same-length convolution), got {self.kernel_size}")
         _check(self.kernel_size <= MAX_HORIZON, f"policy.kernel_size must be <= {MAX_HORIZON}")
@@ -177,6 +200,8 @@ class PolicyConfig:
                f"policy.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
         _check(self.prediction_type == "epsilon", "policy.prediction_type: only 'epsilon' is supported")
         _range("policy.ddim_steps", self.ddim_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")
+        if self.ddpm_steps is not None:
+            _range("policy.ddpm_steps", self.ddpm_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")
         _check(self.default_sampler in ("ddim", "ddpm"),
                f"policy.default_sampler must be 'ddim' or 'ddpm', got {self.default_sampler!r}")
 

@@ -152,6 +152,7 @@ class Denoiser(nn.Module):
             kernel_size=cfg.kernel_size,
             n_groups=cfg.n_groups,
             skip_connection=cfg.skip_connection,
+            final_norm_groups=cfg.final_norm_groups,
         )
 
     def forward(self, sample: Tensor, timestep: Tensor, cond: Tensor) -> Tensor:
@@ -245,8 +246,7 @@ class DiffusionPolicy(nn.Module):
     def resolve_sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
         """(kind, K) that `sample(sampler=..., steps=...)` runs: the rule every backend shares."""
         T = self.cfg.num_train_timesteps
-        default = ("ddim", self.cfg.ddim_steps) if self.cfg.default_sampler == "ddim" else ("ddpm", T)
-        return resolve_sampler(sampler, steps, default=default, largest={"ddpm": T, "ddim": T})
+        return resolve_sampler(sampler, steps, default=self.cfg.default_sampling, largest={"ddpm": T, "ddim": T})
 
     def make_scheduler(self, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
         """A diffusers scheduler with the training betas, `set_timesteps(steps)` already called."""
@@ -284,7 +284,8 @@ class DiffusionPolicy(nn.Module):
         Uses the module's current mode: call `eval()` first for inference behaviour (center crop).
         `initial_noise` (B, H, A) replaces the first draw; `step_noise` (K, B, H, A) supplies the noise of
         DDPM step k (DDIM with eta = 0 uses none). Undrawn noise comes from `generator`. `sampler` and
-        `steps` default as in every backend (dpkit.sampling_args): DDIM with `ddim_steps`; DDPM with all
+        `steps` default as in every backend (dpkit.sampling_args): the default sampler is
+        `cfg.default_sampling` (DDIM with `ddim_steps`, or DDPM with `ddpm_steps`); the other kind runs all
         `num_train_timesteps`. `inpaint` = (start, values (B, P, A), weights (P,)): keep rows start..start+P-1
         consistent with a committed prefix, exactly as dpkit.runtime.sampling.Inpaint describes (the prefix
         noised to each step's output level with the initial sample's noise, blended by weight).

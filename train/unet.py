@@ -1,7 +1,7 @@
 """The Diffusion Policy CNN denoiser: a 1D temporal U-Net conditioned by FiLM on (diffusion step, observation).
 
     net = ConditionalUnet1D(input_dim=2, global_cond_dim=40, diffusion_step_embed_dim=256,
-                            down_dims=(256, 512, 1024), kernel_size=5, n_groups=8)
+                            down_dims=(256, 512, 1024), kernel_size=5, n_groups=8, final_norm_groups=8)
     eps = net(sample, timestep, global_cond)        # (B, H, A), (B,) int64, (B, C) -> (B, H, A)
 
 Every op is chosen to export with `torch.onnx.export(dynamo=True)` and to run in TensorRT: Mish is
@@ -79,7 +79,10 @@ class ConditionalUnet1D(nn.Module):
         kernel_size: int = 5,
         n_groups: int = 8,
         skip_connection: str = "concat",
+        final_norm_groups: int | None = None,
     ):
+        """`final_norm_groups`: GroupNorm groups of the final conv block; None uses `n_groups` (see
+        PolicyConfig.final_norm_groups: the original and lerobot use 8 there whatever n_groups is)."""
         super().__init__()
         if skip_connection not in ("concat", "add"):
             raise DpkitError(f"skip_connection must be 'concat' or 'add', got {skip_connection!r}")
@@ -120,8 +123,13 @@ class ConditionalUnet1D(nn.Module):
                 block(d_in, d_in),
                 nn.ConvTranspose1d(d_in, d_in, 4, stride=2, padding=1),
             ]))
+        # The final block's groups are a separate rule: the tensors have the same shapes for any value, so a
+        # wrong one loads and runs silently (only the outputs show it).
+        final_groups = n_groups if final_norm_groups is None else final_norm_groups
+        if down_dims[0] % final_groups:
+            raise DpkitError(f"final_norm_groups={final_groups} does not divide down_dims[0]={down_dims[0]}")
         self.final = nn.Sequential(
-            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, n_groups), nn.Conv1d(down_dims[0], input_dim, 1)
+            Conv1dBlock(down_dims[0], down_dims[0], kernel_size, final_groups), nn.Conv1d(down_dims[0], input_dim, 1)
         )
 
     def forward(self, sample: Tensor, timestep: Tensor | int, global_cond: Tensor) -> Tensor:
