@@ -246,3 +246,25 @@ def test_resume_cannot_change_a_group_count(tmp_path):
     with pytest.raises(DpkitError, match=r"--resume cannot change policy.final_norm_groups \(checkpoint step_000001: "
                                          r"4 groups, asked: 8\).*set policy.final_norm_groups=4"):
         check_resume_config(ckpt, state, load_config("tiny", base))  # tiny.yaml says 8
+
+
+def test_original_converter_records_the_peers_final_block_rule(tmp_path, monkeypatch):
+    """The original diffusion_policy builds its final block like lerobot (8 groups whatever n_groups). Its
+    committed hybrid fixture has n_groups 8; read with n_groups 4 in its config, the run records both rules
+    (the weights' shapes are the same for any group count)."""
+    import dpkit.convert.original as original
+
+    ckpt = tmp_path / "latest.ckpt"
+    ckpt.write_bytes(lzma.decompress((FIXTURE.parent / "original_pusht_hybrid_tiny" / "latest.ckpt.xz").read_bytes()))
+    real = original.load_torch_zip
+
+    def with_n_groups_4(path):
+        payload = real(path)
+        payload["cfg"]["policy"]["n_groups"] = 4
+        return payload
+
+    monkeypatch.setattr(original, "load_torch_zip", with_n_groups_4)
+    run = Path(convert_policy(ckpt, tmp_path / "run")["out"])
+    state = json.loads(next((run / "checkpoints").glob("step_*/state.json")).read_text())
+    assert (state["config"]["policy"]["n_groups"], state["config"]["policy"]["final_norm_groups"]) == (4, 8)
+    assert (state["config"]["policy"]["default_sampler"], state["config"]["policy"]["ddpm_steps"]) == ("ddpm", 100)
