@@ -31,9 +31,11 @@ import numpy as np
 from dpkit.benchmarks.report import png_bytes, pyplot
 from dpkit.benchmarks.machine import latency_stats, machine_info, time_calls, usable_cores
 from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_obs
+from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
 from dpkit.sampling_args import parse_sampler_label
+from dpkit.threads import ThreadChoice, choose_threads
 
 MODELS = ("tiny", "pusht_lowdim", "pusht_image")
 # name -> (load_policy backend, provider). Providers other than CPU are tried only when present.
@@ -64,12 +66,15 @@ class Settings:
     """Soft time budget per row: a 65 M U-Net at batch 50 with 100 steps takes seconds per chunk on 2 cores."""
     min_repeats: int = 3
     threads: int = 0
-    """Intra-op threads for every backend (0: the cores this process may use)."""
+    """Intra-op threads for every backend (0: dpkit.threads' choice for each model; see `model_threads`)."""
     quick: bool = False
 
     def __post_init__(self) -> None:
-        if self.threads <= 0:
-            self.threads = usable_cores()
+        self.threads = max(0, int(self.threads))
+
+    def model_threads(self, params: int | None) -> ThreadChoice:
+        """The threads every backend of one model gets: --threads, else the rule for the model's size."""
+        return choose_threads(self.threads, params=params)
 
 
 # --------------------------------------------------------------------------- backends
@@ -234,14 +239,17 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
     from tqdm import tqdm
 
     t_start = time.perf_counter()
-    try:  # every torch step (checkpoint, export, FLOP count, the torch rows) uses the benchmark's threads
+    prep = choose_threads(s.threads)  # building the cached models: --threads, else the rule's 1
+    try:  # every torch step before the rows (checkpoint, export, FLOP count) uses these threads
         import torch
 
-        torch.set_num_threads(s.threads)
+        torch.set_num_threads(prep.threads)
     except ImportError:
         pass
-    log(f"measuring the machine (fp32 GEMM, memory copy) with {s.threads} threads")
-    machine = machine_info(s.threads, s.quick)
+    # The roofline is the machine's: measured on every usable core unless --threads says otherwise.
+    gemm_threads = s.threads or usable_cores()
+    log(f"measuring the machine (fp32 GEMM, memory copy) with {gemm_threads} threads")
+    machine = machine_info(gemm_threads, s.quick)
     log(f"  {machine['cpu']}: {machine['gemm_fp32_gflops']} GFLOP/s fp32 GEMM, {machine['mem_gbps']} GB/s copy")
     skipped: list[dict[str, Any]] = []
     backends = []
@@ -261,12 +269,13 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
     plan = [(m, b) for m in models for b in backends]
     n_rows = len(plan) * len(s.batches) * len(s.samplers)
     rows: list[dict[str, Any]] = []
+    per_model = {m.name: s.model_threads(m.params) for m in models}
     bar = tqdm(total=n_rows, desc="dpkit-bench", unit="row", disable=not progress, dynamic_ncols=True)
     write = bar.write if progress else log
     for m, b in plan:
         peak = machine.get("gpu_gemm_fp32_gflops") if BACKENDS[b][1] != "cpu" else machine["gemm_fp32_gflops"]
         try:
-            loaded = load_backend(b, m, s.threads, max(s.batches))
+            loaded = load_backend(b, m, per_model[m.name].threads, max(s.batches))
         except (BackendUnavailable, DpkitError) as e:
             skipped.append({"backend": b, "model": m.name, "reason": str(e)})
             write(f"skipping {b} on {m.name}: {e}")
@@ -291,6 +300,7 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
                 else:
                     rows.append(make_row(b, loaded.provider, m, "chunk", batch, sampler, k, times,
                                          m.chunk_flops(batch, k), peak))
+                    rows[-1]["threads"] = per_model[m.name].threads
                     if loops:  # measured inside the call: the timed chunks' median
                         rows[-1]["overhead_us_per_step"] = round(float(np.median(loops[-len(times):])) / k * 1e3, 2)
                         rows[-1]["overhead_parts_from"] = "internal"
@@ -307,7 +317,10 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
                      "samplers": [f"{a}-{k}" for a, k in s.samplers], "repeats": s.repeats, "warmup": s.warmup,
                      "row_seconds": s.row_seconds, "threads": s.threads},
         "machine": machine,
-        "models": {m.name: {"params": m.params, "encoder_mflop": round(m.encoder_flops / 1e6, 3),
+        "threads": {**prep.to_json(), "per_model": {n: c.threads for n, c in per_model.items()},
+                    "per_model_reason": {n: c.reason for n, c in per_model.items()}},
+        "models": {m.name: {"params": m.params, "threads": per_model[m.name].threads,
+                            "encoder_mflop": round(m.encoder_flops / 1e6, 3),
                             "denoiser_mflop": round(m.denoiser_flops / 1e6, 3), "bundle": str(m.bundle) if m.bundle else None,
                             "bundle_error": m.bundle_error} for m in models},
         "rows": rows,
@@ -317,6 +330,11 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
 
 
 # --------------------------------------------------------------------------- reports
+
+
+def _threads_of(model: dict[str, Any]) -> str:
+    n = model.get("threads")
+    return "threads ?" if n is None else f"{n} thread{'s' if n != 1 else ''}, no spinning"
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -332,7 +350,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines = [
         f"# dpkit-bench{' (--quick)' if result['quick'] else ''}",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores, {m['threads']} threads used"
+        f"Machine: {m['cpu']} ({m['cores']} cores, GEMM on {m['threads']} threads"
         f"{', GPU ' + m['cuda'] if m.get('cuda') else ''}); fp32 GEMM {m['gemm_fp32_gflops']} GFLOP/s, "
         f"memory copy {m['mem_gbps']} GB/s; load average {m.get('load_avg_1m')}; torch {m['torch']}, onnxruntime {m['onnxruntime']}; {m['date']}.",
         "",
@@ -360,7 +378,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             lines.append(f"- {where}: {sk['reason']}")
     models = result["models"]
     lines += ["", "Models: " + "; ".join(
-        f"{n} {v['params'] / 1e6:.1f} M params, encoder {v['encoder_mflop']:.1f} MFLOP, "
+        f"{n} {v['params'] / 1e6:.1f} M params ({_threads_of(v)}), encoder {v['encoder_mflop']:.1f} MFLOP, "
         f"denoiser {v['denoiser_mflop']:.1f} MFLOP per sample" for n, v in models.items()) + ".",
         f"Run took {result['elapsed_s']} s.", ""]
     return "\n".join(lines)
@@ -402,7 +420,7 @@ def plot_png(result: dict[str, Any]) -> bytes:
             else:
                 ax.text(0.5, 0.5, "no rows", transform=ax.transAxes, ha="center")
     m = result["machine"]
-    fig.suptitle(f"dpkit-bench{' --quick' if result['quick'] else ''}: {m['cpu']}, {m['threads']} threads, "
+    fig.suptitle(f"dpkit-bench{' --quick' if result['quick'] else ''}: {m['cpu']}, GEMM on {m['threads']} threads, "
                  f"{m['gemm_fp32_gflops']} GFLOP/s fp32 GEMM",
                  fontsize=10)
     return png_bytes(fig)
@@ -502,18 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed chunks per row (default 20, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed chunks before each row (default 1)")
     p.add_argument("--row-seconds", type=float, help="soft time budget per row (default 30, quick 2)")
-    p.add_argument("--threads", type=int, help="intra-op threads for every backend (default: usable cores)")
     p.add_argument("--out-dir", default="benchmarks/results", help="where latency[_quick].{json,md,png} go")
     p.add_argument("--json", type=Path, help="also write the JSON here")
     p.add_argument("--cache-dir", default=os.environ.get("DPKIT_BENCH_CACHE", "benchmarks/.cache"),
                    help="random-weight checkpoints and bundles, reused across runs ($DPKIT_BENCH_CACHE)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_args(p)  # --threads (0: dpkit.threads' choice per model), --no-progress, --version
     return p
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    apply_threads(a)
     s = settings_from_args(a)
     out_dir = Path(a.out_dir)
     # Fail on an unwritable destination before minutes of measuring.

@@ -18,12 +18,11 @@ import numpy as np
 
 import dpkit
 from dpkit.errors import DpkitError
+from dpkit.threads import usable_cpus
 
 def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """The CPUs this process may use (affinity mask, cgroup quota): dpkit.threads.usable_cpus."""
+    return usable_cpus()
 
 
 # --------------------------------------------------------------------------- statistics

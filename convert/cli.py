@@ -15,8 +15,10 @@ import argparse
 import json
 import sys
 
+from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import cli_entry
 from dpkit.io import atomic_write_json, check_writable_file
+from dpkit.threads import apply_torch, choose_threads
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it is a dpkit run folder")
     p.add_argument("--no-ema", action="store_true", help="diffusion_policy: the trained weights, not the EMA copy")
     p.add_argument("--json", default=None, help="also write a JSON summary here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_args(p)  # --threads, --no-progress, --version
     return p
 
 
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpkit.convert.source import convert_policy
 
     args = parser().parse_args(argv)
+    apply_threads(args)
     if args.json:
         check_writable_file(args.json)
     with tqdm(total=2, desc="dpkit-convert", disable=args.no_progress, file=sys.stderr, leave=False) as bar:
@@ -45,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(msg[-60:])
             bar.update(1)
 
+        # Conversion is tensor copies and one parity run of a model whose size is not known before reading
+        # it: the rule's choice for an unknown size (1 thread) unless --threads says otherwise.
+        choice = choose_threads(args.threads)
+        apply_torch(choice)
         summary = convert_policy(args.source, args.out, ema=not args.no_ema, force=args.force, progress=progress)
+    summary["threads"] = choice.to_json()
     src = summary["source"]
     print(f"dpkit-convert: {src['format']} {src['path']} -> {summary['out']} ({summary['obs_mode']}, "
           f"{src['weights']} weights, sha256 {src['sha256'][:12]}...)")

@@ -26,11 +26,13 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_dir, check_writable_file
 from dpkit.eval import pusht
 from dpkit.runtime import BACKENDS
 from dpkit.runtime.realtime import EXECUTIONS
+from dpkit.threads import choose_threads
 
 OBS_KEYS = {"image": ("image", "agent_pos"), "lowdim": ("obs",)}
 """The observations each mode gives a policy (bundle-format.md: the encoder's inputs)."""
@@ -320,7 +322,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--execution", choices=EXECUTIONS, default=None,
                    help="with --latency-steps: sync | async | async-inpaint (default async-inpaint)")
     p.add_argument("--blend", type=int, default=0, help="async-inpaint: steps of decaying blend after the prefix")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_common_args(p, quiet_alias=True)  # --threads, --no-progress (= --quiet), --version
     return p
 
 
@@ -379,10 +381,16 @@ def _load(args: argparse.Namespace) -> Any:
         from dpkit.runtime import load_policy
     except ImportError as e:
         raise DpkitError(f"dpkit.runtime.load_policy is not available: {e}") from None
-    options = {}
+    options = {"threads": args.threads or None}  # None: dpkit.threads' choice for the model (the same rule)
     if args.backend == "cpp":  # its buffers are preallocated: size them for the vectorized batch
         options["max_batch"] = min(args.episodes, args.n_envs or MAX_ENVS)
     return load_policy(args.checkpoint or args.bundle, backend=args.backend, **options)
+
+
+def _threads_json(policy: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The backend's thread choice (the random baseline has none: what the rule would say, for the record)."""
+    choice = getattr(policy, "threads", None)
+    return (choice if choice is not None else choose_threads(args.threads)).to_json()
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -413,6 +421,7 @@ def _px(value: float | None) -> str:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    apply_threads(args)
     _validate(args)
     # Fail on unwritable outputs before the long run, not after it.
     if args.json:
@@ -425,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         report = evaluate_latency(policy, args.latency_steps, args.execution, args.blend, episodes=args.episodes,
                                   seed_start=args.seed_start, max_steps=args.max_steps, n_envs=args.n_envs,
-                                  progress=not args.quiet, sampler=args.sampler, steps=args.steps)
+                                  progress=not args.no_progress, sampler=args.sampler, steps=args.steps)
+        report["threads"] = _threads_json(policy, args)
         print(format_summary(report))
         if args.json:
             atomic_write_json(args.json, report)
@@ -439,10 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_envs=args.n_envs,
         video_dir=args.video_dir,
         n_videos=args.n_videos,
-        progress=not args.quiet,
+        progress=not args.no_progress,
         sampler=args.sampler,
         steps=args.steps,
     )
+    report["threads"] = _threads_json(policy, args)
     print(format_summary(report))
     for v in report["videos"]:
         print(f"video         {v}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import cli_entry
 from dpkit.export.onnx_export import DEFAULT_OPSET
 from dpkit.export.schedule import DEFAULT_DDIM_STEPS, parse_steps
@@ -55,18 +56,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim-steps", type=str, default=",".join(map(str, DEFAULT_DDIM_STEPS)),
                    help="DDIM step counts listed in the bundle (comma-separated; the config's ddim_steps is always added)")
     p.add_argument("--data", default=None, help="dataset for the parity inputs (default: the config's / usual places)")
-    p.add_argument("--json", default=None, help="also write a JSON summary (timings, sizes, parity) here")
+    p.add_argument("--json", default=None, help="also write a JSON summary (timings, sizes, parity, threads) here")
+    add_common_args(p, progress=False)  # --threads, --version
     return p
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    apply_threads(args)
     export_bundle(
         args.checkpoint, args.out, force=args.force, ema=not args.no_ema, fp16=args.fp16, precision=args.precision,
         tensorrt=args.tensorrt,
         opset=args.opset, gemm_conv=not args.plain_conv, ddim_steps=parse_steps(args.ddim_steps), data=args.data,
-        max_batch=args.max_batch, opt_batch=args.opt_batch, json_path=args.json,
+        max_batch=args.max_batch, opt_batch=args.opt_batch, json_path=args.json, threads=args.threads,
     )
     return 0
 

@@ -26,6 +26,7 @@ from dpkit.io import atomic_dir, atomic_write_json, check_writable_file
 from dpkit.runtime.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, MAX_TRT_BATCH, TRT_CACHE_DIR, load_bundle,
                                   read_manifest, sha256_file)
 from dpkit.runtime.onnx_info import read_onnx_info
+from dpkit.threads import apply_torch, choose_threads, describe
 
 # TensorRT optimization profile written into every manifest (`tensorrt`): batch 1..max_batch, tuned for
 # opt_batch. The opt batch is min(DEFAULT_OPT_BATCH, max_batch) unless given.
@@ -277,8 +278,13 @@ def export_bundle(
     opt_batch: int | None = None,
     json_path: str | Path | None = None,
     log: Callable[[str], None] = print,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint, then write_bundle; returns the summary (timings, sizes, parity, ...).
+
+    `threads`: torch's intra-op threads (None or 0: dpkit.threads' choice for the model's size; the ONNX
+    Runtime sessions of the parity checks make the same choice, or take $DPKIT_THREADS, which
+    `dpkit-export --threads` sets); the summary's "threads" records it.
 
     Raises DpkitError on bad input or failed parity (no bundle written) and TensorRTUnavailable (exit 2)
     after writing the bundle (and `json_path`) when `tensorrt` cannot be honoured.
@@ -301,6 +307,9 @@ def export_bundle(
     policy, state = load_checkpoint(checkpoint, ema=ema)
     log(f"loaded {state['checkpoint_path']} (step {state['step']}, {'EMA' if ema else 'raw'} weights, "
         f"{policy.cfg.obs_mode}, {policy.num_parameters() / 1e6:.2f} M parameters)")
+    thread_choice = choose_threads(threads, params=policy.num_parameters())
+    apply_torch(thread_choice)
+    log(f"threads: {describe(thread_choice)}")
     build_scheduler(policy, ddim_steps, ddpm_steps)  # rejects bad step counts before loading the data
     samples, inputs_desc = dataset_samples(state["config"], data)
     log(f"parity inputs: {inputs_desc}")
@@ -313,6 +322,7 @@ def export_bundle(
                            samples=samples, inputs_desc=inputs_desc, max_batch=max_batch, opt_batch=opt_batch,
                            log=log)
     summary["checkpoint"] = state["checkpoint_path"]
+    summary["threads"] = thread_choice.to_json()
     summary["seconds"] = time.perf_counter() - t0
     if json_path:
         atomic_write_json(json_path, summary)

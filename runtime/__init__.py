@@ -25,8 +25,10 @@ BACKENDS = ("torch", "ort", "cpp")
 def load_policy(path: str | Path, backend: str = "torch", **options: Any):
     """A policy for `path`: a checkpoint or run folder ("torch") or a bundle folder ("ort", "cpp").
 
-    `options` go to the backend: torch: `ema=True, device="cpu"`; ort: `providers=None, threads=None,
-    verify_sha256=True, spin=True`; cpp: see dpkit.runtime.cpp_policy.
+    `options` go to the backend: torch: `ema=True, device="cpu", threads=None`; ort: `providers=None,
+    threads=None, verify_sha256=True, spin=None`; cpp: see dpkit.runtime.cpp_policy. Every backend takes
+    `threads=` with one meaning (None or 0: dpkit.threads' choice for this machine and model) and records
+    the choice in `policy.threads`; idle ONNX Runtime threads do not spin unless `spin=True`.
     """
     if backend == "torch":
         from dpkit.runtime.torch_policy import TorchPolicy  # imports torch: only for this backend

@@ -21,9 +21,9 @@ class Sampler:
     def uses_step_noise(self) -> bool: ...  # True for DDPM; DDIM (eta = 0) ignores step_noise
 
 class Policy:
-    def __init__(self, bundle_dir: str, provider: str = "cpu", threads: int = 2, max_batch: int = 8, seed: int = 0,
+    def __init__(self, bundle_dir: str, provider: str = "cpu", threads: int = 1, max_batch: int = 8, seed: int = 0,
                  ort_library: str = "", verify_sha256: bool = True, device_id: int = 0,
-                 allow_spinning: bool = True) -> None: ...
+                 allow_spinning: bool = False) -> None: ...
     @property
     def info(self) -> dict[str, Any]: ...  # ... "default_sampler": name, "action_scale"/"action_offset": lists
     @property

@@ -1,7 +1,7 @@
 """The "cpp" backend: the C++ runtime (dpkit::Policy) through the pybind11 module dpkit.runtime._core.
 
     from dpkit.runtime import load_policy
-    policy = load_policy("bundles/tiny", backend="cpp", threads=2, max_batch=8)
+    policy = load_policy("bundles/tiny", backend="cpp", max_batch=8)    # threads: dpkit.threads
     traj = policy.sample(obs, sampler="ddim", steps=10, seed=0)     # (B, H, A), normalized
     actions = policy.predict_action(obs)                            # (B, Ta, A), environment units
 
@@ -25,6 +25,7 @@ import numpy as np
 from dpkit.errors import DpkitError
 from dpkit.runtime import _core
 from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
+from dpkit.threads import bundle_params, choose_threads, resolve_spin
 
 
 def onnxruntime_library() -> str:
@@ -47,18 +48,23 @@ class CppPolicy(PolicyBackend):
     draws_own_noise = True  # no seed and nothing injected: the C++ generator draws, allocation-free
     checks_obs_values = True  # shapes, batch and NaN/Inf are checked in C++
 
-    def __init__(self, bundle_dir: str | Path, provider: str = "cpu", threads: int = 2, max_batch: int = 8,
-                 seed: int = 0, verify_sha256: bool = True, device_id: int = 0, allow_spinning: bool = True):
-        """Load the bundle. `threads`: ONNX Runtime intra-op threads; `max_batch`: largest batch `sample`
-        takes (buffers are preallocated for it); `seed`: the noise generator used when no seed/noise is given.
+    def __init__(self, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None, max_batch: int = 8,
+                 seed: int = 0, verify_sha256: bool = True, device_id: int = 0, allow_spinning: bool | None = None,
+                 *, spin: bool | None = None):
+        """Load the bundle. `threads`: ONNX Runtime intra-op threads (None or 0: dpkit.threads' choice for the
+        bundle's size, recorded in `self.threads`); `allow_spinning` (or `spin`, the Python backends' name):
+        let idle threads busy-wait (default no); `max_batch`: largest batch `sample` takes (buffers are
+        preallocated for it); `seed`: the noise generator used when no seed/noise is given.
         """
-        for name, value in (("threads", threads), ("max_batch", max_batch), ("seed", seed), ("device_id", device_id)):
+        for name, value in (("max_batch", max_batch), ("seed", seed), ("device_id", device_id)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise DpkitError(f"{name} must be an integer, got {value!r}")
-        self._policy = _core.Policy(str(bundle_dir), provider=provider, threads=int(threads),
+        self.threads = choose_threads(threads, params=bundle_params(bundle_dir),
+                                      spin=resolve_spin(spin, allow_spinning))
+        self._policy = _core.Policy(str(bundle_dir), provider=provider, threads=self.threads.threads,
                                     max_batch=int(max_batch), seed=int(seed), ort_library=onnxruntime_library(),
                                     verify_sha256=verify_sha256, device_id=int(device_id),
-                                    allow_spinning=allow_spinning)
+                                    allow_spinning=self.threads.spin)
         # C++ read and validated policy.json; everything Python needs comes from what it reports.
         info = self._policy.info
         self.info = info

@@ -20,22 +20,23 @@ from dpkit.errors import DpkitError
 from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
 from dpkit.runtime.bundle import Bundle, bundle_trt_options, check_graph_io, load_bundle
 from dpkit.runtime.sampling import StepPlan, run_reverse
+from dpkit.threads import bundle_params, choose_threads, parse_threads, resolve_spin
 
 
 def make_session(path: str | Path, providers: list[Any] | None = None, threads: int | None = None,
-                 spin: bool = True):
+                 spin: bool = False):
     """An ORT InferenceSession on CPU by default; raises DpkitError when the file cannot be loaded.
 
-    `spin=False` stops idle pool threads from busy-waiting: needed when ORT alternates with other
-    compute in one process (export verification runs PyTorch between ORT calls).
+    `threads`: intra-op threads (None or 0: ORT's own default). Idle pool threads busy-wait only with
+    `spin=True`: spinning threads steal the CPU from a descheduled sibling on a shared machine, and from
+    PyTorch when ORT alternates with it in one process (dpkit.threads has the measurements).
     """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     opts.log_severity_level = 3  # keep ORT's own warnings (e.g. provider fallbacks) out of user output
     try:
         return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
@@ -48,14 +49,20 @@ class OrtPolicy(PolicyBackend):
     backend = "ort"
 
     def __init__(self, bundle: str | Path | Bundle, providers: list[Any] | None = None,
-                 threads: int | None = None, verify_sha256: bool = True, spin: bool = True):
+                 threads: int | None = None, verify_sha256: bool = True, spin: bool | None = None, *,
+                 allow_spinning: bool | None = None):
+        """`threads`: intra-op threads per session (None or 0: dpkit.threads' choice for this bundle's size);
+        `spin` (or its C++ name `allow_spinning`): let idle threads busy-wait (default no). `self.threads`
+        records the choice."""
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_sha256=verify_sha256)
         super().__init__(PolicySpec.from_bundle(self.bundle))
-        if threads is None and os.environ.get("DPKIT_ORT_THREADS"):
-            threads = int(os.environ["DPKIT_ORT_THREADS"])
-        b = self.bundle
-        self.encoder = make_session(b.graph_files["encoder"], self._providers(providers, "encoder"), threads, spin)
-        self.denoiser = make_session(b.graph_files["denoiser"], self._providers(providers, "denoiser"), threads, spin)
+        if not threads and os.environ.get("DPKIT_ORT_THREADS"):  # the older, ORT-only spelling
+            threads = parse_threads(os.environ["DPKIT_ORT_THREADS"], "$DPKIT_ORT_THREADS")
+        self.threads = choose_threads(threads, params=bundle_params(self.bundle.path),
+                                      spin=resolve_spin(spin, allow_spinning))
+        b, n, spin = self.bundle, self.threads.threads, self.threads.spin
+        self.encoder = make_session(b.graph_files["encoder"], self._providers(providers, "encoder"), n, spin)
+        self.denoiser = make_session(b.graph_files["denoiser"], self._providers(providers, "denoiser"), n, spin)
         self.providers = self.denoiser.get_providers()
         self._check_graph_io()
         self._plans: dict[str, StepPlan] = {}

@@ -18,21 +18,32 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
+from dpkit.threads import apply_torch, choose_threads
 
 
 class TorchPolicy(PolicyBackend):
     backend = "torch"
 
     def __init__(self, path: str | Path | None = None, ema: bool = True, device: str = "cpu", *,
-                 policy: Any = None):
-        """Load a checkpoint (or a run folder's latest); or wrap an in-memory `policy` (DiffusionPolicy)."""
+                 policy: Any = None, threads: int | None = None):
+        """Load a checkpoint (or a run folder's latest); or wrap an in-memory `policy` (DiffusionPolicy).
+
+        `threads`: torch's intra-op threads, which are the whole process's (None or 0: dpkit.threads' choice
+        for the model's size). A wrapped in-memory policy leaves them alone unless `threads` is given: its
+        owner (the trainer) has chosen already. `self.threads` records the choice (None when untouched).
+        """
         import torch  # noqa: F401  (fail here, clearly, on a runtime-only install)
 
+        loaded = policy is None
         if policy is None:
             from dpkit.train.checkpoint import load_checkpoint
 
             policy, _ = load_checkpoint(path, ema=ema, device=device)
         self.policy = policy
+        self.threads = None
+        if loaded or threads:
+            self.threads = choose_threads(threads, params=sum(p.numel() for p in policy.parameters()))
+            apply_torch(self.threads)
         cfg = policy.cfg
         scale, offset = policy.normalizer.unnormalize_affine("action")
         super().__init__(PolicySpec(cfg.obs_mode, cfg.n_obs_steps, cfg.horizon, cfg.n_action_steps, cfg.action_dim,

@@ -8,7 +8,8 @@
 `--steps` is the total number of optimizer steps (resumed runs count from their checkpoint); the run
 folder (default runs/<config name>) receives checkpoints/, metrics.jsonl and train_summary.json.
 `key=value` overrides any config field. With --resume the checkpoint's config is used and --steps,
---seed, --data and overrides apply on top of it.
+--seed, --data and overrides apply on top of it. `--threads N` sets torch's threads (default: chosen for
+the model's size and the usable CPUs, dpkit.threads); train_summary.json records the choice.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_json, check_writable_dir, check_writable_file
 from dpkit.train.config import Config, load_config, parse_override
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in the run folder")
     p.add_argument("--force", action="store_true", help="wipe the run folder's checkpoints and metrics and start over")
     p.add_argument("--json", help="also write the training summary to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_args(p)  # --threads, --no-progress, --version
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     return p
 
@@ -89,13 +91,14 @@ def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    apply_threads(args)
     # Everything that can be checked without torch or the data is checked first, so bad input fails fast:
     # the config (and on --resume the checkpoint's state.json), then the places this run will write.
     cfg, run_dir = resolve_config(args)
     check_writable_dir(run_dir, "run folder")
     if args.json:
         check_writable_file(args.json)
-    from dpkit.train.trainer import format_protocol, train
+    from dpkit.train.trainer import format_protocol, format_under_training, train
 
     rollout_eval = None
     if cfg.train.eval_every > 0:
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DpkitError(f"train.eval_every > 0 needs gym-pusht (pip install 'dpkit[eval]'): {e}") from None
         rollout_eval = rollout_evaluator(cfg)
     summary = train(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress,
-                    rollout_eval=rollout_eval)
+                    rollout_eval=rollout_eval, threads=args.threads)
     from accelerate import PartialState
 
     if PartialState().is_main_process:
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{summary['samples_per_s']:.0f} samples/s" if summary["samples_per_s"] else "",
             f"-> {summary['checkpoint']}",
         )
-        for line in format_protocol(summary["protocol"]):
+        for line in format_protocol(summary["protocol"]) + format_under_training(summary):
             print(line)
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -28,6 +29,7 @@ import torch
 import dpkit
 from dpkit.errors import DpkitError
 from dpkit.io import atomic_write_json, atomic_write_text, check_writable_dir
+from dpkit.threads import apply_torch, choose_threads, describe, load_average, usable_cpus
 from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.config import Config
 from dpkit.train.data import PushTDataset, fit_normalizer, load_datasets, to_tensors
@@ -194,6 +196,16 @@ def format_protocol(protocol: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def format_under_training(summary: dict[str, Any]) -> list[str]:
+    """The CLI's (and the demo report's) warning when train.time_limit_s ended the run before its steps."""
+    if not summary.get("stopped_by_time_limit"):
+        return []
+    steps, target = summary["steps"], summary.get("target_steps") or summary["steps"]
+    return [f"WARNING: train.time_limit_s={summary.get('time_limit_s')} stopped training at step {steps} of "
+            f"{target} ({100 * steps / max(target, 1):.0f} %): the policy is under-trained, and scores measured "
+            f"with it are not representative (continue with --resume, or train without a time limit)"]
+
+
 def _has_accelerator() -> bool:
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
@@ -264,6 +276,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     rollout_eval: Callable[[Any], float] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `run_dir` (checkpoints/, metrics.jsonl, train_summary.json); return the summary.
 
@@ -275,6 +288,9 @@ def train(
     policy every `train.eval_every` steps from `train.eval_start` on; the summary's `protocol` is the
     paper's max/mean over the last `train.eval_last` of them (the trainer does not know the simulator:
     `dpkit-train` passes `dpkit.eval.evaluate.rollout_evaluator(cfg)`).
+
+    `threads`: torch's intra-op threads per process (None or 0: dpkit.threads' choice for the model's size
+    and this process's share of the usable CPUs); the summary's "threads" records the choice.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -299,7 +315,7 @@ def train(
         resume_from = ckpt_io.check_run_dir(run_dir, resume, force)
         end = t.steps if stop_after is None else min(stop_after, t.steps)
         return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None,
-                      rollout_eval=rollout_eval)
+                      rollout_eval=rollout_eval, threads=threads)
     finally:
         acc.end_training()
         # Let a later train() in the same process build an Accelerator with other settings.
@@ -316,7 +332,8 @@ def _clear_run(run_dir: Path) -> None:
 
 
 def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int,
-           replace: bool = False, rollout_eval: Callable[[Any], float] | None = None) -> dict[str, Any]:
+           replace: bool = False, rollout_eval: Callable[[Any], float] | None = None,
+           threads: int | None = None) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -364,6 +381,11 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         normalizer = fit_normalizer(cfg, train_ds)
         policy, ema, optimizer, scheduler = build(normalizer)
     step = int(state["step"]) if state is not None else 0
+    # Processes of one launch on this machine share its CPUs (torchrun sets LOCAL_WORLD_SIZE).
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    thread_choice = choose_threads(threads, params=sum(p.numel() for p in policy.parameters()),
+                                   cpus=max(1, usable_cpus() // local))
+    apply_torch(thread_choice)
     model, optimizer = acc.prepare(policy, optimizer)
     unwrapped = acc.unwrap_model(model)
     eval_policy = ema.module if ema is not None else unwrapped
@@ -388,6 +410,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
             f"{acc.device} x{world}; {len(train_ds)} train / {len(val_ds)} val windows from "
             f"{train_ds.replay.path}; steps {step} -> {t.steps}"
         )
+        print(f"threads: {describe(thread_choice)}")
 
     def save(current_step: int, last_loss: float | None, val: float | None, score: float | None = None) -> Path:
         return ckpt_io.save_checkpoint(
@@ -511,7 +534,9 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         "run_dir": str(run_dir),
         "steps": step,
         "steps_this_run": steps_done,
+        "target_steps": t.steps,
         "stopped_by_time_limit": stopped_early,
+        "time_limit_s": t.time_limit_s,
         "final_loss": last_loss,
         "val_loss": val_loss,
         "best_score": best_score if math.isfinite(best_score) else None,
@@ -523,6 +548,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         "cpu_s": time.process_time() - cpu0,
         "checkpoint": str(ckpt_io.checkpoints_dir(run_dir) / f"step_{step:06d}"),
         "processes": world,
+        "threads": thread_choice.to_json(),
+        "load_avg_end": load_average(),
         "device": str(acc.device),
         "dpkit_version": dpkit.__version__,
     }

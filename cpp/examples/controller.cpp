@@ -1,6 +1,6 @@
 // Example: a receding-horizon controller embedding dpkit the way a robot controller would.
 //
-//   dpkit_controller BUNDLE STREAM [--sampler ddpm|ddim] [--steps K] [--threads 2] [--seed 0]
+//   dpkit_controller BUNDLE STREAM [--sampler ddpm|ddim] [--steps K] [--threads 1] [--seed 0]
 //                    [--fast] [--max-chunks N] [--dump actions.f32] [--ort-library PATH]
 //
 // STREAM is a recorded observation stream (cpp/examples/record_observations.py). Per episode the
@@ -72,7 +72,7 @@ double percentile(std::vector<double> v, double q) {
 
 int run(int argc, char** argv) {
   if (argc < 3) {
-    std::cerr << "usage: dpkit_controller BUNDLE STREAM [--sampler ddpm|ddim] [--steps K] [--threads 2] [--seed 0]\n"
+    std::cerr << "usage: dpkit_controller BUNDLE STREAM [--sampler ddpm|ddim] [--steps K] [--threads 1] [--seed 0]\n"
                  "                        [--fast] [--max-chunks N] [--dump FILE] [--ort-library PATH]\n";
     return 2;
   }

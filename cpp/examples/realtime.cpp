@@ -2,7 +2,7 @@
 // sampled on the controller's worker thread meanwhile.
 //
 //   dpkit_realtime BUNDLE [--execution sync|async|async-inpaint] [--ticks 1000] [--period 0.1]
-//                  [--delay -1] [--margin 0] [--blend 0] [--sampler ddim] [--steps 10] [--threads 2]
+//                  [--delay -1] [--margin 0] [--blend 0] [--sampler ddim] [--steps 10] [--threads 1]
 //                  [--seed 0] [--ort-library PATH]
 //
 // Observations are a synthetic smooth signal (this measures timing, not behaviour). Each tick calls
@@ -35,12 +35,12 @@ int run(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]).rfind("--", 0) == 0) {
     std::cerr << "usage: dpkit_realtime BUNDLE [--execution sync|async|async-inpaint] [--ticks 1000] [--period 0.1]\n"
                  "                      [--delay -1] [--margin 0] [--blend 0] [--sampler ddim] [--steps 10]\n"
-                 "                      [--threads 2] [--seed 0] [--ort-library PATH]\n";
+                 "                      [--threads 1] [--seed 0] [--ort-library PATH]\n";
     return 2;
   }
   const std::string bundle = argv[1];
   std::string execution = "async-inpaint", sampler, ort_library;
-  int ticks = 1000, steps = 0, threads = 2;
+  int ticks = 1000, steps = 0, threads = 1;
   dpkit::ControllerParams cp;
   for (int i = 2; i < argc; ++i) {
     const std::string a = argv[i];

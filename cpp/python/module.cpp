@@ -305,9 +305,9 @@ PYBIND11_MODULE(_core, m) {
              py::gil_scoped_release release;  // loading sessions can take a while
              return std::make_unique<PyPolicy>(bundle_dir, p);
            }),
-           py::arg("bundle_dir"), py::arg("provider") = "cpu", py::arg("threads") = 2, py::arg("max_batch") = 8,
+           py::arg("bundle_dir"), py::arg("provider") = "cpu", py::arg("threads") = 1, py::arg("max_batch") = 8,
            py::arg("seed") = 0, py::arg("ort_library") = "", py::arg("verify_sha256") = true, py::arg("device_id") = 0,
-           py::arg("allow_spinning") = true)
+           py::arg("allow_spinning") = false)  // PolicyParams' defaults
       .def("find_sampler", &find_sampler, py::arg("sampler") = py::none(), py::arg("num_inference_steps") = py::none(),
            "the bundle's sampler of this kind ('ddpm'/'ddim'; None: the default sampler's kind) with this many steps "
            "(None: the default sampler if of that kind, else the kind's largest); InputError lists the available ones")

@@ -2,7 +2,7 @@
 //
 //   #include <dpkit/runtime.hpp>
 //
-//   dpkit::Policy policy("bundles/tiny");                        // CPU, 2 threads, batch 1, seed 0
+//   dpkit::Policy policy("bundles/tiny");                        // CPU, 1 thread, batch 1, seed 0
 //   const dpkit::PolicyInfo& info = policy.info();
 //   std::vector<float> obs(info.observation_size(0));            // (1, To, 20) for a low-dim bundle
 //   std::vector<float> actions(info.actions_size());             // (1, Ta, A), un-normalized
@@ -69,10 +69,16 @@ constexpr int kMaxBatchLimit = 4096;
 struct PolicyParams {
   // Execution provider: "cpu", "cuda" or "tensorrt". An unavailable one is an Error, never a fallback.
   std::string provider = "cpu";
-  // ONNX Runtime intra-op threads per session (0 = ORT's default, one per core).
-  int intra_op_threads = 2;
-  // Let idle intra-op threads spin between runs: lower latency, more CPU burned.
-  bool allow_spinning = true;
+  // ONNX Runtime intra-op threads per session (0 = ORT's default, one per core). Default 1, dpkit's thread
+  // rule for a small model (dpkit/threads.py, where the rule and its measurements live; the Python backends'
+  // `threads=` applies it): the `tiny` DDIM-10 chunk beside one busy process took 50.1 ms p50 on 1 thread,
+  // 64.5 on 2 without spinning, 135.6 on 2 with spinning (2-core VM). Bigger models gain from about one
+  // thread per 20 M parameters, up to the cores this process may use. (The default used to be 2.)
+  int intra_op_threads = 1;
+  // Let idle intra-op threads busy-wait between runs. Default false: a spinning thread burns the core a
+  // descheduled sibling needs, which doubled the chunk time above; without a competitor spinning saves only
+  // the wake-up latency (microseconds per run). (The default used to be true.)
+  bool allow_spinning = false;
   // Largest batch `sample` accepts, 1..kMaxBatchLimit; buffers are sized for it at load (at most
   // kMaxBufferBytes of them).
   int max_batch = 1;
