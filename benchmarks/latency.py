@@ -3,6 +3,7 @@
     dpkit-bench --quick                                   # ~1 min on 2 cores: tiny + pusht_lowdim, B 1/4, DDIM-10
     dpkit-bench                                           # all models, batch 1 and 50, DDPM-100 / DDIM-10
     dpkit-bench --models tiny --backends ort cpp --batch 1 8 --samplers ddim-10 --json out.json
+    dpkit-bench --quick --contention 1 --out-dir /tmp/b   # each row also beside 1 busy process, vs quiet
 
 For each model (random weights: latency does not depend on training) it builds a checkpoint and a bundle
 once (cached in `--cache-dir`), then times `policy.sample(obs, sampler, steps)` — one action chunk — for
@@ -28,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dpkit.benchmarks.contention import MAX_BUSY, BusyProcesses
 from dpkit.benchmarks.report import png_bytes, pyplot
 from dpkit.benchmarks.machine import latency_stats, machine_info, time_calls, usable_cores
 from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_obs
@@ -51,6 +53,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 DEFAULT_SAMPLERS = ("ddpm-100", "ddim-10")
+BUSY_MAX_S = 4 * 3600.0
+"""Longest a --contention busy process lives if the benchmark dies without stopping it."""
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Settings:
     min_repeats: int = 3
     threads: int = 0
     """Intra-op threads for every backend (0: dpkit.threads' choice for each model; see `model_threads`)."""
+    contention: int = 0
+    """Busy processes to run beside a second measurement of every chunk row (0: quiet rows only)."""
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -223,6 +229,9 @@ def add_overheads(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["kind"] != "chunk" or r.get("overhead_us_per_step") is not None:
             continue
+        if r.get("contention"):  # the parts were timed quiet: no difference to take
+            r["overhead_us_per_step"] = None
+            continue
         src = r["backend"]
         enc = parts.get((src, r["model"], r["batch"], "encoder"))
         den = parts.get((src, r["model"], r["batch"], "denoiser"))
@@ -267,11 +276,43 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
             log(f"[{m.name}] {m.bundle_error}")
 
     plan = [(m, b) for m in models for b in backends]
-    n_rows = len(plan) * len(s.batches) * len(s.samplers)
+    phases = (0, s.contention) if s.contention else (0,)
+    n_rows = len(plan) * len(s.batches) * len(s.samplers) * len(phases)
     rows: list[dict[str, Any]] = []
     per_model = {m.name: s.model_threads(m.params) for m in models}
     bar = tqdm(total=n_rows, desc="dpkit-bench", unit="row", disable=not progress, dynamic_ncols=True)
     write = bar.write if progress else log
+    # Busy processes (paused unless a contended row runs): each row's quiet and busy figures back to back.
+    with BusyProcesses(s.contention, max_seconds=BUSY_MAX_S) as busy:
+        _measure(s, plan, per_model, machine, busy, phases, rows, skipped, bar, write)
+    bar.close()
+    add_overheads(rows)
+    add_vs_quiet(rows)
+    return {
+        "format": "dpkit-bench",
+        "format_version": 1,
+        "quick": s.quick,
+        "contention": s.contention,
+        "settings": {"models": list(s.models), "backends": list(s.backends), "batches": list(s.batches),
+                     "samplers": [f"{a}-{k}" for a, k in s.samplers], "repeats": s.repeats, "warmup": s.warmup,
+                     "row_seconds": s.row_seconds, "threads": s.threads, "contention": s.contention},
+        "machine": machine,
+        "threads": {**prep.to_json(), "per_model": {n: c.threads for n, c in per_model.items()},
+                    "per_model_reason": {n: c.reason for n, c in per_model.items()}},
+        "models": {m.name: {"params": m.params, "threads": per_model[m.name].threads,
+                            "encoder_mflop": round(m.encoder_flops / 1e6, 3),
+                            "denoiser_mflop": round(m.denoiser_flops / 1e6, 3),
+                            "bundle": str(m.bundle) if m.bundle else None,
+                            "bundle_error": m.bundle_error} for m in models},
+        "rows": rows,
+        "skipped": skipped,
+        "elapsed_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def _measure(s: Settings, plan, per_model, machine, busy: BusyProcesses, phases: tuple[int, ...],
+             rows: list[dict[str, Any]], skipped: list[dict[str, Any]], bar, write) -> None:
+    """Every chunk row once per phase (0: quiet; N: beside N running busy processes), then the parts."""
     for m, b in plan:
         peak = machine.get("gpu_gemm_fp32_gflops") if BACKENDS[b][1] != "cpu" else machine["gemm_fp32_gflops"]
         try:
@@ -279,13 +320,15 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
         except (BackendUnavailable, DpkitError) as e:
             skipped.append({"backend": b, "model": m.name, "reason": str(e)})
             write(f"skipping {b} on {m.name}: {e}")
-            bar.update(len(s.batches) * len(s.samplers))
+            bar.update(len(s.batches) * len(s.samplers) * len(phases))
             continue
         for batch in s.batches:
             obs = random_obs(m, batch)
-            for sampler, k in s.samplers:
-                bar.set_postfix_str(f"{m.name} {b} B={batch} {sampler}-{k}")
+            for (sampler, k), phase in ((sk, ph) for sk in s.samplers for ph in phases):
+                bar.set_postfix_str(f"{m.name} {b} B={batch} {sampler}-{k}" + (f" +{phase} busy" if phase else ""))
                 loops: list[float] = []
+                if phase:
+                    busy.run()
 
                 def chunk() -> None:
                     loaded.policy.sample(obs, sampler=sampler, steps=k, seed=SEED)
@@ -294,6 +337,10 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
                 try:
                     times = time_calls(chunk, s.repeats, s.warmup, s.row_seconds, s.min_repeats, loaded.sync)
                 except DpkitError as e:  # e.g. a (sampler, K) the bundle does not list
+                    busy.pause()
+                    if phase:
+                        bar.update(1)
+                        continue
                     skipped.append({"backend": b, "model": m.name, "batch": batch, "sampler": f"{sampler}-{k}",
                                     "reason": str(e)})
                     write(f"skipping {b} {m.name} B={batch} {sampler}-{k}: {e}")
@@ -301,32 +348,27 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
                     rows.append(make_row(b, loaded.provider, m, "chunk", batch, sampler, k, times,
                                          m.chunk_flops(batch, k), peak))
                     rows[-1]["threads"] = per_model[m.name].threads
+                    rows[-1]["contention"] = phase
                     if loops:  # measured inside the call: the timed chunks' median
                         rows[-1]["overhead_us_per_step"] = round(float(np.median(loops[-len(times):])) / k * 1e3, 2)
                         rows[-1]["overhead_parts_from"] = "internal"
+                busy.pause()
                 bar.update(1)
             rows.extend(part_rows(b, loaded, m, batch, s, peak))
         del loaded
-    bar.close()
-    add_overheads(rows)
-    return {
-        "format": "dpkit-bench",
-        "format_version": 1,
-        "quick": s.quick,
-        "settings": {"models": list(s.models), "backends": list(s.backends), "batches": list(s.batches),
-                     "samplers": [f"{a}-{k}" for a, k in s.samplers], "repeats": s.repeats, "warmup": s.warmup,
-                     "row_seconds": s.row_seconds, "threads": s.threads},
-        "machine": machine,
-        "threads": {**prep.to_json(), "per_model": {n: c.threads for n, c in per_model.items()},
-                    "per_model_reason": {n: c.reason for n, c in per_model.items()}},
-        "models": {m.name: {"params": m.params, "threads": per_model[m.name].threads,
-                            "encoder_mflop": round(m.encoder_flops / 1e6, 3),
-                            "denoiser_mflop": round(m.denoiser_flops / 1e6, 3), "bundle": str(m.bundle) if m.bundle else None,
-                            "bundle_error": m.bundle_error} for m in models},
-        "rows": rows,
-        "skipped": skipped,
-        "elapsed_s": round(time.perf_counter() - t_start, 1),
-    }
+
+
+def add_vs_quiet(rows: list[dict[str, Any]]) -> None:
+    """Each contended chunk row's p50/p99 over the quiet row's of the same run (`vs_quiet_p50`, `_p99`)."""
+    def key(r):
+        return r["backend"], r["model"], r["kind"], r["batch"], r["sampler"], r["steps"]
+
+    quiet = {key(r): r for r in rows if not r.get("contention")}
+    for r in rows:
+        q = quiet.get(key(r)) if r.get("contention") else None
+        if q is not None:
+            r["vs_quiet_p50"] = round(r["p50_ms"] / q["p50_ms"], 3)
+            r["vs_quiet_p99"] = round(r["p99_ms"] / q["p99_ms"], 3)
 
 
 # --------------------------------------------------------------------------- reports
@@ -364,13 +406,15 @@ def markdown_report(result: dict[str, Any]) -> str:
     ]
     order = {b: i for i, b in enumerate(BACKENDS)}
     kind_order = {"chunk": 0, "encoder": 1, "denoiser": 2}
-    for r in sorted(result["rows"], key=lambda r: (r["model"], r["batch"], kind_order[r["kind"]], r["sampler"],
-                                                     r["steps"], order.get(r["backend"], 99))):
+    quiet = [r for r in result["rows"] if not r.get("contention")]
+    for r in sorted(quiet, key=lambda r: (r["model"], r["batch"], kind_order[r["kind"]], r["sampler"],
+                                          r["steps"], order.get(r["backend"], 99))):
         share = None if r.get("peak_share") is None else r["peak_share"] * 100
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['batch']} | {r['sampler']} | {r['steps'] or '–'} | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['mean_ms'])} | {r['n']} | "
             f"{_fmt(r['gflops'], 1)} | {_fmt(share, 1)} | {_fmt(r.get('overhead_us_per_step'), 1)} |")
+    lines += contention_table(result)
     if result["skipped"]:
         lines += ["", "Skipped:", ""]
         for sk in result["skipped"]:
@@ -384,11 +428,31 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def contention_table(result: dict[str, Any]) -> list[str]:
+    """Markdown: each chunk row beside N busy processes against its quiet figure from the same run."""
+    busy = [r for r in result["rows"] if r.get("contention") and "vs_quiet_p50" in r]
+    if not busy:
+        return []
+    n = result.get("contention")
+    quiet = {(r["backend"], r["model"], r["batch"], r["sampler"], r["steps"]): r
+             for r in result["rows"] if r["kind"] == "chunk" and not r.get("contention")}
+    lines = ["", f"Beside {n} busy process{'es' if n != 1 else ''} (single-threaded loops, each in its own session, "
+             "paused while the quiet figure of the same row was measured just before):", "",
+             "| model | backend | batch | sampler | threads | quiet p50 ms | busy p50 ms | × | quiet p99 ms | "
+             "busy p99 ms | × |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(busy, key=lambda r: (r["model"], r["batch"], r["sampler"], r["steps"], r["backend"])):
+        q = quiet[(r["backend"], r["model"], r["batch"], r["sampler"], r["steps"])]
+        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['sampler']}-{r['steps']} | "
+                     f"{r.get('threads', '–')} | {_fmt(q['p50_ms'])} | {_fmt(r['p50_ms'])} | "
+                     f"{r['vs_quiet_p50']:.2f} | {_fmt(q['p99_ms'])} | {_fmt(r['p99_ms'])} | {r['vs_quiet_p99']:.2f} |")
+    return lines
+
+
 def plot_png(result: dict[str, Any]) -> bytes:
     """Per model (columns) and batch (rows): p50 chunk latency per backend, one bar per sampler-K, whisker to p99."""
     plt = pyplot()
 
-    chunks = [r for r in result["rows"] if r["kind"] == "chunk"]
+    chunks = [r for r in result["rows"] if r["kind"] == "chunk" and not r.get("contention")]
     models = [m for m in result["models"] if any(r["model"] == m for r in chunks)] or list(result["models"])
     batches = sorted({r["batch"] for r in chunks}) or [1]
     samplers = sorted({(r["sampler"], r["steps"]) for r in chunks})
@@ -485,6 +549,9 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
             if v < (1 if name == "repeats" else 0):
                 raise DpkitError(f"--{name} must be >= {1 if name == 'repeats' else 0}, got {v}")
             setattr(s, name, v)
+    if not 0 <= a.contention <= MAX_BUSY:
+        raise DpkitError(f"--contention must be in [0, {MAX_BUSY}], got {a.contention}")
+    s.contention = a.contention
     if a.row_seconds is not None:
         if a.row_seconds <= 0:
             raise DpkitError("--row-seconds must be > 0")
@@ -520,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed chunks per row (default 20, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed chunks before each row (default 1)")
     p.add_argument("--row-seconds", type=float, help="soft time budget per row (default 30, quick 2)")
+    p.add_argument("--contention", type=int, default=0, metavar="N",
+                   help="also time every chunk row beside N busy processes (each in its own session, as other "
+                        "programs are) and report it against the quiet figure of the same run (default 0)")
     p.add_argument("--out-dir", default="benchmarks/results", help="where latency[_quick].{json,md,png} go")
     p.add_argument("--json", type=Path, help="also write the JSON here")
     p.add_argument("--cache-dir", default=os.environ.get("DPKIT_BENCH_CACHE", "benchmarks/.cache"),

@@ -203,3 +203,43 @@ def test_time_limit_warns_that_the_policy_is_under_trained(train_store, tmp_path
     assert "WARNING: training stopped by its time limit" in head and "at step 1 of 50" in head
     assert "| train | 1 | 1.50 | 2.00 | 1 (no spinning) |" in report and "| export | 2 | – | – | – |" in report
     assert demo.training_warning({"steps": 50, "target_steps": 50, "stopped_by_time_limit": False}) == []
+
+
+# --------------------------------------------------------------------------- dpkit-bench --contention
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_busy_processes_run_in_their_own_sessions_and_stop():
+    from dpkit.benchmarks.contention import BusyProcesses
+
+    with BusyProcesses(2, max_seconds=60) as busy:
+        pids = [p.pid for p in busy.procs]
+        assert all(os.getsid(pid) == pid != os.getsid(0) for pid in pids)  # each leads its own session
+        assert {_state(pid) for pid in pids} == {"T"}  # created paused
+        busy.run()
+        assert {_state(pid) for pid in pids} <= {"R", "S"}
+        busy.pause()
+        assert {_state(pid) for pid in pids} == {"T"}
+    assert all(not Path(f"/proc/{pid}").exists() or _state(pid) == "Z" for pid in pids)
+    with pytest.raises(DpkitError, match="--contention"):
+        BusyProcesses(-1)
+
+
+def test_contention_rows_are_reported_against_the_quiet_ones():
+    from dpkit.benchmarks import latency
+
+    s = latency.settings_from_args(latency.build_parser().parse_args(["--quick", "--contention", "2"]))
+    assert s.contention == 2
+    with pytest.raises(DpkitError, match="--contention"):
+        latency.settings_from_args(latency.build_parser().parse_args(["--contention", "-1"]))
+    base = {"backend": "cpp", "model": "tiny", "kind": "chunk", "batch": 1, "sampler": "ddim", "steps": 10,
+            "threads": 1}
+    rows = [{**base, "p50_ms": 10.0, "p99_ms": 12.0, "contention": 0},
+            {**base, "p50_ms": 15.0, "p99_ms": 30.0, "contention": 2}]
+    latency.add_vs_quiet(rows)
+    assert rows[1]["vs_quiet_p50"] == 1.5 and rows[1]["vs_quiet_p99"] == 2.5 and "vs_quiet_p50" not in rows[0]
+    table = "\n".join(latency.contention_table({"rows": rows, "contention": 2}))
+    assert "Beside 2 busy processes" in table and "| tiny | cpp | 1 | ddim-10 | 1 | 10.00 | 15.00 | 1.50 |" in table
