@@ -39,8 +39,10 @@ class RealTimeController:
     policy's lock around each chunk; `step` releases the GIL."""
     def __init__(self, policy: Policy, execution: str = "async-inpaint", delay: int | None = None, margin: int = 0,
                  blend: int = 0, sampler: str | None = None, num_inference_steps: int | None = None, seed: int = 0,
-                 period: float = 0.1, batch: int = 1) -> None: ...
+                 period: float = 0.1, batch: int = 1, worker_cpus: list[int] = ..., worker_priority: int = 0) -> None: ...
     def step(self, observations: dict[str, np.ndarray] | list[np.ndarray]) -> np.ndarray: ...  # (B, A)
+    @property
+    def worker_setup(self) -> str: ...  # what worker_cpus / worker_priority did, or why the OS refused
     @property
     def stats(self) -> dict[str, Any]: ...  # ticks, requests, chunks, deadline_misses, wait_ticks, latencies_s, latency_ms
     @property

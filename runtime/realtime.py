@@ -35,13 +35,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dpkit.errors import DpkitError
+from dpkit.errors import DpkitError, InputError
 from dpkit.sampling_args import check_seed
 
 EXECUTIONS = ("sync", "async", "async-inpaint")
@@ -247,11 +248,16 @@ class CppRealTimeController:
     controller checks the settings at once and is remade when the first step brings another batch).
     Chunk r samples with the C++ generator reseeded to `_core.RealTimeController.request_seed(seed, r)`,
     not numpy's: its actions equal the Python reference's run over a policy drawing that same noise.
+
+    A shared robot computer: `worker_cpus` pins the worker thread (which computes the chunk when the policy
+    has 1 thread) to those CPUs, `worker_priority` (1..99) runs it under SCHED_FIFO. What the OS refuses
+    (no CAP_SYS_NICE, CPUs outside the affinity mask) is skipped, not an error; `worker_setup` says which.
     """
 
     def __init__(self, policy: Any, execution: str = "async-inpaint", delay: int | None = None, margin: int = 0,
                  blend: int = 0, sampler: str | None = None, steps: int | None = None, seed: int = 0,
-                 period: float = 0.1, batch: int | None = None):
+                 period: float = 0.1, batch: int | None = None, worker_cpus: Sequence[int] = (),
+                 worker_priority: int = 0):
         from dpkit.runtime import _core
 
         if execution not in EXECUTIONS:
@@ -262,7 +268,8 @@ class CppRealTimeController:
         seed = check_seed(seed)
         self._args = dict(execution=execution, delay=-1 if delay is None else delay, margin=margin, blend=blend,
                           sampler=self.choice.sampler, num_inference_steps=self.choice.num_inference_steps,
-                          seed=seed, period=period)
+                          seed=seed, period=period, worker_cpus=_cpu_list(worker_cpus),
+                          worker_priority=_int_in(worker_priority, "worker_priority", 0, 99))
         self._make = lambda b: _core.RealTimeController(policy._policy, batch=b, **self._args)
         self._ctl = self._make(1 if batch is None else batch)
         self._fixed_batch = batch is not None
@@ -289,6 +296,11 @@ class CppRealTimeController:
     def switched(self) -> bool:
         return self._ctl.switched
 
+    @property
+    def worker_setup(self) -> str:
+        """What worker_cpus / worker_priority did: applied, or refused and why ("" when neither was asked)."""
+        return self._ctl.worker_setup
+
     def expected_delay(self) -> int:
         return self._ctl.expected_delay()
 
@@ -308,3 +320,19 @@ def make_controller(policy: Any, **kwargs: Any) -> "RealTimeController | CppReal
     if getattr(policy, "backend", None) == "cpp" and "clock" not in kwargs and "history" not in kwargs:
         return CppRealTimeController(policy, **kwargs)
     return RealTimeController(policy, **kwargs)
+
+
+def _int_in(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+def _cpu_list(cpus: Any) -> list[int]:
+    """worker_cpus: CPU numbers (a list, or "0,1" as on a command line)."""
+    if isinstance(cpus, str):
+        cpus = [c for c in cpus.replace(",", " ").split()]
+        if not all(c.isdigit() for c in cpus):
+            raise InputError(f"worker_cpus must be CPU numbers, got {cpus!r}")
+        cpus = [int(c) for c in cpus]
+    return [_int_in(c, "worker_cpus entry", 0, 1023) for c in cpus]

@@ -243,3 +243,52 @@ def test_contention_rows_are_reported_against_the_quiet_ones():
     assert rows[1]["vs_quiet_p50"] == 1.5 and rows[1]["vs_quiet_p99"] == 2.5 and "vs_quiet_p50" not in rows[0]
     table = "\n".join(latency.contention_table({"rows": rows, "contention": 2}))
     assert "Beside 2 busy processes" in table and "| tiny | cpp | 1 | ddim-10 | 1 | 10.00 | 15.00 | 1.50 |" in table
+
+
+# --------------------------------------------------------------------------- controller: affinity, SCHED_FIFO
+
+_OBS = "{'obs': __import__('numpy').full((1, 20), 256, 'float32')}"
+_REFUSED_FIFO = f"""
+import os, resource, sys
+from dpkit.runtime import load_policy
+from dpkit.runtime.realtime import CppRealTimeController
+p = load_policy(sys.argv[1], backend="cpp", max_batch=1)
+resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+if os.getuid() == 0:  # root has CAP_SYS_NICE: become nobody, who may not use SCHED_FIFO
+    os.setgid(65534)
+    os.setuid(65534)
+with CppRealTimeController(p, delay=1, worker_priority=10) as c:
+    for _ in range(10):
+        c.step({_OBS})
+    print(c.stats.chunks, c.worker_setup)
+"""
+
+
+def test_controller_worker_affinity_and_realtime_priority():
+    """Applied where permitted; refused with a clear reason and carrying on where not."""
+    from dpkit.runtime import load_policy
+    from dpkit.runtime.realtime import CppRealTimeController
+
+    try:
+        policy = load_policy(GOLDEN, backend="cpp", threads=1, max_batch=1)
+    except DpkitError as e:
+        pytest.skip(str(e))
+    cpu = min(os.sched_getaffinity(0))
+    with CppRealTimeController(policy, delay=1, worker_cpus=[cpu]) as ctl:
+        assert ctl.worker_setup == f"worker pinned to CPUs {cpu}"
+        for _ in range(10):
+            ctl.step(eval(_OBS))
+        assert ctl.stats.chunks >= 2
+    with CppRealTimeController(policy, delay=1, worker_cpus="1000") as ctl:  # not a CPU this process may use
+        setup = ctl.worker_setup
+        assert setup.startswith("worker CPU affinity {1000} refused (") and "runs on any CPU" in setup
+        ctl.step(eval(_OBS))
+    assert CppRealTimeController(policy, delay=1).worker_setup == ""
+    for bad in ({"worker_priority": 100}, {"worker_priority": True}, {"worker_cpus": [-1]}, {"worker_cpus": "a"}):
+        with pytest.raises(InputError):
+            CppRealTimeController(policy, **bad)
+    run = subprocess.run([sys.executable, "-c", _REFUSED_FIFO, str(GOLDEN)], capture_output=True, text=True,
+                         timeout=120, env=_env(OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr[-2000:]
+    chunks, setup = run.stdout.strip().split(" ", 1)
+    assert int(chunks) >= 2 and setup.startswith("SCHED_FIFO priority 10 refused (Operation not permitted"), setup

@@ -3,7 +3,7 @@
 //
 //   dpkit_realtime BUNDLE [--execution sync|async|async-inpaint] [--ticks 1000] [--period 0.1]
 //                  [--delay -1] [--margin 0] [--blend 0] [--sampler ddim] [--steps 10] [--threads 1]
-//                  [--seed 0] [--ort-library PATH]
+//                  [--seed 0] [--ort-library PATH] [--worker-cpus 1[,2]] [--worker-priority 0..99]
 //
 // Observations are a synthetic smooth signal (this measures timing, not behaviour). Each tick calls
 // RealTimeController::step and sleeps until the next tick (steady clock). At the end it prints the
@@ -35,7 +35,8 @@ int run(int argc, char** argv) {
   if (argc < 2 || std::string(argv[1]).rfind("--", 0) == 0) {
     std::cerr << "usage: dpkit_realtime BUNDLE [--execution sync|async|async-inpaint] [--ticks 1000] [--period 0.1]\n"
                  "                      [--delay -1] [--margin 0] [--blend 0] [--sampler ddim] [--steps 10]\n"
-                 "                      [--threads 1] [--seed 0] [--ort-library PATH]\n";
+                 "                      [--threads 1] [--seed 0] [--ort-library PATH] [--worker-cpus 1[,2]]\n"
+                 "                      [--worker-priority 0..99]\n";
     return 2;
   }
   const std::string bundle = argv[1];
@@ -57,6 +58,13 @@ int run(int argc, char** argv) {
     else if (a == "--threads") threads = std::stoi(v);
     else if (a == "--seed") cp.seed = std::stoull(v);
     else if (a == "--ort-library") ort_library = v;
+    else if (a == "--worker-priority") cp.worker_priority = std::stoi(v);  // SCHED_FIFO where permitted
+    else if (a == "--worker-cpus")
+      for (std::size_t at = 0; at < v.size();) {  // "1" or "1,2"
+        const std::size_t comma = std::min(v.find(',', at), v.size());
+        cp.worker_cpus.push_back(std::stoi(v.substr(at, comma - at)));
+        at = comma + 1;
+      }
     else throw dpkit::InputError("unknown option " + a);
   }
   if (execution == "sync") cp.execution = dpkit::Execution::sync;
@@ -72,6 +80,7 @@ int run(int argc, char** argv) {
   const dpkit::PolicyInfo& info = policy.info();
   cp.sampler = policy.find_sampler(sampler, steps);
   dpkit::RealTimeController ctl(policy, cp);  // the worker thread owns `policy` from here on
+  if (!ctl.worker_setup().empty()) std::printf("%s\n", ctl.worker_setup().c_str());  // applied, or why not
 
   std::vector<std::vector<float>> obs;
   std::vector<dpkit::ConstFloatSpan> spans;

@@ -362,7 +362,8 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyController>(m, "RealTimeController")
       .def(py::init([](PyPolicy& policy, const std::string& execution, const py::object& delay, const py::object& margin,
                        const py::object& blend, const py::object& sampler, const py::object& steps,
-                       std::uint64_t seed, double period, const py::object& batch) {
+                       std::uint64_t seed, double period, const py::object& batch, const std::vector<int>& worker_cpus,
+                       int worker_priority) {
              dpkit::ControllerParams p;
              p.execution = execution_of(execution);
              p.delay = int_arg(delay, "delay", -1);
@@ -372,13 +373,16 @@ PYBIND11_MODULE(_core, m) {
              p.seed = seed;
              p.period = period;
              p.batch = int_arg(batch, "batch", 1);
+             p.worker_cpus = worker_cpus;
+             p.worker_priority = worker_priority;
              p.policy_mutex = &policy.mutex;
              return std::make_unique<PyController>(policy, p);
            }),
            py::arg("policy"), py::arg("execution") = "async-inpaint", py::arg("delay") = py::none(),
            py::arg("margin") = 0, py::arg("blend") = 0, py::arg("sampler") = py::none(),
            py::arg("num_inference_steps") = py::none(), py::arg("seed") = 0, py::arg("period") = 0.1,
-           py::arg("batch") = 1, py::keep_alive<1, 2>(),
+           py::arg("batch") = 1, py::arg("worker_cpus") = std::vector<int>{}, py::arg("worker_priority") = 0,
+           py::keep_alive<1, 2>(),
            "dpkit::RealTimeController: delay None/-1 = measured on the wall clock, else fixed (virtual time)")
       .def("step", [](PyController& self, const py::object& obs) {
              return controller_step(self, *self.policy_of, obs);
@@ -388,6 +392,8 @@ PYBIND11_MODULE(_core, m) {
         return without_gil_locked(self, [&] { return self.ctl.switched(); });
       })
       .def_property_readonly("batch", [](const PyController& self) { return self.batch; })
+      .def_property_readonly("worker_setup", [](const PyController& self) { return self.ctl.worker_setup(); },
+                             "what worker_cpus / worker_priority did (applied, or refused and why); '' if unused")
       .def("expected_delay", [](PyController& self) {
         return without_gil_locked(self, [&] { return self.ctl.expected_delay(); });
       })

@@ -14,6 +14,14 @@
 #include <exception>
 #include <thread>
 
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+
+#include <cerrno>
+#include <cstring>
+#endif
+
 #include "dpkit/runtime.hpp"
 
 namespace dpkit {
@@ -28,6 +36,39 @@ bool finite(const float* p, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i)
     if (!std::isfinite(p[i])) return false;
   return true;
+}
+
+// Pin `t` to `cpus` and/or give it SCHED_FIFO at `priority`; never throws for what the OS refuses: the
+// result says what was applied and what was refused (ControllerParams, "A shared robot computer").
+std::string apply_worker_options(std::thread& t, const std::vector<int>& cpus, int priority) {
+  std::string out;
+  auto add = [&out](const std::string& s) { out += (out.empty() ? "" : "; ") + s; };
+  std::string list;
+  for (int c : cpus) list += (list.empty() ? "" : ",") + std::to_string(c);
+#if defined(__linux__)
+  if (!cpus.empty()) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    for (int c : cpus)
+      if (c < CPU_SETSIZE) CPU_SET(c, &set);
+    const int rc = pthread_setaffinity_np(t.native_handle(), sizeof(set), &set);
+    add(rc == 0 ? "worker pinned to CPUs " + list
+                : "worker CPU affinity {" + list + "} refused (" + std::strerror(rc) +
+                      ": CPUs outside this process's affinity mask?); the worker runs on any CPU");
+  }
+  if (priority > 0) {
+    sched_param sp{};
+    sp.sched_priority = priority;
+    const int rc = pthread_setschedparam(t.native_handle(), SCHED_FIFO, &sp);
+    add(rc == 0 ? "worker at SCHED_FIFO priority " + std::to_string(priority)
+                : "SCHED_FIFO priority " + std::to_string(priority) + " refused (" + std::strerror(rc) +
+                      ": needs CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority); normal scheduling");
+  }
+#else
+  if (!cpus.empty()) add("worker CPU affinity is not supported on this platform; the worker runs on any CPU");
+  if (priority > 0) add("SCHED_FIFO is not supported on this platform; normal scheduling");
+#endif
+  return out;
 }
 
 }  // namespace
@@ -90,6 +131,7 @@ struct RealTimeController::Impl {
   std::condition_variable cv;
   bool has_job = false, done = false, stop = false;
   std::thread worker;
+  std::string worker_setup;  // what worker_cpus / worker_priority did (set once, at construction)
 
   double now() const { return p.clock ? p.clock() : steady_seconds(); }
   std::int64_t remaining() const { return have_chunk ? Ta - index : 0; }
@@ -327,6 +369,8 @@ RealTimeController::RealTimeController(Policy& policy, const ControllerParams& p
   range("blend", p.blend, 0, 1000000, " rows");
   range("batch", p.batch, 1, info.max_batch, " (PolicyParams::max_batch)");
   range("history", p.history, 1, 1000000, " chunks");
+  range("worker_priority", p.worker_priority, 0, 99, " (SCHED_FIFO; 0 = normal scheduling)");
+  for (int c : p.worker_cpus) range("worker_cpus entry", c, 0, 1023, " (a CPU number)");
   if (!(p.period > 0.0) || !std::isfinite(p.period))
     throw InputError("ControllerParams::period must be a positive number of seconds, got " + std::to_string(p.period));
   if (p.execution != Execution::sync && p.execution != Execution::async && p.execution != Execution::async_inpaint)
@@ -357,7 +401,14 @@ RealTimeController::RealTimeController(Policy& policy, const ControllerParams& p
   im.latencies.assign(ControllerStats::kMaxLatencySamples, 0.0);
   im.recent.assign(static_cast<std::size_t>(p.history), 0.0);
   im.worker = std::thread([&im] { im.work(); });  // last: nothing above may throw once it runs
+  // Applied from here, before the first job can reach the worker; refusals are reported, never thrown.
+  try {
+    im.worker_setup = apply_worker_options(im.worker, p.worker_cpus, p.worker_priority);
+  } catch (...) {  // std::bad_alloc while building the message: the options are applied or not, carry on
+  }
 }
+
+const std::string& RealTimeController::worker_setup() const { return impl_->worker_setup; }
 
 RealTimeController::~RealTimeController() {
   try {

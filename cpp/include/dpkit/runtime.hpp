@@ -284,6 +284,19 @@ struct ControllerParams {
   // steady clock. Tests inject a virtual one.
   std::function<double()> clock;
   std::mutex* policy_mutex = nullptr;  // see "Ownership and threads"
+  // A shared robot computer: pin the worker thread to these CPUs (empty: no pinning). With
+  // PolicyParams::intra_op_threads = 1 (the default) ONNX Runtime computes on the calling thread, so this
+  // pins the whole chunk computation; with more threads ORT's pool threads stay unpinned. Keep the control
+  // thread and the camera/middleware threads off these CPUs.
+  std::vector<int> worker_cpus;
+  // Run the worker under SCHED_FIFO at this priority (1..99; 0 = the normal scheduler). A chunk then
+  // preempts every normal thread on its CPU until it is done; a control loop that must never wait for it
+  // should run at a higher priority or on another CPU.
+  int worker_priority = 0;
+  // Neither option is an error when the OS refuses it (SCHED_FIFO needs CAP_SYS_NICE or an RLIMIT_RTPRIO
+  // at least the priority; a CPU outside this process's affinity mask is refused): the controller runs
+  // without it, and RealTimeController::worker_setup() says what was applied and what was refused, and why.
+  // Out-of-range values (a negative CPU, a priority outside 0..99) are an InputError.
 };
 
 // Counters since construction. Latencies (seconds, the most recent kMaxLatencySamples chunks).
@@ -315,6 +328,10 @@ class RealTimeController {
   bool switched() const;      // whether the last step's action came from a chunk switched in at that tick
   int expected_delay() const; // d in ticks: fixed, or measured (1 before the first chunk)
   ControllerStats stats() const;  // a copy (allocates; call it outside the control loop)
+  // What ControllerParams::worker_cpus / worker_priority did, one sentence each, e.g. "worker pinned to
+  // CPUs 1" or "SCHED_FIFO priority 50 refused (Operation not permitted: ...); normal scheduling"; "" when
+  // neither was asked for.
+  const std::string& worker_setup() const;
   void close();
 
   // The seed of request r's noise (a splitmix64 mix of both).
