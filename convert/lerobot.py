@@ -125,8 +125,6 @@ def read_lerobot(folder: str | Path, name: str):
     want("use_film_scale_modulation", True, "dpkit's FiLM always predicts scale and bias")
     sched_kind = want("noise_scheduler_type", lambda v: v in ("DDPM", "DDIM"), "DDPM or DDIM")
     want("prediction_type", "epsilon", "dpkit predicts epsilon")
-    if cfg.get("clip_sample", True):
-        want("clip_sample_range", 1.0, "dpkit clips x0 to [-1, 1]", default=1.0)
     if cfg.get("beta_schedule") != "squaredcos_cap_v2":  # the cosine schedule ignores beta_start/end
         for key, value in BETA_DEFAULTS.items():
             want(key, value, f"dpkit's linear schedules use {value}", default=value)
@@ -176,7 +174,8 @@ def read_lerobot(folder: str | Path, name: str):
         "final_norm_groups": PEER_FINAL_NORM_GROUPS,  # lerobot's final block: 8 groups whatever n_groups
         "diffusion_step_embed_dim": cfg.get("diffusion_step_embed_dim"),
         "num_train_timesteps": T, "beta_schedule": cfg.get("beta_schedule"),
-        "clip_sample": cfg.get("clip_sample", True), "prediction_type": "epsilon",
+        "clip_sample": cfg.get("clip_sample", True), "clip_sample_range": cfg.get("clip_sample_range", 1.0),
+        "prediction_type": "epsilon",
     }
     if sched_kind == "DDIM":
         policy_cfg["ddim_steps"] = k

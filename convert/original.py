@@ -120,6 +120,7 @@ def read_original(path: str | Path, name: str, ema: bool = True):
         "num_train_timesteps": sched.get("num_train_timesteps", 1000),
         "beta_schedule": sched.get("beta_schedule", "linear"),
         "clip_sample": sched.get("clip_sample", True),
+        "clip_sample_range": sched.get("clip_sample_range", 1.0),  # diffusers' default
         "prediction_type": sched.get("prediction_type", "epsilon"),
     }
     if kind == "ddim":

@@ -268,3 +268,78 @@ def test_original_converter_records_the_peers_final_block_rule(tmp_path, monkeyp
     state = json.loads(next((run / "checkpoints").glob("step_*/state.json")).read_text())
     assert (state["config"]["policy"]["n_groups"], state["config"]["policy"]["final_norm_groups"]) == (4, 8)
     assert (state["config"]["policy"]["default_sampler"], state["config"]["policy"]["ddpm_steps"]) == ("ddpm", 100)
+
+
+# ---- clip_sample_range and clip_sample: false, against lerobot on the same weights --------------------------
+
+# (config.json edit, {tag: (sampler, steps)}); the DDPM variants used the saved config's DDPM-50 draws
+CLIP_VARIANTS = {"clip15": ({"clip_sample_range": 1.5}, {"clip15_ddpm50": ("ddpm", 50), "clip15_ddim10": ("ddim", 10)}),
+                 "noclip": ({"clip_sample": False}, {"noclip_ddpm50": ("ddpm", 50), "noclip_ddim10": ("ddim", 10)})}
+
+
+def _check_clip(policy, ref: dict, tags: dict[str, tuple[str, int]]) -> dict[str, dict[str, float]]:
+    """As _check, against lerobot's float64 run of the variant. Unclipped, this random-init network's x0
+    estimates run away (the DDPM-50 trajectory reaches ~240 normalized, tens of thousands of px) and float32
+    rounding grows with them: lerobot's own float32 run is 1.4e-4 (normalized) / 3.2e-2 px from its float64 run
+    there. So both bounds scale with lerobot's own error: twice it (two float32 runs of one computation in a
+    different order) plus the fixed margins, which is the fixed margins alone where clipping keeps it small."""
+    out = {}
+    for tag, (sampler, steps) in tags.items():
+        traj = policy.sample(_obs(ref), sampler=sampler, steps=steps, initial_noise=ref["initial_noise"],
+                             step_noise=_step_noise(ref, "ddpm50") if sampler == "ddpm" else None)
+        exact = ref[f"{tag}_trajectory_normalized_float64"]
+        exact_px = policy.executed_actions(exact)
+        d = out[tag] = {"traj": float(np.abs(traj - exact).max()),
+                        "px": float(np.abs(policy.executed_actions(traj) - exact_px).max()),
+                        "lerobot_traj": float(np.abs(ref[f"{tag}_trajectory_normalized"] - exact).max()),
+                        "lerobot_px": float(np.abs(ref[f"{tag}_actions"] - exact_px).max())}
+        # the reference differs from the clip-1 result by far more than any bound: the variant is tested
+        base = tag.split("_", 1)[1]
+        assert np.abs(ref[f"{tag}_trajectory_normalized"] - ref[f"{base}_trajectory_normalized"]).max() > 0.5
+        assert d["traj"] <= 2 * d["lerobot_traj"] + TRAJ_TOL, (tag, d)
+        assert d["px"] <= 2 * d["lerobot_px"] + ROUNDING_MARGIN_PX[sampler], (tag, d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clip_runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("converted_clip")
+    runs = {}
+    for name, (edit, _) in CLIP_VARIANTS.items():
+        src = _source(root / "src" / name)
+        cfg = json.loads((src / "config.json").read_text())
+        cfg.update(edit)
+        (src / "config.json").write_text(json.dumps(cfg))
+        runs[name] = Path(convert_policy(src, root / name)["out"])
+    return runs
+
+
+@pytest.mark.parametrize("name", list(CLIP_VARIANTS))
+def test_clip_variants_reproduce_lerobot_in_torch(clip_runs, ref, name):
+    from dpkit.export.schedule import build_scheduler
+    from dpkit.runtime import load_policy
+
+    policy = load_policy(clip_runs[name], backend="torch")
+    cfg = policy.policy.cfg
+    assert (cfg.clip_sample, cfg.clip_sample_range) == ((True, 1.5) if name == "clip15" else (False, 1.0))
+    sched = build_scheduler(policy.policy, ddim_steps=(10,))  # what the exporter writes into policy.json
+    assert (sched["clip_sample"], sched["clip_sample_range"]) == (cfg.clip_sample, cfg.clip_sample_range)
+    _check_clip(policy, ref, CLIP_VARIANTS[name][1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ort", "cpp"])
+@pytest.mark.parametrize("name", list(CLIP_VARIANTS))
+def test_clip_variants_reproduce_lerobot_in_the_runtimes(bundle, ref, tmp_path, backend, name):
+    """The clip rule lives in the sampler, not the graphs: the exported bundle with its scheduler's clip fields
+    set as the variant's export writes them (test above) runs each runtime's reverse loop against lerobot."""
+    from dpkit.runtime import load_policy
+
+    if backend == "cpp":
+        pytest.importorskip("dpkit.runtime._core")
+    variant = shutil.copytree(bundle, tmp_path / "bundle")
+    manifest = json.loads((variant / "policy.json").read_text())
+    edit = CLIP_VARIANTS[name][0]
+    manifest["scheduler"].update({k: v for k, v in edit.items()})
+    (variant / "policy.json").write_text(json.dumps(manifest))
+    _check_clip(load_policy(variant, backend=backend), ref, CLIP_VARIANTS[name][1])

@@ -92,6 +92,10 @@ class PolicyConfig:
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"
     clip_sample: bool = True
+    """Clip the predicted x0 to [-clip_sample_range, clip_sample_range] at every reverse step (diffusers')."""
+    clip_sample_range: float = 1.0
+    """The clip bound (> 0; used only with clip_sample). The peers let it be any positive value; dpkit-convert
+    carries the source's."""
     prediction_type: str = "epsilon"
     ddim_steps: int = 10
     """Default DDIM step count (inference)."""
@@ -199,6 +203,8 @@ class PolicyConfig:
         _check(self.beta_schedule in BETA_SCHEDULES,
                f"policy.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
         _check(self.prediction_type == "epsilon", "policy.prediction_type: only 'epsilon' is supported")
+        # diffusers clamps x0 to [-r, r]: r <= 0 would pin every step's x0 to one value (or an empty range).
+        _check(self.clip_sample_range > 0, f"policy.clip_sample_range must be > 0, got {self.clip_sample_range}")
         _range("policy.ddim_steps", self.ddim_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")
         if self.ddpm_steps is not None:
             _range("policy.ddpm_steps", self.ddpm_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")

@@ -259,6 +259,7 @@ class DiffusionPolicy(nn.Module):
             num_train_timesteps=T,
             beta_schedule=self.cfg.beta_schedule,
             clip_sample=self.cfg.clip_sample,
+            clip_sample_range=self.cfg.clip_sample_range,
             prediction_type=self.cfg.prediction_type,
         )
         if sampler == "ddpm":

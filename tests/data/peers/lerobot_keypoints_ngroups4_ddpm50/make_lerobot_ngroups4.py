@@ -1,5 +1,6 @@
 """Make the lerobot_keypoints_ngroups4_ddpm50 fixture with lerobot 0.6.1's own code: `n_groups: 4` and DDPM
-with `num_inference_steps: 50`, two legal non-default values dpkit-convert once got silently wrong.
+with `num_inference_steps: 50`, two legal non-default values dpkit-convert once got silently wrong, plus
+references for `clip_sample_range: 1.5` and `clip_sample: false` on the same weights.
 
 Runs only when asked (never from the tests), in a throwaway venv beside the project:
 
@@ -136,14 +137,22 @@ def main() -> None:
     # exactly as the scheduler used it
     real_randn = ddpm_mod.randn_tensor
     start, end = config.n_obs_steps - 1, config.n_obs_steps - 1 + config.n_action_steps
-    variants = {"ddpm50": ("DDPM", 50), "ddpm100": ("DDPM", None), "ddim10": ("DDIM", 10)}
+    # TAG: (scheduler, num_inference_steps, other config fields); the clip variants check clip_sample_range and
+    # clip_sample: false on the same weights (random-init eps makes x0 leave [-1, 1] in the early steps)
+    variants = {"ddpm50": ("DDPM", 50, {}), "ddpm100": ("DDPM", None, {}), "ddim10": ("DDIM", 10, {}),
+                "clip15_ddpm50": ("DDPM", 50, {"clip_sample_range": 1.5}),
+                "clip15_ddim10": ("DDIM", 10, {"clip_sample_range": 1.5}),
+                "noclip_ddpm50": ("DDPM", 50, {"clip_sample": False}),
+                "noclip_ddim10": ("DDIM", 10, {"clip_sample": False})}
     policies, draws_of = {}, {}
-    for tag, (kind, k) in variants.items():
+    for tag, (kind, k, fields) in variants.items():
         if tag == "ddpm50":  # the saved config itself
             pol = policy
         else:
             cfg = copy.deepcopy(policy.config)
             cfg.noise_scheduler_type, cfg.num_inference_steps = kind, k
+            for key, value in fields.items():
+                setattr(cfg, key, value)
             pol = DiffusionPolicy(cfg)
             pol.load_state_dict(policy.state_dict())
             pol.eval()
@@ -178,9 +187,11 @@ def main() -> None:
         ref[f"{tag}_actions_normalized"], ref[f"{tag}_actions"] = chunk.numpy(), post(chunk).numpy()
         ref[f"{tag}_select_action_first_step"] = post(first).numpy()
         ref[f"{tag}_timesteps"] = pol.diffusion.noise_scheduler.timesteps.numpy().astype(np.int64)
-        if kind == "DDPM":
+        if kind == "DDPM" and not fields:
             ref[f"{tag}_step_noise"] = torch.stack(draws_of[tag]).numpy()  # [i] used at timesteps[i]
             ref[f"{tag}_replay_max_abs_diff"] = np.float64(replay_ddpm(pol, gc, initial_noise, draws_of[tag], traj))
+        elif kind == "DDPM":  # the same seed, so the same draws as the saved config's DDPM-50 (not stored twice)
+            assert all(torch.equal(a, b) for a, b in zip(draws_of[tag], draws_of["ddpm50"], strict=True)), tag
 
     # 3. lerobot's own float64 run of the same network, input and draws: how far its float32 references are
     #    from the exact result
@@ -228,7 +239,12 @@ def main() -> None:
         "model_safetensors_bytes": len(raw),
         "n_tensors": len(sd),
         "tensors": {k: [list(v.shape), str(v.dtype)] for k, v in sd.items()},
+        "variants": {tag: {"noise_scheduler_type": kind, "num_inference_steps": k, **fields}
+                     for tag, (kind, k, fields) in variants.items()},
         "replay_max_abs_diff": {tag: float(ref[f"{tag}_replay_max_abs_diff"]) for tag in ("ddpm50", "ddpm100")},
+        "clip_changes_the_result_normalized": {
+            tag: float(np.abs(ref[f"{tag}_trajectory_normalized"] - ref[f"{tag.split('_')[1]}_trajectory_normalized"])
+                       .max()) for tag in variants if "clip" in tag},
         "float32_vs_float64_max_abs_diff": {
             tag: {"trajectory_normalized": float(np.abs(ref[f"{tag}_trajectory_normalized"]
                                                         - ref[f"{tag}_trajectory_normalized_float64"]).max()),
@@ -240,7 +256,8 @@ def main() -> None:
     }
     (out / "facts.json").write_text(json.dumps(facts, indent=1))
     print(json.dumps({k: facts[k] for k in ("versions", "final_conv_groupnorm", "model_safetensors_bytes",
-                                            "replay_max_abs_diff", "float32_vs_float64_max_abs_diff")}, indent=1))
+                                            "replay_max_abs_diff", "float32_vs_float64_max_abs_diff",
+                                            "clip_changes_the_result_normalized")}, indent=1))
 
 
 def replay_ddpm(policy, gc, initial_noise, draws, traj) -> float:
