@@ -27,12 +27,18 @@ Why (2-core AMD EPYC VM; "busy" = one single-threaded busy process beside the me
     + spinning 135.6 ms p50, 2 threads without spinning 64.5, 1 thread 50.1. A thread pool is only as
     fast as its slowest thread; once a sibling is descheduled every parallel region waits for it, and on
     small operators the waiting costs more than the second core gives.
+    Measured again with this module on the shared VM (two other users' jobs running, load ~3;
+    benchmarks/results/contention/): the C++ chunk p50 was 27.2 ms on 1 thread and 40.3 on 2 (no
+    spinning), 34.2 and 57.5 with one more busy process.
   - Larger models on more threads: each operator is big enough to amortize the hand-offs (the 65.8 M
-    U-Net's batch-1 denoiser call moves 263 MB of weights, memory-bound; 2 threads gave 14.7 ms in ORT),
-    hence one thread per 20 M parameters (65.8 M: 3, so every usable CPU on 2 cores).
+    U-Net's batch-1 denoiser call moves 263 MB of weights, memory-bound; 2 threads gave 14.7 ms in ORT;
+    1 thread was not measured), hence one thread per 20 M parameters (65.8 M: 3, so every usable CPU on
+    2 cores). This boundary is a judgement from the size of the work per operator, not a measurement.
   - No spinning: the 135.6 -> 64.5 ms above is spinning alone (a spinning thread burns the CPU its
     descheduled sibling needs); without a competitor spinning saves at most the wake-up latency, a few
-    µs per parallel region.
+    µs per parallel region. Training `tiny` with 2 OpenMP threads beside one busy process (same shared
+    VM, benchmarks/bench_train.py --contention 1): libgomp's default spin kept 3 % of its throughput
+    (516 -> 13.4 samples/s), OMP_WAIT_POLICY=PASSIVE 76 % (294.6 -> 222.8), 1 thread 63 % (412.1 -> 260.5).
 
 The OpenMP wait policy is read once, when libgomp loads (at `import torch`): `prepare_openmp()` sets
 `OMP_WAIT_POLICY=PASSIVE` (unless the user set it) and `import dpkit` calls it, so every dpkit entry point
