@@ -4,9 +4,8 @@ tests/data/peers/original_pusht_hybrid_tiny/ holds a checkpoint written by the o
 save_checkpoint (xz-compressed; robomimic ResNet-18 + GroupNorm + spatial softmax, PushT pusht_image, crop
 84, small U-Net, sparse ResNet conv weights: see its README.txt) and reference.npz: real PushT frames, the
 injected noise and the original policy's own predict_action outputs, DDPM-100 and DDIM-10. A converted
-run must reproduce them within 1e-4 (normalized trajectory) and 1e-3 px (executed actions), batch 3: in
-PyTorch, and (slow) in ONNX Runtime and the C++ runtime after dpkit's own export (DDIM-10 there within
-tests/test_convert.py's RUNTIME_DDIM_ACTION_TOL_PX, for the reason given beside it).
+run must reproduce them, batch 3, in PyTorch and (slow) in ONNX Runtime and the C++ runtime after dpkit's
+own export, by the rule of tests/peer_parity.py (against dpkit's float64 run of the converted network).
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ import torch
 
 from dpkit.convert.source import convert_policy
 from dpkit.errors import DpkitError
-from test_convert import ACTION_TOL_PX, RUNTIME_DDIM_ACTION_TOL_PX, TRAJ_TOL, _refused
+from peer_parity import Case, Float64Runs, check_case, ddpm_step_noise
+from test_convert import _refused
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "peers" / "original_pusht_hybrid_tiny"
 HYBRID = "diffusion_policy.policy.diffusion_unet_hybrid_image_policy.DiffusionUnetHybridImagePolicy"
@@ -50,28 +50,33 @@ def _obs(ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"image": ref["obs_image"], "agent_pos": ref["obs_agent_pos"]}
 
 
-def _check_policy(policy, ref: dict[str, np.ndarray], ddim_action_tol: float = ACTION_TOL_PX) -> None:
+@pytest.fixture(scope="module")
+def truth(run) -> Float64Runs:
+    return Float64Runs(lambda _name: run)
+
+
+def _cases(ref: dict[str, np.ndarray]) -> list[Case]:
+    return [Case("ddpm", 100, ref["ddpm_initial_noise"], ddpm_step_noise(ref["ddpm_step_noise"]),
+                 ref["ddpm_normalized_trajectory"], ref["ddpm_action"]),
+            Case("ddim", 10, ref["ddim10_initial_noise"], None, ref["ddim10_normalized_trajectory"],
+                 ref["ddim10_action"])]
+
+
+def _check_policy(policy, ref: dict[str, np.ndarray], truth: Float64Runs) -> None:
     obs = _obs(ref)
     assert obs["image"].shape[:2] == (3, 2) and 0.0 <= obs["image"].min() and obs["image"].max() <= 1.0
-    # dpkit's step_noise has one slice per step (K = 100); the last (t = 0) is unused, as in the original.
-    step_noise = np.concatenate([ref["ddpm_step_noise"], np.zeros_like(ref["ddpm_step_noise"][:1])])
-    traj = policy.sample(obs, sampler="ddpm", steps=100, initial_noise=ref["ddpm_initial_noise"],
-                         step_noise=step_noise)
-    assert np.abs(traj - ref["ddpm_normalized_trajectory"]).max() <= TRAJ_TOL
-    assert np.abs(policy.executed_actions(traj) - ref["ddpm_action"]).max() <= ACTION_TOL_PX
-    traj = policy.sample(obs, sampler="ddim", steps=10, initial_noise=ref["ddim10_initial_noise"])
-    assert np.abs(traj - ref["ddim10_normalized_trajectory"]).max() <= TRAJ_TOL
-    assert np.abs(policy.executed_actions(traj) - ref["ddim10_action"]).max() <= ddim_action_tol
+    for case in _cases(ref):
+        check_case(policy, obs, case, truth.get("hybrid", case, obs))
 
 
-def test_converted_hybrid_reproduces_the_original_in_torch(run, ref):
+def test_converted_hybrid_reproduces_the_original_in_torch(run, ref, truth):
     from dpkit.runtime import load_policy
 
     policy = load_policy(run, backend="torch")
     assert list(policy.obs_keys) == ["image", "agent_pos"]  # the original's per-step order
     choice = policy.resolve_sampler()  # the workspace's DDPMScheduler with num_inference_steps 100
     assert (choice.sampler, choice.num_inference_steps) == ("ddpm", 100)
-    _check_policy(policy, ref)
+    _check_policy(policy, ref, truth)
     # the condition alone: robomimic's encoder output per step [image feature (64), agent_pos (2)]
     with torch.no_grad():
         cond = policy.policy.encoder(torch.from_numpy(ref["obs_image"]), torch.from_numpy(ref["obs_agent_pos"]))
@@ -90,13 +95,13 @@ def test_converted_hybrid_reproduces_the_original_in_torch(run, ref):
     assert facts["cfg_policy"]["_target_"] == HYBRID and facts["cfg_policy"]["crop_shape"] == [84, 84]
 
 
-def test_no_ema_takes_the_trained_weights(ckpt, tmp_path, ref):
+def test_no_ema_takes_the_trained_weights(ckpt, tmp_path, ref, truth):
     from dpkit.runtime import load_policy
 
     summary = convert_policy(ckpt, tmp_path / "raw", ema=False)
     assert summary["source"]["weights"] == "model" and summary["observations"] == ["image", "agent_pos"]
     # the fixture saved before any training step, so its EMA copy equals the model (README.txt)
-    _check_policy(load_policy(tmp_path / "raw", backend="torch"), ref)
+    _check_policy(load_policy(tmp_path / "raw", backend="torch"), ref, truth)
 
 
 def test_converted_hybrid_is_evaluated_in_gym_pusht(run):
@@ -120,11 +125,11 @@ def bundle(run, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ort", "cpp"])
-def test_exported_bundle_reproduces_the_original(bundle, ref, backend):
+def test_exported_bundle_reproduces_the_original(bundle, ref, truth, backend):
     from dpkit.runtime import load_policy
 
     policy = load_policy(bundle, backend=backend)
-    _check_policy(policy, ref, ddim_action_tol=RUNTIME_DDIM_ACTION_TOL_PX)  # see tests/test_convert.py
+    _check_policy(policy, ref, truth)
     manifest = json.loads((bundle / "policy.json").read_text())
     assert [o["name"] for o in manifest["observations"]] == ["image", "agent_pos"]
     assert manifest["scheduler"]["default_sampler"] == "ddpm-100"
