@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
+from dpkit.io import sha256_file
 from dpkit.train.config import IMAGE_SIZE, Config
 from dpkit.train.normalizer import Normalizer
 
 from dpkit.convert.mapping import PEER_FINAL_NORM_GROUPS, resnet_name, unet_name
-from dpkit.convert.run import sha256_file
 
 WEIGHTS = "model.safetensors"
 EPS = 1e-8  # lerobot's normalization eps (the processors' default; their .json may carry another)

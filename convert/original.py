@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from dpkit.errors import DpkitError
+from dpkit.io import sha256_file
 from dpkit.train.config import IMAGE_SIZE, LOWDIM_OBS_DIM, Config
 from dpkit.train.normalizer import Normalizer
 
 from dpkit.convert.mapping import PEER_FINAL_NORM_GROUPS, resnet_name, unet_name
-from dpkit.convert.run import sha256_file
 from dpkit.convert.unpickle import load_torch_zip, loads_plain
 
 LOWDIM_POLICY = "diffusion_policy.policy.diffusion_unet_lowdim_policy.DiffusionUnetLowdimPolicy"

@@ -8,7 +8,6 @@ from it; on any error nothing is left at `out`.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,6 @@ from dpkit.train.normalizer import Normalizer
 from dpkit.train.policy import DiffusionPolicy
 
 from dpkit.convert.mapping import load_mapped
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_out(out: Path, force: bool) -> None:

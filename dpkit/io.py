@@ -4,6 +4,9 @@ Everything is written under a temp name beside its target and renamed into place
 made them, `.<name>.dpkit-<host>-<pid>-<random>.tmp`, so a later write into the same folder can remove
 what a killed writer left behind: entries of that pattern whose process (on this host) is gone, or any
 older than STALE_TMP_AGE_S (a writer on another host that shares the folder).
+
+Also `sha256_file(path)`, the one file digest (bundle graphs, converted weights, the dataset download): it
+lives here, in the core room, because train, convert and runtime may all import core but not each other.
 """
 
 from __future__ import annotations
@@ -72,6 +75,15 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
                 path.unlink()
         removed.append(path)
     return removed
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (a graph or a dataset need not fit in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -22,9 +22,9 @@ import dpkit
 from dpkit.errors import DpkitError
 from dpkit.export.onnx_export import DEFAULT_OPSET, EXPORTER, MIN_OPSET, export_policy
 from dpkit.export.schedule import DEFAULT_DDIM_STEPS, build_scheduler
-from dpkit.io import atomic_dir, atomic_write_json, check_writable_file
+from dpkit.io import atomic_dir, atomic_write_json, check_writable_file, sha256_file
 from dpkit.runtime.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, MAX_TRT_BATCH, TRT_CACHE_DIR, load_bundle,
-                                  read_manifest, sha256_file)
+                                  read_manifest)
 from dpkit.runtime.onnx_info import read_onnx_info
 from dpkit.threads import apply_torch, choose_threads, describe
 

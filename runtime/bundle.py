@@ -12,7 +12,6 @@ damaged bundles both test suites refuse. Caller observations are checked by the 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
+from dpkit.io import sha256_file
 from dpkit.runtime.onnx_info import DTYPE_NAMES, FLOAT, INT64, OnnxError, read_onnx_info
 from dpkit.sampling_args import resolve_sampler
 
@@ -506,14 +506,6 @@ def bundle_trt_options(bundle: "Bundle", graph: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- files and graphs
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shape_str(dims: tuple[int | None, ...] | list) -> str:

@@ -14,7 +14,8 @@ from dpkit.errors import DpkitError
 from dpkit.export import cli, writer
 from dpkit.export.tensorrt import TensorRTUnavailable, check_available
 from dpkit.runtime import load_policy
-from dpkit.runtime.bundle import load_bundle, sha256_file
+from dpkit.io import sha256_file
+from dpkit.runtime.bundle import load_bundle
 from synthetic import make_synthetic_pusht
 
 

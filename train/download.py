@@ -43,7 +43,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from dpkit.errors import DpkitError, cli_entry
-from dpkit.io import atomic_dir
+from dpkit.io import atomic_dir, sha256_file
 from dpkit.train import data as _data
 from dpkit.train.data import DATASET_NAME, DATASET_URL, DatasetNotFound, resolve_dataset_path
 
@@ -81,14 +81,6 @@ def _total_size(resp, offset: int) -> int | None:
         return int(m.group(2))
     length = resp.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def download(
@@ -165,7 +157,7 @@ def download(
         if bar is not None:
             bar.close()
     if sha256 is not None:
-        got = file_sha256(part)
+        got = sha256_file(part)
         if got != sha256.lower():
             part.unlink()
             raise DpkitError(f"{url}: sha256 {got} does not match the expected {sha256}; the download was deleted")
