@@ -91,7 +91,8 @@ class _Episode:
     success: bool = False
 
 
-def _check_policy(policy: Any) -> None:
+def check_policy(policy: Any) -> None:
+    """Refuse a policy PushT cannot drive (missing attributes, another task's observations), by name."""
     for attr in ("obs_mode", "n_obs_steps", "n_action_steps", "obs_keys", "predict_action"):
         if not hasattr(policy, attr):
             raise DpkitError(f"policy {type(policy).__name__} has no {attr!r}; it cannot be evaluated")
@@ -105,6 +106,21 @@ def _check_policy(policy: Any) -> None:
                          f"{unknown[0]!r} is not one of {', '.join(gives)}")
     if int(policy.n_obs_steps) < 1 or int(policy.n_action_steps) < 1:
         raise DpkitError(f"policy needs n_obs_steps >= 1 and n_action_steps >= 1, has {policy.n_obs_steps}, {policy.n_action_steps}")
+
+
+def check_blend(blend: Any, execution: str | None, latency_steps: int | None,
+                names: tuple[str, str, str] = ("blend", "execution", "latency_steps")) -> None:
+    """Refuse a `blend` that would be ignored: it weights the old trajectory's rows after the `d` inpainted ones,
+    so it acts only with execution async-inpaint and d >= 1. `names`: how the caller spells the three."""
+    if isinstance(blend, bool) or not isinstance(blend, (int, np.integer)) or blend < 0:
+        raise DpkitError(f"{names[0]} must be >= 0, got {blend!r}")
+    if blend and execution != "async-inpaint":
+        how = f"{names[1]} {execution}" if execution else f"an evaluation without {names[2]}"
+        raise DpkitError(f"{names[0]} {blend} would be ignored: it applies only to {names[1]} async-inpaint, "
+                         f"not to {how}")
+    if blend and not latency_steps:
+        raise DpkitError(f"{names[0]} {blend} would be ignored: it follows the inpainted prefix, which needs "
+                         f"{names[2]} >= 1, got {latency_steps or 0}")
 
 
 def env_count(policy: Any, episodes: int, n_envs: int | None) -> int:
@@ -159,7 +175,7 @@ def evaluate_policy(
     `seed` = a hash of (sample_seed, c), so the same policy, backend, seeds and n_envs give the same
     report. Videos of the first `n_videos` episodes go to `video_dir` when given.
     """
-    _check_policy(policy)
+    check_policy(policy)
     if episodes < 1:
         raise DpkitError(f"episodes must be >= 1, got {episodes}")
     if max_steps < 1:
@@ -352,8 +368,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise DpkitError("--video-dir is not available with --latency-steps/--execution")
         if args.random:
             raise DpkitError("--random takes no --latency-steps or --execution")
-    if args.blend < 0:
-        raise DpkitError(f"--blend must be >= 0, got {args.blend}")
+    check_blend(args.blend, args.execution, args.latency_steps, ("--blend", "--execution", "--latency-steps"))
     if args.random:
         if args.backend is not None or args.sampler is not None or args.steps is not None:
             raise DpkitError("--random takes no --backend, --sampler or --steps")

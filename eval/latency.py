@@ -29,7 +29,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.eval import pusht
-from dpkit.eval.evaluate import env_count, protocol_fields
+from dpkit.eval.evaluate import check_blend, check_policy, env_count, protocol_fields
 from dpkit.runtime.realtime import EXECUTIONS, make_controller
 
 
@@ -52,6 +52,8 @@ def evaluate_latency(
         raise DpkitError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
     if episodes < 1 or max_steps < 1:
         raise DpkitError(f"episodes and max_steps must be >= 1, got {episodes}, {max_steps}")
+    check_blend(blend, execution, latency_steps)
+    check_policy(policy)  # a policy for another task is refused by name, as in evaluate_policy
     n_envs = env_count(policy, episodes, n_envs)
     from tqdm import tqdm
 
@@ -68,7 +70,8 @@ def evaluate_latency(
         for wave_start in range(0, episodes, n_envs):
             wave = list(range(wave_start, min(wave_start + n_envs, episodes)))
             seeds = [seed_start + i for i in wave]
-            obs = [pusht.observe(envs[j], mode, pusht.reset_legacy(envs[j], s)) for j, s in enumerate(seeds)]
+            obs = [pusht.observe(envs[j], mode, pusht.reset_legacy(envs[j], s), policy.obs_keys)
+                   for j, s in enumerate(seeds)]
             ctl = make_controller(policy, execution=execution, delay=latency_steps, blend=blend, sampler=sampler,
                                   steps=steps, seed=int(np.random.SeedSequence([sample_seed, wave_start])
                                                         .generate_state(1)[0]))
@@ -94,7 +97,7 @@ def evaluate_latency(
                         raw, reward, terminated, _, info = envs[j].step(actions[j].astype(np.float64))
                         used[j] += 1
                         best[j] = max(best[j], float(reward))
-                        obs[j] = pusht.observe(envs[j], mode, raw)
+                        obs[j] = pusht.observe(envs[j], mode, raw, policy.obs_keys)
                         if terminated:
                             success[j], done[j] = bool(info["is_success"]), True
                     if all(done):

@@ -461,3 +461,27 @@ def test_dpkit_train_subprocess_one_line(tmp_path, extra, message):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and message in proc.stderr
     assert proc.stdout == ""
     assert not (tmp_path / "run").exists()  # and found before the (missing) data was looked at
+
+
+# ---- the dataset ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how,message", [
+    ("group", "meta/episode_ends is a group, expected an array"),
+    ("text", "meta/episode_ends has dtype"),
+])
+def test_episode_ends_that_is_not_a_numeric_array(store, tmp_path, capsys, how, message):
+    import zarr
+
+    data = tmp_path / "pusht.zarr"
+    shutil.copytree(store, data)
+    g = zarr.open_group(str(data), mode="r+")
+    del g["meta/episode_ends"]
+    if how == "group":  # once an AttributeError traceback
+        g.create_group("meta/episode_ends")
+    else:
+        g.create_array("meta/episode_ends", shape=(2,), dtype=str)
+    rc, err = _cli(capsys, "--config", "tiny", "--data", data, "--out", tmp_path / "run", "--no-progress", *SMALL)
+    assert rc == 1
+    _one_line(err, message)
+    assert not (tmp_path / "run").exists()

@@ -139,11 +139,18 @@ def _cause(e: BaseException) -> str:
 
 def _array(group, key: str, path: Path):
     try:
-        return group[key]
+        arr = group[key]
     except KeyError:
         raise DpkitError(f"{path}: array {key!r} is missing (expected the PushT replay layout)") from None
     except Exception as e:  # damaged metadata (.zarray), a bad CRC in a zip member
         raise DpkitError(f"dataset {path}: cannot open {key}: {_cause(e)}") from None
+    dtype = getattr(arr, "dtype", None)
+    if dtype is None or not hasattr(arr, "shape"):  # a group stored where the layout has an array
+        kind = type(arr).__name__.lower()
+        raise DpkitError(f"{path}: {key} is a {kind}, expected an array (the PushT replay layout)")
+    if np.dtype(dtype).kind not in "biuf":
+        raise DpkitError(f"{path}: {key} has dtype {dtype}, expected numbers (the PushT replay layout)")
+    return arr
 
 
 def _chunk_key(arr, coords: tuple[int, ...]) -> str:
