@@ -36,6 +36,8 @@ import collections
 import concurrent.futures
 import math
 import numbers
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -75,7 +77,10 @@ class _Chunk:
 class RealTimeController:
     def __init__(self, policy: Any, execution: str = "async-inpaint", delay: int | None = None, margin: int = 0,
                  blend: int = 0, sampler: str | None = None, steps: int | None = None, seed: int = 0,
-                 clock: Callable[[], float] = time.monotonic, period: float = 0.1, history: int = 8):
+                 clock: Callable[[], float] = time.monotonic, period: float = 0.1, history: int = 8,
+                 worker_cpus: Sequence[int] = (), worker_priority: int = 0):
+        """`worker_cpus`, `worker_priority`: as CppRealTimeController's (pin the worker thread; SCHED_FIFO),
+        applied in the worker thread before its first chunk; `worker_setup` says what the OS allowed."""
         if execution not in EXECUTIONS:
             raise DpkitError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         ta = int(policy.n_action_steps)
@@ -102,6 +107,8 @@ class RealTimeController:
         self._last: np.ndarray | None = None
         self._pending: tuple[int, float, concurrent.futures.Future] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpkit-chunk")
+        cpus, priority = _cpu_list(worker_cpus), _int_in(worker_priority, "worker_priority", 0, 99)
+        self.worker_setup = self._pool.submit(apply_worker_options, cpus, priority).result()
         self._closed = False
         self.switched = False  # whether the last step's action came from a chunk switched in at that tick
 
@@ -320,6 +327,29 @@ def make_controller(policy: Any, **kwargs: Any) -> "RealTimeController | CppReal
     if getattr(policy, "backend", None) == "cpp" and "clock" not in kwargs and "history" not in kwargs:
         return CppRealTimeController(policy, **kwargs)
     return RealTimeController(policy, **kwargs)
+
+
+def apply_worker_options(cpus: Sequence[int], priority: int) -> str:
+    """Pin the calling thread to `cpus` and/or run it under SCHED_FIFO at `priority`, as the C++ controller
+    does (same words): what the OS refuses is skipped and said, never raised."""
+    notes = []
+    tid = threading.get_native_id()
+    listed = ",".join(str(c) for c in cpus)
+    if cpus:
+        try:
+            os.sched_setaffinity(tid, cpus)
+            notes.append(f"worker pinned to CPUs {listed}")
+        except (OSError, ValueError) as e:
+            notes.append(f"worker CPU affinity {{{listed}}} refused ({getattr(e, 'strerror', None) or e}: CPUs "
+                         "outside this process's affinity mask?); the worker runs on any CPU")
+    if priority:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
+            notes.append(f"worker at SCHED_FIFO priority {priority}")
+        except (OSError, AttributeError) as e:
+            notes.append(f"SCHED_FIFO priority {priority} refused ({getattr(e, 'strerror', None) or e}: needs "
+                         "CAP_SYS_NICE or an RLIMIT_RTPRIO of at least the priority); normal scheduling")
+    return "; ".join(notes)
 
 
 def _int_in(value: Any, name: str, lo: int, hi: int) -> int:

@@ -251,8 +251,10 @@ _OBS = "{'obs': __import__('numpy').full((1, 20), 256, 'float32')}"
 _REFUSED_FIFO = f"""
 import os, resource, sys
 from dpkit.runtime import load_policy
-from dpkit.runtime.realtime import CppRealTimeController
+from dpkit.runtime.realtime import CppRealTimeController, RealTimeController
 p = load_policy(sys.argv[1], backend="cpp", max_batch=1)
+reference = load_policy(sys.argv[1], backend="ort")
+import concurrent.futures.thread  # everything is loaded before we lose the right to read root's files
 resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
 if os.getuid() == 0:  # root has CAP_SYS_NICE: become nobody, who may not use SCHED_FIFO
     os.setgid(65534)
@@ -261,13 +263,14 @@ with CppRealTimeController(p, delay=1, worker_priority=10) as c:
     for _ in range(10):
         c.step({_OBS})
     print(c.stats.chunks, c.worker_setup)
+print(RealTimeController(reference, delay=1, worker_priority=10).worker_setup)
 """
 
 
 def test_controller_worker_affinity_and_realtime_priority():
     """Applied where permitted; refused with a clear reason and carrying on where not."""
     from dpkit.runtime import load_policy
-    from dpkit.runtime.realtime import CppRealTimeController
+    from dpkit.runtime.realtime import CppRealTimeController, RealTimeController
 
     try:
         policy = load_policy(GOLDEN, backend="cpp", threads=1, max_batch=1)
@@ -284,11 +287,17 @@ def test_controller_worker_affinity_and_realtime_priority():
         assert setup.startswith("worker CPU affinity {1000} refused (") and "runs on any CPU" in setup
         ctl.step(eval(_OBS))
     assert CppRealTimeController(policy, delay=1).worker_setup == ""
-    for bad in ({"worker_priority": 100}, {"worker_priority": True}, {"worker_cpus": [-1]}, {"worker_cpus": "a"}):
-        with pytest.raises(InputError):
-            CppRealTimeController(policy, **bad)
+    reference = load_policy(GOLDEN, backend="ort", threads=1)  # the Python reference: the same options, words
+    assert RealTimeController(reference, delay=1, worker_cpus=[cpu]).worker_setup == f"worker pinned to CPUs {cpu}"
+    assert RealTimeController(reference, delay=1, worker_cpus=[1000]).worker_setup == setup
+    for make, pol in ((CppRealTimeController, policy), (RealTimeController, reference)):
+        for bad in ({"worker_priority": 100}, {"worker_priority": True}, {"worker_cpus": [-1]}, {"worker_cpus": "a"}):
+            with pytest.raises(InputError):
+                make(pol, **bad)
     run = subprocess.run([sys.executable, "-c", _REFUSED_FIFO, str(GOLDEN)], capture_output=True, text=True,
                          timeout=120, env=_env(OMP_NUM_THREADS="1"))
     assert run.returncode == 0, run.stderr[-2000:]
-    chunks, setup = run.stdout.strip().split(" ", 1)
+    cpp_line, reference_line = run.stdout.strip().splitlines()
+    chunks, setup = cpp_line.split(" ", 1)
     assert int(chunks) >= 2 and setup.startswith("SCHED_FIFO priority 10 refused (Operation not permitted"), setup
+    assert reference_line == setup
