@@ -20,6 +20,11 @@ from dpkit.errors import InputError
 
 SAMPLERS = ("ddpm", "ddim")
 MAX_SEED = 2**63 - 1
+"""The largest seed anywhere in dpkit: sampling (`seed=`), train.seed and data.split_seed. Every consumer
+takes it: numpy's default_rng and SeedSequence (any non-negative int), torch's manual_seed (< 2**64), the C++
+runtime (uint64), and JSON/YAML readers that hold integers in int64 (the resolved config travels in
+state.json and policy.json). numpy's legacy global seeding takes only [0, 2**32): the trainer feeds it a
+larger seed as its 32-bit words (dpkit.train.trainer.seed_everything)."""
 
 
 def check_sampler(sampler: Any) -> str | None:
@@ -49,7 +54,7 @@ def check_seed(seed: Any) -> int | None:
         return None
     s = _as_int(seed, "seed")
     if not 0 <= s <= MAX_SEED:
-        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     return s
 
 

@@ -13,6 +13,7 @@ from dpkit.errors import DpkitError
 from dpkit.runtime import load_policy
 from dpkit.runtime.backend import PolicyBackend
 from dpkit.runtime.parity import random_observations, trajectory_errors
+from dpkit.sampling_args import MAX_SEED
 
 BACKENDS = ["torch", "ort", "cpp"]
 
@@ -57,6 +58,16 @@ def test_bad_arguments_are_one_clear_error(policies, backend, kwargs, message):
     with pytest.raises(DpkitError, match=message) as e:
         policy.predict_action(_obs(policy), **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_a_seed_at_the_limit_is_one_trajectory_in_every_backend(policies):
+    """dpkit.sampling_args.MAX_SEED is accepted by every backend, and one past it is refused."""
+    obs = _obs(policies["ort"])
+    trajs = {b: p.sample(obs, "ddim", 5, seed=MAX_SEED) for b, p in policies.items()}
+    for b, traj in trajs.items():
+        np.testing.assert_allclose(traj, trajs["ort"], atol=1e-4, err_msg=b)
+        with pytest.raises(DpkitError, match="seed must be an integer in"):
+            policies[b].sample(obs, "ddim", 5, seed=MAX_SEED + 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from dpkit.errors import DpkitError
 from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.cli import main as cli_main
 from dpkit.train.config import load_config
-from dpkit.train.trainer import EMA, EpochBatches, train
+from dpkit.sampling_args import MAX_SEED
+from dpkit.train.trainer import EMA, EpochBatches, seed_everything, train
 from synthetic import SMALL_TRAIN as SMALL
 from synthetic import make_synthetic_pusht
 
@@ -165,6 +167,27 @@ def test_validation_steps_need_not_be_log_steps(store, tmp_path):
     records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [2, 3, 4, 6]
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+
+
+def test_seeds_at_the_limit_train_and_match_accelerate_below_2_32(store, tmp_path):
+    """MAX_SEED (2**63 - 1) is one limit for every seed: a run with train.seed and data.split_seed at it trains,
+    and seed_everything gives accelerate's set_seed draws for the seeds that set_seed takes."""
+    import random
+
+    from accelerate.utils import set_seed
+
+    run = tmp_path / "run"
+    train(_cfg(store, "train.steps=2", f"train.seed={MAX_SEED}", f"data.split_seed={MAX_SEED}"), run, progress=False)
+    assert all(math.isfinite(v) for v in _losses(run).values())
+    draws = []
+    for seed_fn, seed in ((set_seed, 2**32 - 1), (seed_everything, 2**32 - 1)):
+        seed_fn(seed)
+        draws.append((random.random(), np.random.rand(), torch.rand(1).item()))
+    assert draws[0] == draws[1]
+    seed_everything(MAX_SEED)
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_everything(MAX_SEED - 2**32)  # same low word: numpy must still differ
+    assert np.random.rand() != a[1]
 
 
 def test_time_limit_stops_with_a_checkpoint_that_resumes(store, tmp_path):

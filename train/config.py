@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from dpkit.errors import DpkitError
-from dpkit.sampling_args import parse_sampler_label, sampler_label
+from dpkit.sampling_args import MAX_SEED, parse_sampler_label, sampler_label
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -31,7 +31,6 @@ ACTION_DIM = 2  # PushT's action: the agent's absolute (x, y) target
 OBS_MODES = ("image", "lowdim")
 MIN_CROP_SIZE = 33  # smallest crop the ResNet trunk (/32, rounding up) turns into a 2x2 map
 MAX_HORIZON = 1024
-MAX_SEED = 2**32 - 1
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 SPLITS = ("dpkit", "original")
@@ -235,7 +234,7 @@ class DataConfig:
         # All episodes in validation would leave nothing to train on.
         _check(0.0 <= self.val_ratio < 1.0, f"data.val_ratio must be in [0, 1), got {self.val_ratio}")
         _check(self.max_train_episodes is None or self.max_train_episodes >= 1, "data.max_train_episodes must be >= 1")
-        # One range for every seed (numpy's legacy seeding, used for train.seed, takes [0, 2**32)).
+        # One range for every seed in dpkit (dpkit.sampling_args.MAX_SEED says what each consumer takes).
         _range("data.split_seed", self.split_seed, 0, MAX_SEED)
         _check(self.split in SPLITS, f"data.split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         _check(self.normalizer_episodes in NORMALIZER_EPISODES,
@@ -303,7 +302,7 @@ class TrainConfig:
         # past the weights instead of averaging them; max decay 1 would freeze the EMA copy.
         _check(self.ema_power > 0, f"train.ema_power must be > 0, got {self.ema_power}")
         _check(0 < self.ema_max_decay < 1, f"train.ema_max_decay must be in (0, 1), got {self.ema_max_decay}")
-        # Seeds numpy, random and torch; numpy's legacy seeding takes [0, 2**32).
+        # Seeds random, numpy and torch (trainer.seed_everything); the range is dpkit's one MAX_SEED.
         _range("train.seed", self.seed, 0, MAX_SEED)
         _check(self.time_limit_s >= 0, f"train.time_limit_s must be >= 0 (0: no limit), got {self.time_limit_s}")
         for k in ("log_every", "val_every", "checkpoint_every"):

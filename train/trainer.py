@@ -91,6 +91,19 @@ class EpochBatches(torch.utils.data.Sampler):
             b += 1
 
 
+def seed_everything(seed: int) -> None:
+    """Seed random, numpy's global generator and torch (every device), as accelerate's set_seed does.
+
+        seed_everything(42)   # the same draws as accelerate.utils.set_seed(42)
+
+    numpy's legacy seeding takes only [0, 2**32), so a larger seed (up to dpkit.sampling_args.MAX_SEED) goes
+    in as its two 32-bit words; a smaller one is passed as it is, so existing runs keep their initial weights.
+    """
+    random.seed(seed)
+    np.random.seed(seed if seed < 2**32 else [seed & 0xFFFFFFFF, seed >> 32])
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
 def _seed_micro(seed: int, rank: int, micro: int) -> None:
     s = int(np.random.SeedSequence([seed, rank, micro]).generate_state(1)[0])
     torch.manual_seed(s)
@@ -334,7 +347,6 @@ def _clear_run(run_dir: Path) -> None:
 def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int,
            replace: bool = False, rollout_eval: Callable[[Any], float] | None = None,
            threads: int | None = None) -> dict[str, Any]:
-    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -351,7 +363,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
             print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
 
     def build(normalizer: Normalizer):
-        set_seed(t.seed)  # identical initial weights on every process
+        seed_everything(t.seed)  # identical initial weights on every process
         # On the device before the EMA copy and the optimizer, so both (and loaded optimizer state) live there.
         policy = DiffusionPolicy(cfg.policy, normalizer).to(acc.device)
         ema = EMA(policy, t.ema_power, t.ema_max_decay) if t.ema else None
