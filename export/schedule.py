@@ -1,8 +1,8 @@
 """The `scheduler` object of policy.json, computed once with diffusers (the training scheduler's source).
 
-Runtimes never recompute the schedule: they read these arrays. Timesteps and previous timesteps are
-taken from diffusers' own `set_timesteps` / step rules so every runtime walks exactly the chain the
-PyTorch policy walks.
+Runtimes never recompute the schedule: they read these arrays. Timesteps come from diffusers' own
+`set_timesteps`, previous timesteps from `DiffusionPolicy.prev_timestep` (the rule the PyTorch policy's
+inpainting uses), so every runtime walks exactly the chain the PyTorch policy walks.
 """
 
 from __future__ import annotations
@@ -60,21 +60,19 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm
             "sampler": "ddpm",
             "num_inference_steps": k,
             "timesteps": ts,
-            "prev_timesteps": [max(int(sched.previous_timestep(t)), -1) for t in ts],
+            "prev_timesteps": [policy.prev_timestep(sched, t) for t in ts],
             "final_alpha_cumprod": float(sched.one),
             "eta": 0.0,
         })
     for k in steps:
         ddim = policy.make_scheduler("ddim", k)
         ts = [int(t) for t in ddim.timesteps]
-        # DDIMScheduler.step's rule: prev = t - num_train // K; negative means "use final_alpha_cumprod".
-        ratio = n // ddim.num_inference_steps
         samplers.append({
             "name": f"ddim-{k}",
             "sampler": "ddim",
             "num_inference_steps": k,
             "timesteps": ts,
-            "prev_timesteps": [t - ratio if t - ratio >= 0 else -1 for t in ts],
+            "prev_timesteps": [policy.prev_timestep(ddim, t) for t in ts],  # -1: use final_alpha_cumprod
             "final_alpha_cumprod": float(ddim.final_alpha_cumprod),
             "eta": 0.0,
         })

@@ -321,8 +321,24 @@ class DiffusionPolicy(nn.Module):
                 x_prev = sched.step(eps, t, x, generator=scratch).prev_sample
                 x = _swap_ddpm_noise(sched, t, x_prev, scratch, snapshot, step_noise[k])
             if inpaint is not None:
-                x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, _prev_timestep(sched, int(t))))
+                x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, self.prev_timestep(sched, int(t))))
         return x
+
+    @staticmethod
+    def prev_timestep(sched: DDPMScheduler | DDIMScheduler, t: int) -> int:
+        """The timestep `sched.step(..., t, ...)` steps to, -1 past the end of the chain.
+
+            policy.prev_timestep(policy.make_scheduler("ddim", 10), 90)   # 80
+
+        The one home of this rule: export/schedule.py writes it into policy.json (each sampler's
+        prev_timesteps), where the "ort" and C++ runtimes read it. DDIM: what DDIMScheduler.step computes,
+        t - num_train_timesteps // K (DDIMScheduler has no method for it); DDPM: the next listed timestep.
+        """
+        if isinstance(sched, DDIMScheduler):
+            prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
+        else:
+            prev = int(sched.previous_timestep(t))
+        return max(prev, -1)
 
     @staticmethod
     def _alpha_cumprod(sched: DDPMScheduler | DDIMScheduler, t: int) -> float:
@@ -356,13 +372,6 @@ def _swap_ddpm_noise(
     z = randn_tensor(x_prev.shape, generator=scratch, device=x_prev.device, dtype=x_prev.dtype)
     sigma = sched._get_variance(t) ** 0.5
     return x_prev + sigma.to(x_prev.device) * (noise - z)
-
-
-def _prev_timestep(sched: DDPMScheduler | DDIMScheduler, t: int) -> int:
-    """The timestep `sched.step(..., t, ...)` steps to (diffusers' own rules; -1 past the end)."""
-    if isinstance(sched, DDIMScheduler):
-        return t - sched.config.num_train_timesteps // sched.num_inference_steps
-    return int(sched.previous_timestep(t))
 
 
 def _inpaint(x: Tensor, x_init: Tensor, inpaint: tuple[int, Tensor, Tensor], alpha_cumprod: float) -> Tensor:
