@@ -111,10 +111,6 @@ def _dill_load_type(name: Any) -> type:
     return _DILL_TYPES[name]
 
 
-class _Tensor:
-    """Marker for "a tensor is being rebuilt"; replaced by a real tensor in _rebuild_tensor."""
-
-
 def _plain(obj: Any) -> Any:
     """OmegaConf stand-ins (recursively) -> dicts, lists and values; other objects as they are."""
     if isinstance(obj, _OmegaNode):

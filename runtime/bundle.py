@@ -639,8 +639,3 @@ def load_bundle(path: str | Path, verify_sha256: bool = True) -> Bundle:
     norm = manifest["action_normalizer"]
     return Bundle(root, manifest, Schedule.from_dict(manifest["scheduler"], where), manifest["observations"],
                   np.asarray(norm["scale"], dtype=np.float64), np.asarray(norm["offset"], dtype=np.float64), files)
-
-
-def finite_or_none(x: float) -> float | None:
-    """JSON has no NaN: store a non-finite measurement as null."""
-    return float(x) if math.isfinite(x) else None

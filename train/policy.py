@@ -395,7 +395,3 @@ def _check_noise(name: str, noise: Tensor | None, shape: tuple[int, ...], device
     if not bool(torch.isfinite(noise).all()):
         raise DpkitError(f"{name} contains NaN or Inf")
     return noise.to(device=device, dtype=dtype)
-
-
-def build_policy(cfg: PolicyConfig, normalizer: Normalizer) -> DiffusionPolicy:
-    return DiffusionPolicy(cfg, normalizer)
