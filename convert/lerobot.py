@@ -149,6 +149,11 @@ def read_lerobot(folder: str | Path, name: str):
                 raise DpkitError(f"{src}: no {feat}.{stat} statistics ({layout}); {mode} needs them")
             if not np.all(np.isfinite(v)):
                 raise DpkitError(f"{src}: {feat}.{stat} statistics are not finite ({layout})")
+        # A spread <= 0 is damaged statistics: it would become a zero or negative (mirrored) scale.
+        if mode == "MEAN_STD" and np.any(s["std"] <= 0):
+            raise DpkitError(f"{src}: {feat}.std statistics must be > 0, got {float(s['std'].min()):g} ({layout})")
+        if mode == "MIN_MAX" and np.any(s["max"] < s["min"]):
+            raise DpkitError(f"{src}: {feat}.max statistics are below its min ({layout})")
         if feat in cams:
             if mode == "MIN_MAX":
                 _refuse(src, "normalization_mapping.VISUAL", mode, "images: MEAN_STD or IDENTITY")

@@ -1,7 +1,8 @@
 """Bad input on the training side gets one clear line, a non-zero exit, and nothing written half.
 
-Config values out of range, a run folder that cannot be written, a damaged or mismatched resume state,
-and the temp folders killed writers leave behind. The checks run before the data loads: where that
+Config values out of range or of the wrong JSON type, a run folder that cannot be written, a damaged or
+mismatched resume state, a damaged dataset or converted config, and the temp folders killed writers leave
+behind. The checks run before the data loads: where that
 matters, the trainer's `load_datasets` is replaced by one that fails the test if it is reached.
 """
 
@@ -485,3 +486,127 @@ def test_episode_ends_that_is_not_a_numeric_array(store, tmp_path, capsys, how, 
     assert rc == 1
     _one_line(err, message)
     assert not (tmp_path / "run").exists()
+
+
+# ---- strict JSON types, and option combinations that would do nothing ---------------------------------------
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("policy", "horizon", "16", 'policy.horizon must be an integer, got "16" (str)'),
+    ("policy", "horizon", 16.0, "policy.horizon must be an integer, got 16.0 (float)"),
+    ("policy", "num_train_timesteps", "100", 'policy.num_train_timesteps must be an integer, got "100" (str)'),
+    ("policy", "down_dims", [32, 64.0], "policy.down_dims[1] must be an integer, got 64.0"),
+    ("train", "batch_size", True, "train.batch_size must be an integer, got true (bool)"),
+    ("train", "lr", "1e-3", 'train.lr must be a number, got "1e-3" (str)'),
+])
+def test_state_json_config_values_must_have_their_json_type(trained_run, tmp_path, capsys, no_data, section, key,
+                                                            value, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    path = run / "checkpoints" / "step_000002" / "state.json"
+    state = json.loads(path.read_text())
+    state["config"][section][key] = value
+    path.write_text(json.dumps(state))
+    before = _snapshot(run)
+    rc, err = _cli(capsys, "--out", run, "--resume", "--steps", "3", "--no-progress")
+    assert rc == 1
+    _one_line(err, message)
+    assert _snapshot(run) == before
+    with pytest.raises(DpkitError, match=re.escape(message)):
+        ckpt_io.load_checkpoint(run)  # what dpkit-export loads
+
+
+def test_json_numbers_keep_loading_and_overrides_stay_text(trained_run):
+    state = json.loads((trained_run / "checkpoints" / "step_000002" / "state.json").read_text())
+    state["config"]["train"]["lr"] = 1  # a JSON integer is a number
+    assert Config.from_dict(state["config"]).train.lr == 1.0
+    # key=value overrides and YAML files are text: "1e-3" (YAML 1.1 reads it as a string) is a number there
+    assert load_config("tiny", ["train.lr=1e-3", "policy.horizon=16.0"]).policy.horizon == 16
+
+
+def test_negative_normalizer_scale_in_state_json_is_refused(trained_run, tmp_path, capsys, no_data):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    path = run / "checkpoints" / "step_000002" / "state.json"
+    state = json.loads(path.read_text())
+    state["normalizer"]["action"]["scale"][0] = -5.0
+    path.write_text(json.dumps(state))
+    rc, err = _cli(capsys, "--out", run, "--resume", "--steps", "3", "--no-progress")
+    assert rc == 1
+    _one_line(err, "normalizer action.scale must be > 0")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # once: exit 0 with no evaluation and no word
+    (["train.eval_every=5", "train.eval_start=1000"],
+     "train.eval_every=5 from train.eval_start=1000 runs no evaluation in train.steps=6 "
+     "(the first would be at step 1000)"),
+    (["train.eval_every=7"], "(the first would be at step 7)"),
+    # once: trained until the first evaluation, then stopped without that step's checkpoint
+    (["train.eval_every=2", "train.eval_samplers=[ddim-10,ddpm-1000]"],
+     "train.eval_samplers entry 'ddpm-1000': ddpm takes at most policy.num_train_timesteps=100 steps"),
+])
+def test_train_evaluation_that_could_not_run_is_refused_before_the_data(store, tmp_path, capsys, no_data, overrides,
+                                                                        message):
+    run = tmp_path / "run"
+    rc, err = _cli(capsys, "--config", "tiny", "--data", store, "--out", run, "--no-progress", "--steps", "6", *SMALL,
+                   *overrides)
+    assert rc == 1
+    _one_line(err, message)
+    assert not run.exists()
+
+
+def test_evaluations_that_fit_are_accepted():
+    cfg = load_config("tiny", ["train.eval_every=5", "train.eval_start=3", "train.steps=5",
+                               "train.eval_samplers=[ddpm-100]"])
+    assert cfg.train.eval_every == 5 and cfg.train.eval_samplers == ("ddpm-100",)
+    for name in ("pusht_lowdim_cpu",):  # the shipped protocol config (evaluations from step 7,500 of 12,000)
+        load_config(name)
+
+
+# ---- a converted policy's config.json and statistics --------------------------------------------------------
+
+
+def _lerobot_source(tmp_path: Path) -> Path:
+    from test_convert_lerobot_more import BN, _source
+
+    return _source(BN, tmp_path / "src")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("horizon", "16", 'policy.horizon must be an integer, got "16" (str)'),
+    ("horizon", 16.0, "policy.horizon must be an integer, got 16.0 (float)"),
+    ("num_train_timesteps", "100", 'policy.num_train_timesteps must be an integer, got "100" (str)'),
+    ("n_obs_steps", True, "policy.n_obs_steps must be an integer, got true (bool)"),
+])
+def test_lerobot_config_json_values_must_have_their_json_type(tmp_path, capsys, field, value, message):
+    from test_convert import _refused
+
+    src = _lerobot_source(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[field] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, [str(src)], tmp_path / "out", "config.json does not fit dpkit's model", message)
+
+
+@pytest.mark.parametrize("feature,mapping,message", [
+    ("observation.image", {}, "observation.image.std statistics must be > 0, got -5"),
+    ("action", {"ACTION": "MEAN_STD"}, "action.std statistics must be > 0, got -5"),
+    ("action", {"ACTION": "MEAN_STD", "zero": True}, "action.std statistics must be > 0, got 0"),
+])
+def test_lerobot_mean_std_with_a_std_that_is_not_positive_is_refused(tmp_path, capsys, feature, mapping, message):
+    from safetensors.torch import load_file, save_file
+    from test_convert import _refused
+
+    src = _lerobot_source(tmp_path)
+    mapping = dict(mapping)
+    zero = mapping.pop("zero", False)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["normalization_mapping"].update(mapping)
+    (src / "config.json").write_text(json.dumps(cfg))
+    name = ("policy_postprocessor_step_0_unnormalizer_processor.safetensors" if feature == "action" else
+            "policy_preprocessor_step_3_normalizer_processor.safetensors")
+    tensors = load_file(str(src / name))
+    tensors[f"{feature}.std"].view(-1)[0] = 0.0 if zero else -5.0
+    save_file(tensors, str(src / name))
+    _refused(capsys, [str(src)], tmp_path / "out", message)

@@ -51,7 +51,7 @@ def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise DpkitError(f"unknown config key {'.'.join(keys)!r}")
             node = node[k]
         node[keys[-1]] = value
-    return Config.from_dict(d)
+    return Config.from_dict(d, text=True)  # the overrides are text (the checkpoint's values were checked as JSON)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[Config, Path]:

@@ -11,7 +11,9 @@ checkpoint alone is enough to rebuild its model.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -323,6 +325,12 @@ class TrainConfig:
         _check(len(set(labels)) == len(labels), f"train.eval_samplers lists a sampler twice: {list(self.eval_samplers)}")
         self.eval_samplers = tuple(labels)
         _range("train.eval_last", self.eval_last, 1, 10_000)
+        if self.eval_every > 0:  # evaluations run at the multiples of eval_every from eval_start to steps
+            first = -(-max(self.eval_start, 1) // self.eval_every) * self.eval_every
+            _check(first <= self.steps,
+                   f"train.eval_every={self.eval_every} from train.eval_start={self.eval_start} runs no evaluation "
+                   f"in train.steps={self.steps} (the first would be at step {first}); lower train.eval_start or "
+                   f"set train.eval_every=0")
 
 
 @dataclass
@@ -339,15 +347,24 @@ class Config:
         self.policy.validate()
         self.data.validate()
         self.train.validate()
+        # Each evaluation sampler must be one the policy can run, or training would stop at the first evaluation.
+        for label in self.train.eval_samplers:
+            kind, k = parse_sampler_label(label)
+            _check(k <= self.policy.num_train_timesteps,
+                   f"train.eval_samplers entry {label!r}: {kind} takes at most policy.num_train_timesteps="
+                   f"{self.policy.num_train_timesteps} steps")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
+    def from_dict(cls, d: dict[str, Any], text: bool = False) -> "Config":
+        """The config `d` describes (a state.json's "config", a converted policy's), validated. Its values
+        must have their JSON types (an integer is not "16" or 16.0); `text=True`: some were parsed from text
+        (key=value overrides, see `_coerce`)."""
         cfg = cls()
-        _apply(cfg, d, prefix="")
+        _apply(cfg, d, prefix="", text=text)
         return cfg.validate()
 
 
@@ -374,29 +391,40 @@ def resnet_groups(channels: int) -> int:
     return max(1, channels // 16)
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a YAML/override value to the field's declared type (`int | None`, `tuple[int, ...]`, ...)."""
+def _coerce(value: Any, tp: Any, key: str, text: bool = True) -> Any:
+    """Convert a value to the field's declared type (`int | None`, `tuple[int, ...]`, ...).
+
+    `text`: the value was written as text (a YAML file, a key=value override, a config built in Python), so
+    a number may arrive as a string (YAML 1.1 reads "3e-4" as one) and an integer as a whole float. Otherwise
+    (JSON: state.json, a converted policy's config) each value must have its JSON type: an integer field takes
+    an integer (not a bool, a float or a string), a number field a number."""
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
-            return _coerce(value, inner[0], key)
+            return _coerce(value, inner[0], key, text)
         raise DpkitError(f"bad config: {key} has an unsupported type {tp}")  # not used by any field
     if typing.get_origin(tp) is tuple:
         if not isinstance(value, (list, tuple)):
             raise DpkitError(f"bad config: {key} must be a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", text) for i, v in enumerate(value))
         if len(value) != len(args):
             raise DpkitError(f"bad config: {key} must be a list of {len(args)}, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{key}[{i}]", text) for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if not isinstance(value, bool):
             raise DpkitError(f"bad config: {key} must be true or false, got {value!r}")
         return value
     if tp in (int, float):
+        if not text:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral if tp is int else numbers.Real):
+                what = "an integer" if tp is int else "a number"
+                raise DpkitError(f"bad config: {key} must be {what}, got {_json_text(value)} "
+                                 f"({type(value).__name__})")
+            value = int(value) if tp is int else float(value)
         if isinstance(value, str):
             try:  # YAML reads "3e-4" as a string
                 value = float(value)
@@ -418,7 +446,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise DpkitError(f"bad config: {key} has an unsupported type {tp}")
 
 
-def _apply(obj: Any, d: dict[str, Any], prefix: str) -> None:
+def _json_text(value: Any) -> str:
+    """`value` as JSON writes it ("16" with its quotes, 16.0, true), for messages about JSON files."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _apply(obj: Any, d: dict[str, Any], prefix: str, text: bool = True) -> None:
     if not isinstance(d, dict):
         raise DpkitError(f"bad config: {prefix or 'top level'} must be a mapping")
     names = {f.name for f in dataclasses.fields(obj)}
@@ -429,9 +465,9 @@ def _apply(obj: Any, d: dict[str, Any], prefix: str) -> None:
             raise DpkitError(f"unknown config key {full!r} (known: {', '.join(sorted(names))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, prefix=f"{full}.")
+            _apply(current, value, prefix=f"{full}.", text=text)
         else:
-            setattr(obj, key, _coerce(value, hints[key], full))
+            setattr(obj, key, _coerce(value, hints[key], full, text))
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -53,8 +53,11 @@ class Normalizer(nn.Module):
             sizes = {f: a.size for f, a in arrays.items()}
             if len(set(sizes.values())) != 1:
                 raise DpkitError(f"normalizer entry {key!r} has mismatched lengths {sizes}")
-            if np.any(arrays["scale"] == 0):
-                raise DpkitError(f"normalizer {key}.scale contains 0 (cannot be inverted)")
+            # x * scale + offset maps [min, max] onto [-1, 1] (or a standard score): the scale is 1 / spread, and
+            # a spread <= 0 (a negative std, max < min) is damaged statistics, not a mirror image.
+            if np.any(arrays["scale"] <= 0):
+                raise DpkitError(f"normalizer {key}.scale must be > 0 (1 / the spread of the data), got "
+                                 f"{arrays['scale'][arrays['scale'] <= 0][0]:g}")
             self.stats[key] = _Stats(arrays["min"], arrays["max"], arrays["scale"], arrays["offset"])
 
     @classmethod
