@@ -8,7 +8,7 @@
         busy.pause()                    # SIGSTOP: quiet again
 
 Each is a separate Python process in its own session (os.setsid): this kernel shares the CPU evenly
-between sessions (CFS autogroups, ../shared/NOTES.md "A shared CPU"), so a child left in our session
+between sessions (CFS autogroups, `/proc/PID/autogroup`; `nice` orders only within one), so a child left in our session
 would only compete inside it, which is not what another program does. Pausing and resuming them around
 each row lets the quiet and the busy figure of one row be measured back to back in the same run. They
 are bounded: each ends by itself after `max_seconds` even if the benchmark dies without stopping them.

@@ -342,8 +342,9 @@ def test_converted_policy_is_evaluated_in_gym_pusht(runs, name):
 
 
 def test_lerobot_older_layout_statistics_in_model_safetensors(tmp_path, truth):
-    """lerobot <= 0.3 kept the statistics as buffers in model.safetensors (names as in NOTES.md, read from
-    lerobot 0.3.3); rebuilt here from the 0.6.1 fixture, it must sample the same trajectories."""
+    """lerobot <= 0.3 kept the statistics as buffers in model.safetensors (`normalize_inputs.buffer_<feature>.*`,
+    `normalize_targets.*`, `unnormalize_outputs.*`, names read from lerobot 0.3.3's code); rebuilt here from the
+    0.6.1 fixture, it must sample the same trajectories."""
     from safetensors.torch import load_file, save_file
 
     from dpkit.runtime import load_policy

@@ -110,7 +110,7 @@ def test_original_split_picks_the_original_codes_episodes():
     for c in cases:
         train, val = split_episodes(c["n_episodes"], c["val_ratio"], c["seed"], c["max_train_episodes"], "original")
         assert train.tolist() == c["train"] and val.tolist() == c["val"], c
-    ours = split_episodes(206, 0.02, 42, 90)  # the two methods really differ (the NOTES' deviation)
+    ours = split_episodes(206, 0.02, 42, 90)  # the two methods really differ (README: Fidelity to the original code)
     assert ours[0].tolist() != cases[0]["train"]
     with pytest.raises(DpkitError, match="unknown split method 'x'"):
         split_episodes(10, 0.1, 0, None, "x")

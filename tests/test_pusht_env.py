@@ -16,7 +16,7 @@ DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "pusht" / "p
 
 
 def test_legacy_start_states_match_the_notes_recipe():
-    # Values of the recipe in NOTES.md (np.random.RandomState(seed): randint x4, then randn * 2 pi - pi).
+    # The original protocol's recipe (np.random.RandomState(seed): randint x4, then randn * 2 pi - pi).
     np.testing.assert_allclose(pusht.legacy_start_state(100000), [235, 124, 335, 128, -0.9049274284], atol=1e-9)
     np.testing.assert_allclose(pusht.legacy_start_state(100049), [143, 388, 104, 324, -13.4129879639], atol=1e-9)
     starts = np.stack([pusht.legacy_start_state(s) for s in range(100000, 100050)])

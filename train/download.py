@@ -14,9 +14,10 @@ Checksums. The Diffusion Policy project publishes no checksum of `pusht.zip`, an
 cannot reach its server to take one, so `PUSHT_ZIP_SHA256` is None and the download is verified by its
 content instead: `PUSHT_ARRAYS` holds each array's shape, dtype and the sha256 of its decoded values
 (`array_digests`), computed from the copy of the same replay this project was developed with
-(`pusht_cchi_v7_replay.zarr.zip`, sha256 3be123de…0d27, see NOTES.md). That check is independent of how
-the zip packs or compresses the chunks; it costs a few seconds once. When a published zip checksum
-exists, set PUSHT_ZIP_SHA256. Both are parameters of `fetch_pusht`, so tests use their own.
+(`pusht_cchi_v7_replay.zarr.zip`, sha256 3be123de61b3c359aea966c9787087761cc48825feb1ad357d4709cb549a0d27).
+That check is independent of how the zip packs or compresses the chunks; it costs a few seconds once.
+When a published zip checksum exists, set PUSHT_ZIP_SHA256. Both are parameters of `fetch_pusht`, so tests
+use their own.
 
 The .part file is kept after a failed transfer so the next run resumes; a checksum mismatch deletes it
 (resuming would only reproduce the bad bytes). Downloads never run under pytest or with
