@@ -141,14 +141,19 @@ def test_validate_obs_errors():
         validate_obs({**good, "agent_pos": np.full((2, 2, 2), "a")}, spec, 2)
 
 
-def test_unknown_and_unavailable_backends(tmp_path):
-    import importlib.util
+def test_unknown_and_unavailable_backends(tmp_path, monkeypatch):
+    import sys
 
+    import dpkit.runtime
     from dpkit.runtime import load_policy
 
     with pytest.raises(DpkitError, match="unknown backend"):
         load_policy(tmp_path, backend="onnx")
-    if importlib.util.find_spec("dpkit.runtime.cpp_policy") is not None:
-        pytest.skip("the C++ backend module exists in this checkout")
-    with pytest.raises(DpkitError, match="'cpp' backend is not available"):
+    # An install whose compiled module is missing (built without the C++ runtime): hide _core for this call,
+    # and the cpp backend module that imported it, so load_policy imports both afresh and fails.
+    monkeypatch.setitem(sys.modules, "dpkit.runtime._core", None)
+    monkeypatch.delitem(sys.modules, "dpkit.runtime.cpp_policy", raising=False)
+    monkeypatch.delattr(dpkit.runtime, "_core", raising=False)
+    with pytest.raises(DpkitError, match="'cpp' backend is not available in this install") as e:
         load_policy(tmp_path, backend="cpp")
+    assert "_core" in str(e.value)
