@@ -18,14 +18,18 @@ import glob
 import os
 from pathlib import Path
 
-import numbers
-
 import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.runtime import _core
 from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
+from dpkit.runtime.realtime import _int_in  # the one integer range check of the runtime's pybind callers
+from dpkit.sampling_args import MAX_SEED
 from dpkit.threads import bundle_params, choose_threads, resolve_spin
+
+
+INT_MAX = 2**31 - 1  # a C++ int
+MAX_STEPS = 1_000_000  # the most denoising steps _core's find_sampler takes (a bundle lists at most 1000)
 
 
 def onnxruntime_library() -> str:
@@ -56,9 +60,11 @@ class CppPolicy(PolicyBackend):
         let idle threads busy-wait (default no); `max_batch`: largest batch `sample` takes (buffers are
         preallocated for it); `seed`: the noise generator used when no seed/noise is given.
         """
-        for name, value in (("max_batch", max_batch), ("seed", seed), ("device_id", device_id)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise DpkitError(f"{name} must be an integer, got {value!r}")
+        # Every integer is range-checked here, before pybind11 casts it to a C++ int (or uint64): one clear
+        # InputError instead of "Unable to cast" / "incompatible constructor arguments".
+        _int_in(max_batch, "max_batch", 1, INT_MAX)
+        _int_in(seed, "seed", 0, MAX_SEED)
+        _int_in(device_id, "device_id", 0, INT_MAX)
         self.threads = choose_threads(threads, params=bundle_params(bundle_dir),
                                       spin=resolve_spin(spin, allow_spinning))
         self._policy = _core.Policy(str(bundle_dir), provider=provider, threads=self.threads.threads,
@@ -79,6 +85,8 @@ class CppPolicy(PolicyBackend):
         self._last_actions: np.ndarray | None = None
 
     def _find(self, sampler: str | None, steps: int | None) -> SamplerChoice:
+        if steps is not None:  # resolve_sampler checked it is an integer >= 1; C++ takes at most MAX_STEPS
+            _int_in(steps, "steps", 1, MAX_STEPS)
         h = self._policy.find_sampler(sampler, steps)
         return SamplerChoice(h.name, h.sampler, h.num_inference_steps, h.uses_step_noise, h)
 

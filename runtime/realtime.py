@@ -83,15 +83,8 @@ class RealTimeController:
         applied in the worker thread before its first chunk; `worker_setup` says what the OS allowed."""
         if execution not in EXECUTIONS:
             raise DpkitError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
-        ta = int(policy.n_action_steps)
-        for name, value, low, high in (("delay", delay, 0, ta), ("margin", margin, 0, ta), ("blend", blend, 0, 10**6)):
-            if value is None and name == "delay":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-                raise DpkitError(f"{name} must be an integer in [{low}, {high}] ticks (n_action_steps = {ta}), "
-                                 f"got {value!r}")
-        if not (isinstance(period, (int, float)) and period > 0 and math.isfinite(period)):
-            raise DpkitError(f"period must be a positive number of seconds, got {period!r}")
+        check_timing(policy, delay, margin, blend, period)
+        _int_in(history, "history", 1, 10**6)
         self.policy = policy
         self.execution = execution
         self.delay = None if delay is None else int(delay)
@@ -102,6 +95,7 @@ class RealTimeController:
         self.stats = ControllerStats()
         self._recent = collections.deque(maxlen=int(history))
         self._history: collections.deque | None = None
+        self._batch: int | None = None  # fixed by the first step, as the C++ controller's
         self._chunk: _Chunk | None = None
         self._index = 0
         self._last: np.ndarray | None = None
@@ -169,11 +163,34 @@ class RealTimeController:
         if not isinstance(obs, dict) or set(obs) != set(self.policy.obs_keys):
             got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
             raise DpkitError(f"observation keys {got} do not match the policy's {list(self.policy.obs_keys)}")
-        step = {k: np.asarray(obs[k], dtype=np.float32) for k in self.policy.obs_keys}
+        step = self._checked(obs)
         if self._history is None:  # as the original: the first observation repeated To times
             self._history = collections.deque([step] * int(self.policy.n_obs_steps), maxlen=int(self.policy.n_obs_steps))
         else:
             self._history.append(step)
+
+    def _checked(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """This tick's observations as float32 copies, checked as the C++ controller checks them (the same
+        words): numeric numpy arrays of shape (B, *shape), B fixed by the first step, finite values."""
+        shapes = {o["name"]: tuple(o["shape"]) for o in self.policy.spec.observations}
+        step = {}
+        for k in self.policy.obs_keys:
+            a = obs[k]
+            if not isinstance(a, np.ndarray):
+                raise InputError(f"observation '{k}' must be a numpy array, got {type(a).__name__}")
+            if a.dtype.kind not in "fiu":
+                raise InputError(f"observation '{k}' must hold numbers, got dtype {a.dtype}")
+            batch = self._batch if self._batch is not None else (a.shape[0] if a.ndim else 1)
+            if a.shape != (batch, *shapes[k]):
+                raise InputError(f"observation '{k}' has shape {a.shape}, expected {(batch, *shapes[k])}")
+            largest = getattr(self.policy, "max_batch", None) or max(batch, 1)
+            if not 1 <= batch <= largest:
+                raise InputError(f"batch {batch} is outside [1, max_batch = {largest}]")
+            step[k] = np.array(a, dtype=np.float32)  # a copy: the caller may reuse its buffer
+            if not np.all(np.isfinite(step[k])):
+                raise InputError(f"observation '{k}' holds NaN or Inf")
+            self._batch = batch
+        return step
 
     def _stacked(self) -> dict[str, np.ndarray]:
         return {k: np.stack([h[k] for h in self._history], axis=1) for k in self.policy.obs_keys}
@@ -251,6 +268,8 @@ class CppRealTimeController:
     `switched`, `choice`, `expected_delay`, `close`, context manager) — the same rules, run in C++ (the
     worker thread and the whole tick in C++, the GIL released while a tick waits).
 
+    The settings have the reference's meanings and ranges (`check_timing`): `delay=None` is the wall clock
+    (passed to C++ as its -1), a fixed delay is in [0, n_action_steps], and -1 is refused in both.
     C++ fixes the batch at construction; here it is taken from the first observation (a batch-1
     controller checks the settings at once and is remade when the first step brings another batch).
     Chunk r samples with the C++ generator reseeded to `_core.RealTimeController.request_seed(seed, r)`,
@@ -272,7 +291,11 @@ class CppRealTimeController:
         self.policy = policy
         self.execution = execution
         self.choice = policy.resolve_sampler(sampler, steps)
+        check_timing(policy, delay, margin, blend, period)  # the reference's ranges, before any C++ cast
+        if batch is not None:
+            _int_in(batch, "batch", 1, int(policy.max_batch))
         seed = check_seed(seed)
+        # delay None (measured on the wall clock) is C++'s -1; the Python API refuses -1 itself
         self._args = dict(execution=execution, delay=-1 if delay is None else delay, margin=margin, blend=blend,
                           sampler=self.choice.sampler, num_inference_steps=self.choice.num_inference_steps,
                           seed=seed, period=period, worker_cpus=_cpu_list(worker_cpus),
@@ -366,3 +389,21 @@ def _cpu_list(cpus: Any) -> list[int]:
             raise InputError(f"worker_cpus must be CPU numbers, got {cpus!r}")
         cpus = [int(c) for c in cpus]
     return [_int_in(c, "worker_cpus entry", 0, 1023) for c in cpus]
+
+
+def check_timing(policy: Any, delay: Any, margin: Any, blend: Any, period: Any) -> None:
+    """The settings both controllers take, with one meaning and one range each: `delay` None (measured on the
+    wall clock) or a fixed d in [0, n_action_steps] ticks; `margin` in [0, n_action_steps] ticks; `blend` in
+    [0, 10**6] rows; `period` a positive number of seconds. C++'s ControllerParams spells "measured" as
+    delay = -1 (an int has no None); the Python controllers refuse -1, so a Python delay is always a count."""
+    ta = int(policy.n_action_steps)
+    for name, value, hi, unit in (("delay", delay, ta, "ticks"), ("margin", margin, ta, "ticks"),
+                                  ("blend", blend, 10**6, "rows")):
+        if name == "delay" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= hi:
+            hint = "; None: measured on the wall clock" if name == "delay" else ""
+            raise InputError(f"{name} must be an integer in [0, {hi}] {unit} (n_action_steps = {ta}{hint}), "
+                             f"got {value!r}")
+    if isinstance(period, bool) or not isinstance(period, numbers.Real) or not (period > 0 and math.isfinite(period)):
+        raise InputError(f"period must be a positive number of seconds, got {period!r}")

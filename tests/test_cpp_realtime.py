@@ -136,14 +136,14 @@ def test_the_policy_stays_usable_while_a_controller_runs(cpp_policy):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"execution": "later"}, "execution must be one of"),
-    ({"delay": -2}, "delay must be in \\[-1, 8\\]"),
-    ({"delay": 9}, "delay must be in \\[-1, 8\\]"),
+    ({"delay": -1}, "delay must be an integer in \\[0, 8\\]"),  # None is the wall clock, as in the reference
+    ({"delay": 9}, "delay must be an integer in \\[0, 8\\]"),
     ({"delay": 2.5}, "delay must be an integer"),
-    ({"margin": -1}, "margin must be in"),
-    ({"blend": -2}, "blend must be in"),
+    ({"margin": -1}, "margin must be an integer in"),
+    ({"blend": -2}, "blend must be an integer in"),
     ({"period": 0}, "period must be"),
     ({"seed": -3}, "seed must be"),
-    ({"batch": 3}, "batch must be in \\[1, 2\\]"),
+    ({"batch": 3}, "batch must be an integer in \\[1, 2\\]"),
     ({"sampler": "euler"}, "euler"),
 ])
 def test_bad_settings_are_clear_errors(cpp_policy, kwargs, message):

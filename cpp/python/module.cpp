@@ -66,6 +66,17 @@ void check_shape(const FloatArray& a, const std::string& what, const std::vector
   throw dpkit::InputError(what + " has shape " + shape_of(a) + ", expected " + w + (want.size() == 1 ? ",)" : ")"));
 }
 
+// A Python integer (int or numpy integer) as long long; one too large for it is an InputError naming `name`,
+// never pybind11's "Unable to cast". The caller then range-checks the value.
+long long as_long_long(const py::object& v, const std::string& name) {
+  const py::int_ i(v);
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow != 0) throw dpkit::InputError(name + " is out of range, got " + std::string(py::repr(v)));
+  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return x;
+}
+
 // find_sampler's arguments as Python passes them: None = "not given" (the C++ rule then applies).
 dpkit::Sampler find_sampler(const PyPolicy& self, const py::object& sampler, const py::object& steps) {
   std::string kind;
@@ -80,9 +91,9 @@ dpkit::Sampler find_sampler(const PyPolicy& self, const py::object& sampler, con
     // An integer (Python or numpy), not a bool and not a float: 10.6 must not quietly become 10.
     if (PyBool_Check(steps.ptr()) || !PyIndex_Check(steps.ptr()))
       throw dpkit::InputError("num_inference_steps must be an integer, got " + std::string(py::repr(steps)));
-    const long long v = py::int_(steps).cast<long long>();
+    const long long v = as_long_long(steps, "num_inference_steps");
     if (v < 1 || v > 1000000)
-      throw dpkit::InputError("num_inference_steps must be >= 1, got " + std::to_string(v));
+      throw dpkit::InputError("num_inference_steps must be in [1, 1000000], got " + std::to_string(v));
     k = static_cast<int>(v);
   }
   return self.policy.find_sampler(kind, k);
@@ -193,7 +204,7 @@ int int_arg(const py::object& v, const std::string& name, int none_value) {
   if (v.is_none()) return none_value;
   if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
     throw dpkit::InputError(name + " must be an integer, got " + std::string(py::repr(v)));
-  const long long x = py::int_(v).cast<long long>();
+  const long long x = as_long_long(v, name);
   if (x < -(1LL << 30) || x > (1LL << 30)) throw dpkit::InputError(name + " is out of range, got " + std::to_string(x));
   return static_cast<int>(x);
 }
