@@ -1,4 +1,14 @@
-"""The one exception type user-facing code raises for bad input, and the CLI wrapper that prints it."""
+"""dpkit's exception types, shared by Python and the C++ runtime, and the CLI wrapper that prints them.
+
+    from dpkit.errors import DpkitError, InputError, RuntimeFailure
+    try:
+        policy.sample(obs)
+    except InputError as e:      # a bad argument, from any backend (also a ValueError)
+        ...
+
+The C++ runtime's errors arrive as these classes (dpkit.runtime._core.InputError is InputError,
+_core.Error is RuntimeFailure), so one `except` clause serves every backend.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +29,15 @@ class DpkitError(Exception):
 class InputError(DpkitError, ValueError):
     """The caller passed something wrong (an argument, an observation's shape or values, injected noise).
 
-    Also a ValueError, like the C++ runtime's `_core.InputError`, so each backend raises the same kinds.
+    Also a ValueError. The C++ runtime raises this class itself (`_core.InputError` is it).
+    """
+
+
+class RuntimeFailure(DpkitError, RuntimeError):
+    """A failure that is not a bad argument, raised by the C++ runtime (`_core.Error` is this class): a bundle it
+    cannot load or verify, ONNX Runtime refusing a graph or a session, an unavailable provider.
+
+    Also a RuntimeError, so `except RuntimeError` around the C++ backend keeps working.
     """
 
 

@@ -1,13 +1,32 @@
 """Typed stub of the C++ runtime module (cpp/python/module.cpp); use it through dpkit.runtime.cpp_policy."""
 
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
-from dpkit.errors import DpkitError
+from dpkit.errors import InputError as InputError  # dpkit::InputError; a DpkitError and a ValueError
+from dpkit.errors import RuntimeFailure as Error  # any other dpkit::Error; a DpkitError and a RuntimeError
 
-class Error(DpkitError, RuntimeError): ...
-class InputError(Error, ValueError): ...
+class PolicyInfo(TypedDict):
+    """Policy.info: dpkit::PolicyInfo (cpp/include/dpkit/runtime.hpp), read from the bundle by the C++ reader."""
+    bundle_dir: str
+    obs_mode: str  # "lowdim" or "image"
+    n_obs_steps: int  # To
+    horizon: int  # H
+    n_action_steps: int  # Ta
+    action_dim: int  # A
+    first_action_index: int
+    cond_dim: int
+    max_batch: int
+    observations: list[tuple[str, tuple[int, ...]]]  # (name, shape without batch and time), in graph order
+    action_scale: list[float]  # (A,): actions = trajectory * scale + offset
+    action_offset: list[float]
+    samplers: list[tuple[str, str, int]]  # (name, "ddpm" | "ddim", num_inference_steps), in policy.json order
+    default_sampler: str  # a name from samplers, e.g. "ddim-10"
+    precision: str  # the denoiser's weights: "fp32", "fp16" or "int8"
+    provider: str  # "cpu", "cuda" or "tensorrt"
+    ort_version: str
+    ort_library: str
 
 class Sampler:
     """A sampler of one Policy (made only by Policy.find_sampler); sample() refuses one of another Policy."""
@@ -25,7 +44,7 @@ class Policy:
                  ort_library: str = "", verify_sha256: bool = True, device_id: int = 0,
                  allow_spinning: bool = False) -> None: ...
     @property
-    def info(self) -> dict[str, Any]: ...  # ... "default_sampler": name, "action_scale"/"action_offset": lists
+    def info(self) -> PolicyInfo: ...
     @property
     def last_timing(self) -> dict[str, float]: ...  # total_ms, encoder_ms, denoiser_ms, loop_ms, steps
     def find_sampler(self, sampler: str | None = None, num_inference_steps: int | None = None) -> Sampler: ...

@@ -8,8 +8,9 @@
 The whole reverse loop runs in C++ with the GIL released; numpy float32 C-contiguous inputs are read in
 place. One CppPolicy may be shared by threads: its calls are serialized by a lock inside the module (for
 parallel sampling give each thread its own). The ONNX Runtime library is the one inside the installed
-`onnxruntime` Python package, so the module needs no system ONNX Runtime. Errors are `_core.InputError` (a DpkitError and a ValueError) for
-bad shapes/values and `_core.Error` (a DpkitError and a RuntimeError) for the rest.
+`onnxruntime` Python package, so the module needs no system ONNX Runtime. Errors are dpkit.errors'
+InputError (a ValueError) for bad shapes/values and RuntimeFailure (a RuntimeError) for the rest, raised
+by C++ itself (`_core.InputError` and `_core.Error` are those classes).
 """
 
 from __future__ import annotations

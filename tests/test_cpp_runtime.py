@@ -115,6 +115,24 @@ def test_bad_noise_sampler_and_provider(bundles):
         CppPolicy(bundles["lowdim"] / "nope")
 
 
+def test_core_errors_are_dpkit_errors(bundles):
+    """_core raises dpkit.errors' own classes, so one `except` clause serves every backend; the builtin bases
+    (ValueError, RuntimeError) stay for callers that catch those."""
+    from dpkit.errors import InputError, RuntimeFailure
+    from dpkit.runtime import _core
+    from dpkit.runtime.cpp_policy import CppPolicy
+
+    assert _core.InputError is InputError and _core.Error is RuntimeFailure
+    assert issubclass(InputError, ValueError) and issubclass(RuntimeFailure, RuntimeError)
+    p = CppPolicy(bundles["lowdim"], threads=1)
+    with pytest.raises(InputError, match="ddim-10") as info:
+        p._policy.find_sampler("ddim", 7)  # raised in C++ (dpkit::InputError)
+    assert type(info.value) is InputError
+    with pytest.raises(RuntimeFailure, match="policy.json") as info:
+        CppPolicy(bundles["lowdim"] / "nope")  # dpkit::Error from the C++ bundle reader
+    assert type(info.value) is RuntimeFailure
+
+
 def test_tampered_bundle_is_refused(bundles, tmp_path):
     import shutil
 

@@ -273,13 +273,14 @@ py::dict controller_stats(PyController& self) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dpkit C++ runtime (see dpkit.runtime.cpp_policy.CppPolicy)";
 
-  // Python classes that are both DpkitError (so CLIs print one line) and the builtin a caller expects.
-  py::object dpkit_error = py::module_::import("dpkit.errors").attr("DpkitError");
+  // The C++ errors are dpkit.errors' own classes, each a DpkitError (so CLIs print one line) and the builtin a
+  // caller expects: dpkit::InputError -> InputError (a ValueError), any other dpkit::Error -> RuntimeFailure
+  // (a RuntimeError). `except dpkit.errors.InputError` thus catches every backend's; _core.InputError and
+  // _core.Error name the same classes. The references are kept for the process (the translator uses them).
+  py::module_ errors = py::module_::import("dpkit.errors");
   static py::handle input_error, runtime_error;
-  input_error = PyErr_NewException("dpkit.runtime._core.InputError",
-                                   py::make_tuple(dpkit_error, py::handle(PyExc_ValueError)).ptr(), nullptr);
-  runtime_error = PyErr_NewException("dpkit.runtime._core.Error",
-                                     py::make_tuple(dpkit_error, py::handle(PyExc_RuntimeError)).ptr(), nullptr);
+  input_error = py::object(errors.attr("InputError")).release();
+  runtime_error = py::object(errors.attr("RuntimeFailure")).release();
   m.attr("InputError") = input_error;
   m.attr("Error") = runtime_error;
   py::register_exception_translator([](std::exception_ptr p) {
