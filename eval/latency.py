@@ -29,7 +29,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.eval import pusht
-from dpkit.eval.evaluate import check_blend, check_policy, env_count, protocol_fields
+from dpkit.eval.protocol import check_blend, check_policy, env_count, protocol_fields
 from dpkit.runtime.realtime import EXECUTIONS, make_controller
 
 
