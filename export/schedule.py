@@ -51,31 +51,20 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm
         raise DpkitError(f"DDPM step counts {bad} are outside [1, {n}] (num_train_timesteps)")
 
     samplers = []
+    for kind, counts in (("ddpm", [n] + ddpm_counts), ("ddim", steps)):
+        for k in counts:
+            sched = policy.make_scheduler(kind, k)
+            ts = [int(t) for t in sched.timesteps]
+            samplers.append({
+                "name": f"{kind}-{k}",
+                "sampler": kind,
+                "num_inference_steps": k,
+                "timesteps": ts,
+                "prev_timesteps": [policy.prev_timestep(sched, t) for t in ts],  # -1: use final_alpha_cumprod
+                "final_alpha_cumprod": float(sched.final_alpha_cumprod if kind == "ddim" else sched.one),
+                "eta": 0.0,
+            })
     ddpm = policy.make_scheduler("ddpm", n)
-    for k in [n] + ddpm_counts:
-        sched = policy.make_scheduler("ddpm", k)
-        ts = [int(t) for t in sched.timesteps]
-        samplers.append({
-            "name": f"ddpm-{k}",
-            "sampler": "ddpm",
-            "num_inference_steps": k,
-            "timesteps": ts,
-            "prev_timesteps": [policy.prev_timestep(sched, t) for t in ts],
-            "final_alpha_cumprod": float(sched.one),
-            "eta": 0.0,
-        })
-    for k in steps:
-        ddim = policy.make_scheduler("ddim", k)
-        ts = [int(t) for t in ddim.timesteps]
-        samplers.append({
-            "name": f"ddim-{k}",
-            "sampler": "ddim",
-            "num_inference_steps": k,
-            "timesteps": ts,
-            "prev_timesteps": [policy.prev_timestep(ddim, t) for t in ts],  # -1: use final_alpha_cumprod
-            "final_alpha_cumprod": float(ddim.final_alpha_cumprod),
-            "eta": 0.0,
-        })
     return {
         "type": "ddpm",
         "num_train_timesteps": n,
