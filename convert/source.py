@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dpkit.errors import DpkitError
+from dpkit.io import folder_lock
 
 
 def detect_source(path: str | Path) -> tuple[str, Path]:
@@ -54,16 +55,18 @@ def convert_policy(source: str | Path, out: str | Path, *, ema: bool = True, for
 
     out = Path(out)
     check_out(out, force)  # before any reading: a refused --out costs nothing
-    say = progress or (lambda _msg: None)
-    kind, path = detect_source(source)
-    name = out.name if out.name not in ("", ".", "..") else "converted"
-    say(f"reading {kind} {path}")
-    if kind == "lerobot":
-        config, normalizer, weights, src, step = read_lerobot(path, name)
-    else:
-        config, normalizer, weights, src, step = read_original(path, name, ema=ema)
-    say(f"writing {out}")
-    write_run(out, config, normalizer, weights, src, step=step, force=force)
+    with folder_lock(out, "run folder"):  # one writer at a time, from here to the publish
+        check_out(out, force)  # again, now that no other writer can change it
+        say = progress or (lambda _msg: None)
+        kind, path = detect_source(source)
+        name = out.name if out.name not in ("", ".", "..") else "converted"
+        say(f"reading {kind} {path}")
+        if kind == "lerobot":
+            config, normalizer, weights, src, step = read_lerobot(path, name)
+        else:
+            config, normalizer, weights, src, step = read_original(path, name, ema=ema)
+        say(f"writing {out}")
+        write_run(out, config, normalizer, weights, src, step=step, force=force)
     p = config.policy
     return {"out": str(out), "source": src, "obs_mode": p.obs_mode, "observations": list(p.obs_keys) or None,
             "n_obs_steps": p.n_obs_steps, "horizon": p.horizon, "n_action_steps": p.n_action_steps,

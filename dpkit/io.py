@@ -5,6 +5,8 @@ made them, `.<name>.dpkit-<host>-<pid>-<random>.tmp`, so a later write into the 
 what a killed writer left behind: entries of that pattern whose process (on this host) is gone, or any
 older than STALE_TMP_AGE_S (a writer on another host that shares the folder).
 
+`folder_lock(folder)` makes a writer of an output folder (a run, a bundle) the only one while it works.
+
 Also `sha256_file(path)`, the one file digest (bundle graphs, converted weights, the dataset download): it
 lives here, in the core room, because train, convert and runtime may all import core but not each other.
 """
@@ -151,6 +153,56 @@ def check_writable_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def lock_path(folder: str | os.PathLike) -> Path:
+    """The lock file of an output folder: beside it, so it neither creates the folder nor moves with it when a
+    finished result is renamed into place."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name[:160]}.dpkit-lock")
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[Path]:
+    """Hold the advisory lock of `folder` (fcntl.flock on `lock_path(folder)`) while writing it: one writer
+    at a time. A second writer gets one DpkitError naming the holder's pid. The lock dies with its process,
+    so a killed writer's lock file is simply taken over; a released one is removed."""
+    import fcntl
+
+    folder = Path(os.path.abspath(folder))
+    path = lock_path(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DpkitError(f"cannot create {what} {folder}: {e.strerror}") from None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise DpkitError(f"cannot lock {what} {folder}: {e.strerror} ({path})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+            os.close(fd)
+            pid = holder[0] if holder else "unknown"
+            raise DpkitError(f"{what} {folder} is being written by another process (pid {pid}, lock {path}); "
+                             f"wait for it to finish or stop it") from None
+        try:  # the file may have been removed by the writer that released it just before: lock the current one
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still holding it: a waiting writer then retries on a new file
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final` in one rename.
@@ -174,13 +226,20 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         raise DpkitError(f"cannot write into {final.parent}: {e.strerror}") from None
     try:
         yield tmp
+        if final.exists() and not force:  # checked again at the end: a concurrent writer finished first
+            raise DpkitError(f"{final} appeared while this result was being written (another writer?); "
+                             f"it was left as it is and this result discarded (use --force to replace it)")
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
+            try:
+                os.rename(tmp, final)  # refuses a non-empty folder another writer put there since the check
+            except OSError as e:
+                raise DpkitError(f"cannot publish {final}: {e.strerror} (another writer?); this result was "
+                                 f"discarded") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

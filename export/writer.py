@@ -22,7 +22,7 @@ import dpkit
 from dpkit.errors import DpkitError
 from dpkit.export.onnx_export import DEFAULT_OPSET, EXPORTER, MIN_OPSET, export_policy
 from dpkit.export.schedule import DEFAULT_DDIM_STEPS, build_scheduler
-from dpkit.io import atomic_dir, atomic_write_json, check_writable_file, sha256_file
+from dpkit.io import atomic_dir, atomic_write_json, check_writable_file, folder_lock, sha256_file
 from dpkit.runtime.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, MAX_TRT_BATCH, TRT_CACHE_DIR, load_bundle,
                                   read_manifest)
 from dpkit.runtime.onnx_info import read_onnx_info
@@ -303,37 +303,38 @@ def export_bundle(
         check_writable_file(json_path)
     check_out(out, force)  # before the slow part
     trt_profile(max_batch, opt_batch, fp16)
-    t0 = time.perf_counter()
-    policy, state = load_checkpoint(checkpoint, ema=ema)
-    log(f"loaded {state['checkpoint_path']} (step {state['step']}, {'EMA' if ema else 'raw'} weights, "
-        f"{policy.cfg.obs_mode}, {policy.num_parameters() / 1e6:.2f} M parameters)")
-    thread_choice = choose_threads(threads, params=policy.num_parameters())
-    apply_torch(thread_choice)
-    log(f"threads: {describe(thread_choice)}")
-    build_scheduler(policy, ddim_steps, ddpm_steps)  # rejects bad step counts before loading the data
-    samples, inputs_desc = dataset_samples(state["config"], data)
-    log(f"parity inputs: {inputs_desc}")
-    source = {"checkpoint": str(state.get("checkpoint_path", "")), "step": int(state.get("step", 0))}
-    if isinstance(state.get("source"), dict):  # a run written by dpkit-convert: where the policy came from
-        source["converted_from"] = state["source"]
-    summary = write_bundle(policy, out, config=state["config"], source=source, force=force, ema=ema, fp16=fp16,
-                           precision=precision, opset=opset, gemm_conv=gemm_conv, ddim_steps=ddim_steps,
-                           ddpm_steps=ddpm_steps,
-                           samples=samples, inputs_desc=inputs_desc, max_batch=max_batch, opt_batch=opt_batch,
-                           log=log)
-    summary["checkpoint"] = state["checkpoint_path"]
-    summary["threads"] = thread_choice.to_json()
-    summary["seconds"] = time.perf_counter() - t0
-    if json_path:
-        atomic_write_json(json_path, summary)
-    if tensorrt:  # after the bundle and summary are safely written: exit 2 still leaves them valid
-        from dpkit.export.tensorrt import build_engines
-
-        manifest = read_manifest(out)
-        manifest["tensorrt"] = build_engines(out, manifest)
-        atomic_write_json(out / MANIFEST, manifest)
-        summary["tensorrt"] = manifest["tensorrt"]
-        log(f"TensorRT engines in {out / manifest['tensorrt']['cache_dir']}")
+    with folder_lock(out, "bundle folder"):  # one writer at a time, from here to the publish
+        check_out(out, force)  # again, now that no other writer can change it
+        t0 = time.perf_counter()
+        policy, state = load_checkpoint(checkpoint, ema=ema)
+        log(f"loaded {state['checkpoint_path']} (step {state['step']}, {'EMA' if ema else 'raw'} weights, "
+            f"{policy.cfg.obs_mode}, {policy.num_parameters() / 1e6:.2f} M parameters)")
+        thread_choice = choose_threads(threads, params=policy.num_parameters())
+        apply_torch(thread_choice)
+        log(f"threads: {describe(thread_choice)}")
+        build_scheduler(policy, ddim_steps, ddpm_steps)  # rejects bad step counts before loading the data
+        samples, inputs_desc = dataset_samples(state["config"], data)
+        log(f"parity inputs: {inputs_desc}")
+        source = {"checkpoint": str(state.get("checkpoint_path", "")), "step": int(state.get("step", 0))}
+        if isinstance(state.get("source"), dict):  # a run written by dpkit-convert: where the policy came from
+            source["converted_from"] = state["source"]
+        summary = write_bundle(policy, out, config=state["config"], source=source, force=force, ema=ema,
+                               fp16=fp16, precision=precision, opset=opset, gemm_conv=gemm_conv,
+                               ddim_steps=ddim_steps, ddpm_steps=ddpm_steps, samples=samples,
+                               inputs_desc=inputs_desc, max_batch=max_batch, opt_batch=opt_batch, log=log)
+        summary["checkpoint"] = state["checkpoint_path"]
+        summary["threads"] = thread_choice.to_json()
+        summary["seconds"] = time.perf_counter() - t0
         if json_path:
             atomic_write_json(json_path, summary)
-    return summary
+        if tensorrt:  # after the bundle and summary are safely written: exit 2 still leaves them valid
+            from dpkit.export.tensorrt import build_engines
+
+            manifest = read_manifest(out)
+            manifest["tensorrt"] = build_engines(out, manifest)
+            atomic_write_json(out / MANIFEST, manifest)
+            summary["tensorrt"] = manifest["tensorrt"]
+            log(f"TensorRT engines in {out / manifest['tensorrt']['cache_dir']}")
+            if json_path:
+                atomic_write_json(json_path, summary)
+        return summary

@@ -610,3 +610,92 @@ def test_lerobot_mean_std_with_a_std_that_is_not_positive_is_refused(tmp_path, c
     tensors[f"{feature}.std"].view(-1)[0] = 0.0 if zero else -5.0
     save_file(tensors, str(src / name))
     _refused(capsys, [str(src)], tmp_path / "out", message)
+
+
+# ---- one writer per run or output folder ----------------------------------------------------------------------
+
+
+HOLD = """
+import sys, time
+from dpkit.io import folder_lock
+with folder_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    """Another process that holds `folder`'s writer lock (as a dpkit-train, -export or -convert would)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_second_writer_of_a_folder_is_refused_naming_the_holder(trained_run, tmp_path, capsys, no_data):
+    from dpkit.convert.cli import main as convert_main
+    from dpkit.export.cli import main as export_main
+    from dpkit.io import folder_lock, lock_path
+
+    run, bundle, converted = tmp_path / "run", tmp_path / "bundle", tmp_path / "converted"
+    shutil.copytree(trained_run, run)
+    before = _snapshot(run)
+    holders = [_holder(f) for f in (run, bundle, converted)]
+    try:
+        for argv in (["--out", run, "--resume", "--steps", "3"], ["--config", "tiny", "--out", run, "--force"]):
+            rc, err = _cli(capsys, *argv, "--no-progress")  # once: two --resume both ran, duplicating steps
+            assert rc == 1
+            _one_line(err, f"run folder {run} is being written by another process (pid {holders[0].pid}, lock ")
+        assert _snapshot(run) == before
+        source = tmp_path / "source"
+        for main, argv, holder in ((export_main, [run, "--out", bundle], holders[1]),
+                                   (convert_main, [source, "--out", converted, "--no-progress"], holders[2])):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                main([str(a) for a in argv])
+            assert e.value.code == 1
+            _one_line(capsys.readouterr().err, f"is being written by another process (pid {holder.pid}")
+        assert not bundle.exists() and not converted.exists()
+    finally:
+        for h in holders:
+            h.kill()  # SIGKILL: no cleanup, the lock files stay behind
+            h.wait()
+    assert lock_path(run).is_file()  # a killed writer's lock file ...
+    with folder_lock(run):  # ... is taken over (flock died with its process)
+        pass
+    assert not lock_path(run).exists()  # a released lock leaves nothing behind
+    with pytest.raises(AssertionError, match="the data was loaded"):  # past the lock: no_data stops it there
+        train_main([str(a) for a in ("--out", run, "--resume", "--steps", "3", "--no-progress")])
+
+
+def test_a_result_published_by_another_writer_meanwhile_is_not_replaced(tmp_path):
+    final = tmp_path / "bundle"
+    with pytest.raises(DpkitError, match="appeared while this result was being written"):
+        with atomic_dir(final) as tmp:
+            (tmp / "mine").write_text("mine")
+            final.mkdir()  # another writer (without the lock) finished first
+            (final / "theirs").write_text("theirs")
+    assert [p.name for p in final.iterdir()] == ["theirs"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # the temp folder is gone
+
+
+def test_two_dpkit_train_processes_on_one_run_folder(store, tmp_path):
+    from dpkit.io import lock_path
+
+    run = tmp_path / "run"
+    base = [sys.executable, "-m", "dpkit.train.cli", "--config", "tiny", "--data", str(store), "--out", str(run),
+            "--no-progress", *SMALL]
+    first = subprocess.Popen([*base, "--steps", "100000"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock_path(run).is_file() and lock_path(run).read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline, "the first dpkit-train never took the lock"
+            time.sleep(0.2)
+        second = subprocess.run([*base, "--force", "--steps", "5"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 1, second.stderr
+        assert second.stderr.startswith("error: ") and second.stderr.count("\n") == 1, second.stderr
+        assert f"is being written by another process (pid {first.pid}" in second.stderr
+    finally:
+        first.kill()
+        first.wait()

@@ -13,6 +13,7 @@ saved in the checkpoint, on every process, without gathering generator states ac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -28,7 +29,7 @@ import torch
 
 import dpkit
 from dpkit.errors import DpkitError
-from dpkit.io import atomic_write_json, atomic_write_text, check_writable_dir
+from dpkit.io import atomic_write_json, atomic_write_text, check_writable_dir, folder_lock
 from dpkit.threads import apply_torch, choose_threads, describe, load_average, usable_cpus
 from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.config import Config
@@ -325,10 +326,13 @@ def train(
         cpu=not _has_accelerator(),
     )
     try:
-        resume_from = ckpt_io.check_run_dir(run_dir, resume, force)
-        end = t.steps if stop_after is None else min(stop_after, t.steps)
-        return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None,
-                      rollout_eval=rollout_eval, threads=threads)
+        # One writer per run folder (the main process, which alone writes): a second dpkit-train (--resume or
+        # not) is refused here, before its data loads, naming the holder's pid.
+        with folder_lock(run_dir, "run folder") if acc.is_main_process else contextlib.nullcontext():
+            resume_from = ckpt_io.check_run_dir(run_dir, resume, force)
+            end = t.steps if stop_after is None else min(stop_after, t.steps)
+            return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None,
+                          rollout_eval=rollout_eval, threads=threads)
     finally:
         acc.end_training()
         # Let a later train() in the same process build an Accelerator with other settings.
