@@ -10,7 +10,8 @@
 
 The rule for every backend and sampler (DDPM-50, DDPM-100, DDIM-10, batch 2), against lerobot's own float64 run
 of the same network and draws: the normalized trajectory within TRAJ_TOL, and the executed actions within
-lerobot's own float32 error (its float32 result vs its float64 run) plus ROUNDING_MARGIN_PX. The fast tests run
+lerobot's own float32 error (its float32 result vs its float64 run) plus ROUNDING_MARGIN_PX, both from
+tests/peer_parity.py (where the margins are derived). The fast tests run
 PyTorch; the slow ones export a bundle and run ONNX Runtime and the C++ runtime.
 """
 
@@ -26,10 +27,11 @@ import numpy as np
 import pytest
 
 from dpkit.convert.source import convert_policy
+# tests/peer_parity.py's margins (over the peer's own float32 error; DDIM-10 amplifies rounding). This fixture
+# holds lerobot's own float64 run, so that run is the exact reference here instead of dpkit's float64 run.
+from peer_parity import ROUNDING_MARGIN_PX, TRAJ_TOL
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "peers" / "lerobot_keypoints_ngroups4_ddpm50"
-TRAJ_TOL = 1e-4  # normalized trajectory (1.0 = half the action range)
-ROUNDING_MARGIN_PX = {"ddpm": 1e-3, "ddim": 2e-3}  # over lerobot's own float32 error (DDIM-10 amplifies rounding)
 # (tag in reference.npz, sampler, steps)
 CASES = [("ddpm50", "ddpm", 50), ("ddpm100", "ddpm", 100), ("ddim10", "ddim", 10)]
 
