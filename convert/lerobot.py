@@ -124,7 +124,7 @@ def read_lerobot(folder: str | Path, name: str):
             _refuse(src, "crop_shape", crop, "a square crop")
     want("use_film_scale_modulation", True, "dpkit's FiLM always predicts scale and bias")
     sched_kind = want("noise_scheduler_type", lambda v: v in ("DDPM", "DDIM"), "DDPM or DDIM")
-    want("prediction_type", "epsilon", "dpkit predicts epsilon")
+    pred = want("prediction_type", lambda v: v in ("epsilon", "sample"), "epsilon or sample", default="epsilon")
     if cfg.get("beta_schedule") != "squaredcos_cap_v2":  # the cosine schedule ignores beta_start/end
         for key, value in BETA_DEFAULTS.items():
             want(key, value, f"dpkit's linear schedules use {value}", default=value)
@@ -180,7 +180,7 @@ def read_lerobot(folder: str | Path, name: str):
         "diffusion_step_embed_dim": cfg.get("diffusion_step_embed_dim"),
         "num_train_timesteps": T, "beta_schedule": cfg.get("beta_schedule"),
         "clip_sample": cfg.get("clip_sample", True), "clip_sample_range": cfg.get("clip_sample_range", 1.0),
-        "prediction_type": "epsilon",
+        "prediction_type": pred,
     }
     if sched_kind == "DDIM":
         policy_cfg["ddim_steps"] = k

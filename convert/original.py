@@ -104,6 +104,8 @@ def read_original(path: str | Path, name: str, ema: bool = True):
         for key, want in BETA_DEFAULTS.items():
             _require(sched.get(key, want) == want, src, f"policy.noise_scheduler.{key}", sched.get(key),
                      f"dpkit's linear schedules use {want}")
+    pred = sched.get("prediction_type", "epsilon")  # diffusers' default
+    _require(pred in ("epsilon", "sample"), src, "policy.noise_scheduler.prediction_type", pred, "epsilon or sample")
     num_inference = pol.get("num_inference_steps") or sched.get("num_train_timesteps")
 
     policy_cfg = {
@@ -121,7 +123,7 @@ def read_original(path: str | Path, name: str, ema: bool = True):
         "beta_schedule": sched.get("beta_schedule", "linear"),
         "clip_sample": sched.get("clip_sample", True),
         "clip_sample_range": sched.get("clip_sample_range", 1.0),  # diffusers' default
-        "prediction_type": sched.get("prediction_type", "epsilon"),
+        "prediction_type": pred,
     }
     if kind == "ddim":
         policy_cfg["ddim_steps"] = num_inference

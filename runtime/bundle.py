@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 MANIFEST = "policy.json"
 GRAPHS = ("encoder", "denoiser")
 PRECISIONS = ("fp32", "fp16", "int8")  # models.<graph>.precision (docs/bundle-format.md, "Precision")
+PREDICTION_TYPES = ("epsilon", "sample")  # scheduler.prediction_type: what the denoiser outputs (epsilon or x0)
 
 # Bounds every reader applies before sizing anything from the manifest (docs/bundle-format.md, "Limits");
 # cpp/src/manifest.cpp has the same numbers.
@@ -271,9 +272,10 @@ def _validate_scheduler(r: _Reader, s: Any, sp: str) -> None:
     if r.str(s, "type", sp) != "ddpm":
         r.fail(f"{sp}.type", 'must be "ddpm"')
     n = r.integer(s, "num_train_timesteps", sp, 1, MAX_TRAIN_TIMESTEPS)
-    pred = r.str(s, "prediction_type", sp)
-    if pred != "epsilon":
-        r.fail(f"{sp}.prediction_type", f'must be "epsilon" in format version 1, got {json.dumps(pred)}')
+    # what the denoiser outputs; bundles written before "sample" existed always said "epsilon"
+    pred = r.str(s, "prediction_type", sp) if "prediction_type" in s else "epsilon"
+    if pred not in PREDICTION_TYPES:
+        r.fail(f"{sp}.prediction_type", f'must be "epsilon" or "sample", got {json.dumps(pred)}')
     var = r.str(s, "variance_type", sp)
     if var != "fixed_small":
         r.fail(f"{sp}.variance_type", f'must be "fixed_small", got {json.dumps(var)}')
@@ -410,7 +412,7 @@ class Schedule:
     def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> "Schedule":
         """The manifest's `scheduler` object, checked by the manifest rules."""
         _validate_scheduler(_Reader(where), d, "scheduler")
-        return cls(int(d["num_train_timesteps"]), str(d["prediction_type"]), bool(d["clip_sample"]),
+        return cls(int(d["num_train_timesteps"]), str(d.get("prediction_type", "epsilon")), bool(d["clip_sample"]),
                    float(d["clip_sample_range"]), str(d["variance_type"]),
                    np.asarray(d["betas"], dtype=np.float64), np.asarray(d["alphas_cumprod"], dtype=np.float64),
                    tuple(SamplerSpec.from_dict(s) for s in d["samplers"]), str(d["default_sampler"]))

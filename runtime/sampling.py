@@ -28,10 +28,13 @@ class StepPlan:
     """Per-step float32 scalars of one sampler, derived once from the schedule arrays as diffusers derives them.
 
     Everything is float32, from `a_t = float32(alphas_cumprod[t])` and `a_p` (the prev timestep's, or
-    `final_alpha_cumprod`), and step k is, in this order (docs/bundle-format.md, "The reverse step"):
-        x0  = (x - sqrt_1m_at[k] * eps) / sqrt_at[k];   clamp x0 to [-r, r] when clip
+    `final_alpha_cumprod`), and step k is, in this order (docs/bundle-format.md, "The reverse step"), for the
+    denoiser's output `out`:
+        x0  = (x - sqrt_1m_at[k] * out) / sqrt_at[k], eps = out        prediction_type "epsilon"
+        x0  = out, eps = (x - sqrt_at[k] * x0) / sqrt_1m_at[k]         prediction_type "sample" (eps: DDIM only)
+        clamp x0 to [-r, r] when clip
         x'  = c_x0[k] * x0 + c_x[k] * x          DDPM
-        x'  = c_x0[k] * x0 + c_eps[k] * eps      DDIM (eta = 0; eps as predicted, not re-derived from x0)
+        x'  = c_x0[k] * x0 + c_eps[k] * eps      DDIM (eta = 0; eps before the clamp, not re-derived from it)
         x' += sigma[k] * noise_k                 DDPM at t > 0
     The same operations, rounded at the same points, as diffusers' DDPMScheduler/DDIMScheduler.step: a step
     equals theirs up to PyTorch's CPU sqrt, which is not always correctly rounded (a scalar can be one ulp
@@ -47,6 +50,7 @@ class StepPlan:
     c_eps: np.ndarray  # DDIM only (zeros for DDPM)
     sigma: np.ndarray  # 0 where no noise is added (DDIM, and DDPM at t = 0)
     clip: np.float32 | None  # clip_sample_range, or None when clip_sample is off
+    predicts_sample: bool  # the denoiser outputs x0 (prediction_type "sample"), else epsilon
     # (K + 1,) float64 alpha_cumprod of the chain's noise levels: the initial sample's, then each step's
     # output (prev timestep, or final_alpha_cumprod after the last step). Only inpainting reads them.
     levels: np.ndarray
@@ -100,24 +104,31 @@ class StepPlan:
             c_eps=c_eps,
             sigma=sigma.astype(np.float32),
             clip=np.float32(schedule.clip_sample_range) if schedule.clip_sample else None,
+            predicts_sample=schedule.prediction_type == "sample",
             levels=np.concatenate([levels_t[:1], levels_p]),
         )
 
-    def step(self, k: int, x: np.ndarray, eps: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
-        """One reverse step k: x_t -> x_prev (float32 arrays of the same shape)."""
-        x0 = (x - self.sqrt_1m_at[k] * eps) / self.sqrt_at[k]
+    def step(self, k: int, x: np.ndarray, out: np.ndarray, noise: np.ndarray | None) -> np.ndarray:
+        """One reverse step k: x_t -> x_prev (float32 arrays of the same shape); `out` is the denoiser's."""
+        ddim = self.sampler.sampler == "ddim"
+        if self.predicts_sample:
+            eps = (x - self.sqrt_at[k] * out) / self.sqrt_1m_at[k] if ddim else None
+            x0 = out.copy()  # clipped below in place: the caller's array stays as it was
+        else:
+            eps = out
+            x0 = (x - self.sqrt_1m_at[k] * eps) / self.sqrt_at[k]
         if self.clip is not None:
             np.clip(x0, -self.clip, self.clip, out=x0)
-        out = self.c_x0[k] * x0
-        if self.sampler.sampler == "ddpm":
-            out += self.c_x[k] * x
+        nxt = self.c_x0[k] * x0
+        if ddim:
+            nxt += self.c_eps[k] * eps
         else:
-            out += self.c_eps[k] * eps
+            nxt += self.c_x[k] * x
         if self.sigma[k] != 0.0:
             if noise is None:
                 raise DpkitError(f"{self.sampler.name}: step {k} (t={self.timesteps[k]}) needs noise")
-            out += self.sigma[k] * noise
-        return out
+            nxt += self.sigma[k] * noise
+        return nxt
 
 
 def draw_noise(
@@ -206,7 +217,8 @@ def run_reverse(
     step_noise: np.ndarray | None,
     inpaint: Inpaint | None = None,
 ) -> np.ndarray:
-    """Run all K steps from `initial_noise`; `denoise(x, t_batch) -> eps` with t_batch (B,) int64.
+    """Run all K steps from `initial_noise`; `denoise(x, t_batch)` -> the denoiser's output (epsilon, or x0
+    for prediction_type "sample") with t_batch (B,) int64.
     `inpaint` keeps the trajectory consistent with a committed prefix (see Inpaint)."""
     x = np.array(initial_noise, dtype=np.float32, copy=True)
     batch = x.shape[0]
@@ -215,8 +227,8 @@ def run_reverse(
     if inpaint is not None:
         inpaint.apply(x, initial_noise, plan.levels[0])
     for k in range(plan.num_steps):
-        eps = np.asarray(denoise(x, t_batches[k]), dtype=np.float32)
-        x = plan.step(k, x, eps, None if step_noise is None else step_noise[k])
+        out = np.asarray(denoise(x, t_batches[k]), dtype=np.float32)
+        x = plan.step(k, x, out, None if step_noise is None else step_noise[k])
         if inpaint is not None:
             inpaint.apply(x, initial_noise, plan.levels[k + 1])
     return x

@@ -100,7 +100,7 @@ BAD_VALUES = {
     "policy.beta_schedule": [("sigmoid", "policy.beta_schedule must be one of")],
     "policy.clip_sample": [(1, "policy.clip_sample must be true or false")],
     "policy.clip_sample_range": [(0, "policy.clip_sample_range must be > 0"), (".inf", "must be a finite number")],
-    "policy.prediction_type": [("sample", "policy.prediction_type")],
+    "policy.prediction_type": [("v_prediction", "policy.prediction_type must be 'epsilon' or 'sample'")],
     "policy.ddim_steps": [(101, "policy.ddim_steps must be in [1, num_train_timesteps]")],
     "policy.ddpm_steps": [(0, "policy.ddpm_steps must be in [1, num_train_timesteps]"), ("ten", "expects a number")],
     "policy.obs_keys": [("[obs,obs]", "policy.obs_keys has a repeated name"), ("[a-b]", "must be identifiers")],

@@ -132,6 +132,19 @@ def test_golden_bundle_reproduces_saved_outputs(backend, base):
     assert np.abs(other - ref["traj_ddim_10"]).max() > 1e-2
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_bundle_without_prediction_type_is_epsilon(backend, tmp_path):
+    """A scheduler without `prediction_type` (optional since "sample" exists) samples as "epsilon" did."""
+    ref = np.load(GOLDEN / "reference.npz")
+    bundle = tmp_path / "b"
+    shutil.copytree(GOLDEN / "bundle", bundle)
+    apply_edits(bundle, [{"delete": "/scheduler/prediction_type"}])
+    assert load_bundle(bundle).schedule.prediction_type == "epsilon"
+    traj = load_policy(bundle, backend=backend).sample({"obs": ref["obs"]}, sampler="ddim", steps=10,
+                                                       initial_noise=ref["initial_noise"])
+    np.testing.assert_allclose(traj, ref["traj_ddim_10"], rtol=0, atol=1e-4)
+
+
 def test_golden_manifest_layout():
     """What the golden bundles record: listed-and-hashed external data, the TensorRT profile, samplers."""
     plain, ext = load_bundle(GOLDEN / "bundle").manifest, load_bundle(GOLDEN / "bundle_external").manifest

@@ -203,7 +203,7 @@ def test_lerobot_missing_statistics_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_group_norm", False), ("noise_scheduler_type", "EulerDiscrete"), ("prediction_type", "sample"),
+    ("use_group_norm", False), ("noise_scheduler_type", "EulerDiscrete"), ("prediction_type", "v_prediction"),
     ("vision_backbone", "resnet34"), ("use_film_scale_modulation", False), ("crop_shape", [84, 80]),
 ])
 def test_lerobot_unsupported_field_is_named(tmp_path, capsys, field, value):
@@ -459,6 +459,29 @@ def test_original_ddim_workspace_defaults_to_its_ddim(tmp_path, monkeypatch):
     default = policy.sample(_reference(name)["obs"], initial_noise=init)
     np.testing.assert_array_equal(default, policy.sample(_reference(name)["obs"], sampler="ddim", steps=10,
                                                          initial_noise=init))
+
+
+@pytest.mark.parametrize("pred", ["sample", "v_prediction"])
+def test_original_prediction_type_is_carried_or_refused(tmp_path, capsys, monkeypatch, pred):
+    """x0-prediction (diffusers' "sample", which the original's policies train and sample with) is recorded;
+    another prediction type is refused by name."""
+    import dpkit.convert.original as original
+
+    real = original.load_torch_zip
+
+    def with_prediction_type(path):
+        payload = real(path)
+        payload["cfg"]["policy"]["noise_scheduler"]["prediction_type"] = pred
+        return payload
+
+    monkeypatch.setattr(original, "load_torch_zip", with_prediction_type)
+    ckpt = _fixture("original_pusht_lowdim_tiny") / "latest.ckpt"
+    if pred != "sample":
+        _refused(capsys, [str(ckpt)], tmp_path / "out", "cfg.policy.noise_scheduler.prediction_type", pred)
+        return
+    run = Path(convert_policy(ckpt, tmp_path / "run")["out"])
+    state = json.loads(next((run / "checkpoints").glob("step_*/state.json")).read_text())
+    assert state["config"]["policy"]["prediction_type"] == "sample"
 
 
 def test_cli_json_summary_and_ckpt_folder(tmp_path, capsys):

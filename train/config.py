@@ -34,6 +34,7 @@ OBS_MODES = ("image", "lowdim")
 MIN_CROP_SIZE = 33  # smallest crop the ResNet trunk (/32, rounding up) turns into a 2x2 map
 MAX_HORIZON = 1024
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "sample")  # what the denoiser outputs: the noise, or the clean trajectory x0
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 SPLITS = ("dpkit", "original")
 NORMALIZER_EPISODES = ("train", "all")
@@ -98,6 +99,8 @@ class PolicyConfig:
     """The clip bound (> 0; used only with clip_sample). The peers let it be any positive value; dpkit-convert
     carries the source's."""
     prediction_type: str = "epsilon"
+    """What the denoiser learns to output: "epsilon" (the noise, Diffusion Policy's choice) or "sample" (the
+    clean trajectory x0, diffusers' x0-prediction); training's loss target and every sampler follow it."""
     ddim_steps: int = 10
     """Default DDIM step count (inference)."""
     ddpm_steps: int | None = None
@@ -203,7 +206,9 @@ class PolicyConfig:
         _range("policy.num_train_timesteps", self.num_train_timesteps, 2, 1000)
         _check(self.beta_schedule in BETA_SCHEDULES,
                f"policy.beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got {self.beta_schedule!r}")
-        _check(self.prediction_type == "epsilon", "policy.prediction_type: only 'epsilon' is supported")
+        # The two targets every runtime's reverse step implements (diffusers also has v_prediction).
+        _check(self.prediction_type in PREDICTION_TYPES,
+               f"policy.prediction_type must be 'epsilon' or 'sample', got {self.prediction_type!r}")
         # diffusers clamps x0 to [-r, r]: r <= 0 would pin every step's x0 to one value (or an empty range).
         _check(self.clip_sample_range > 0, f"policy.clip_sample_range must be > 0, got {self.clip_sample_range}")
         _range("policy.ddim_steps", self.ddim_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")

@@ -1,15 +1,15 @@
 """Diffusion Policy: observation encoder + conditional U-Net denoiser + diffusers noise schedulers.
 
     policy = DiffusionPolicy(cfg.policy, Normalizer.fit({"action": a, "obs": o}))
-    loss = policy({"obs": {"obs": obs}, "action": actions})             # training: eps-prediction MSE
+    loss = policy({"obs": {"obs": obs}, "action": actions})             # training: MSE to eps (or x0)
     policy.eval()
     actions = policy.predict_action({"obs": obs}, sampler="ddim")       # (B, Ta, A) env units
 
 The two halves are exported separately: `policy.encoder` (raw observations -> condition, normalization
-and center crop inside) and `policy.denoiser` (noisy trajectory, step, condition -> noise). `sample()`
-is the PyTorch reference the ONNX and C++ runtimes are checked against: it drives diffusers' own
-`step()`, so the reverse-step arithmetic is not written out here. Noise can be injected
-(`initial_noise`, `step_noise`) so that every runtime can be compared on the same draws.
+and center crop inside) and `policy.denoiser` (noisy trajectory, step, condition -> noise, or x0 with
+`prediction_type: sample`). `sample()` is the PyTorch reference the ONNX and C++ runtimes are checked
+against: it drives diffusers' own `step()`, so the reverse-step arithmetic is not written out here. Noise
+can be injected (`initial_noise`, `step_noise`) so that every runtime can be compared on the same draws.
 """
 
 from __future__ import annotations
@@ -226,7 +226,8 @@ class DiffusionPolicy(nn.Module):
     # ---- training -----------------------------------------------------------------------------------
 
     def forward(self, batch: Mapping[str, Any]) -> Tensor:
-        """Epsilon-prediction MSE on {"obs": {name: (B, To, ...)}, "action": (B, H, A) env units}."""
+        """MSE on {"obs": {name: (B, To, ...)}, "action": (B, H, A) env units} of the denoiser's output to its
+        target: the noise (prediction_type "epsilon") or the normalized trajectory x0 ("sample")."""
         if "obs" not in batch or "action" not in batch:
             raise DpkitError("training batch must have 'obs' and 'action'")
         inputs = self._check_obs(batch["obs"], check_finite=False)
@@ -239,7 +240,8 @@ class DiffusionPolicy(nn.Module):
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.cfg.num_train_timesteps, (x0.shape[0],), device=x0.device, dtype=torch.int64)
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
-        return F.mse_loss(self.denoiser(noisy, t, cond), noise)
+        target = x0 if self.cfg.prediction_type == "sample" else noise
+        return F.mse_loss(self.denoiser(noisy, t, cond), target)
 
     # ---- inference ----------------------------------------------------------------------------------
 
@@ -310,15 +312,15 @@ class DiffusionPolicy(nn.Module):
         if inpaint is not None:
             x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, int(sched.timesteps[0])))
         for k, t in enumerate(sched.timesteps):
-            eps = self.denoiser(x, t.to(device=device, dtype=torch.int64).expand(shape[0]), cond)
+            out = self.denoiser(x, t.to(device=device, dtype=torch.int64).expand(shape[0]), cond)  # eps or x0
             if sampler == "ddim":
                 noise_k = step_noise[k] if step_noise is not None else None
-                x = sched.step(eps, t, x, eta=0.0, variance_noise=noise_k).prev_sample
+                x = sched.step(out, t, x, eta=0.0, variance_noise=noise_k).prev_sample
             elif scratch is None:
-                x = sched.step(eps, t, x, generator=generator).prev_sample
+                x = sched.step(out, t, x, generator=generator).prev_sample
             else:
                 snapshot = scratch.get_state()
-                x_prev = sched.step(eps, t, x, generator=scratch).prev_sample
+                x_prev = sched.step(out, t, x, generator=scratch).prev_sample
                 x = _swap_ddpm_noise(sched, t, x_prev, scratch, snapshot, step_noise[k])
             if inpaint is not None:
                 x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, self.prev_timestep(sched, int(t))))

@@ -44,7 +44,7 @@ struct Manifest {
   std::vector<float> action_scale, action_offset;
   // scheduler
   int num_train_timesteps = 0;
-  std::string prediction_type, variance_type;
+  std::string prediction_type = "epsilon", variance_type;  // prediction_type: "epsilon" or "sample" (x0)
   bool clip_sample = false;
   double clip_sample_range = 1.0;
   std::vector<double> betas, alphas_cumprod;
@@ -76,10 +76,13 @@ Manifest load_manifest(const std::string& bundle_dir);
 //         c_x = sqrt(alpha) * (1 - a_p) / (1 - a_t), sigma = sqrt(max((1 - a_p) / (1 - a_t) * beta, 1e-20))
 //         (0 at t = 0)
 //   DDIM (eta = 0): c_x0 = sqrt(a_p), c_eps = sqrt(1 - a_p)
-// so that a step is, in float32 and in this order (diffusers' DDPMScheduler/DDIMScheduler.step):
-//   x0 = clamp((x - sqrt_1m_at * eps) / sqrt_at, -r, r)      (clamp only when clip)
+// so that a step is, in float32 and in this order (diffusers' DDPMScheduler/DDIMScheduler.step), for the
+// denoiser's output `out`:
+//   x0 = (x - sqrt_1m_at * out) / sqrt_at, eps = out         prediction_type "epsilon"
+//   x0 = out, eps = (x - sqrt_at * x0) / sqrt_1m_at          prediction_type "sample" (eps: DDIM only)
+//   x0 = clamp(x0, -r, r)                                     (clamp only when clip)
 //   x  = c_x0 * x0 + c_x * x  (+ sigma * noise)                DDPM
-//   x  = c_x0 * x0 + c_eps * eps                               DDIM (eps as predicted, not from the clamped x0)
+//   x  = c_x0 * x0 + c_eps * eps                               DDIM (eps from before the clamp)
 // For inpainting, the noise levels around the step, sqrt(alpha_cumprod) and sqrt(1 - alpha_cumprod) taken in
 // double: of its input (level_in: the timestep's; for step 0 that is the initial sample's level) and of its
 // output (level_out: the prev timestep's, or the sampler's final_alpha_cumprod after the last step).
@@ -89,6 +92,7 @@ struct NoiseLevel {
 struct StepCoefficients {
   int64_t timestep = 0;
   bool ddim = false;
+  bool predicts_sample = false;  // the denoiser outputs x0 (prediction_type "sample"), else epsilon
   float sqrt_at = 1, sqrt_1m_at = 0;
   float c_x0 = 0, c_x = 0, c_eps = 0, sigma = 0;
   NoiseLevel level_in, level_out;
@@ -96,8 +100,9 @@ struct StepCoefficients {
 
 std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& s);
 
-// One reverse step over n floats, in place on x. `noise` may be null when step.sigma == 0.
-void apply_step(const StepCoefficients& step, bool clip, float clip_range, float* x, const float* eps,
+// One reverse step over n floats, in place on x; `out` is the denoiser's output. `noise` may be null when
+// step.sigma == 0.
+void apply_step(const StepCoefficients& step, bool clip, float clip_range, float* x, const float* out,
                 const float* noise, std::size_t n);
 
 // Inpainting (dpkit.runtime.sampling.Inpaint.apply): rows start .. start + rows - 1 of every batch item

@@ -225,8 +225,10 @@ void read_scheduler(const Reader& r, const json& s, Manifest& m) {
   const std::string sp = "scheduler";
   if (r.str(s, "type", sp) != "ddpm") r.fail("scheduler.type", "must be \"ddpm\"");
   m.num_train_timesteps = static_cast<int>(r.integer(s, "num_train_timesteps", sp, 1, kMaxTrainTimesteps));
-  m.prediction_type = r.str(s, "prediction_type", sp);
-  if (m.prediction_type != "epsilon") r.fail("scheduler.prediction_type", "must be \"epsilon\" in format version 1, got \"" + m.prediction_type + "\"");
+  // what the denoiser outputs; bundles written before "sample" existed always said "epsilon"
+  m.prediction_type = s.contains("prediction_type") ? r.str(s, "prediction_type", sp) : "epsilon";
+  if (m.prediction_type != "epsilon" && m.prediction_type != "sample")
+    r.fail("scheduler.prediction_type", "must be \"epsilon\" or \"sample\", got " + in_quotes(m.prediction_type));
   m.variance_type = r.str(s, "variance_type", sp);
   if (m.variance_type != "fixed_small") r.fail("scheduler.variance_type", "must be \"fixed_small\", got \"" + m.variance_type + "\"");
   m.clip_sample = r.boolean(s, "clip_sample", sp);

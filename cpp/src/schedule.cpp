@@ -25,6 +25,7 @@ std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& 
     StepCoefficients c;
     c.timestep = t;
     c.ddim = ddim;
+    c.predicts_sample = m.prediction_type == "sample";
     c.sqrt_at = std::sqrt(a_t);
     c.sqrt_1m_at = std::sqrt(beta_t);
     if (!ddim) {
@@ -46,24 +47,42 @@ std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& 
 
 // Every product and sum below is rounded to float32 where diffusers rounds it: no reciprocal for the
 // division, no fused multiply-add (CMakeLists builds this file with -ffp-contract=off).
-void apply_step(const StepCoefficients& c, bool clip, float r, float* __restrict x, const float* __restrict eps,
+void apply_step(const StepCoefficients& c, bool clip, float r, float* __restrict x, const float* __restrict out,
                 const float* __restrict noise, std::size_t n) {
   // Branches are hoisted out of the element loops so each loop is a straight vectorizable body.
   const float lo = clip ? -r : -INFINITY, hi = clip ? r : INFINITY;
   const float s1 = c.sqrt_1m_at, s0 = c.sqrt_at;
-  if (c.ddim) {
+  if (c.predicts_sample) {  // out is x0; DDIM derives eps from it before the clamp, as diffusers does
+    if (c.ddim) {
+      for (std::size_t i = 0; i < n; ++i) {
+        const float eps = (x[i] - s0 * out[i]) / s1;
+        const float x0 = std::min(std::max(out[i], lo), hi);
+        x[i] = c.c_x0 * x0 + c.c_eps * eps;
+      }
+    } else if (c.sigma > 0.0f) {
+      for (std::size_t i = 0; i < n; ++i) {
+        const float x0 = std::min(std::max(out[i], lo), hi);
+        x[i] = (c.c_x0 * x0 + c.c_x * x[i]) + c.sigma * noise[i];
+      }
+    } else {
+      for (std::size_t i = 0; i < n; ++i) {
+        const float x0 = std::min(std::max(out[i], lo), hi);
+        x[i] = c.c_x0 * x0 + c.c_x * x[i];
+      }
+    }
+  } else if (c.ddim) {
     for (std::size_t i = 0; i < n; ++i) {
-      const float x0 = std::min(std::max((x[i] - s1 * eps[i]) / s0, lo), hi);
-      x[i] = c.c_x0 * x0 + c.c_eps * eps[i];
+      const float x0 = std::min(std::max((x[i] - s1 * out[i]) / s0, lo), hi);
+      x[i] = c.c_x0 * x0 + c.c_eps * out[i];
     }
   } else if (c.sigma > 0.0f) {
     for (std::size_t i = 0; i < n; ++i) {
-      const float x0 = std::min(std::max((x[i] - s1 * eps[i]) / s0, lo), hi);
+      const float x0 = std::min(std::max((x[i] - s1 * out[i]) / s0, lo), hi);
       x[i] = (c.c_x0 * x0 + c.c_x * x[i]) + c.sigma * noise[i];
     }
   } else {
     for (std::size_t i = 0; i < n; ++i) {
-      const float x0 = std::min(std::max((x[i] - s1 * eps[i]) / s0, lo), hi);
+      const float x0 = std::min(std::max((x[i] - s1 * out[i]) / s0, lo), hi);
       x[i] = c.c_x0 * x0 + c.c_x * x[i];
     }
   }

@@ -40,13 +40,18 @@ d::Manifest manifest_with(const json& scheduler) {
 // in the same order, so they agree bit for bit. "out" is diffusers' own step: the same operations, but
 // PyTorch's CPU sqrt (MKL's vector sqrt) is not always correctly rounded, so a scalar can be one ulp off:
 // measured <= 2.3e-7 relative on this fixture (the float64 coefficients before were ~4e-6 off).
+// Each case names the prediction type its denoiser output means ("epsilon", or "sample": x0).
 TEST(Schedule, MatchesDiffusersStepByStep) {
   const json fx = load_fixture();
-  const d::Manifest m = manifest_with(fx["scheduler"]);
-  int checked = 0;
+  int checked = 0, sample_cases = 0;
   for (const json& c : fx["cases"]) {
-    const std::string name = c["sampler"];
-    const auto it = std::find_if(m.samplers.begin(), m.samplers.end(), [&](const auto& s) { return s.name == name; });
+    json scheduler = fx["scheduler"];
+    scheduler["prediction_type"] = c["prediction_type"];
+    const d::Manifest m = manifest_with(scheduler);
+    sample_cases += m.prediction_type == "sample";
+    const std::string name = std::string(c["sampler"]) + " " + m.prediction_type;
+    const auto it = std::find_if(m.samplers.begin(), m.samplers.end(),
+                                 [&](const auto& s) { return s.name == c["sampler"]; });
     ASSERT_NE(it, m.samplers.end()) << name;
     const auto steps = d::make_steps(m, *it);
     ASSERT_EQ(steps.size(), c["steps"].size()) << name;
@@ -62,7 +67,8 @@ TEST(Schedule, MatchesDiffusersStepByStep) {
       }
     }
   }
-  EXPECT_GT(checked, 900);
+  EXPECT_GT(checked, 1800);
+  EXPECT_EQ(sample_cases, 3);
 }
 
 // An alphas_cumprod value that is < 1 in double but rounds to 1 in float32 would divide by zero.
