@@ -17,11 +17,12 @@ DEMO_THREADS ?=
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help setup install test test-fast pytest demo bench paper clean
+.PHONY: help setup install test test-all test-fast pytest pytest-all demo bench paper clean
 
 help:
 	@echo "make demo   - set up, train on PushT, export, evaluate with the C++ runtime, benchmark, report"
 	@echo "make test   - set up, build, run the C++ tests (plain + ASan/UBSan), the consumer build and pytest"
+	@echo "make test-all  - make test, plus the tests marked slow (each covered by a faster test)"
 	@echo "make test-fast - the edit loop: pytest without the slow tests, stop at the first failure"
 	@echo "make bench  - full latency benchmark (dpkit-bench) into benchmarks/results/"
 	@echo "make paper  - the paper's PushT low-dim table on this CPU: 3 seeds of pusht_lowdim_cpu (~1.5 h on 2 cores)"
@@ -42,10 +43,21 @@ install: setup
 
 -include cpp/cpp.mk
 
+# pytest in PYTEST_WORKERS processes (pytest-xdist; every test runs single-threaded, tests/conftest.py), a whole
+# file per worker so each module's fixtures are built once. Tests marked slow repeat what a faster test covers
+# (pyproject.toml's marker); make test skips them, make test-all runs them.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --dist loadfile
+
 pytest: install
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(PYTEST_XDIST) -m "not slow" $(PYTEST_ARGS)
+
+pytest-all: install
+	$(VENV)/bin/pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test: install cpp-test cpp-test-asan cpp-consumer-test pytest
+
+test-all: install cpp-test cpp-test-asan cpp-consumer-test pytest-all
 
 # The edit loop (not CI): no C++ suites, no tests marked slow, stop at the first failure.
 test-fast: install

@@ -101,6 +101,23 @@ class Float64Runs:
         return self._cache[key]
 
 
+class LazyBundles:
+    """`bundles[name]`: the converted run `runs[name]` exported (ddim-10 listed) on first use, then kept, so a
+    module exports only the fixtures its selected tests ask for (`make test` skips the slow ones)."""
+
+    def __init__(self, runs: dict, root):
+        self._runs, self._root, self._out = runs, root, {}
+
+    def __getitem__(self, name: str):
+        if name not in self._out:
+            from dpkit.export.writer import export_bundle
+
+            export_bundle(self._runs[name], self._root / name, ddim_steps=(10,), data=str(self._root / "no_dataset"),
+                          log=lambda _m: None)
+            self._out[name] = self._root / name
+        return self._out[name]
+
+
 def check_case(policy, obs: dict[str, np.ndarray], case: Case, truth: np.ndarray) -> dict[str, float]:
     """Assert the module docstring's rule for one backend and sampler; returns the errors (px / normalized)."""
     exact = policy.executed_actions(truth)

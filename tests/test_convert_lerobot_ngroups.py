@@ -167,7 +167,6 @@ def bundle(run, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ort", "cpp"])
 def test_exported_bundle_reproduces_lerobot(bundle, ref, backend):
     from dpkit.runtime import load_policy
@@ -329,7 +328,6 @@ def test_clip_variants_reproduce_lerobot_in_torch(clip_runs, ref, name):
     _check_clip(policy, ref, CLIP_VARIANTS[name][1])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ort", "cpp"])
 @pytest.mark.parametrize("name", list(CLIP_VARIANTS))
 def test_clip_variants_reproduce_lerobot_in_the_runtimes(bundle, ref, tmp_path, backend, name):

@@ -103,6 +103,8 @@ def bundle(run, tmp_path_factory) -> Path:
     return out
 
 
+# slow: the runtimes' x0 step on an exported bundle is checked by tests/test_prediction_type.py in
+# `make test`; this conversion's part (the config it records) is checked in PyTorch above.
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ort", "cpp"])
 def test_exported_bundle_reproduces_lerobot(bundle, ref, truth, backend):

@@ -123,7 +123,6 @@ def bundle(run, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ort", "cpp"])
 def test_exported_bundle_reproduces_the_original(bundle, ref, truth, backend):
     from dpkit.runtime import load_policy

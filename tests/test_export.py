@@ -16,47 +16,19 @@ from dpkit.export.tensorrt import TensorRTUnavailable, check_available
 from dpkit.runtime import load_policy
 from dpkit.io import sha256_file
 from dpkit.runtime.bundle import load_bundle
-from synthetic import make_synthetic_pusht
 
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return make_synthetic_pusht(tmp_path_factory.mktemp("data") / "pusht.zarr", n_episodes=3)
-
-
-def _make_run(root: Path, store: Path, obs_mode: str) -> Path:
-    """A tiny checkpoint with random weights and EMA weights that differ from them (to test --no-ema)."""
-    from dpkit.train.checkpoint import save_checkpoint
-    from dpkit.train.config import load_config
-    from dpkit.train.data import load_datasets
-    from dpkit.train.policy import DiffusionPolicy
-
-    cfg = load_config("tiny", [f"policy.obs_mode={obs_mode}", f"data.path={store}", "policy.down_dims=[32,64]"])
-    train, _ = load_datasets(cfg)
-    torch.manual_seed(0)
-    model = DiffusionPolicy(cfg.policy, train.fit_normalizer())
-    ema = DiffusionPolicy(cfg.policy, model.normalizer)
-    run = root / f"run_{obs_mode}"
-    save_checkpoint(run, 5, model=model, ema_model=ema,
-                    state={"config": cfg.to_dict(), "normalizer": model.normalizer.to_dict()})
-    return run
+def runs(tiny_runs) -> dict[str, Path]:
+    """conftest's random-weight `tiny` checkpoints (EMA weights differ from the raw ones, for --no-ema)."""
+    return tiny_runs
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, store) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runs")
-    return {m: _make_run(root, store, m) for m in ("lowdim", "image")}
-
-
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory, runs) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bundles")
-    out = {}
-    for mode, run in runs.items():
-        out[mode] = root / mode
-        writer.export_bundle(run, out[mode], ddim_steps=(5, 10), log=lambda s: None)
-    return out
+def bundles(tiny_bundles) -> dict[str, Path]:
+    """conftest's exports of `runs` (read-only: copy before damaging)."""
+    return tiny_bundles
 
 
 def _obs(policy, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -73,7 +45,8 @@ def test_bundle_contract_and_parity(bundles, runs, mode):
     assert m["obs_mode"] == mode and m["first_action_index"] == m["n_obs_steps"] - 1
     assert [o["name"] for o in m["observations"]] == (["image", "agent_pos"] if mode == "image" else ["obs"])
     assert m["export"]["opset"] == 20 and m["export"]["ema"] is True and m["source"]["step"] == 5
-    assert {s["name"] for s in m["scheduler"]["samplers"]} == {"ddpm-100", "ddim-5", "ddim-10"}
+    assert {s["name"] for s in m["scheduler"]["samplers"]} == {"ddpm-10", "ddpm-100", "ddim-2", "ddim-5", "ddim-10",
+                                                              "ddim-100"}
     assert set(m["parity"]) == {"encoder", "denoiser", "traj_ddpm", "traj_ddim"}
     assert all(0 <= v < 1e-4 for v in m["parity"].values()), m["parity"]
     rows = m["parity_details"]["fp32"]["rows"]
@@ -101,7 +74,6 @@ def test_ort_backend_matches_torch_with_injected_noise(bundles, runs, mode, samp
     assert np.abs(acts_o - acts_t).max() < 1e-2  # environment units (pixels)
 
 
-@pytest.mark.slow
 def test_fp16_bundle_reports_its_own_parity(tmp_path, runs, bundles):
     out = tmp_path / "half"
     summary = writer.export_bundle(runs["lowdim"], out, fp16=True, ddim_steps=(10,), log=lambda s: None)

@@ -316,7 +316,6 @@ def test_ema_warmup_and_epoch_batches():
         EpochBatches(5, 4, 0, 2, seed=0)
 
 
-@pytest.mark.slow
 def test_two_process_cpu_run(store, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
