@@ -57,7 +57,8 @@ def parser() -> argparse.ArgumentParser:
                    help="DDIM step counts listed in the bundle (comma-separated; the config's ddim_steps is always added)")
     p.add_argument("--data", default=None, help="dataset for the parity inputs (default: the config's / usual places)")
     p.add_argument("--json", default=None, help="also write a JSON summary (timings, sizes, parity, threads) here")
-    add_common_args(p, progress=False)  # --threads, --version
+    # --no-progress too, so one command line style works for every dpkit-* (the export prints a line per stage)
+    add_common_args(p)  # --threads, --no-progress, --version
     return p
 
 

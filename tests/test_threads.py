@@ -127,7 +127,7 @@ def test_every_cli_takes_threads_and_refuses_a_bad_value_in_one_line(name, capsy
 
 def test_no_progress_everywhere_and_quiet_kept():
     parsers = _parsers()
-    for name in ("dpkit-train", "dpkit-eval", "dpkit-bench", "dpkit-convert"):
+    for name in ("dpkit-train", "dpkit-export", "dpkit-eval", "dpkit-bench", "dpkit-convert"):
         parser, _, required = parsers[name]
         assert parser.parse_args([*required, "--no-progress"]).no_progress
     parser, _, required = parsers["dpkit-eval"]
