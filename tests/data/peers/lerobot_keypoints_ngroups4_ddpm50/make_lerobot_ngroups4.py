@@ -195,21 +195,8 @@ def main() -> None:
 
     # 3. lerobot's own float64 run of the same network, input and draws: how far its float32 references are
     #    from the exact result
-    torch.set_default_dtype(torch.float64)
-    try:
-        for tag, pol in policies.items():
-            pol64 = DiffusionPolicy(copy.deepcopy(pol.config))
-            pol64.load_state_dict(policy.state_dict())
-            pol64.double().eval()
-            replayed = iter(draws_of[tag])
-            ddpm_mod.randn_tensor = lambda *a, _r=replayed, **k: next(_r).double()
-            with torch.no_grad():
-                gc64 = pol64.diffusion._prepare_global_conditioning({k: v.double() for k, v in obs_batch.items()})
-                traj64 = pol64.diffusion.conditional_sample(2, global_cond=gc64, noise=initial_noise.double())
-            ref[f"{tag}_trajectory_normalized_float64"] = traj64.numpy()
-    finally:
-        ddpm_mod.randn_tensor = real_randn
-        torch.set_default_dtype(torch.float32)
+    for tag, traj64 in float64_runs(policies, policy.state_dict(), draws_of, obs_batch, initial_noise).items():
+        ref[f"{tag}_trajectory_normalized_float64"] = traj64
 
     # the denoiser alone
     x = np.random.default_rng(DENOISER_X_SEED).standard_normal((2, config.horizon, 2)).astype(np.float32)
@@ -258,6 +245,35 @@ def main() -> None:
     print(json.dumps({k: facts[k] for k in ("versions", "final_conv_groupnorm", "model_safetensors_bytes",
                                             "replay_max_abs_diff", "float32_vs_float64_max_abs_diff",
                                             "clip_changes_the_result_normalized")}, indent=1))
+
+
+def float64_runs(policies: dict, state_dict, draws_of: dict, obs_batch: dict, initial_noise) -> dict:
+    """lerobot's own float64 run of each policy (tag -> its float32 policy) with `state_dict`'s weights, the same
+    normalized observations and initial noise, and the recorded DDPM draws replayed: tag -> the normalized
+    trajectory (float64). Also used by ../lerobot_keypoints_x0/make_lerobot_x0.py."""
+    import copy
+
+    import diffusers.schedulers.scheduling_ddpm as ddpm_mod
+    import torch
+    from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
+
+    real_randn, out = ddpm_mod.randn_tensor, {}
+    torch.set_default_dtype(torch.float64)
+    try:
+        for tag, pol in policies.items():
+            pol64 = DiffusionPolicy(copy.deepcopy(pol.config))
+            pol64.load_state_dict(state_dict)
+            pol64.double().eval()
+            replayed = iter(draws_of[tag])
+            ddpm_mod.randn_tensor = lambda *a, _r=replayed, **k: next(_r).double()
+            with torch.no_grad():
+                gc64 = pol64.diffusion._prepare_global_conditioning({k: v.double() for k, v in obs_batch.items()})
+                traj64 = pol64.diffusion.conditional_sample(2, global_cond=gc64, noise=initial_noise.double())
+            out[tag] = traj64.numpy()
+    finally:
+        ddpm_mod.randn_tensor = real_randn
+        torch.set_default_dtype(torch.float32)
+    return out
 
 
 def replay_ddpm(policy, gc, initial_noise, draws, traj) -> float:

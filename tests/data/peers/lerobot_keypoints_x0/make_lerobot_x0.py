@@ -18,6 +18,7 @@ import copy
 import json
 import lzma
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -135,22 +136,12 @@ def main() -> None:
         ref[f"{tag}_actions_normalized"], ref[f"{tag}_actions"] = chunk.numpy(), post(chunk).numpy()
         ref[f"{tag}_timesteps"] = pol.diffusion.noise_scheduler.timesteps.numpy().astype(np.int64)
 
-    # 4. lerobot's own float64 run of the same network, input and draws
-    torch.set_default_dtype(torch.float64)
-    try:
-        for tag, pol in policies.items():
-            pol64 = DiffusionPolicy(copy.deepcopy(pol.config))
-            pol64.load_state_dict(policy.state_dict())
-            pol64.double().eval()
-            replayed = iter(draws_of[tag])
-            ddpm_mod.randn_tensor = lambda *a, _r=replayed, **kw: next(_r).double()
-            with torch.no_grad():
-                gc64 = pol64.diffusion._prepare_global_conditioning({k: v.double() for k, v in obs_batch.items()})
-                traj64 = pol64.diffusion.conditional_sample(2, global_cond=gc64, noise=initial_noise.double())
-            ref[f"{tag}_trajectory_normalized_float64"] = traj64.numpy()
-    finally:
-        ddpm_mod.randn_tensor = real_randn
-        torch.set_default_dtype(torch.float32)
+    # 4. lerobot's own float64 run of the same network, input and draws (the base fixture's script does it)
+    sys.path.insert(0, str(base.resolve()))
+    from make_lerobot_ngroups4 import float64_runs
+
+    for tag, traj64 in float64_runs(policies, policy.state_dict(), draws_of, obs_batch, initial_noise).items():
+        ref[f"{tag}_trajectory_normalized_float64"] = traj64
     np.savez_compressed(out / "reference.npz", **ref)
 
     facts = {
