@@ -5,7 +5,10 @@
 
 A folder with a lerobot `config.json` (`"type": "diffusion"`) is a lerobot policy; a file that is a torch
 zip archive is an original diffusion_policy checkpoint (a folder holding exactly one `.ckpt`, or a
-`checkpoints/latest.ckpt`, is taken as that file). Anything else is refused with what was expected.
+`checkpoints/latest.ckpt`, is taken as that file). A source that is no local path but is spelled like a
+Hugging Face hub repo id ("lerobot/diffusion_pusht", optionally at `revision`) is fetched into the hub's
+cache first (dpkit.convert.hub); a local path that exists always wins. Anything else is refused with what
+was expected.
 """
 
 from __future__ import annotations
@@ -47,14 +50,24 @@ def detect_source(path: str | Path) -> tuple[str, Path]:
 
 
 def convert_policy(source: str | Path, out: str | Path, *, ema: bool = True, force: bool = False,
-                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Convert `source` into the dpkit run folder `out`; returns a summary (also what --json writes)."""
+                   progress: Callable[[str], None] | None = None, revision: str | None = None,
+                   download_progress: bool = True) -> dict[str, Any]:
+    """Convert `source` (a path, or a hub repo id at `revision`) into the dpkit run folder `out`; returns a
+    summary (also what --json writes). `download_progress`: huggingface_hub's own bars while fetching."""
+    from dpkit.convert.hub import fetch_repo, is_repo_id
     from dpkit.convert.lerobot import read_lerobot
     from dpkit.convert.original import read_original
     from dpkit.convert.run import check_out, write_run
 
     out = Path(out)
     check_out(out, force)  # before any reading: a refused --out costs nothing
+    hub = None
+    if is_repo_id(source):
+        (progress or (lambda _msg: None))(f"fetching {source} from the hub")
+        source, hub = fetch_repo(str(source), revision, progress=download_progress)
+    elif revision is not None:
+        raise DpkitError(f"--revision is for a hub repo id; {source} is "
+                         f"{'a local path' if Path(source).exists() else 'neither a local path nor a hub repo id'}")
     with folder_lock(out, "run folder"):  # one writer at a time, from here to the publish
         check_out(out, force)  # again, now that no other writer can change it
         say = progress or (lambda _msg: None)
@@ -65,6 +78,8 @@ def convert_policy(source: str | Path, out: str | Path, *, ema: bool = True, for
             config, normalizer, weights, src, step = read_lerobot(path, name)
         else:
             config, normalizer, weights, src, step = read_original(path, name, ema=ema)
+        if hub is not None:
+            src["hub"] = hub
         say(f"writing {out}")
         write_run(out, config, normalizer, weights, src, step=step, force=force)
     p = config.policy
