@@ -33,8 +33,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dpkit run folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it is a dpkit run folder")
     p.add_argument("--no-ema", action="store_true", help="diffusion_policy: the trained weights, not the EMA copy")
-    p.add_argument("--json", default=None, help="also write a JSON summary here")
-    add_common_args(p)  # --threads, --no-progress, --version
+    add_common_args(p, json="also write a summary here")  # --threads, --no-progress, --json PATH, --version
     return p
 
 

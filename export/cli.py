@@ -54,11 +54,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--plain-conv", action="store_true",
                    help="keep the denoiser's Conv/ConvTranspose nodes (default: lowered to one batch-wide GEMM each)")
     p.add_argument("--ddim-steps", type=str, default=",".join(map(str, DEFAULT_DDIM_STEPS)),
-                   help="DDIM step counts listed in the bundle (comma-separated; the config's ddim_steps is always added)")
+                   help="the DDIM denoising step counts K listed in the bundle, each a sampler ddim-K "
+                        "(comma-separated; the config's ddim_steps is always added)")
     p.add_argument("--data", default=None, help="dataset for the parity inputs (default: the config's / usual places)")
-    p.add_argument("--json", default=None, help="also write a JSON summary (timings, sizes, parity, threads) here")
     # --no-progress too, so one command line style works for every dpkit-* (the export prints a line per stage)
-    add_common_args(p)  # --threads, --no-progress, --version
+    add_common_args(p, json="also write a summary (timings, sizes, parity, threads) here")  # --threads,
+    # --no-progress, --json PATH, --version
     return p
 
 

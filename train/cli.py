@@ -1,13 +1,13 @@
 """dpkit-train: train a Diffusion Policy on the PushT demonstrations.
 
-    dpkit-train --config tiny --steps 300 --out runs/tiny
-    dpkit-train --out runs/tiny --resume --steps 600                 # continue the same run
+    dpkit-train --config tiny --train-steps 300 --out runs/tiny
+    dpkit-train --out runs/tiny --resume --train-steps 600           # continue the same run
     dpkit-train --config pusht_image train.batch_size=32 policy.horizon=10
     torchrun --nproc_per_node 2 -m dpkit.train.cli --config tiny     # 2 processes (CPU: gloo)
 
-`--steps` is the total number of optimizer steps (resumed runs count from their checkpoint); the run
-folder (default runs/<config name>) receives checkpoints/, metrics.jsonl and train_summary.json.
-`key=value` overrides any config field. With --resume the checkpoint's config is used and --steps,
+`--train-steps` (older name `--steps`, still accepted) is the total number of optimizer steps (resumed
+runs count from their checkpoint); the run folder (default runs/<config name>) receives checkpoints/, metrics.jsonl and train_summary.json.
+`key=value` overrides any config field. With --resume the checkpoint's config is used and --train-steps,
 --seed, --data and overrides apply on top of it. `--threads N` sets torch's threads (default: chosen for
 the model's size and the usable CPUs, dpkit.threads); train_summary.json records the choice.
 """
@@ -31,12 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="named config (tiny, pusht_lowdim, pusht_lowdim_cpu, pusht_image) or a YAML path")
     p.add_argument("--data", help="dataset: .zarr folder, .zarr.zip, or a folder containing one")
     p.add_argument("--out", help="run folder (default: runs/<config name>)")
-    p.add_argument("--steps", type=int, help="total optimizer steps (overrides train.steps)")
+    p.add_argument("--train-steps", "--steps", dest="steps", type=int, metavar="N",
+                   help="total optimizer steps of the run (overrides train.steps; --steps: the older name). Not the "
+                        "denoising steps K of sampling: those are train.eval_samplers labels such as ddim-10")
     p.add_argument("--seed", type=int, help="training seed (overrides train.seed)")
     p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in the run folder")
     p.add_argument("--force", action="store_true", help="wipe the run folder's checkpoints and metrics and start over")
-    p.add_argument("--json", help="also write the training summary to this JSON file")
-    add_common_args(p)  # --threads, --no-progress, --version
+    add_common_args(p, json="also write the training summary here")  # --threads, --no-progress, --json, --version
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=3e-4")
     return p
 
