@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from dpkit.errors import DpkitError
+from dpkit.errors import DpkitError, InputError
 from dpkit.io import sha256_file
+from dpkit.runtime.bundle import MAX_JSON_DEPTH, json_depth
 from dpkit.train.config import IMAGE_SIZE, Config
 from dpkit.train.normalizer import Normalizer
 
@@ -56,10 +57,14 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
         raise DpkitError(f"{path} is corrupt or truncated ({e})") from None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file from outside: nesting deeper than MAX_JSON_DEPTH, bad JSON or an unreadable file is one line."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text()
+        if json_depth(text) > MAX_JSON_DEPTH:  # checked before parsing, which recurses
+            raise InputError(f"{path}: JSON nesting is deeper than {MAX_JSON_DEPTH} levels; refused")
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise DpkitError(f"{path} is not valid JSON ({e})") from None
     except OSError as e:
         raise DpkitError(f"cannot read {path}: {e.strerror}") from None
@@ -68,7 +73,7 @@ def _read_json(path: Path) -> Any:
 def read_lerobot(folder: str | Path, name: str):
     """(Config, Normalizer, weights with dpkit names, source record, step 0) from a lerobot folder."""
     src = Path(folder)
-    cfg = _read_json(src / "config.json")
+    cfg = read_json(src / "config.json")
     if not isinstance(cfg, dict):
         raise DpkitError(f"{src / 'config.json'} must hold an object")
     inputs = cfg.get("input_features") or {}
@@ -259,7 +264,7 @@ def _statistics(src: Path, tensors: dict[str, Any], inputs: dict, action: dict) 
         stats: dict[str, dict[str, np.ndarray]] = {}
         for path, step_name, feats in ((pre[0], "normalizer_processor", [f for f in inputs]),
                                         (post[0], "unnormalizer_processor", ["action"])):
-            steps = (_read_json(path) or {}).get("steps", [])
+            steps = (read_json(path) or {}).get("steps", [])
             step = next((s for s in steps if isinstance(s, dict) and s.get("registry_name") == step_name), None)
             if step is None or not isinstance(step.get("state_file"), str):
                 raise DpkitError(f"{path}: no {step_name} step with a state_file")

@@ -13,7 +13,6 @@ was expected.
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +28,9 @@ def detect_source(path: str | Path) -> tuple[str, Path]:
         raise DpkitError(f"{p} does not exist")
     if p.is_dir():
         if (p / "config.json").is_file():
-            try:
-                cfg = json.loads((p / "config.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise DpkitError(f"{p / 'config.json'} is not valid JSON ({e})") from None
+            from dpkit.convert.lerobot import read_json
+
+            cfg = read_json(p / "config.json")  # bounded nesting, one-line errors
             if not isinstance(cfg, dict) or cfg.get("type") != "diffusion":
                 kind = cfg.get("type") if isinstance(cfg, dict) else type(cfg).__name__
                 raise DpkitError(f"{p / 'config.json'}: type {kind!r} is not a lerobot diffusion policy "

@@ -17,6 +17,17 @@ checkpoint needs, each replaced by a stand-in that builds plain data:
 
 Every other global — os.system, builtins.eval, subprocess.Popen, any class — is refused with a
 DpkitError naming it, before anything is called. No omegaconf, dill or hydra is needed.
+
+Bounds, checked before anything is allocated (each refusal is an InputError naming the file):
+  bytes               the archive's members (their sizes from the zip directory, before reading) plus every
+                      storage and tensor rebuilt from them count against MAX_BYTES (8 GiB per file: a
+                      checkpoint of up to about 2.5 GB reads within it)
+  tensor views        no negative size, stride or offset; no stride 0 across more than one element (a
+                      broadcast view that clone() would materialize); the view's extent (offset +
+                      sum((size-1)*stride) + 1) within its storage; no more elements than its storage
+                      holds (overlapping views)
+  nesting             containers nested deeper than MAX_DEPTH levels are refused (a pickle nested 200k
+                      deep gives one line, not a RecursionError)
 """
 
 from __future__ import annotations
@@ -30,7 +41,10 @@ from typing import Any
 
 import torch
 
-from dpkit.errors import DpkitError
+from dpkit.errors import DpkitError, InputError
+
+MAX_BYTES = 8 << 30  # per checkpoint file: the archive's members plus every storage and tensor rebuilt from them
+MAX_DEPTH = 200  # container nesting (a real checkpoint nests a few dozen levels at most)
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -111,34 +125,46 @@ def _dill_load_type(name: Any) -> type:
     return _DILL_TYPES[name]
 
 
-def _plain(obj: Any) -> Any:
-    """OmegaConf stand-ins (recursively) -> dicts, lists and values; other objects as they are."""
+def _plain(obj: Any, source: str = "pickle", depth: int = 0) -> Any:
+    """OmegaConf stand-ins (recursively) -> dicts, lists and values; other objects as they are. Nesting
+    deeper than MAX_DEPTH is refused (InputError) instead of exhausting Python's recursion limit."""
+    if depth > MAX_DEPTH:
+        raise InputError(f"{source}: its pickle nests containers deeper than {MAX_DEPTH} levels; refused")
+    d = depth + 1
     if isinstance(obj, _OmegaNode):
         state = obj.state if isinstance(obj.state, dict) else {}
         if obj.kind == "value":
-            return _plain(state.get("_val"))
+            return _plain(state.get("_val"), source, d)
         if obj.kind == "metadata":
             return None
         content = state.get("_content")
         if obj.kind == "dict":
-            return {k: _plain(v) for k, v in content.items()} if isinstance(content, dict) else content
-        return [_plain(v) for v in content] if isinstance(content, (list, tuple)) else content
+            return {k: _plain(v, source, d) for k, v in content.items()} if isinstance(content, dict) else content
+        return [_plain(v, source, d) for v in content] if isinstance(content, (list, tuple)) else content
     if isinstance(obj, dict):
-        return type(obj)((k, _plain(v)) for k, v in obj.items()) if isinstance(obj, collections.OrderedDict) else {
-            k: _plain(v) for k, v in obj.items()}
+        items = ((k, _plain(v, source, d)) for k, v in obj.items())
+        return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
     if isinstance(obj, list):
-        return [_plain(v) for v in obj]
+        return [_plain(v, source, d) for v in obj]
     if isinstance(obj, tuple):
-        return tuple(_plain(v) for v in obj)
+        return tuple(_plain(v, source, d) for v in obj)
     return obj
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, source: str, records: dict[str, bytes] | None):
+    def __init__(self, file: io.BufferedIOBase, source: str, records: dict[str, bytes] | None,
+                 budget: int = MAX_BYTES):
         super().__init__(file)
         self.source = source
         self.records = records
         self.storages: dict[str, torch.Tensor] = {}
+        self.budget = budget  # bytes the rebuilt tensors may still allocate
+
+    def _spend(self, nbytes: int, what: str) -> None:
+        if nbytes > self.budget:
+            raise InputError(f"{self.source}: {what} needs {nbytes} bytes, beyond the {self.budget} bytes left "
+                             f"of the {MAX_BYTES >> 30} GiB per-file limit; refused")
+        self.budget -= nbytes
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -169,16 +195,19 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise DpkitError(f"{self.source}: unexpected persistent id in an embedded pickle")
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
                 and isinstance(pid[2], str) and isinstance(pid[4], int)):
-            raise DpkitError(f"{self.source}: unsupported tensor storage reference {pid!r:.80}")
+            raise DpkitError(f"{self.source}: unsupported tensor storage reference ({type(pid).__name__})")
         stype, key, numel = pid[1], pid[2], pid[4]
         if key not in self.storages:
             data = self.records.get(key)
             if data is None:
                 raise DpkitError(f"{self.source}: tensor storage data/{key} is missing (truncated checkpoint?)")
             itemsize = torch.empty((), dtype=stype.dtype).element_size()
+            if numel < 0:
+                raise InputError(f"{self.source}: tensor storage data/{key} has a negative size ({numel}); refused")
             if len(data) < numel * itemsize:
                 raise DpkitError(f"{self.source}: tensor storage data/{key} holds {len(data)} bytes, "
                                  f"{numel * itemsize} expected (truncated checkpoint?)")
+            self._spend(numel * itemsize, f"tensor storage data/{key}")
             raw = bytearray(data[: numel * itemsize])
             self.storages[key] = torch.frombuffer(raw, dtype=stype.dtype) if numel else torch.empty(0, dtype=stype.dtype)
         return self.storages[key]
@@ -187,15 +216,31 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if not isinstance(storage, torch.Tensor) or storage.dim() != 1:
             raise DpkitError(f"{self.source}: malformed tensor record")
         if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple)
-                and len(size) == len(stride) and all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))):
-            raise DpkitError(f"{self.source}: malformed tensor record (size {size!r}, stride {stride!r})")
+                and len(size) == len(stride) and len(size) <= 64
+                and all(type(v) is int for v in (offset, *size, *stride))):
+            raise DpkitError(f"{self.source}: malformed tensor record (size {size!r:.80}, stride {stride!r:.80})")
+        if any(v < 0 for v in (offset, *size, *stride)):
+            raise InputError(f"{self.source}: a tensor record has a negative size, stride or offset "
+                             f"(size {list(size)}, stride {list(stride)}, offset {offset}); refused")
+        # Bounds before any allocation: Python ints, so no product below can overflow.
+        if any(st == 0 and s > 1 for s, st in zip(size, stride)):
+            raise InputError(f"{self.source}: a tensor record of shape {list(size)} has stride 0 "
+                             f"(stride {list(stride)}), a broadcast view no checkpoint holds; refused")
         n = 1
         for s in size:
             n *= s
-        last = offset + sum((s - 1) * st for s, st in zip(size, stride)) if n else offset - 1
-        if last >= storage.numel():
-            raise DpkitError(f"{self.source}: a tensor of shape {list(size)} reaches past its storage "
-                             f"({storage.numel()} values)")
+        numel = storage.numel()
+        if n:
+            extent = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
+            if extent > numel:
+                raise InputError(f"{self.source}: a tensor of shape {list(size)} (stride {list(stride)}, offset "
+                                 f"{offset}) reaches past its storage ({numel} values); refused")
+            if n > numel:
+                raise InputError(f"{self.source}: a tensor of shape {list(size)} has {n} values but its storage "
+                                 f"only {numel} (overlapping view); refused")
+        elif offset > numel:
+            raise InputError(f"{self.source}: an empty tensor's offset {offset} is past its storage ({numel} values)")
+        self._spend(n * storage.element_size(), f"a tensor of shape {list(size)}")
         return torch.as_strided(storage, size, stride, offset).clone()
 
 
@@ -205,18 +250,23 @@ def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: An
     return data
 
 
-def _unpickle(data: bytes, source: str, records: dict[str, bytes] | None) -> Any:
+def _unpickle(data: bytes, source: str, records: dict[str, bytes] | None, budget: int = MAX_BYTES) -> Any:
     try:
-        return _RestrictedUnpickler(io.BytesIO(data), source, records).load()
+        return _RestrictedUnpickler(io.BytesIO(data), source, records, budget).load()
     except DpkitError:
         raise
+    except (RecursionError, MemoryError) as e:
+        raise InputError(f"{source}: its pickle is too deeply nested or too large to read "
+                         f"({type(e).__name__}); refused") from None
     except Exception as e:  # malformed pickles raise many types (UnpicklingError, EOFError, TypeError, ...)
         raise DpkitError(f"{source}: cannot read its pickle ({type(e).__name__}: {str(e)[:120]})") from None
 
 
 def loads_plain(data: bytes, source: str) -> Any:
     """A pickle without tensors (e.g. the original's `pickles` entries), read with the same restrictions."""
-    return _plain(_unpickle(data, source, None))
+    if len(data) > MAX_BYTES:
+        raise InputError(f"{source}: a {len(data)}-byte pickle is beyond the {MAX_BYTES >> 30} GiB limit; refused")
+    return _plain(_unpickle(data, source, None), source)
 
 
 def load_torch_zip(path: str | Path) -> Any:
@@ -234,6 +284,11 @@ def load_torch_zip(path: str | Path) -> Any:
         if len(pkls) != 1:
             raise DpkitError(f"{path} is not a torch checkpoint archive (no single <folder>/data.pkl)")
         top = pkls[0][: -len("data.pkl")]
+        # Sizes from the zip's directory, before reading anything (the reader stops at these sizes).
+        total = sum(i.file_size for i in zf.infolist() if i.filename == pkls[0] or i.filename.startswith(top + "data/"))
+        if total > MAX_BYTES:
+            raise InputError(f"{path}: its members hold {total} bytes, beyond the {MAX_BYTES >> 30} GiB per-file "
+                             f"limit; refused")
         try:
             order = zf.read(top + "byteorder").decode().strip() if top + "byteorder" in names else "little"
             if order != "little":
@@ -242,4 +297,4 @@ def load_torch_zip(path: str | Path) -> Any:
             data = zf.read(pkls[0])
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:  # CRC errors, truncated members
             raise DpkitError(f"{path} is corrupt or truncated ({e})") from None
-    return _plain(_unpickle(data, str(path), records))
+    return _plain(_unpickle(data, str(path), records, MAX_BYTES - total), str(path))

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dpkit
-from dpkit.errors import DpkitError
+from dpkit.errors import DpkitError, InputError
 from dpkit.io import atomic_dir, atomic_write_json, atomic_write_text
+from dpkit.runtime.bundle import MAX_JSON_DEPTH, json_depth
 
 FORMAT = "dpkit-checkpoint"
 FORMAT_VERSION = 1
@@ -143,9 +144,14 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DpkitError(f"checkpoint file {path} is missing")
     try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text()
+        if json_depth(text) > MAX_JSON_DEPTH:  # checked before parsing, which recurses
+            raise InputError(f"checkpoint file {path}: JSON nesting is deeper than {MAX_JSON_DEPTH} levels; refused")
+        state = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise DpkitError(f"checkpoint file {path} is corrupt or truncated ({e})") from None
+    except OSError as e:
+        raise DpkitError(f"cannot read checkpoint file {path}: {e.strerror}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DpkitError(f"{path} is not a dpkit checkpoint state (no format: {FORMAT!r})")
     if not isinstance(state.get("format_version", 0), int):

@@ -486,6 +486,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise DpkitError(f"override {key}=... nests its value too deeply to read") from None
     return key.split("."), value
 
 
@@ -501,6 +503,8 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise DpkitError(f"config {path} is not valid YAML: {e}") from None
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise DpkitError(f"config {path} nests too deeply to read (a dpkit config is a few levels deep)") from None
     cfg = Config(name=path.stem)
     _apply(cfg, raw, prefix="")
     for text in overrides:

@@ -20,7 +20,14 @@ When a published zip checksum exists, set PUSHT_ZIP_SHA256. Both are parameters 
 use their own.
 
 The .part file is kept after a failed transfer so the next run resumes; a checksum mismatch deletes it
-(resuming would only reproduce the bad bytes). Downloads never run under pytest or with
+(resuming would only reproduce the bad bytes).
+
+Bounds. A transfer stops with one line (the .part kept for the next run) when it has run longer than
+`deadline` seconds in all (DEFAULT_DEADLINE_S, 2 hours; --deadline), or when it received less than `min_rate`
+bytes/s over any `rate_window` seconds (DEFAULT_MIN_RATE, 1 KiB/s over 60 s; --min-rate, 0 turns it off), so
+a server that trickles a byte a second cannot hold it forever; no data at all for `timeout` seconds is a
+dropped connection (retried). A store already in the download folder is used as it is (nothing is
+downloaded); --force downloads it again and replaces it. Downloads never run under pytest or with
 $DPKIT_NO_DOWNLOAD set, except from a loopback address (the tests' own server).
 """
 
@@ -30,6 +37,7 @@ import argparse
 import hashlib
 import http.client
 import ipaddress
+import math
 import os
 import re
 import shutil
@@ -43,12 +51,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from dpkit.errors import DpkitError, cli_entry
+from dpkit.errors import DpkitError, InputError, cli_entry
 from dpkit.io import atomic_dir, sha256_file
 from dpkit.train import data as _data
 from dpkit.train.data import DATASET_NAME, DATASET_URL, DatasetNotFound, resolve_dataset_path
 
 NO_DOWNLOAD_ENV = "DPKIT_NO_DOWNLOAD"
+DEFAULT_DEADLINE_S = 2 * 3600.0  # the whole download, retries included
+DEFAULT_MIN_RATE = 1024.0  # bytes/s, averaged over DEFAULT_RATE_WINDOW_S
+DEFAULT_RATE_WINDOW_S = 60.0
 
 # Not published by the dataset's authors (see the module docstring): the content check below is used.
 PUSHT_ZIP_SHA256: str | None = None
@@ -94,15 +105,29 @@ def download(
     retries: int = 5,
     retry_wait: float = 2.0,
     chunk_size: int = 1 << 16,
+    deadline: float | None = DEFAULT_DEADLINE_S,
+    min_rate: float = DEFAULT_MIN_RATE,
+    rate_window: float = DEFAULT_RATE_WINDOW_S,
 ) -> Path:
     """Download `url` to `dest` through `dest.part`, resuming with Range requests; check `sha256` if given.
 
     A connection that drops is retried up to `retries` times, each resuming from the bytes already in
     the .part file (which stays for the next run if all fail). A server that ignores Range (200 to a
     ranged request) makes the file start over. `dest` appears only complete and checked.
+
+    The whole call gives up after `deadline` seconds (None: no deadline), and a transfer that receives
+    less than `min_rate` bytes/s over `rate_window` seconds (0: no minimum) gives up at once (a slow
+    server stays slow); both keep the .part file for the next run.
     """
+    _check_bounds(deadline=deadline, min_rate=min_rate, rate_window=rate_window, timeout=timeout)
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
+    started = time.monotonic()
+
+    def check_deadline() -> None:
+        if deadline is not None and time.monotonic() - started > deadline:
+            raise DpkitError(f"download of {url} did not finish within the {deadline:g} s deadline (--deadline); "
+                             f"run again to resume from {part}")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -113,10 +138,12 @@ def download(
     failures, reached = 0, False
     try:
         while True:
+            check_deadline()
             have = part.stat().st_size if part.exists() else 0
             headers = {"User-Agent": "dpkit", **({"Range": f"bytes={have}-"} if have else {})}
+            wait = timeout if deadline is None else max(min(timeout, deadline - (time.monotonic() - started)), 0.01)
             try:
-                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=wait) as resp:
                     reached = True
                     total = _total_size(resp, have)
                     if total == -1:
@@ -131,9 +158,23 @@ def download(
                         bar.reset(total=total)
                         bar.update(have)
                     with open(part, "ab" if have else "wb") as f:
-                        while block := resp.read(chunk_size):
+                        window_start, window_bytes = time.monotonic(), 0
+                        # read1: whatever has arrived (read() would wait for a whole chunk, unbounded in time
+                        # on a server that trickles bytes); each wait for data is bounded by the socket timeout.
+                        while block := resp.read1(chunk_size):
                             f.write(block)
                             bar.update(len(block))
+                            check_deadline()
+                            window_bytes += len(block)
+                            now = time.monotonic()
+                            if min_rate > 0 and now - window_start >= rate_window:
+                                rate = window_bytes / (now - window_start)
+                                if rate < min_rate:
+                                    raise DpkitError(
+                                        f"download of {url} is too slow: {rate:.0f} bytes/s over the last "
+                                        f"{now - window_start:.0f} s, below the minimum {min_rate:g} bytes/s "
+                                        f"(--min-rate); run again to resume from {part}")
+                                window_start, window_bytes = now, 0
                     size = part.stat().st_size
                     if total is None or size == total:
                         break
@@ -147,13 +188,17 @@ def download(
                     reached, reason = True, "HTTP 416 for the rest of the .part file; starting over"
                 if not reached:
                     raise Offline(f"cannot reach {url}: {reason}") from None
+                check_deadline()
                 failures += 1
                 if failures > retries:
                     raise DpkitError(
                         f"download of {url} failed {failures} times ({reason}); run again to resume from {part}"
                     ) from None
                 print(f"\n{dest.name}: {reason}; resuming in {retry_wait:g} s", file=sys.stderr, flush=True)
-                time.sleep(retry_wait)
+                if deadline is not None:
+                    time.sleep(max(min(retry_wait, deadline - (time.monotonic() - started)), 0))
+                else:
+                    time.sleep(retry_wait)
     finally:
         if bar is not None:
             bar.close()
@@ -164,6 +209,17 @@ def download(
             raise DpkitError(f"{url}: sha256 {got} does not match the expected {sha256}; the download was deleted")
     os.replace(part, dest)
     return dest
+
+
+def _check_bounds(**values: float | None) -> None:
+    """deadline, rate_window, timeout: positive finite seconds (deadline may be None); min_rate: >= 0."""
+    for name, v in values.items():
+        if v is None and name == "deadline":
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (v < 0 if name == "min_rate" else v <= 0):
+            limit = ">= 0 bytes/s" if name == "min_rate" else "> 0 seconds"
+            raise InputError(f"download {name} must be a finite number {limit}, got {v!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,10 +254,10 @@ def check_arrays(store: Path, expected: dict[str, tuple[tuple[int, ...], str, st
             )
 
 
-def extract_store(zip_path: Path, dest_dir: Path, name: str = DATASET_NAME, arrays=None) -> Path:
+def extract_store(zip_path: Path, dest_dir: Path, name: str = DATASET_NAME, arrays=None, force: bool = False) -> Path:
     """Extract the `name` folder of `zip_path` (at any depth: pusht.zip holds pusht/<name>/) to
     `dest_dir/name`, through a temp folder renamed into place once extracted (and checked against
-    `arrays`, as in check_arrays)."""
+    `arrays`, as in check_arrays). `force` replaces an existing `dest_dir/name`."""
     try:
         zf = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -217,7 +273,7 @@ def extract_store(zip_path: Path, dest_dir: Path, name: str = DATASET_NAME, arra
                 members.append((info, rel))
         if not members:
             raise DpkitError(f"{zip_path} holds no {name} folder")
-        with atomic_dir(dest_dir / name) as tmp:
+        with atomic_dir(dest_dir / name, force=force) as tmp:
             for info, rel in members:
                 target = tmp.joinpath(*rel)
                 if info.is_dir() or not rel:
@@ -265,16 +321,21 @@ def fetch_pusht(
     url: str = DATASET_URL,
     zip_sha256: str | None = PUSHT_ZIP_SHA256,
     arrays: dict | None = PUSHT_ARRAYS,
+    force: bool = False,
     **download_kw,
 ) -> Path:
     """Download `url` (a zip holding a DATASET_NAME folder) into `dest_dir`, extract and check the store,
-    delete the zip; return the store's path. `download_kw` go to `download` (progress, timeout, ...)."""
+    delete the zip; return the store's path. `download_kw` go to `download` (progress, timeout, deadline,
+    min_rate, ...). A store already in `dest_dir` (only a complete, checked one is ever put there) is
+    returned without downloading, unless `force`: then it is downloaded again and replaced."""
     _check_allowed(url)
     dest_dir = Path(dest_dir) if dest_dir is not None else default_download_dir()
+    if (dest_dir / DATASET_NAME).is_dir() and not force:
+        return dest_dir / DATASET_NAME
     zip_path = dest_dir / (PurePosixPath(urllib.parse.urlsplit(url).path).name or "pusht.zip")
     download(url, zip_path, zip_sha256, **download_kw)
     try:
-        store = extract_store(zip_path, dest_dir, DATASET_NAME, arrays)
+        store = extract_store(zip_path, dest_dir, DATASET_NAME, arrays, force=force)
     except DpkitError:
         zip_path.unlink()  # wrong content: the next run downloads afresh
         raise
@@ -282,13 +343,23 @@ def fetch_pusht(
     return store
 
 
-def find_or_download(path: str | os.PathLike | None = None, *, dest_dir=None, **fetch_kw) -> Path:
+def find_or_download(path: str | os.PathLike | None = None, *, dest_dir=None, force: bool = False,
+                     **fetch_kw) -> Path:
     """resolve_dataset_path(path); when it finds nothing on its own (no path, no $DPKIT_PUSHT_DATA),
-    fetch_pusht(dest_dir, **fetch_kw). An explicit path that does not exist is an error, not a download."""
+    fetch_pusht(dest_dir, **fetch_kw) (which uses a store already in dest_dir). An explicit path that does
+    not exist is an error, not a download. `force`: download into dest_dir again whatever exists."""
+    if force:
+        if path is not None:
+            raise InputError("--force downloads into --dest again; it does not go with --data")
+        dest = Path(dest_dir) if dest_dir is not None else default_download_dir()
+        print(f"[dpkit] downloading the PushT dataset again into {dest} (--force)", file=sys.stderr, flush=True)
+        return fetch_pusht(dest, force=True, **fetch_kw)
     try:
         return resolve_dataset_path(path)
     except DatasetNotFound as missing:
         dest = Path(dest_dir) if dest_dir is not None else default_download_dir()
+        if (dest / DATASET_NAME).is_dir():  # fetched here before (a --dest outside the usual places)
+            return dest / DATASET_NAME
         try:
             _check_allowed(fetch_kw.get("url", DATASET_URL))
             print(f"[dpkit] PushT dataset not found locally; downloading it into {dest}", file=sys.stderr, flush=True)
@@ -302,9 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dpkit.train.download", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="use this dataset if it exists (as dpkit-train --data)")
     ap.add_argument("--dest", help="download folder (default: data/pusht/ of the project)")
+    ap.add_argument("--url", default=DATASET_URL, help="where to download pusht.zip from (default: %(default)s)")
+    ap.add_argument("--force", action="store_true",
+                    help="download again into --dest and replace the copy there (default: reuse a copy found)")
+    ap.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE_S, metavar="SECONDS",
+                    help=f"give up when the download has taken this long in all (default {DEFAULT_DEADLINE_S:g}; "
+                         f"the .part file is kept for the next run)")
+    ap.add_argument("--min-rate", type=float, default=DEFAULT_MIN_RATE, metavar="BYTES_PER_S",
+                    help=f"give up when less than this arrives per second over {DEFAULT_RATE_WINDOW_S:g} s "
+                         f"(default {DEFAULT_MIN_RATE:g}; 0: no minimum)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    print(find_or_download(args.data, dest_dir=args.dest, progress=not args.no_progress))
+    _check_bounds(deadline=args.deadline, min_rate=args.min_rate)
+    print(find_or_download(args.data, dest_dir=args.dest, force=args.force, url=args.url,
+                           progress=not args.no_progress, deadline=args.deadline, min_rate=args.min_rate))
     return 0
 
 
