@@ -23,7 +23,7 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +36,7 @@ from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_
 from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
+from dpkit.runtime.backend import PROVIDERS
 from dpkit.sampling_args import parse_sampler_label
 from dpkit.threads import ThreadChoice, choose_threads
 
@@ -51,7 +52,8 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "cpp-cuda": ("cpp", "cuda"),
     "cpp-tensorrt": ("cpp", "tensorrt"),
 }
-ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+# provider -> the ONNX Runtime provider that must be present (the runtime's one table: runtime/backend.py)
+ORT_PROVIDERS = {name: chain[0] for name, chain in PROVIDERS.items()}
 DEFAULT_SAMPLERS = ("ddpm-100", "ddim-10")
 BUSY_MAX_S = 4 * 3600.0
 """Longest a --contention busy process lives if the benchmark dies without stopping it."""
@@ -115,21 +117,49 @@ def backend_available(backend: str) -> str | None:
     return None
 
 
-@dataclass
-class Loaded:
-    """A loaded backend: sample(obs, sampler, steps), plus encoder/denoiser callables for the parts."""
+def _torch_policy_class():
+    """TorchPolicy with the timing parts of the PolicyBackend contract (encoder_call, denoiser_call, sync).
 
-    policy: Any
-    provider: str
-    sync: Callable[[], None] = field(default=lambda: None)
-    encode: Callable[[dict[str, np.ndarray]], Any] | None = None
-    make_denoise: Callable[[int], Callable[[], Any]] | None = None
-    """batch -> a no-argument call of the denoiser at that batch (inputs prepared once)."""
-    loop_ms: Callable[[], float] | None = None
-    """The backend's own measure of its last chunk's time outside the networks (the C++ runtime's timer)."""
+    The other backends implement these in dpkit.runtime; the torch ones are here until they move into
+    runtime/torch_policy.py (which imports torch lazily, as this does)."""
+    import torch
+
+    from dpkit.runtime.torch_policy import TorchPolicy
+
+    class BenchTorchPolicy(TorchPolicy):
+        def __init__(self, path, device: str = "cpu"):
+            super().__init__(path, device=device)
+            self.device = device
+            self.provider = device
+
+        def sync(self) -> None:
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+
+        def _encode(self, obs):
+            with torch.no_grad():
+                return self.policy.encoder(*[torch.from_numpy(obs[k]).to(self.device) for k in self.obs_keys])
+
+        def encoder_call(self, obs):
+            return lambda: self._encode(obs)
+
+        def denoiser_call(self, obs, timestep: int = 50, seed: int = 0):
+            cond = self._encode(obs)
+            batch = len(cond)
+            x = torch.randn(batch, self.horizon, self.action_dim, device=self.device)
+            t = torch.full((batch,), timestep, dtype=torch.int64, device=self.device)
+
+            def call():
+                with torch.no_grad():
+                    self.policy.denoiser(x, t, cond)
+            return call
+
+    return BenchTorchPolicy
 
 
-def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: int) -> Loaded:
+def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: int):
+    """The PolicyBackend one bench row times: `sample`, and the parts (encoder_call, denoiser_call, sync,
+    last_loop_ms, provider) that dpkit.runtime.backend.PolicyBackend defines for every backend."""
     from dpkit.runtime import load_policy
 
     kind, provider = BACKENDS[backend]
@@ -137,68 +167,39 @@ def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: i
         import torch
 
         torch.set_num_threads(threads)
-        device = "cuda" if provider == "cuda" else "cpu"
-        pol = load_policy(model.checkpoint, backend="torch", device=device)
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        net = pol.policy
-
-        def encode(obs):
-            with torch.no_grad():
-                return net.encoder(*[torch.from_numpy(obs[k]).to(device) for k in pol.obs_keys])
-
-        def make_denoise(batch):
-            cond = encode(random_obs(model, batch))
-            x = torch.randn(batch, model.horizon, model.action_dim, device=device)
-            t = torch.full((batch,), 50, dtype=torch.int64, device=device)
-
-            def call():
-                with torch.no_grad():
-                    net.denoiser(x, t, cond)
-            return call
-
-        return Loaded(pol, provider, sync, encode, make_denoise)
+        return _torch_policy_class()(model.checkpoint, device="cuda" if provider == "cuda" else "cpu")
 
     if model.bundle is None:
         raise BackendUnavailable(f"no bundle for {model.name}: {model.bundle_error}")
     if kind == "ort":
-        providers: list[Any] = [ORT_PROVIDERS[provider]]
-        if provider == "tensorrt":  # OrtPolicy gives the bare name the bundle's engine-cache options
-            providers = [ORT_PROVIDERS["tensorrt"], ORT_PROVIDERS["cuda"]]
-        pol = load_policy(model.bundle, backend="ort", providers=providers, threads=threads)
-        if pol.providers[0] != ORT_PROVIDERS[provider]:  # ORT falls back to CPU silently
-            raise BackendUnavailable(f"ONNX Runtime fell back to {pol.providers[0]}")
-
-        def make_denoise(batch):
-            # Network time only: inputs and output bound once (IOBinding), so the per-call numpy conversion
-            # the Python loop pays counts as loop overhead, and the C++ loop is compared with the same number.
-            cond = pol.encode(random_obs(model, batch))
-            x = np.random.default_rng(SEED).standard_normal((batch, model.horizon, model.action_dim), dtype=np.float32)
-            t = np.full((batch,), 50, dtype=np.int64)
-            binding = pol.denoiser.io_binding()
-            for name, value in (("sample", x), ("timestep", t), ("cond", cond)):
-                binding.bind_cpu_input(name, value)
-            binding.bind_output("noise_pred")
-            return lambda: pol.denoiser.run_with_iobinding(binding)
-
-        return Loaded(pol, provider, encode=pol.encode, make_denoise=make_denoise)
-
+        # provider= is the runtime's one name: a provider ONNX Runtime would silently replace by CPU is an
+        # error there, which skips these rows (the "tensorrt" bundle engine options are OrtPolicy's).
+        try:
+            return load_policy(model.bundle, backend="ort", provider=provider, threads=threads)
+        except DpkitError as e:
+            if "is not available" in str(e):
+                raise BackendUnavailable(str(e)) from None
+            raise
     # Buffers are preallocated for max_batch; an unavailable provider is an error there, not a fallback.
-    pol = load_policy(model.bundle, backend="cpp", provider=provider, threads=threads, max_batch=max_batch)
-    return Loaded(pol, provider, loop_ms=lambda: pol.last_timing["loop_ms"])
+    return load_policy(model.bundle, backend="cpp", provider=provider, threads=threads, max_batch=max_batch)
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def part_rows(backend: str, loaded: Loaded, model: ModelArtifacts, batch: int, s: Settings,
+def part_rows(backend: str, loaded: Any, model: ModelArtifacts, batch: int, s: Settings,
               peak: float) -> list[dict[str, Any]]:
-    """The encoder alone and one denoiser call, timed on the backend's own sessions/modules."""
+    """The encoder alone and one denoiser call, timed on the backend's own sessions/modules (`loaded`: a
+    PolicyBackend; a backend that exposes neither part, cpp, has no part rows)."""
     rows = []
-    if loaded.encode is None or loaded.make_denoise is None:
-        return rows
     obs = random_obs(model, batch)
-    parts = [("encoder", 0, lambda: loaded.encode(obs), model.encoder_flops),
-             ("denoiser", 1, loaded.make_denoise(batch), model.denoiser_flops)]
+    encode = loaded.encoder_call(obs)
+    if encode is None:
+        return rows
+    denoise = loaded.denoiser_call(obs, timestep=50, seed=SEED)
+    if denoise is None:
+        return rows
+    parts = [("encoder", 0, encode, model.encoder_flops), ("denoiser", 1, denoise, model.denoiser_flops)]
     for kind, steps, fn, flops in parts:
         # One call is short: many repeats cost little and steady the median the overhead is computed from.
         times = time_calls(fn, repeats=max(s.repeats, 30), warmup=max(s.warmup, 3), budget_s=min(s.row_seconds, 5.0),
@@ -331,9 +332,10 @@ def _measure(s: Settings, plan, per_model, machine, busy: BusyProcesses, phases:
                     busy.run()
 
                 def chunk() -> None:
-                    loaded.policy.sample(obs, sampler=sampler, steps=k, seed=SEED)
-                    if loaded.loop_ms is not None:
-                        loops.append(loaded.loop_ms())
+                    loaded.sample(obs, sampler=sampler, steps=k, seed=SEED)
+                    loop_ms = loaded.last_loop_ms
+                    if loop_ms is not None:
+                        loops.append(loop_ms)
                 try:
                     times = time_calls(chunk, s.repeats, s.warmup, s.row_seconds, s.min_repeats, loaded.sync)
                 except DpkitError as e:  # e.g. a (sampler, K) the bundle does not list
@@ -582,8 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", help=f"any of {', '.join(MODELS)} (default: all)")
     p.add_argument("--backends", nargs="+", help=f"any of {', '.join(BACKENDS)} (default: all; missing ones are skipped)")
     p.add_argument("--batch", nargs="+", help="batch sizes (default: 1 50)")
-    p.add_argument("--samplers", "--steps", dest="samplers", nargs="+",
-                   help="SAMPLER-K entries, e.g. ddpm-100 ddim-10 (the default); the bundle must list them")
+    p.add_argument("--samplers", "--steps", dest="samplers", nargs="+", metavar="SAMPLER-K",
+                   help="samplers with their denoising steps K per chunk, as labels: ddpm-100 ddim-10 (the default); "
+                        "the bundle must list them (--steps: the older name)")
     p.add_argument("--repeats", type=int, help="timed chunks per row (default 20, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed chunks before each row (default 1)")
     p.add_argument("--row-seconds", type=float, help="soft time budget per row (default 30, quick 2)")
@@ -591,10 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time every chunk row beside N busy processes (each in its own session, as other "
                         "programs are) and report it against the quiet figure of the same run (default 0)")
     p.add_argument("--out-dir", default="benchmarks/results", help="where latency[_quick].{json,md,png} go")
-    p.add_argument("--json", type=Path, help="also write the JSON here")
     p.add_argument("--cache-dir", default=os.environ.get("DPKIT_BENCH_CACHE", "benchmarks/.cache"),
                    help="random-weight checkpoints and bundles, reused across runs ($DPKIT_BENCH_CACHE)")
-    add_common_args(p)  # --threads (0: dpkit.threads' choice per model), --no-progress, --version
+    # --threads (0: dpkit.threads' choice per model), --no-progress, --json PATH, --version
+    add_common_args(p, json="also write the result here (besides --out-dir)")
     return p
 
 
@@ -611,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_benchmark(s, Path(a.cache_dir), progress=not a.no_progress)
     check_measured(result)
     result["command"] = "dpkit-bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    paths = write_results(result, out_dir, a.json)
+    paths = write_results(result, out_dir, None if a.json is None else Path(a.json))
     print(markdown_report(result))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

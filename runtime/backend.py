@@ -15,16 +15,56 @@ action slice — so "torch", "ort" and "cpp" agree by construction. A backend im
 Noise: given `seed`, the initial and per-step noise are drawn here from numpy's generator in a fixed order,
 so every backend given one seed samples the same trajectory. Without a seed or injected noise, a backend
 that has its own generator (cpp, allocation-free in C++) draws it there.
+
+Parts, for timing them apart (dpkit-bench): `provider` (where the networks run, the C++ runtime's names),
+`encoder_call(obs)` / `denoiser_call(obs)` (a no-argument call of one network on prepared inputs, or None
+when the backend does not expose it), `sync()` (wait for queued device work) and `last_loop_ms` (the
+backend's own measure of its last chunk's time outside the networks, or None).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from dpkit.errors import InputError
+
+#: The providers of the C++ runtime (PolicyParams::provider) -> the ONNX Runtime provider list each means.
+#: "tensorrt" keeps CUDA behind it for the nodes TensorRT does not take, as ONNX Runtime recommends.
+PROVIDERS: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider",),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+}
+ORT_NAMES = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+
+
+def provider_name(ort_provider: Any) -> str | None:
+    """An ONNX Runtime provider entry (a name, or a (name, options) pair) -> "cpu" | "cuda" | "tensorrt"."""
+    name = ort_provider[0] if isinstance(ort_provider, (tuple, list)) else ort_provider
+    return ORT_NAMES.get(name) if isinstance(name, str) else None
+
+
+def resolve_provider(provider: str | None, providers: Sequence[Any] | None) -> str | None:
+    """One answer from the two spellings of where the networks run: `provider` (the C++ runtime's name:
+    "cpu", "cuda", "tensorrt") and the older ONNX Runtime list `providers` (its first entry decides).
+    None when neither is given; InputError when one is unknown or they disagree."""
+    if provider is not None and (not isinstance(provider, str) or provider not in PROVIDERS):
+        raise InputError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    if not providers:
+        return provider
+    if isinstance(providers, str):
+        providers = [providers]
+    if not isinstance(providers, (list, tuple)):
+        raise InputError(f"providers must be a list of ONNX Runtime provider names, got {providers!r}")
+    first = provider_name(providers[0])
+    if first is None:
+        raise InputError(f"providers[0] {providers[0]!r} is not one of {', '.join(ORT_NAMES)}")
+    if provider is not None and provider != first:
+        raise InputError(f"provider={provider!r} and providers={list(providers)!r} disagree")
+    return first
 from dpkit.runtime.sampling import Inpaint, draw_noise
 from dpkit.sampling_args import check_sampler, check_seed, check_steps
 
@@ -73,6 +113,8 @@ class PolicyBackend:
     draws_own_noise: bool = False
     #: True when the backend checks observation shapes and NaN/Inf itself (the C++ runtime does).
     checks_obs_values: bool = False
+    #: Where the networks run: "cpu", "cuda" or "tensorrt" (the C++ runtime's names).
+    provider: str = "cpu"
 
     def __init__(self, spec: PolicySpec):
         self.spec = spec
@@ -149,6 +191,26 @@ class PolicyBackend:
         """Observation dict -> C-contiguous float32 arrays in encoder order, and the batch size."""
         return validate_observations(obs, self.spec.observations, self.n_obs_steps,
                                      check_values=not self.checks_obs_values)
+
+    # ---- parts, for timing them apart (dpkit-bench) ---------------------------------------------------
+
+    def encoder_call(self, obs: dict[str, Any]) -> Callable[[], Any] | None:
+        """A no-argument call of the observation encoder on `obs`, or None when the backend does not expose
+        its encoder (cpp: it times its networks itself, see `last_loop_ms`)."""
+        return None
+
+    def denoiser_call(self, obs: dict[str, Any], timestep: int = 50, seed: int = 0) -> Callable[[], Any] | None:
+        """A no-argument call of one denoiser step at `obs`'s batch (inputs prepared once: the condition from
+        `obs`, a seeded sample, `timestep`), or None when the backend does not expose its denoiser."""
+        return None
+
+    def sync(self) -> None:
+        """Wait until queued device work is done, so a timer around a call measures it (no-op on CPU)."""
+
+    @property
+    def last_loop_ms(self) -> float | None:
+        """The backend's own measure of its last chunk's time outside the networks (ms), or None."""
+        return None
 
     # ---- the backend's part ---------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
     from dpkit.runtime import load_policy
     policy = load_policy("bundles/tiny", backend="cpp", max_batch=8)    # threads: dpkit.threads
+    policy = load_policy("bundles/tiny")                            # a bundle means cpp
     traj = policy.sample(obs, sampler="ddim", steps=10, seed=0)     # (B, H, A), normalized
     actions = policy.predict_action(obs)                            # (B, Ta, A), environment units
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.runtime import _core
-from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
+from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice, resolve_provider
 from dpkit.runtime.realtime import _int_in  # the one integer range check of the runtime's pybind callers
 from dpkit.sampling_args import MAX_SEED
 from dpkit.threads import bundle_params, choose_threads, resolve_spin
@@ -55,12 +56,17 @@ class CppPolicy(PolicyBackend):
 
     def __init__(self, bundle_dir: str | Path, provider: str = "cpu", threads: int | None = None, max_batch: int = 8,
                  seed: int = 0, verify_sha256: bool = True, device_id: int = 0, allow_spinning: bool | None = None,
-                 *, spin: bool | None = None):
-        """Load the bundle. `threads`: ONNX Runtime intra-op threads (None or 0: dpkit.threads' choice for the
-        bundle's size, recorded in `self.threads`); `allow_spinning` (or `spin`, the Python backends' name):
-        let idle threads busy-wait (default no); `max_batch`: largest batch `sample` takes (buffers are
-        preallocated for it); `seed`: the noise generator used when no seed/noise is given.
+                 *, spin: bool | None = None, providers: list | None = None):
+        """Load the bundle. Parameters are dpkit::PolicyParams'. `provider`: "cpu", "cuda" or "tensorrt" (an
+        unavailable one is an error; `providers`, the ort backend's older list spelling, is taken by its first
+        entry); `threads`: ONNX Runtime intra-op threads (None or 0: dpkit.threads' choice for the bundle's
+        size, recorded in `self.threads`); `allow_spinning` (older name `spin`): let idle threads busy-wait
+        (default no); `max_batch`: largest batch `sample` takes (buffers are preallocated for it; default 8
+        here, as the pybind module's, where C++'s PolicyParams says 1: Python callers sample batches above 1
+        without naming it); `seed`: the noise generator used when no seed/noise is given.
         """
+        if providers:  # the older list spelling; a bare `provider` is checked by C++ itself
+            provider = resolve_provider(None if provider == "cpu" else provider, providers)
         # Every integer is range-checked here, before pybind11 casts it to a C++ int (or uint64): one clear
         # InputError instead of "Unable to cast" / "incompatible constructor arguments".
         _int_in(max_batch, "max_batch", 1, INT_MAX)
@@ -98,6 +104,10 @@ class CppPolicy(PolicyBackend):
             traj, _ = self._policy.sample(list(arrays.values()), choice.handle, initial_noise, step_noise,
                                           inpaint.values, inpaint.start, inpaint.weights)
         return traj
+
+    @property
+    def last_loop_ms(self) -> float | None:
+        return self._policy.last_timing["loop_ms"]
 
     @property
     def last_timing(self) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The "ort" backend: the bundle's two ONNX graphs in ONNX Runtime, driven by the numpy reverse loop.
 
     from dpkit.runtime import load_policy
-    policy = load_policy("bundles/tiny", backend="ort")
+    policy = load_policy("bundles/tiny", backend="ort")      # provider="cpu", allow_spinning=False: C++'s names
     traj = policy.sample(obs, sampler="ddim", steps=10, seed=0)     # (B, H, A), normalized
 
 The schedule comes from policy.json only (never diffusers), so this backend is the reference the C++
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
-from dpkit.runtime.backend import PolicyBackend, PolicySpec, SamplerChoice
+from dpkit.runtime.backend import PROVIDERS, PolicyBackend, PolicySpec, SamplerChoice, provider_name, resolve_provider
 from dpkit.runtime.bundle import Bundle, bundle_trt_options, check_graph_io, load_bundle
 from dpkit.runtime.sampling import StepPlan, run_reverse
 from dpkit.threads import bundle_params, choose_threads, parse_threads, resolve_spin
@@ -50,10 +50,16 @@ class OrtPolicy(PolicyBackend):
 
     def __init__(self, bundle: str | Path | Bundle, providers: list[Any] | None = None,
                  threads: int | None = None, verify_sha256: bool = True, spin: bool | None = None, *,
-                 allow_spinning: bool | None = None):
-        """`threads`: intra-op threads per session (None or 0: dpkit.threads' choice for this bundle's size);
-        `spin` (or its C++ name `allow_spinning`): let idle threads busy-wait (default no). `self.threads`
-        records the choice."""
+                 allow_spinning: bool | None = None, provider: str | None = None):
+        """`provider`: "cpu" (default), "cuda" or "tensorrt", the C++ runtime's names; like C++, one that ONNX
+        Runtime does not load here is a DpkitError, never a fallback. `providers` (the older spelling): an
+        ONNX Runtime provider list, used as given (ONNX Runtime may fall back to CPU; `self.providers` says).
+        `threads`: intra-op threads per session (None or 0: dpkit.threads' choice for this bundle's size);
+        `allow_spinning` (older name `spin`): let idle threads busy-wait (default no). `self.threads`
+        records the choice; `self.provider` the provider in use."""
+        if provider is not None:  # checked, and against `providers` when both are given
+            resolve_provider(provider, providers)
+            providers = providers or list(PROVIDERS[provider])
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify_sha256=verify_sha256)
         super().__init__(PolicySpec.from_bundle(self.bundle))
         if not threads and os.environ.get("DPKIT_ORT_THREADS"):  # the older, ORT-only spelling
@@ -64,6 +70,10 @@ class OrtPolicy(PolicyBackend):
         self.encoder = make_session(b.graph_files["encoder"], self._providers(providers, "encoder"), n, spin)
         self.denoiser = make_session(b.graph_files["denoiser"], self._providers(providers, "denoiser"), n, spin)
         self.providers = self.denoiser.get_providers()
+        self.provider = provider_name(self.providers[0]) or str(self.providers[0])
+        if provider is not None and self.provider != provider:
+            raise DpkitError(f"provider {provider!r} is not available in ONNX Runtime here (it loaded "
+                             f"{self.providers[0]}); install onnxruntime-gpu for cuda/tensorrt")
         self._check_graph_io()
         self._plans: dict[str, StepPlan] = {}
 
@@ -98,6 +108,22 @@ class OrtPolicy(PolicyBackend):
 
     def denoise(self, sample: np.ndarray, timestep: np.ndarray, cond: np.ndarray) -> np.ndarray:
         return self.denoiser.run(["noise_pred"], {"sample": sample, "timestep": timestep, "cond": cond})[0]
+
+    def encoder_call(self, obs: dict[str, np.ndarray]):
+        return lambda: self.encode(obs)
+
+    def denoiser_call(self, obs: dict[str, np.ndarray], timestep: int = 50, seed: int = 0):
+        # Network time only: inputs and output bound once (IOBinding), so the per-call numpy conversion the
+        # Python loop pays counts as loop overhead, and the C++ loop is compared with the same number.
+        cond = self.encode(obs)
+        batch = len(cond)
+        x = np.random.default_rng(seed).standard_normal((batch, self.horizon, self.action_dim), dtype=np.float32)
+        t = np.full((batch,), timestep, dtype=np.int64)
+        binding = self.denoiser.io_binding()
+        for name, value in (("sample", x), ("timestep", t), ("cond", cond)):
+            binding.bind_cpu_input(name, value)
+        binding.bind_output("noise_pred")
+        return lambda: self.denoiser.run_with_iobinding(binding)
 
     def _run(self, arrays, batch, choice, initial_noise, step_noise, inpaint) -> np.ndarray:
         cond = self.encoder.run(["cond"], arrays)[0]
