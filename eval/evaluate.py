@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpkit.cli_args import add_common_args, apply_threads
+from dpkit.cli_args import add_common_args, add_sampler_args, apply_threads, resolve_sampler_args
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_dir, check_writable_file
 from dpkit.eval import pusht
@@ -256,19 +256,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="torch (checkpoint) | ort | cpp (bundle); default: torch for a checkpoint, cpp for a bundle")
     p.add_argument("--episodes", type=int, default=pusht.N_TEST_EPISODES, help="default %(default)s")
     p.add_argument("--seed-start", type=int, default=pusht.LEGACY_TEST_SEED, help="default %(default)s")
-    p.add_argument("--max-steps", type=int, default=pusht.MAX_STEPS, help="default %(default)s")
+    p.add_argument("--max-steps", type=int, default=pusht.MAX_STEPS,
+                   help="environment steps per episode at most (default %(default)s; not denoising steps: --num-steps)")
     p.add_argument("--n-envs", type=int, default=None, help=f"environments stepped together (default min(episodes, {MAX_ENVS}))")
-    p.add_argument("--sampler", help="ddpm | ddim (default: the bundle's / checkpoint's default)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps K for --sampler")
-    p.add_argument("--json", metavar="PATH", help="write the report here (atomically)")
+    add_sampler_args(p, steps_alias=True)  # --sampler ddim | ddim-10, --num-steps K (older name: --steps)
     p.add_argument("--video-dir", metavar="DIR", help="write rollout videos of the first --n-videos episodes here")
     p.add_argument("--n-videos", type=int, default=4, help="default %(default)s")
     p.add_argument("--latency-steps", type=int, default=None, metavar="D",
-                   help="simulate an inference delay of D steps (the simulator runs on while a chunk is computed)")
+                   help="simulate an inference delay of D environment steps (the simulator runs on while a chunk is "
+                        "computed)")
     p.add_argument("--execution", choices=EXECUTIONS, default=None,
                    help="with --latency-steps: sync | async | async-inpaint (default async-inpaint)")
     p.add_argument("--blend", type=int, default=0, help="async-inpaint: steps of decaying blend after the prefix")
-    add_common_args(p, quiet_alias=True)  # --threads, --no-progress (= --quiet), --version
+    add_common_args(p, quiet_alias=True, json="write the report here")  # --threads, --no-progress (= --quiet),
+    # --json PATH, --version
     return p
 
 
@@ -283,10 +284,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise DpkitError(f"--seed-start must be in [0, 2**32 - episodes), got {args.seed_start}")
     if args.n_videos < 0:
         raise DpkitError(f"--n-videos must be >= 0, got {args.n_videos}")
-    if args.sampler is not None and args.sampler not in ("ddpm", "ddim"):
-        raise DpkitError(f"unknown --sampler {args.sampler!r} (expected ddpm or ddim)")
-    if args.steps is not None and args.steps < 1:
-        raise DpkitError(f"--steps must be >= 1, got {args.steps}")
+    resolve_sampler_args(args)  # a label --sampler ddim-10 is split; K checked
+    args.steps = args.num_steps  # K, under the name the evaluation code below passes on as steps=
     if args.latency_steps is not None or args.execution is not None:
         if args.latency_steps is None:
             args.latency_steps = 0
