@@ -169,6 +169,14 @@ def test_a_state_json_nested_100k_deep_is_one_line(tmp_path):
         ckpt_mod.read_state(ck)
 
 
+def test_a_policy_json_nested_100k_deep_is_one_line(tmp_path):
+    from dpkit.runtime.bundle import MAX_JSON_DEPTH, load_bundle
+
+    (tmp_path / "policy.json").write_text(_deep_json(DEEP_JSON))
+    with pytest.raises(DpkitError, match=f"policy.json: JSON nesting is deeper than {MAX_JSON_DEPTH} levels"):
+        load_bundle(tmp_path)
+
+
 def test_a_yaml_config_nested_100k_deep_is_one_line(tmp_path):
     path = tmp_path / "deep.yaml"
     path.write_text("train: " + "[" * DEEP_JSON + "]" * DEEP_JSON + "\n")
