@@ -3,6 +3,7 @@
     dpkit-eval --random --episodes 50 --json demo_out/random.json      # the random baseline
     dpkit-eval --bundle bundles/tiny --backend cpp --video-dir demo_out/videos --json demo_out/eval.json
     dpkit-eval --checkpoint runs/tiny --episodes 10 --max-steps 100     # PyTorch, quick look
+    dpkit-eval --bundle bundles/converted --protocol lerobot --n-envs 10  # lerobot-eval's rules and metrics
 
 Protocol: episode i starts from the legacy state of seed `seed_start + i` (test seeds 100000..100049),
 runs at most 300 steps, the policy sees the last `To` observations (at reset the first one repeated) and
@@ -11,6 +12,10 @@ runs at most 300 steps, the policy sees the last `To` observations (at reset the
 (coverage > 0.95): its reward is then 1, the cap, so its max reward is what running on would give.
 
 All environments step together: each chunk, the policy is called once for every running episode.
+
+`--protocol lerobot` evaluates the way lerobot-eval (lerobot 0.6.1) does instead (dpkit.eval.lerobot_protocol):
+seeds 1000, 1001, ... through gym-pusht's own reset(seed), 50 episodes in lock-step batches of --n-envs, and
+lerobot's metrics avg_sum_reward, avg_max_reward and pc_success. The original protocol stays the default.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dpkit.cli_args import add_common_args, add_sampler_args, apply_threads, res
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, check_writable_dir, check_writable_file
 from dpkit.eval import pusht
+from dpkit.eval import lerobot_protocol
 from dpkit.eval.latency import evaluate_latency
 from dpkit.eval.protocol import (MAX_ENVS, OBS_KEYS, Policy, check_blend, check_policy, env_count,  # noqa: F401
                                  protocol_fields)
@@ -239,6 +245,10 @@ def rollout_evaluator(cfg: Any) -> Any:
     return evaluate
 
 
+PROTOCOLS = ("original", "lerobot")
+"""dpkit-eval --protocol: the original paper's (the default) and lerobot-eval's (dpkit.eval.lerobot_protocol)."""
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     """argparse that reports bad arguments as a DpkitError (one line, via cli_entry) instead of usage."""
 
@@ -254,8 +264,13 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--bundle", metavar="DIR", help="an exported bundle (backend ort or cpp)")
     src.add_argument("--random", action="store_true", help="the uniform random baseline")
     p.add_argument("--backend", help="torch (checkpoint) | ort | cpp (bundle); default: torch for a checkpoint, cpp for a bundle")
-    p.add_argument("--episodes", type=int, default=pusht.N_TEST_EPISODES, help="default %(default)s")
-    p.add_argument("--seed-start", type=int, default=pusht.LEGACY_TEST_SEED, help="default %(default)s")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="original",
+                   help="original: the Diffusion Policy paper's (legacy seeds, max coverage); lerobot: lerobot-eval's "
+                        "(its seeds, batches and metrics); default %(default)s")
+    p.add_argument("--episodes", type=int, default=None,
+                   help=f"default {pusht.N_TEST_EPISODES} ({lerobot_protocol.N_EPISODES} with --protocol lerobot)")
+    p.add_argument("--seed-start", type=int, default=None,
+                   help=f"default {pusht.LEGACY_TEST_SEED} ({lerobot_protocol.SEED} with --protocol lerobot)")
     p.add_argument("--max-steps", type=int, default=pusht.MAX_STEPS,
                    help="environment steps per episode at most (default %(default)s; not denoising steps: --num-steps)")
     p.add_argument("--n-envs", type=int, default=None, help=f"environments stepped together (default min(episodes, {MAX_ENVS}))")
@@ -274,6 +289,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    lerobot = args.protocol == "lerobot"
+    if args.episodes is None:
+        args.episodes = lerobot_protocol.N_EPISODES if lerobot else pusht.N_TEST_EPISODES
+    if args.seed_start is None:
+        args.seed_start = lerobot_protocol.SEED if lerobot else pusht.LEGACY_TEST_SEED
+    if lerobot and (args.latency_steps is not None or args.execution is not None or args.blend):
+        raise DpkitError("--protocol lerobot takes no --latency-steps, --execution or --blend")
+    if lerobot and args.video_dir:
+        raise DpkitError("--protocol lerobot writes no videos: drop --video-dir")
     if args.episodes < 1:
         raise DpkitError(f"--episodes must be >= 1, got {args.episodes}")
     if args.max_steps < 1:
@@ -373,6 +397,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.video_dir:
         check_writable_dir(args.video_dir, "video folder")
     policy = _load(args)
+    if args.protocol == "lerobot":
+        report = lerobot_protocol.evaluate_lerobot(
+            policy, episodes=args.episodes, seed_start=args.seed_start, max_steps=args.max_steps,
+            n_envs=args.n_envs, progress=not args.no_progress, sampler=args.sampler, steps=args.steps)
+        report["threads"] = _threads_json(policy, args)
+        print(lerobot_protocol.format_summary(report))
+        if args.json:
+            atomic_write_json(args.json, report)
+            print(f"report          {args.json}")
+        return 0
     if args.execution is not None:
         report = evaluate_latency(policy, args.latency_steps, args.execution, args.blend, episodes=args.episodes,
                                   seed_start=args.seed_start, max_steps=args.max_steps, n_envs=args.n_envs,
