@@ -139,37 +139,56 @@ def repo_files(folder: Path) -> dict[str, bytes]:
     return files
 
 
-def _measure(folders: list[Path]) -> None:
+# huggingface_hub's modules imported before the clock starts (0.3-0.4 s here, the same cold or warm)
+FETCH = ("import sys, time; from dpkit.convert.hub import fetch_repo; import huggingface_hub.errors, "
+         "huggingface_hub.utils; from huggingface_hub import snapshot_download; t = time.perf_counter(); "
+         "fetch_repo(sys.argv[1], progress=False); print(time.perf_counter() - t)")
+
+
+def _measure(folders: list[Path], repeats: int = 3) -> None:
+    """Per fixture, `repeats` times with a fresh cache: the fetch alone (fetch_repo in a child process, its
+    imports not counted) and the whole `dpkit-convert <id>` command, cold (empty cache), warm (online: the revision is
+    asked for, nothing downloaded) and warm with HF_HUB_OFFLINE=1 (nothing sent). Medians."""
     import os
+    import statistics
     import subprocess
     import sys
     import tempfile
     import time
 
     root = Path(__file__).resolve().parents[1]
+    modes = [("cold", {}), ("warm", {}), ("warm, HF_HUB_OFFLINE=1", {"HF_HUB_OFFLINE": "1"})]
     for folder in folders:
         files = repo_files(folder)
         mb = sum(len(b) for f, b in files.items() if f.endswith((".json", ".safetensors"))) / 1e6
-        with tempfile.TemporaryDirectory() as tmp, HubServer({"lerobot/fixture": files}) as hub:
-            env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_CACHE": f"{tmp}/hub", "HF_HUB_DISABLE_TELEMETRY": "1"}
-            env.pop("HF_HUB_OFFLINE", None)
-            env.pop("HF_TOKEN", None)
-            rows = []
-            for i, (label, extra) in enumerate([("cold", {}), ("warm", {}), ("warm, HF_HUB_OFFLINE=1",
-                                                                           {"HF_HUB_OFFLINE": "1"})]):
-                n0 = len(hub.requests)
-                t0 = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "dpkit.convert.cli", "lerobot/fixture", "--out",
-                                f"{tmp}/run{i}", "--no-progress"], env={**env, **extra}, check=True, cwd=root,
-                               stdout=subprocess.DEVNULL)
-                rows.append((label, time.perf_counter() - t0, len(hub.requests) - n0))
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "dpkit.convert.cli", f"{tmp}/hub", "--out", f"{tmp}/x",
-                            "--no-progress"], env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            startup = time.perf_counter() - t0  # a refused source: the process start and imports alone
-        print(f"{folder.name}: {mb:.2f} MB fetched (json + safetensors); process start + imports {startup:.2f} s")
-        for label, secs, n in rows:
-            print(f"  {label:<24} {secs:6.2f} s  {n:2d} HTTP requests")
+        fetch: dict[str, list[float]] = {m: [] for m, _ in modes}
+        whole: dict[str, list[float]] = {m: [] for m, _ in modes}
+        requests: dict[str, int] = {}
+        with HubServer({"lerobot/fixture": files}) as hub:
+            for r in range(repeats):
+                with tempfile.TemporaryDirectory() as tmp:
+                    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_TELEMETRY": "1"}
+                    env.pop("HF_HUB_OFFLINE", None)
+                    env.pop("HF_TOKEN", None)
+                    for what in ("fetch", "whole"):
+                        env["HF_HUB_CACHE"] = f"{tmp}/{what}"
+                        for i, (label, extra) in enumerate(modes):
+                            n0 = len(hub.requests)
+                            t0 = time.perf_counter()
+                            if what == "fetch":
+                                out = subprocess.run([sys.executable, "-c", FETCH, "lerobot/fixture"], cwd=root,
+                                                     env={**env, **extra}, check=True, capture_output=True, text=True)
+                                fetch[label].append(float(out.stdout.strip().splitlines()[-1]))
+                            else:
+                                subprocess.run([sys.executable, "-m", "dpkit.convert.cli", "lerobot/fixture", "--out",
+                                                f"{tmp}/run{i}", "--no-progress"], env={**env, **extra}, check=True,
+                                               cwd=root, stdout=subprocess.DEVNULL)
+                                whole[label].append(time.perf_counter() - t0)
+                            requests[label] = len(hub.requests) - n0
+        print(f"{folder.name}: {mb:.2f} MB fetched (top-level json + safetensors), median of {repeats}")
+        for label, _ in modes:
+            print(f"  {label:<24} fetch {statistics.median(fetch[label]):7.3f} s   whole dpkit-convert "
+                  f"{statistics.median(whole[label]):6.2f} s   {requests[label]:2d} HTTP requests")
 
 
 if __name__ == "__main__":
