@@ -68,10 +68,10 @@ def fetch_repo(repo_id: str, revision: str | None = None, *, progress: bool = Tr
                          f"(fetch it once online to complete it)") from None
     except hf.LocalEntryNotFoundError as e:
         if constants.is_offline_mode() or isinstance(e.__cause__, hf.OfflineModeIsEnabled):
-            raise DpkitError(f"{name} is not in the hub cache {cache} and HF_HUB_OFFLINE is set (fetch it once "
-                             f"online, or give a local folder)") from None
-        raise DpkitError(f"{name}: cannot reach the hub at {constants.ENDPOINT} ({_cause(e.__cause__ or e)}) and "
-                         f"the hub cache {cache} does not hold it") from None
+            raise DpkitError(f"{name} is no local path and not in the hub cache {cache}, and HF_HUB_OFFLINE is set "
+                             f"(fetch it once online, or give a local folder)") from None
+        raise DpkitError(f"{name} is no local path, the hub at {constants.ENDPOINT} cannot be reached "
+                         f"({_cause(e.__cause__ or e)}) and the hub cache {cache} does not hold it") from None
     except hf.RevisionNotFoundError:
         raise DpkitError(f"{repo_id}: the hub has no revision {rev!r} (a branch, tag or commit of the repo)") from None
     except hf.GatedRepoError:

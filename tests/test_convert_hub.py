@@ -113,8 +113,8 @@ def test_offline_by_commit_and_a_revision_not_cached(hub):
     assert r.returncode == 0, r.stderr
     r = _convert([REPO, "--revision", "v2", "--out", str(tmp / "v2")], env)
     assert r.returncode == 1 and not (tmp / "v2").exists()
-    assert r.stderr.strip() == (f"error: {REPO}@v2 is not in the hub cache {env['HF_HUB_CACHE']} and HF_HUB_OFFLINE "
-                                f"is set (fetch it once online, or give a local folder)")
+    assert r.stderr.strip() == (f"error: {REPO}@v2 is no local path and not in the hub cache {env['HF_HUB_CACHE']}, "
+                                f"and HF_HUB_OFFLINE is set (fetch it once online, or give a local folder)")
 
 
 def test_offline_and_not_cached_is_one_line_naming_the_id_and_the_cache(tmp_path):
@@ -134,7 +134,7 @@ def test_unknown_repo_revision_and_no_network_are_one_line(hub, tmp_path):
         (["lerobot-test/missing"], "lerobot-test/missing is neither a local path nor a model repo on the hub"),
         ([REPO, "--revision", "v9"], f"{REPO}: the hub has no revision 'v9'"),
         # nothing listens on port 9 (discard): a connection failure, and this cache does not hold the repo
-        ([REPO], f"{REPO}@main: cannot reach the hub at http://127.0.0.1:9"),
+        ([REPO], f"{REPO}@main is no local path, the hub at http://127.0.0.1:9 cannot be reached"),
     ]
     for i, (args, needle) in enumerate(cases):
         e = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"} if i == 2 else env
