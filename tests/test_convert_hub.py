@@ -66,6 +66,7 @@ def hub(tmp_path_factory):
         env = {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp / "cache")}
         r = _convert([REPO, "--out", str(tmp / "online")], env)
         assert r.returncode == 0, r.stderr
+        assert r.stderr == ""  # --no-progress: huggingface_hub's download bars are off too
         r = _convert([str(local), "--out", str(tmp / "from_local")], env)
         assert r.returncode == 0, r.stderr
         yield {"server": server, "env": env, "tmp": tmp, "local": local}
