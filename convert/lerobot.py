@@ -25,7 +25,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError, InputError
 from dpkit.io import sha256_file
-from dpkit.runtime.bundle import MAX_JSON_DEPTH, json_depth
+from dpkit.io import MAX_JSON_DEPTH, json_depth
 from dpkit.train.config import IMAGE_SIZE, Config
 from dpkit.train.normalizer import Normalizer
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -26,6 +27,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dpkit.errors import DpkitError
+
+# JSON read from outside (policy.json, state.json, a converted source's config.json) nests at most this deep;
+# deeper text is refused before parsing, which recurses (cpp/src/manifest.cpp has the same number).
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.S)
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting of JSON text, counted outside strings (before parsing, which recurses)."""
+    steps = {"[": 1, "{": 1, "]": -1, "}": -1}
+    brackets = (steps[c] for c in re.sub(r"[^\[\]{}]", "", _JSON_STRING.sub("", text)))
+    return max(itertools.accumulate(brackets, initial=0))
 
 
 STALE_TMP_AGE_S = 24 * 3600

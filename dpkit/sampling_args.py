@@ -18,7 +18,7 @@ from typing import Any
 
 from dpkit.errors import InputError
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "fewstep")  # dpkit.sampling.KINDS: fewstep is a distilled student's
 MAX_SEED = 2**63 - 1
 """The largest seed anywhere in dpkit: sampling (`seed=`), train.seed and data.split_seed. Every consumer
 takes it: numpy's default_rng and SeedSequence (any non-negative int), torch's manual_seed (< 2**64), the C++
@@ -31,7 +31,7 @@ def check_sampler(sampler: Any) -> str | None:
     if sampler is None:
         return None
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r} (expected 'ddpm' or 'ddim')")
+        raise InputError(f"unknown sampler {sampler!r} (expected 'ddpm', 'ddim' or 'fewstep')")
     return sampler
 
 
@@ -74,7 +74,7 @@ def parse_sampler_label(text: Any, what: str = "sampler") -> tuple[str, int]:
     used by dpkit-bench --samplers and train.eval_samplers. `what` names the field in the error."""
     kind, sep, k = str(text).replace(":", "-").partition("-")
     if not isinstance(text, str) or kind not in SAMPLERS or not sep or not k.isdigit() or int(k) < 1:
-        raise InputError(f"{what} {text!r} is not SAMPLER-K with SAMPLER ddpm or ddim (e.g. ddim-10)")
+        raise InputError(f"{what} {text!r} is not SAMPLER-K with SAMPLER ddpm, ddim or fewstep (e.g. ddim-10)")
     return kind, int(k)
 
 

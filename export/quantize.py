@@ -61,7 +61,7 @@ FLOAT_LAYERS = ("denoiser.unet.step_encoder.", "denoiser.unet.down.0.0.block1.",
 # random-weight models (benchmarks, tests), whose DDIM steps amplify each call's error instead of
 # contracting it; 0.5 (a quarter of the clip range) refuses a trajectory that went somewhere else, not
 # rounding. The real check of rounding is the task score (README "int8").
-INT8_BOUNDS = {"denoiser": 0.2, "traj_ddim": 0.5, "traj_ddpm": 0.5}
+INT8_BOUNDS = {"denoiser": 0.2, "traj_ddim": 0.5, "traj_ddpm": 0.5, "traj_fewstep": 0.5}
 ERROR_BATCHES = (1, 8)
 TRAJ_BATCH = 8
 
@@ -176,12 +176,9 @@ def measure_int8_error(fp32_bundle: Path, int8_bundle: Path, policy, samples: di
         obs, kind = {k: np.asarray(v, np.float32)[idx] for k, v in samples["obs"].items()}, "dataset"
     else:
         obs, kind = random_observations(ref.observations, ref.n_obs_steps, TRAJ_BATCH, seed), "random"
-    default = ref.bundle.schedule.find()
-    ddim = default if default.sampler == "ddim" else ref.bundle.schedule.find("ddim")
-    ddim_k = ddim.num_inference_steps
-    for check, sampler, steps in (("traj_ddim", "ddim", ddim_k),
-                                  ("traj_ddpm", "ddpm", ref.bundle.schedule.num_train_timesteps)):
-        err = trajectory_errors(ref, {"int8": q}, obs, sampler, steps, seed)["int8"]
+    for check, spec in ref.bundle.schedule.trajectory_checks():
+        steps = spec.num_inference_steps
+        err = trajectory_errors(ref, {"int8": q}, obs, spec.sampler, steps, seed)["int8"]
         rows.append({"check": check, "inputs": kind, "batch": TRAJ_BATCH, "max_abs_err": err, "steps": steps})
     worst: dict[str, float] = {}
     for r in rows:
@@ -190,8 +187,15 @@ def measure_int8_error(fp32_bundle: Path, int8_bundle: Path, policy, samples: di
 
 
 def check_int8_error(worst: dict[str, float], bounds: dict[str, float], out: Path) -> None:
-    """Raise DpkitError naming the first check above its bound (NaN fails too); nothing is written."""
+    """Raise DpkitError naming the first check above its bound (NaN fails too); nothing is written. Every
+    measured trajectory check must have a bound; the denoiser's must have been measured (trajectories: the sampler kinds
+    the bundle has, Schedule.trajectory_checks)."""
+    for check in worst:
+        if check.startswith("traj_") and check not in bounds:
+            raise DpkitError(f"int8 error check {check!r} has no bound; no bundle written to {out}")
     for check, bound in bounds.items():
+        if check.startswith("traj_") and check not in worst:
+            continue
         err = worst.get(check, float("inf"))
         if not err <= bound:
             raise DpkitError(f"int8 error check failed: {check} max abs error vs the fp32 graphs {err:.3e} > "

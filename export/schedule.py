@@ -1,12 +1,13 @@
 """The `scheduler` object of policy.json, computed once with diffusers (the training scheduler's source).
 
-Runtimes never recompute the schedule: they read these arrays. Timesteps come from diffusers' own
-`set_timesteps`, previous timesteps from `DiffusionPolicy.prev_timestep` (the rule the PyTorch policy's
-inpainting uses), so every runtime walks exactly the chain the PyTorch policy walks.
+Runtimes never recompute the schedule: they read these arrays. Each sampler entry is
+`DiffusionPolicy.sampler_spec` (diffusers' own `set_timesteps` and step targets, or a student's few-step
+timesteps), the chain the PyTorch policy itself runs, so every runtime walks exactly that chain.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 from dpkit.errors import DpkitError
@@ -31,9 +32,9 @@ def parse_steps(text: str) -> tuple[int, ...]:
 def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm_steps: Iterable[int] = ()) -> dict[str, Any]:
     """The `scheduler` manifest object for a DiffusionPolicy: arrays plus the table of listed samplers.
 
-    The schedulers come from `policy.make_scheduler`, the same objects `policy.sample` steps with.
-    DDPM is listed with num_train_timesteps steps, then with each count of `ddpm_steps` and the config's
-    default DDPM count (descending).
+    Each entry is `policy.sampler_spec`, the chain `policy.sample` runs. A few-step student lists its
+    fewstep-1..K only; a diffusion policy DDPM with num_train_timesteps steps, then with each
+    count of `ddpm_steps` and the config's default DDPM count (descending), and DDIM with each count.
     """
     policy_cfg = policy.cfg
     n = policy_cfg.num_train_timesteps
@@ -50,20 +51,13 @@ def build_scheduler(policy, ddim_steps: Iterable[int] = DEFAULT_DDIM_STEPS, ddpm
     if bad:
         raise DpkitError(f"DDPM step counts {bad} are outside [1, {n}] (num_train_timesteps)")
 
-    samplers = []
-    for kind, counts in (("ddpm", [n] + ddpm_counts), ("ddim", steps)):
-        for k in counts:
-            sched = policy.make_scheduler(kind, k)
-            ts = [int(t) for t in sched.timesteps]
-            samplers.append({
-                "name": f"{kind}-{k}",
-                "sampler": kind,
-                "num_inference_steps": k,
-                "timesteps": ts,
-                "prev_timesteps": [policy.prev_timestep(sched, t) for t in ts],  # -1: use final_alpha_cumprod
-                "final_alpha_cumprod": float(sched.final_alpha_cumprod if kind == "ddim" else sched.one),
-                "eta": 0.0,
-            })
+    if policy_cfg.fewstep_timesteps:  # a few-step student: its network is sampled only by the few-step rule
+        listed_samplers = [("fewstep", k) for k in range(1, len(policy_cfg.fewstep_timesteps) + 1)]
+    else:
+        listed_samplers = [("ddpm", k) for k in [n] + ddpm_counts] + [("ddim", k) for k in steps]
+    samplers = [dataclasses.asdict(policy.sampler_spec(kind, k)) for kind, k in listed_samplers]
+    for entry in samplers:
+        entry["timesteps"], entry["prev_timesteps"] = list(entry["timesteps"]), list(entry["prev_timesteps"])
     ddpm = policy.make_scheduler("ddpm", n)
     return {
         "type": "ddpm",

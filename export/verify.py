@@ -31,7 +31,7 @@ TRAJ_BATCH = 2
 
 @dataclass
 class ParityRow:
-    check: str  # "encoder", "denoiser", "traj_ddpm", "traj_ddim"
+    check: str  # "encoder", "denoiser", and Schedule.trajectory_checks' ("traj_ddpm", "traj_ddim", "traj_fewstep")
     inputs: str  # "dataset" or "random"
     batch: int
     max_abs_err: float
@@ -100,11 +100,9 @@ def verify_bundle(policy, bundle_dir: Path, samples: dict | None, seed: int = 0)
     else:
         obs = dict(_graph_inputs(policy, None, TRAJ_BATCH, seed)["random"]["encoder"])
         kind = "random"
-    default = ort_policy.bundle.schedule.find()
-    for check, sampler, steps in (("traj_ddpm", "ddpm", policy.cfg.num_train_timesteps),
-                                  ("traj_ddim", "ddim", default.num_inference_steps if default.sampler == "ddim"
-                                   else policy.cfg.ddim_steps)):
-        err = trajectory_errors(torch_policy, {"ort": ort_policy}, obs, sampler, steps, seed)["ort"]
+    for check, spec in ort_policy.bundle.schedule.trajectory_checks():
+        err = trajectory_errors(torch_policy, {"ort": ort_policy}, obs, spec.sampler, spec.num_inference_steps,
+                                seed)["ort"]
         rows.append(ParityRow(check, kind, TRAJ_BATCH, err))
 
     parity = {}

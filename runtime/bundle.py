@@ -12,7 +12,6 @@ damaged bundles both test suites refuse. Caller observations are checked by the 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -24,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from dpkit.errors import DpkitError
-from dpkit.io import sha256_file
+from dpkit.io import MAX_JSON_DEPTH, json_depth, sha256_file  # noqa: F401  (json_depth: the one home is dpkit.io)
 from dpkit.runtime.onnx_info import DTYPE_NAMES, FLOAT, INT64, OnnxError, read_onnx_info
+from dpkit.sampling import KINDS, SamplerSpec
 from dpkit.sampling_args import resolve_sampler
 
 FORMAT = "dpkit-bundle"
@@ -37,7 +37,6 @@ PREDICTION_TYPES = ("epsilon", "sample")  # scheduler.prediction_type: what the 
 
 # Bounds every reader applies before sizing anything from the manifest (docs/bundle-format.md, "Limits");
 # cpp/src/manifest.cpp has the same numbers.
-MAX_JSON_DEPTH = 64
 MAX_N_OBS_STEPS = 256
 MAX_HORIZON = 4096
 MAX_ACTION_DIM = 256
@@ -156,16 +155,6 @@ def is_plain_name(name: str) -> bool:
     """A file or folder name directly inside the bundle: no separators, no `.`/`..`, no NUL."""
     return (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
             and not any(c in name for c in "/\\\0"))
-
-
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.S)
-
-
-def json_depth(text: str) -> int:
-    """Deepest bracket nesting of JSON text, counted outside strings (before parsing, which recurses)."""
-    steps = {"[": 1, "{": 1, "]": -1, "}": -1}
-    brackets = (steps[c] for c in re.sub(r"[^\[\]{}]", "", _JSON_STRING.sub("", text)))
-    return max(itertools.accumulate(brackets, initial=0))
 
 
 def _reject_constant(name: str):
@@ -300,8 +289,8 @@ def _validate_scheduler(r: _Reader, s: Any, sp: str) -> None:
             r.fail(f"{path}.name", f"{json.dumps(name)} is listed twice")
         names.add(name)
         kind = r.str(e, "sampler", path)
-        if kind not in ("ddpm", "ddim"):
-            r.fail(f"{path}.sampler", f'must be "ddpm" or "ddim", got {json.dumps(kind)}')
+        if kind not in KINDS:
+            r.fail(f"{path}.sampler", f'must be "ddpm", "ddim" or "fewstep", got {json.dumps(kind)}')
         k = r.integer(e, "num_inference_steps", path, 1, n)
         ts = r.numbers(e, "timesteps", path, k, integers=True)
         prev = r.numbers(e, "prev_timesteps", path, k, integers=True)
@@ -310,8 +299,14 @@ def _validate_scheduler(r: _Reader, s: Any, sp: str) -> None:
                 r.fail(f"{path}.timesteps", "must lie in [0, num_train_timesteps)")
             if not -1 <= p < t:
                 r.fail(f"{path}.prev_timesteps", "must lie in [-1, timesteps[k])")
-        if not 0 < r.number(e, "final_alpha_cumprod", path) <= 1:
+        final = r.number(e, "final_alpha_cumprod", path)
+        if not 0 < final <= 1:
             r.fail(f"{path}.final_alpha_cumprod", "must lie in (0, 1]")
+        if kind == "fewstep":  # x0 re-noised to the next listed timestep; x0 itself after the last
+            if list(prev) != list(ts[1:]) + [-1]:
+                r.fail(f"{path}.prev_timesteps", "of a fewstep sampler must be its timesteps[1:] then -1")
+            if final != 1.0:
+                r.fail(f"{path}.final_alpha_cumprod", "of a fewstep sampler must be 1.0 (its last step returns x0)")
         if r.number(e, "eta", path) != 0.0:
             r.fail(f"{path}.eta", "must be 0.0 in format version 1")
     if default not in names:
@@ -379,24 +374,6 @@ def _validate_precision(r: _Reader, m: dict[str, Any], path: str, dtype: str) ->
 
 
 @dataclass(frozen=True)
-class SamplerSpec:
-    name: str
-    sampler: str  # "ddpm" or "ddim"
-    num_inference_steps: int
-    timesteps: tuple[int, ...]
-    prev_timesteps: tuple[int, ...]
-    final_alpha_cumprod: float
-    eta: float = 0.0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplerSpec":
-        """From a sampler entry that validate_manifest (or Schedule.from_dict) has checked."""
-        return cls(str(d["name"]), str(d["sampler"]), int(d["num_inference_steps"]),
-                   tuple(int(t) for t in d["timesteps"]), tuple(int(t) for t in d["prev_timesteps"]),
-                   float(d["final_alpha_cumprod"]), float(d["eta"]))
-
-
-@dataclass(frozen=True)
 class Schedule:
     num_train_timesteps: int
     prediction_type: str
@@ -432,6 +409,19 @@ class Schedule:
                 return s
         names = ", ".join(s.name for s in self.samplers)
         raise DpkitError(f"the bundle has no sampler {kind} with steps={steps} (available: {names})")
+
+    def trajectory_checks(self) -> list[tuple[str, SamplerSpec]]:
+        """The whole-trajectory checks an export runs (fp32/fp16 parity, the int8 error bound), as
+        (check name, sampler): a diffusion policy's DDPM with all num_train_timesteps steps and its DDIM (the
+        default sampler when that is DDIM, else ddim-10, else the largest listed DDIM); a few-step student's
+        fewstep with all its calls."""
+        kinds = {s.sampler for s in self.samplers}
+        if "fewstep" in kinds:
+            return [("traj_fewstep", self.find("fewstep"))]
+        default = self.find()
+        listed_10 = any(s.sampler == "ddim" and s.num_inference_steps == 10 for s in self.samplers)
+        ddim = default if default.sampler == "ddim" else self.find("ddim", 10 if listed_10 else None)
+        return [("traj_ddpm", self.find("ddpm", self.num_train_timesteps)), ("traj_ddim", ddim)]
 
 
 # --------------------------------------------------------------------------- bundle

@@ -51,10 +51,8 @@ class TorchPolicy(PolicyBackend):
 
     def _find(self, sampler: str | None, steps: int | None) -> SamplerChoice:
         kind, k = self.policy.resolve_sampler(sampler, steps)
-        T = self.policy.cfg.num_train_timesteps
-        if not 1 <= k <= T:
-            raise DpkitError(f"{kind} steps must be in [1, {T}] (num_train_timesteps), got {k}")
-        return SamplerChoice(f"{kind}-{k}", kind, k, uses_step_noise=kind == "ddpm")
+        plan = self.policy.step_plan(kind, k)  # refuses a K the kind cannot run
+        return SamplerChoice(plan.sampler.name, kind, k, uses_step_noise=plan.uses_step_noise)
 
     def _run(self, arrays, batch, choice, initial_noise, step_noise, inpaint) -> np.ndarray:
         import torch

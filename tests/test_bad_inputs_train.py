@@ -27,7 +27,7 @@ from dpkit.errors import DpkitError
 from dpkit.io import atomic_dir, atomic_write_text, check_writable_dir, remove_stale_temps
 from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.cli import main as train_main
-from dpkit.train.config import Config, DataConfig, PolicyConfig, TrainConfig, load_config, resnet_groups
+from dpkit.train.config import Config, DataConfig, DistillConfig, PolicyConfig, TrainConfig, load_config, resnet_groups
 from dpkit.train.trainer import train
 from synthetic import SMALL_TRAIN as SMALL
 
@@ -107,7 +107,13 @@ BAD_VALUES = {
     "policy.obs_dims": [("[3]", "policy.obs_dims must give one size per vector observation")],
     "policy.image_mean": [("[.nan,0,0]", "policy.image_mean[0] must be a finite number")],
     "policy.image_std": [("[0,1,1]", "policy.image_std must be positive")],
-    "policy.default_sampler": [("euler", "policy.default_sampler must be 'ddim' or 'ddpm'")],
+    "policy.default_sampler": [("euler", "policy.default_sampler must be 'ddim', 'ddpm' or 'fewstep'"),
+                               ("fewstep", "policy.default_sampler 'fewstep' needs policy.fewstep_timesteps")],
+    "policy.fewstep_timesteps": [("[49,99]", "policy.fewstep_timesteps must be distinct, descending"),
+                                 ("[100]", "in [0, num_train_timesteps=100), got [100]"),
+                                 ("[]", "policy.fewstep_timesteps must be a list of 1 to 16 integers"),
+                                 ("[99]", "policy.fewstep_timesteps (a few-step student) needs prediction_type "
+                                          "'sample' and default_sampler 'fewstep'")],
     "data.path": [("''", "data.path must be a dataset path or null")],
     "data.val_ratio": [(1, "data.val_ratio must be in [0, 1)"), (".nan", "data.val_ratio must be a finite number")],
     "data.max_train_episodes": [(0, "data.max_train_episodes must be >= 1")],
@@ -142,12 +148,17 @@ BAD_VALUES = {
                             ("[ddim-10,ddim:10]", "train.eval_samplers lists a sampler twice"),
                             ("ddim-10", "train.eval_samplers must be a list")],
     "train.eval_last": [(0, "train.eval_last must be in [1, 10000]")],
+    "distill.teacher": [("' '", "distill.teacher must be a run folder or null")],
+    "distill.timesteps": [("[49,99]", "distill.timesteps must be 1 to 16 distinct, descending timesteps >= 0"),
+                          ("[-1]", "distill.timesteps must be 1 to 16 distinct, descending timesteps >= 0")],
+    "distill.teacher_ddim_steps": [(0, "distill.teacher_ddim_steps must be in [1, 1000]")],
 }
 
 
 def test_every_config_field_has_a_bad_value_case():
     fields = {"name"}
-    for prefix, cls in (("policy", PolicyConfig), ("data", DataConfig), ("train", TrainConfig)):
+    for prefix, cls in (("policy", PolicyConfig), ("data", DataConfig), ("train", TrainConfig),
+                        ("distill", DistillConfig)):
         fields |= {f"{prefix}.{f.name}" for f in dataclasses.fields(cls)}
     assert set(BAD_VALUES) == fields  # a new field needs a range and a case here
 

@@ -114,7 +114,7 @@ def test_cli_writes_int8_and_its_json(tmp_path, tiny_runs):
                      "--json", str(js)])
     assert e.value.code == 0
     s = json.loads(js.read_text())
-    assert s["precision"] == "int8" and set(s["quantization_error"]["max"]) >= set(quantize.INT8_BOUNDS)
+    assert s["precision"] == "int8" and set(s["quantization_error"]["max"]) >= set(quantize.INT8_BOUNDS) - {"traj_fewstep"}
     a = load_policy(out, backend="ort").sample(random_observations(load_bundle(out).observations, 2, 1), seed=0)
     assert np.isfinite(a).all()
 

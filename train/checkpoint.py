@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import dpkit
 from dpkit.errors import DpkitError, InputError
 from dpkit.io import atomic_dir, atomic_write_json, atomic_write_text
-from dpkit.runtime.bundle import MAX_JSON_DEPTH, json_depth
+from dpkit.io import MAX_JSON_DEPTH, json_depth
 
 FORMAT = "dpkit-checkpoint"
 FORMAT_VERSION = 1

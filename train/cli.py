@@ -96,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     # Everything that can be checked without torch or the data is checked first, so bad input fails fast:
     # the config (and on --resume the checkpoint's state.json), then the places this run will write.
     cfg, run_dir = resolve_config(args)
+    return _run(args, cfg, run_dir, verb="trained")
+
+
+def _run(args: argparse.Namespace, cfg: Config, run_dir: Path, verb: str) -> int:
+    """Train (or distill) `cfg` into `run_dir` as the command line asks; print and write the summary."""
     check_writable_dir(run_dir, "run folder")
     if args.json:
         check_writable_file(args.json)
@@ -118,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_json(args.json, summary)
         loss = summary["final_loss"]
         print(
-            f"trained {summary['steps']} steps: loss {loss:.4f}" if loss is not None else f"at step {summary['steps']}",
+            f"{verb} {summary['steps']} steps: loss {loss:.4f}" if loss is not None else f"at step {summary['steps']}",
             f"val {summary['val_loss']:.4f}" if summary["val_loss"] is not None else "",
             f"{summary['samples_per_s']:.0f} samples/s" if summary["samples_per_s"] else "",
             f"-> {summary['checkpoint']}",
@@ -130,3 +135,80 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     main()
+
+
+DISTILL_RECIPE = "pusht_lowdim_cpu_distill"
+
+
+def build_distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dpkit-distill",
+        description="Distill a dpkit policy (a trained or converted run folder) into a few-step student that samples "
+                    "a chunk in 1-2 network calls (dpkit.train.distill). The student is a run folder like any "
+                    "other: dpkit-export makes it a bundle with fewstep-1/fewstep-2 samplers.",
+    )
+    p.add_argument("teacher", nargs="?", help="the teacher: a dpkit run folder or checkpoint (not needed with --resume)")
+    p.add_argument("--out", required=True, help="the student's run folder")
+    p.add_argument("--config", default=DISTILL_RECIPE,
+                   help=f"distillation recipe: its train and distill sections (default {DISTILL_RECIPE}); the "
+                        f"policy and data are the teacher's")
+    p.add_argument("--data", help="dataset (default: the one the teacher trained on, if it still exists)")
+    p.add_argument("--train-steps", "--steps", dest="steps", type=int, metavar="N",
+                   help="total optimizer steps of the distillation (overrides train.steps)")
+    p.add_argument("--seed", type=int, help="seed (overrides train.seed)")
+    p.add_argument("--resume", action="store_true", help="continue the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true", help="wipe --out's checkpoints and metrics and start over")
+    add_common_args(p, json="also write the distillation summary here")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. distill.timesteps=[99] train.lr=1e-4")
+    return p
+
+
+def resolve_distill_config(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The student's config (recipe + teacher) and run folder; every check that needs no torch or data."""
+    from dpkit.train import checkpoint as ckpt_io
+    from dpkit.train.distill import check_student, student_config, teacher_checkpoint
+
+    run_dir = Path(args.out)
+    if args.resume:
+        if args.force:
+            raise DpkitError("--resume and --force contradict each other")
+        args.config = None
+        cfg, run_dir = resolve_config(args)
+        if cfg.distill.teacher is None:
+            raise DpkitError(f"{run_dir} is not a distillation run (its config has no distill.teacher); "
+                             f"continue it with dpkit-train --resume")
+        if args.teacher is not None and Path(args.teacher).resolve() != Path(cfg.distill.teacher).resolve():
+            raise DpkitError(f"--resume: {run_dir} distills {cfg.distill.teacher}, not {args.teacher}")
+        return cfg, run_dir
+    if args.teacher is None:
+        raise DpkitError("give the teacher's run folder (dpkit-distill TEACHER --out STUDENT)")
+    ckpt = teacher_checkpoint(args.teacher)
+    state = ckpt_io.read_state(ckpt)
+    try:
+        teacher_cfg = Config.from_dict(state["config"])
+    except DpkitError as e:
+        raise DpkitError(f"teacher {args.teacher}: {e}") from None
+    extra = [o for o in args.overrides if not o.startswith("policy.")]
+    policy_overrides = [o for o in args.overrides if o.startswith("policy.")]
+    if args.steps is not None:
+        extra.append(f"train.steps={args.steps}")
+    if args.seed is not None:
+        extra.append(f"train.seed={args.seed}")
+    recipe = load_config(args.config, extra)
+    recipe.distill.teacher = str(Path(args.teacher).resolve())
+    cfg = _with_overrides(student_config(recipe, teacher_cfg), policy_overrides)
+    check_student(cfg.policy, teacher_cfg.policy)  # a policy.* override may only touch the student's own fields
+    data_path = args.data or state.get("data_path")
+    if args.data is not None or (data_path and Path(data_path).exists()):
+        cfg.data.path = data_path
+    ckpt_io.check_run_dir(run_dir, resume=False, force=args.force)
+    return cfg, run_dir
+
+
+@cli_entry
+def distill_main(argv: list[str] | None = None) -> int:
+    args = build_distill_parser().parse_intermixed_args(argv)
+    apply_threads(args)
+    cfg, run_dir = resolve_distill_config(args)
+    return _run(args, cfg, run_dir, verb="distilled")

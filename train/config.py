@@ -109,7 +109,12 @@ class PolicyConfig:
     num_inference_steps here (lerobot and the original sample DDPM with that many steps)."""
     default_sampler: str = "ddim"
     """Sampler a call that names none runs: "ddim" (ddim_steps steps) or "ddpm" (ddpm_steps steps);
-    dpkit-convert carries a DDPM-configured source's choice."""
+    dpkit-convert carries a DDPM-configured source's choice; "fewstep" (all fewstep_timesteps) for a
+    few-step student."""
+    fewstep_timesteps: tuple[int, ...] | None = None
+    """A few-step student's timesteps (dpkit-distill), descending: its network predicts the clean trajectory
+    (prediction_type "sample") at each, and fewstep-k runs the first k (docs/bundle-format.md, the few-step
+    rule). Set, the policy samples only with "fewstep"; None: a diffusion policy (DDPM and DDIM)."""
 
     @property
     def first_action_index(self) -> int:
@@ -121,6 +126,8 @@ class PolicyConfig:
         bundle's `scheduler.default_sampler` both read it)."""
         if self.default_sampler == "ddim":
             return "ddim", self.ddim_steps
+        if self.default_sampler == "fewstep":
+            return "fewstep", len(self.fewstep_timesteps or ())
         return "ddpm", self.num_train_timesteps if self.ddpm_steps is None else self.ddpm_steps
 
     def validate(self) -> None:
@@ -214,8 +221,22 @@ class PolicyConfig:
         _range("policy.ddim_steps", self.ddim_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")
         if self.ddpm_steps is not None:
             _range("policy.ddpm_steps", self.ddpm_steps, 1, self.num_train_timesteps, hi_name="num_train_timesteps")
-        _check(self.default_sampler in ("ddim", "ddpm"),
-               f"policy.default_sampler must be 'ddim' or 'ddpm', got {self.default_sampler!r}")
+        _check(self.default_sampler in ("ddim", "ddpm", "fewstep"),
+               f"policy.default_sampler must be 'ddim', 'ddpm' or 'fewstep', got {self.default_sampler!r}")
+        if self.fewstep_timesteps is not None:
+            ts = self.fewstep_timesteps
+            _check(isinstance(ts, (list, tuple)) and 1 <= len(ts) <= 16
+                   and all(isinstance(t, int) and not isinstance(t, bool) for t in ts),
+                   f"policy.fewstep_timesteps must be a list of 1 to 16 integers, got {ts!r}")
+            _check(all(0 <= t < self.num_train_timesteps for t in ts) and list(ts) == sorted(set(ts), reverse=True),
+                   f"policy.fewstep_timesteps must be distinct, descending and in [0, num_train_timesteps="
+                   f"{self.num_train_timesteps}), got {list(ts)}")
+            _check(self.prediction_type == "sample" and self.default_sampler == "fewstep",
+                   "policy.fewstep_timesteps (a few-step student) needs prediction_type 'sample' and "
+                   "default_sampler 'fewstep'")
+        else:
+            _check(self.default_sampler != "fewstep",
+                   "policy.default_sampler 'fewstep' needs policy.fewstep_timesteps (a few-step student)")
 
 
 @dataclass
@@ -339,11 +360,38 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation into a few-step student (dpkit-distill): the trainer's mode when `teacher` is set.
+
+    Each training window gets one of the student's timesteps; its input is pure noise at the first (what
+    sampling starts from) and the window's actions noised to that level at the others; its target is what
+    the teacher's deterministic DDIM chain makes of that input (steps of num_train_timesteps //
+    teacher_ddim_steps, from the input's timestep to the end). The student regresses onto it."""
+
+    teacher: str | None = None
+    """The teacher: a dpkit run folder (trained, or written by dpkit-convert) or one of its checkpoints; its
+    latest checkpoint's EMA weights. None: ordinary training."""
+    timesteps: tuple[int, ...] = (99, 49)
+    """The student's timesteps, descending (policy.fewstep_timesteps): fewstep-k runs the first k."""
+    teacher_ddim_steps: int = 10
+    """The teacher's ODE: DDIM with this many steps over the whole chain (its step size T // this)."""
+
+    def validate(self) -> None:
+        _check_types(self, "distill")
+        _check(self.teacher is None or self.teacher.strip() != "", "distill.teacher must be a run folder or null")
+        _check(1 <= len(self.timesteps) <= 16 and list(self.timesteps) == sorted(set(self.timesteps), reverse=True)
+               and all(t >= 0 for t in self.timesteps),
+               f"distill.timesteps must be 1 to 16 distinct, descending timesteps >= 0, got {list(self.timesteps)}")
+        _range("distill.teacher_ddim_steps", self.teacher_ddim_steps, 1, 1000)
+
+
+@dataclass
 class Config:
     name: str = "custom"
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> "Config":
         # The name is the default run folder (runs/<name>): a plain folder name.
@@ -352,12 +400,28 @@ class Config:
         self.policy.validate()
         self.data.validate()
         self.train.validate()
+        self.distill.validate()
+        if self.distill.teacher is not None:
+            T = self.policy.num_train_timesteps
+            _check(self.distill.timesteps[0] < T and self.distill.teacher_ddim_steps <= T,
+                   f"distill.timesteps {list(self.distill.timesteps)} and distill.teacher_ddim_steps="
+                   f"{self.distill.teacher_ddim_steps} must lie below the teacher's num_train_timesteps={T}")
+            _check(tuple(self.policy.fewstep_timesteps or ()) == tuple(self.distill.timesteps),
+                   "a distillation's policy.fewstep_timesteps must be distill.timesteps (dpkit-distill sets both)")
         # Each evaluation sampler must be one the policy can run, or training would stop at the first evaluation.
         for label in self.train.eval_samplers:
             kind, k = parse_sampler_label(label)
-            _check(k <= self.policy.num_train_timesteps,
-                   f"train.eval_samplers entry {label!r}: {kind} takes at most policy.num_train_timesteps="
-                   f"{self.policy.num_train_timesteps} steps")
+            fewstep = self.policy.fewstep_timesteps
+            if fewstep:
+                _check(kind == "fewstep" and k <= len(fewstep),
+                       f"train.eval_samplers entry {label!r}: a few-step student samples with fewstep-1 .. "
+                       f"fewstep-{len(fewstep)}")
+            else:
+                _check(kind != "fewstep", f"train.eval_samplers entry {label!r}: fewstep is a distilled student's "
+                                          f"sampler (dpkit-distill); this policy samples with ddpm or ddim")
+                _check(k <= self.policy.num_train_timesteps,
+                       f"train.eval_samplers entry {label!r}: {kind} takes at most policy.num_train_timesteps="
+                       f"{self.policy.num_train_timesteps} steps")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,13 +8,16 @@
 The two halves are exported separately: `policy.encoder` (raw observations -> condition, normalization
 and center crop inside) and `policy.denoiser` (noisy trajectory, step, condition -> noise, or x0 with
 `prediction_type: sample`). `sample()` is the PyTorch reference the ONNX and C++ runtimes are checked
-against: it drives diffusers' own `step()`, so the reverse-step arithmetic is not written out here. Noise
+against: it runs dpkit.sampling's loop (the one Python home of the reverse step, checked against
+diffusers' own `step()` in tests/test_sampling.py) with these networks, on the chain `sampler_spec` reads
+from diffusers. Noise
 can be injected (`initial_noise`, `step_noise`) so that every runtime can be compared on the same draws.
 """
 
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
@@ -25,7 +28,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from dpkit.errors import DpkitError
-from dpkit.sampling_args import SAMPLERS, resolve_sampler
+from dpkit.sampling import Inpaint, SamplerSpec, StepPlan, run_reverse
+from dpkit.sampling_args import resolve_sampler
 from dpkit.train.config import IMAGE_SIZE, LOWDIM_OBS_DIM, PolicyConfig
 from dpkit.train.normalizer import Normalizer
 from dpkit.train.unet import ConditionalUnet1D
@@ -227,7 +231,14 @@ class DiffusionPolicy(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> Tensor:
         """MSE on {"obs": {name: (B, To, ...)}, "action": (B, H, A) env units} of the denoiser's output to its
-        target: the noise (prediction_type "epsilon") or the normalized trajectory x0 ("sample")."""
+        target: the noise (prediction_type "epsilon") or the normalized trajectory x0 ("sample").
+
+        A distillation batch (dpkit.train.distill.Teacher.targets) instead carries the denoiser's inputs and
+        target: {"obs", "noisy" (B, H, A), "timestep" (B,), "target" (B, H, A)}, and the loss is the MSE of
+        the output to that target (the teacher's result from the same input)."""
+        if "obs" in batch and "target" in batch:
+            cond = self.encoder(*self._check_obs(batch["obs"], check_finite=False))
+            return F.mse_loss(self.denoiser(batch["noisy"], batch["timestep"], cond), batch["target"])
         if "obs" not in batch or "action" not in batch:
             raise DpkitError("training batch must have 'obs' and 'action'")
         inputs = self._check_obs(batch["obs"], check_finite=False)
@@ -246,14 +257,21 @@ class DiffusionPolicy(nn.Module):
     # ---- inference ----------------------------------------------------------------------------------
 
     def resolve_sampler(self, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
-        """(kind, K) that `sample(sampler=..., steps=...)` runs: the rule every backend shares."""
+        """(kind, K) that `sample(sampler=..., steps=...)` runs: the rule every backend shares. A few-step
+        student samples only with "fewstep" (K up to its timesteps); a diffusion policy with DDPM and DDIM."""
         T = self.cfg.num_train_timesteps
-        return resolve_sampler(sampler, steps, default=self.cfg.default_sampling, largest={"ddpm": T, "ddim": T})
+        fewstep = self.cfg.fewstep_timesteps
+        largest = {"fewstep": len(fewstep)} if fewstep else {"ddpm": T, "ddim": T}
+        kind, k = resolve_sampler(sampler, steps, default=self.cfg.default_sampling, largest=largest)
+        if kind not in largest:
+            what = "a few-step student: it samples with fewstep" if fewstep else "a diffusion policy: ddpm or ddim"
+            raise DpkitError(f"sampler {kind!r} is not available: this is {what}")
+        return kind, k
 
     def make_scheduler(self, sampler: str, steps: int) -> DDPMScheduler | DDIMScheduler:
         """A diffusers scheduler with the training betas, `set_timesteps(steps)` already called."""
-        if sampler not in SAMPLERS:
-            raise DpkitError(f"unknown sampler {sampler!r} (choose from: {', '.join(SAMPLERS)})")
+        if sampler not in ("ddpm", "ddim"):
+            raise DpkitError(f"unknown diffusers sampler {sampler!r} (choose from: ddpm, ddim)")
         T = self.cfg.num_train_timesteps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
             raise DpkitError(f"{sampler} steps must be an integer in [1, {T}], got {steps!r}")
@@ -271,6 +289,43 @@ class DiffusionPolicy(nn.Module):
         sched.set_timesteps(int(steps))
         return sched
 
+    def sampler_spec(self, sampler: str, steps: int) -> SamplerSpec:
+        """The chain (kind, K) walks, as the bundle lists it: the one home of the sampler table.
+
+            policy.sampler_spec("ddim", 10).timesteps   # (90, 80, ..., 0), prev_timesteps (80, ..., 0, -1)
+
+        DDPM and DDIM: diffusers' own `set_timesteps(K)` ("leading" spacing) and what its `step()` steps to
+        (DDPM the next listed timestep, DDIM t - num_train_timesteps // K; -1 past the end, where the chain
+        reaches final_alpha_cumprod). Few-step: the first K of `fewstep_timesteps`, each re-noised to the next.
+        export/schedule.py writes these entries into policy.json; `sample` runs them in dpkit.sampling."""
+        if sampler == "fewstep":
+            ts = tuple(self.cfg.fewstep_timesteps or ())
+            if not 1 <= steps <= len(ts):
+                raise DpkitError(f"fewstep steps must be in [1, {len(ts)}] (fewstep_timesteps), got {steps!r}")
+            ts = ts[:steps]
+            return SamplerSpec(f"fewstep-{steps}", "fewstep", steps, ts, ts[1:] + (-1,), 1.0)
+        sched = self.make_scheduler(sampler, steps)
+        ts = tuple(int(t) for t in sched.timesteps)
+        if sampler == "ddim":
+            prev = [t - sched.config.num_train_timesteps // sched.num_inference_steps for t in ts]
+            final = float(sched.final_alpha_cumprod)
+        else:
+            prev = [int(sched.previous_timestep(t)) for t in ts]
+            final = float(sched.one)
+        return SamplerSpec(f"{sampler}-{steps}", sampler, steps, ts, tuple(max(p, -1) for p in prev), final)
+
+    def step_plan(self, sampler: str, steps: int) -> StepPlan:
+        """The float32 step scalars of (kind, K) (dpkit.sampling.StepPlan) from the training schedule's arrays:
+        the same plan a bundle's runtimes build from policy.json."""
+        return StepPlan.build(self.schedule_arrays, self.sampler_spec(sampler, steps))
+
+    @property
+    def schedule_arrays(self) -> SimpleNamespace:
+        """What dpkit.sampling reads of the schedule: diffusers' float32 alphas_cumprod and the clip/target rule."""
+        return SimpleNamespace(alphas_cumprod=self.noise_scheduler.alphas_cumprod.double().numpy(),
+                               clip_sample=self.cfg.clip_sample, clip_sample_range=self.cfg.clip_sample_range,
+                               prediction_type=self.cfg.prediction_type)
+
     @torch.no_grad()
     def sample(
         self,
@@ -280,74 +335,41 @@ class DiffusionPolicy(nn.Module):
         initial_noise: Tensor | None = None,
         step_noise: Tensor | None = None,
         generator: torch.Generator | None = None,
-        inpaint: tuple[int, Tensor, Tensor] | None = None,
+        inpaint: Inpaint | tuple[int, Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Run the reverse process; returns the normalized trajectory (B, H, A).
 
         Uses the module's current mode: call `eval()` first for inference behaviour (center crop).
         `initial_noise` (B, H, A) replaces the first draw; `step_noise` (K, B, H, A) supplies the noise of
-        DDPM step k (DDIM with eta = 0 uses none). Undrawn noise comes from `generator`. `sampler` and
+        step k where the sampler adds some (DDPM at t > 0, few-step before its last step; DDIM none).
+        Undrawn noise comes from `generator`, one (B, H, A) draw per noisy step, in order. `sampler` and
         `steps` default as in every backend (dpkit.sampling_args): the default sampler is
-        `cfg.default_sampling` (DDIM with `ddim_steps`, or DDPM with `ddpm_steps`); the other kind runs all
-        `num_train_timesteps`. `inpaint` = (start, values (B, P, A), weights (P,)): keep rows start..start+P-1
-        consistent with a committed prefix, exactly as dpkit.runtime.sampling.Inpaint describes (the prefix
-        noised to each step's output level with the initial sample's noise, blended by weight).
+        `cfg.default_sampling`; the other kind runs all `num_train_timesteps`. `inpaint`: a
+        dpkit.sampling.Inpaint (or (start, values (B, P, A), weights (P,))) keeping rows start..start+P-1
+        consistent with a committed prefix. The loop is dpkit.sampling.run_reverse, the one every Python
+        runtime runs, with this module's networks.
         """
         sampler, steps = self.resolve_sampler(sampler, steps)
-        sched = self.make_scheduler(sampler, steps)
+        plan = self.step_plan(sampler, steps)
         inputs = self._check_obs(obs, check_finite=True)
         device, dtype = inputs[0].device, inputs[0].dtype
         shape = (inputs[0].shape[0], self.cfg.horizon, self.cfg.action_dim)
-        num_steps = len(sched.timesteps)
         initial_noise = _check_noise("initial_noise", initial_noise, shape, device, dtype)
-        step_noise = _check_noise("step_noise", step_noise, (num_steps, *shape), device, dtype)
+        step_noise = _check_noise("step_noise", step_noise, (plan.num_steps, *shape), device, dtype)
+        if isinstance(inpaint, tuple):
+            start, values, weights = inpaint
+            inpaint = Inpaint.check(_to_numpy(values), start, _to_numpy(weights), shape)
 
         cond = self.encoder(*inputs)
         x = initial_noise if initial_noise is not None else randn_tensor(shape, generator=generator, device=device,
                                                                          dtype=dtype)
-        # DDPMScheduler.step draws its own noise; with injected noise it draws from this scratch generator
-        # and `_swap_ddpm_noise` replaces that draw by the injected one.
-        scratch = torch.Generator(device=device) if sampler == "ddpm" and step_noise is not None else None
-        x_init = x.clone()
-        if inpaint is not None:
-            x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, int(sched.timesteps[0])))
-        for k, t in enumerate(sched.timesteps):
-            out = self.denoiser(x, t.to(device=device, dtype=torch.int64).expand(shape[0]), cond)  # eps or x0
-            if sampler == "ddim":
-                noise_k = step_noise[k] if step_noise is not None else None
-                x = sched.step(out, t, x, eta=0.0, variance_noise=noise_k).prev_sample
-            elif scratch is None:
-                x = sched.step(out, t, x, generator=generator).prev_sample
-            else:
-                snapshot = scratch.get_state()
-                x_prev = sched.step(out, t, x, generator=scratch).prev_sample
-                x = _swap_ddpm_noise(sched, t, x_prev, scratch, snapshot, step_noise[k])
-            if inpaint is not None:
-                x = _inpaint(x, x_init, inpaint, self._alpha_cumprod(sched, self.prev_timestep(sched, int(t))))
-        return x
+        if step_noise is None and plan.uses_step_noise:
+            step_noise = _Draws(shape, generator, device, dtype)
 
-    @staticmethod
-    def prev_timestep(sched: DDPMScheduler | DDIMScheduler, t: int) -> int:
-        """The timestep `sched.step(..., t, ...)` steps to, -1 past the end of the chain.
+        def denoise(x_t: Tensor, t: np.ndarray) -> Tensor:
+            return self.denoiser(x_t, torch.from_numpy(t).to(device), cond)  # eps or x0
 
-            policy.prev_timestep(policy.make_scheduler("ddim", 10), 90)   # 80
-
-        The one home of this rule: export/schedule.py writes it into policy.json (each sampler's
-        prev_timesteps), where the "ort" and C++ runtimes read it. DDIM: what DDIMScheduler.step computes,
-        t - num_train_timesteps // K (DDIMScheduler has no method for it); DDPM: the next listed timestep.
-        """
-        if isinstance(sched, DDIMScheduler):
-            prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
-        else:
-            prev = int(sched.previous_timestep(t))
-        return max(prev, -1)
-
-    @staticmethod
-    def _alpha_cumprod(sched: DDPMScheduler | DDIMScheduler, t: int) -> float:
-        """alpha_cumprod at timestep t; t < 0 is the end of the chain (the scheduler's final value)."""
-        if t >= 0:
-            return float(sched.alphas_cumprod[t])
-        return float(sched.final_alpha_cumprod if isinstance(sched, DDIMScheduler) else sched.one)
+        return run_reverse(denoise, plan, x, step_noise, inpaint)
 
     @torch.no_grad()
     def predict_action(self, obs: Mapping[str, Any], **sample_kwargs) -> Tensor:
@@ -360,30 +382,19 @@ class DiffusionPolicy(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def _swap_ddpm_noise(
-    sched: DDPMScheduler, t: Tensor, x_prev: Tensor, scratch: torch.Generator, snapshot: Tensor, noise: Tensor
-) -> Tensor:
-    """x_prev = mean + sigma_t * z with z drawn from `scratch`; return mean + sigma_t * noise.
+class _Draws:
+    """Step noise drawn on access, one (B, H, A) standard normal per noisy step in order (diffusers' draws)."""
 
-    Re-draws z from the generator state taken before `step()` (same call diffusers makes), so the
-    injected noise enters with exactly the scheduler's own sigma_t. At t = 0 step() adds no noise.
-    """
-    if int(t) == 0:
-        return x_prev
-    scratch.set_state(snapshot)
-    z = randn_tensor(x_prev.shape, generator=scratch, device=x_prev.device, dtype=x_prev.dtype)
-    sigma = sched._get_variance(t) ** 0.5
-    return x_prev + sigma.to(x_prev.device) * (noise - z)
+    def __init__(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+                 dtype: torch.dtype):
+        self.shape, self.generator, self.device, self.dtype = shape, generator, device, dtype
+
+    def __getitem__(self, k: int) -> Tensor:
+        return randn_tensor(self.shape, generator=self.generator, device=self.device, dtype=self.dtype)
 
 
-def _inpaint(x: Tensor, x_init: Tensor, inpaint: tuple[int, Tensor, Tensor], alpha_cumprod: float) -> Tensor:
-    start, values, weights = inpaint
-    rows = slice(start, start + values.shape[1])
-    w = weights.to(x)[None, :, None]
-    known = alpha_cumprod**0.5 * values.to(x) + (1.0 - alpha_cumprod) ** 0.5 * x_init[:, rows]
-    x = x.clone()
-    x[:, rows] = w * known + (1.0 - w) * x[:, rows]
-    return x
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
 
 
 def _check_noise(name: str, noise: Tensor | None, shape: tuple[int, ...], device: torch.device,

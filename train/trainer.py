@@ -119,8 +119,10 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def validation_loss(policy: torch.nn.Module, ds: PushTDataset, batch_size: int, n_batches: int, seed: int, device) -> float | None:
+def validation_loss(policy: torch.nn.Module, ds: PushTDataset, batch_size: int, n_batches: int, seed: int, device,
+                    prepare: Callable[[Any], Any] | None = None) -> float | None:
     """Mean diffusion loss over the first `n_batches` batches of a fixed shuffle of `ds` (None if empty).
+    `prepare(batch)` (distillation: the teacher's targets) turns each batch into what the policy's loss takes.
 
     Seeded, so successive validations of one run compare the same windows, noise and timesteps."""
     if len(ds) == 0:
@@ -135,6 +137,8 @@ def validation_loss(policy: torch.nn.Module, ds: PushTDataset, batch_size: int, 
         if len(idx) == 0:
             break
         batch = _to_device(to_tensors(ds.__getitems__(idx)), device)
+        if prepare is not None:
+            batch = prepare(batch)
         total += float(policy(batch)) * len(idx)
         count += len(idx)
     policy.train(was_training)
@@ -303,6 +307,10 @@ def train(
     paper's max/mean over the last `train.eval_last` of them (the trainer does not know the simulator:
     `dpkit-train` passes `dpkit.eval.evaluate.rollout_evaluator(cfg)`).
 
+    With `distill.teacher` set this is distillation into a few-step student (dpkit.train.distill): the
+    batches become the teacher's targets and the student starts from the teacher's weights; nothing else
+    about the loop changes.
+
     `threads`: torch's intra-op threads per process (None or 0: dpkit.threads' choice for the model's size
     and this process's share of the usable CPUs); the summary's "threads" records the choice.
     """
@@ -365,11 +373,23 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         ckpt_io.check_resume_config(resume_from, state, cfg)
         if state.get("world_size", world) != world and main:
             print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
+    teacher = None
+    if cfg.distill.teacher is not None:  # distillation: the frozen teacher makes each batch's targets
+        from dpkit.train.distill import Teacher, check_student
+
+        teacher = Teacher(cfg.distill.teacher, cfg.distill, acc.device)
+        check_student(cfg.policy, teacher.policy.cfg)
+        was = (state or {}).get("teacher")
+        if was is not None and (was.get("checkpoint"), was.get("step")) != (str(teacher.checkpoint), teacher.step):
+            raise DpkitError(f"cannot resume: this run distills {was.get('checkpoint')} (step {was.get('step')}), "
+                             f"but distill.teacher now names {teacher.checkpoint} (step {teacher.step})")
 
     def build(normalizer: Normalizer):
         seed_everything(t.seed)  # identical initial weights on every process
         # On the device before the EMA copy and the optimizer, so both (and loaded optimizer state) live there.
         policy = DiffusionPolicy(cfg.policy, normalizer).to(acc.device)
+        if teacher is not None and state is None:  # a student starts as its teacher's network
+            policy.load_state_dict(teacher.policy.state_dict())
         ema = EMA(policy, t.ema_power, t.ema_max_decay) if t.ema else None
         optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
         # diffusers' "constant" ignores the warm-up; "constant_with_warmup" is what train.lr_scheduler means.
@@ -394,7 +414,9 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         _clear_run(run_dir)
     acc.wait_for_everyone()
     if state is None:
-        normalizer = fit_normalizer(cfg, train_ds)
+        # a student normalizes exactly as its teacher (the targets are in the teacher's units)
+        normalizer = (fit_normalizer(cfg, train_ds) if teacher is None
+                      else Normalizer.from_dict(teacher.policy.normalizer.to_dict()))
         policy, ema, optimizer, scheduler = build(normalizer)
     step = int(state["step"]) if state is not None else 0
     # Processes of one launch on this machine share its CPUs (torchrun sets LOCAL_WORLD_SIZE).
@@ -422,7 +444,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     if main:
         n_params = sum(p.numel() for p in unwrapped.parameters())
         print(
-            f"dpkit-train: {cfg.name} ({cfg.policy.obs_mode}, {n_params / 1e6:.2f} M parameters) on "
+            f"{'dpkit-distill' if teacher is not None else 'dpkit-train'}: {cfg.name} ({cfg.policy.obs_mode}, {n_params / 1e6:.2f} M parameters) on "
             f"{acc.device} x{world}; {len(train_ds)} train / {len(val_ds)} val windows from "
             f"{train_ds.replay.path}; steps {step} -> {t.steps}"
         )
@@ -446,6 +468,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
                 "evaluations": evaluations,
                 "rng": "reseeded per micro-batch from (train.seed, rank, step * grad_accum_steps + i)",
                 "metrics": {"loss": last_loss, "val_loss": val, "score": score},
+                **({"teacher": teacher.describe()} if teacher is not None else {}),
             },
             trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
         )
@@ -466,6 +489,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         for i in range(t.grad_accum_steps):
             batch = _to_device(next(data_iter), acc.device)
             _seed_micro(t.seed, rank, step * t.grad_accum_steps + i)
+            if teacher is not None:
+                batch = teacher.targets(batch)
             with acc.accumulate(model):
                 loss = model(batch)
                 acc.backward(loss)
@@ -507,7 +532,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
             window_steps = 0
             if step % t.val_every == 0 or step == end:
                 if main:
-                    val_loss = validation_loss(eval_policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device)
+                    val_loss = validation_loss(eval_policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device,
+                                               prepare=teacher.targets if teacher is not None else None)
                     if val_loss is not None:
                         record["val_loss"] = val_loss
                 acc.wait_for_everyone()
@@ -568,6 +594,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         "load_avg_end": load_average(),
         "device": str(acc.device),
         "dpkit_version": dpkit.__version__,
+        **({"teacher": teacher.describe()} if teacher is not None else {}),
     }
     if main:
         atomic_write_json(run_dir / SUMMARY, summary)

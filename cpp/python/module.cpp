@@ -82,9 +82,9 @@ dpkit::Sampler find_sampler(const PyPolicy& self, const py::object& sampler, con
   std::string kind;
   if (!sampler.is_none()) {
     if (!py::isinstance<py::str>(sampler))
-      throw dpkit::InputError("sampler must be 'ddpm', 'ddim' or None, got " + std::string(py::repr(sampler)));
+      throw dpkit::InputError("sampler must be 'ddpm', 'ddim', 'fewstep' or None, got " + std::string(py::repr(sampler)));
     kind = sampler.cast<std::string>();
-    if (kind.empty()) throw dpkit::InputError("unknown sampler '' (expected ddpm or ddim)");
+    if (kind.empty()) throw dpkit::InputError("unknown sampler '' (expected ddpm, ddim or fewstep)");
   }
   int k = 0;
   if (!steps.is_none()) {

@@ -29,7 +29,7 @@ struct ModelEntry {
 
 struct SamplerEntry {
   std::string name;
-  std::string sampler;  // "ddpm" | "ddim"
+  std::string sampler;  // "ddpm" | "ddim" | "fewstep"
   int num_inference_steps = 0;
   std::vector<int64_t> timesteps;
   std::vector<int64_t> prev_timesteps;
@@ -81,7 +81,7 @@ Manifest load_manifest(const std::string& bundle_dir);
 //   x0 = (x - sqrt_1m_at * out) / sqrt_at, eps = out         prediction_type "epsilon"
 //   x0 = out, eps = (x - sqrt_at * x0) / sqrt_1m_at          prediction_type "sample" (eps: DDIM only)
 //   x0 = clamp(x0, -r, r)                                     (clamp only when clip)
-//   x  = c_x0 * x0 + c_x * x  (+ sigma * noise)                DDPM
+//   x  = c_x0 * x0 + c_x * x  (+ sigma * noise)                DDPM, and few-step (c_x = 0)
 //   x  = c_x0 * x0 + c_eps * eps                               DDIM (eps from before the clamp)
 // For inpainting, the noise levels around the step, sqrt(alpha_cumprod) and sqrt(1 - alpha_cumprod) taken in
 // double: of its input (level_in: the timestep's; for step 0 that is the initial sample's level) and of its

@@ -253,7 +253,8 @@ void read_scheduler(const Reader& r, const json& s, Manifest& m) {
     se.name = r.str(e, "name", path);
     if (!names.insert(se.name).second) r.fail(path + ".name", in_quotes(se.name) + " is listed twice");
     se.sampler = r.str(e, "sampler", path);
-    if (se.sampler != "ddpm" && se.sampler != "ddim") r.fail(path + ".sampler", "must be \"ddpm\" or \"ddim\", got \"" + se.sampler + "\"");
+    if (se.sampler != "ddpm" && se.sampler != "ddim" && se.sampler != "fewstep")
+      r.fail(path + ".sampler", "must be \"ddpm\", \"ddim\" or \"fewstep\", got \"" + se.sampler + "\"");
     se.num_inference_steps = static_cast<int>(r.integer(e, "num_inference_steps", path, 1, m.num_train_timesteps));
     const std::size_t K = static_cast<std::size_t>(se.num_inference_steps);
     se.timesteps = r.numbers<int64_t>(e, "timesteps", path, K);
@@ -266,6 +267,13 @@ void read_scheduler(const Reader& r, const json& s, Manifest& m) {
     }
     se.final_alpha_cumprod = r.number(e, "final_alpha_cumprod", path);
     if (!(se.final_alpha_cumprod > 0.0 && se.final_alpha_cumprod <= 1.0)) r.fail(path + ".final_alpha_cumprod", "must lie in (0, 1]");
+    if (se.sampler == "fewstep") {  // x0 re-noised to the next listed timestep; x0 itself after the last
+      for (std::size_t k = 0; k < K; ++k)
+        if (se.prev_timesteps[k] != (k + 1 < K ? se.timesteps[k + 1] : -1))
+          r.fail(path + ".prev_timesteps", "of a fewstep sampler must be its timesteps[1:] then -1");
+      if (se.final_alpha_cumprod != 1.0)
+        r.fail(path + ".final_alpha_cumprod", "of a fewstep sampler must be 1.0 (its last step returns x0)");
+    }
     se.eta = r.number(e, "eta", path);
     if (se.eta != 0.0) r.fail(path + ".eta", "must be 0.0 in format version 1");
     if (se.name == default_name) m.default_sampler = static_cast<int>(i);

@@ -457,7 +457,8 @@ Sampler Policy::find_sampler(const std::string& kind_in, int num_inference_steps
   const auto& list = im.info.samplers;
   const std::size_t def = static_cast<std::size_t>(im.m.default_sampler);
   const std::string kind = kind_in.empty() ? list[def].sampler : kind_in;
-  if (kind != "ddpm" && kind != "ddim") throw InputError("unknown sampler \"" + kind + "\" (expected ddpm or ddim)");
+  if (kind != "ddpm" && kind != "ddim" && kind != "fewstep")
+    throw InputError("unknown sampler \"" + kind + "\" (expected ddpm, ddim or fewstep)");
   auto handle = [&](std::size_t i) {
     Sampler s;
     s.owner_ = im.id;

@@ -28,7 +28,10 @@ std::vector<StepCoefficients> make_steps(const Manifest& m, const SamplerEntry& 
     c.predicts_sample = m.prediction_type == "sample";
     c.sqrt_at = std::sqrt(a_t);
     c.sqrt_1m_at = std::sqrt(beta_t);
-    if (!ddim) {
+    if (s.sampler == "fewstep") {  // x0 re-noised to the next timestep with fresh noise (0 after the last step)
+      c.c_x0 = std::sqrt(a_p);
+      c.sigma = std::sqrt(beta_p);
+    } else if (!ddim) {
       const float alpha = a_t / a_p, beta = 1.0f - alpha;  // this step's own alpha and beta
       c.c_x0 = std::sqrt(a_p) * beta / beta_t;
       c.c_x = std::sqrt(alpha) * beta_p / beta_t;

@@ -102,7 +102,7 @@ struct ObservationInfo {
 // One of the bundle's samplers, as listed in PolicyInfo::samplers.
 struct SamplerInfo {
   std::string name;              // e.g. "ddim-10"
-  std::string sampler;           // "ddpm" or "ddim"
+  std::string sampler;           // "ddpm", "ddim" or "fewstep"
   int num_inference_steps = 0;   // K
   bool uses_step_noise = false;  // whether a step adds noise (DDPM); DDIM (eta = 0) ignores step_noise
 };
@@ -115,7 +115,7 @@ class Sampler {
  public:
   Sampler() = default;
   const std::string& name() const { return info_.name; }           // e.g. "ddim-10"
-  const std::string& sampler() const { return info_.sampler; }     // "ddpm" or "ddim" ("" when empty)
+  const std::string& sampler() const { return info_.sampler; }     // "ddpm", "ddim" or "fewstep" ("" when empty)
   int num_inference_steps() const { return info_.num_inference_steps; }
   bool uses_step_noise() const { return info_.uses_step_noise; }
   explicit operator bool() const { return owner_ != 0; }
@@ -209,7 +209,7 @@ class Policy {
 
   const PolicyInfo& info() const;
 
-  // The bundle's sampler of kind `sampler` ("ddpm" or "ddim"; "" = the default sampler's kind) with
+  // The bundle's sampler of kind `sampler` ("ddpm", "ddim" or "fewstep"; "" = the default sampler's kind) with
   // `num_inference_steps` steps (<= 0: the default sampler when it is of that kind, else the kind's
   // largest K) -- the rule of dpkit.runtime.bundle.Schedule.find. InputError lists the available ones.
   Sampler find_sampler(const std::string& sampler = "", int num_inference_steps = 0) const;

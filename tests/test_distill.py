@@ -1,0 +1,197 @@
+"""Few-step students (dpkit-distill): the step rule in every runtime, a short distillation, resume, bad input.
+
+The rule (dpkit.sampling, kind "fewstep"; cpp/src/schedule.cpp) re-noises the student's x0 to the next
+timestep with fresh noise and returns x0 after the last one. Here a `tiny` teacher is distilled for a few
+steps on the synthetic store, exported like any run, and sampled in torch, ort and cpp with the same noise.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpkit.errors import DpkitError
+from dpkit.sampling import SamplerSpec, StepPlan, run_reverse
+from dpkit.train.cli import distill_main
+
+RECIPE_OVERRIDES = ["train.batch_size=8", "train.log_every=2", "train.val_every=2", "train.checkpoint_every=2",
+                    "train.lr_warmup_steps=0"]
+
+
+def _distill(teacher: Path, out: Path, data: Path, *extra: str, steps: int = 4) -> int:
+    try:
+        distill_main([str(teacher), "--out", str(out), "--data", str(data), "--train-steps", str(steps),
+                      "--no-progress", "--threads", "1", *RECIPE_OVERRIDES, *extra])
+    except SystemExit as e:
+        return int(e.code)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_runs, synthetic_store) -> Path:
+    out = tmp_path_factory.mktemp("distill") / "student"
+    summary = out.parent / "summary.json"
+    assert _distill(tiny_runs["lowdim"], out, synthetic_store, "--json", str(summary)) == 0
+    s = json.loads(summary.read_text())
+    assert s["steps"] == 4 and s["teacher"]["step"] == 5 and s["teacher"]["weights"] == "ema"
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_bundle(tmp_path_factory, student) -> Path:
+    from dpkit.export import export_bundle
+
+    out = tmp_path_factory.mktemp("distill_bundle") / "bundle"
+    export_bundle(student, out, log=lambda s: None)
+    return out
+
+
+def test_fewstep_plan_is_the_rule():
+    acp = np.linspace(0.999, 0.01, 100)
+    schedule = type("S", (), dict(alphas_cumprod=acp, clip_sample=True, clip_sample_range=1.0,
+                                  prediction_type="sample"))
+    plan = StepPlan.build(schedule, SamplerSpec("fewstep-2", "fewstep", 2, (99, 49), (49, -1), 1.0))
+    rng = np.random.default_rng(0)
+    x, out, noise = (rng.standard_normal((2, 16, 2), dtype=np.float32) for _ in range(3))
+    a = np.float32(acp[49])
+    first = plan.step(0, x, out, noise)
+    np.testing.assert_array_equal(first, np.sqrt(a) * np.clip(out, -1, 1) + np.sqrt(np.float32(1) - a) * noise)
+    np.testing.assert_array_equal(plan.step(1, first, out, None), np.clip(out, -1, 1))  # the last step: x0
+    assert plan.uses_step_noise and plan.sigma[1] == 0
+    # torch tensors take the same path, bit for bit
+    got = plan.step(0, torch.from_numpy(x), torch.from_numpy(out), torch.from_numpy(noise)).numpy()
+    np.testing.assert_array_equal(got, first)
+    traj = run_reverse(lambda x_t, t: out, plan, x, noise[None].repeat(2, 0))
+    np.testing.assert_array_equal(traj, np.clip(out, -1, 1))
+
+
+def test_student_run_is_a_fewstep_policy_of_the_teachers_network(student, tiny_runs):
+    from dpkit.train.checkpoint import load_checkpoint
+
+    s, state = load_checkpoint(student)
+    t, _ = load_checkpoint(tiny_runs["lowdim"])
+    assert s.cfg.fewstep_timesteps == (99, 49) and s.cfg.prediction_type == "sample"
+    assert s.resolve_sampler() == ("fewstep", 2)
+    assert state["teacher"]["checkpoint"].endswith("step_000005")
+    assert s.normalizer.to_dict() == t.normalizer.to_dict()
+    moved = [k for k, v in s.state_dict().items() if not torch.equal(v, t.state_dict()[k])]
+    assert moved, "distillation changed no weight"
+    with pytest.raises(DpkitError, match="few-step student: it samples with fewstep"):
+        s.resolve_sampler("ddim", 10)
+
+
+def test_bundle_lists_fewstep_and_every_runtime_agrees(student_bundle):
+    from dpkit.runtime import load_policy
+    from dpkit.runtime.parity import injected_noise, random_observations
+
+    manifest = json.loads((student_bundle / "policy.json").read_text())
+    sched = manifest["scheduler"]
+    assert [s["name"] for s in sched["samplers"]] == ["fewstep-1", "fewstep-2"]
+    assert sched["default_sampler"] == "fewstep-2" and sched["prediction_type"] == "sample"
+    assert sched["samplers"][1]["timesteps"] == [99, 49] and sched["samplers"][1]["prev_timesteps"] == [49, -1]
+    assert manifest["parity"]["traj_fewstep"] <= 1e-4
+    ort = load_policy(student_bundle, backend="ort")
+    cpp = load_policy(student_bundle, backend="cpp")
+    obs = random_observations(ort.observations, ort.n_obs_steps, 3, seed=1)
+    for k in (1, 2):
+        x, noise = injected_noise(3, ort.horizon, ort.action_dim, k, seed=k)
+        a = ort.sample(obs, "fewstep", k, initial_noise=x, step_noise=noise)
+        b = cpp.sample(obs, "fewstep", k, initial_noise=x, step_noise=noise)
+        assert np.max(np.abs(a - b)) <= 1e-5, k
+        # seeded calls draw the step noise (one noisy step for fewstep-2)
+        np.testing.assert_array_equal(ort.sample(obs, "fewstep", k, seed=3), ort.sample(obs, "fewstep", k, seed=3))
+    assert cpp.info["default_sampler"] == "fewstep-2"
+    with pytest.raises(DpkitError, match="no sampler ddim"):
+        ort.sample(obs, "ddim", 10, seed=0)
+
+
+def test_student_matches_its_pytorch_policy(student, student_bundle):
+    from dpkit.runtime import load_policy
+    from dpkit.runtime.parity import random_observations, trajectory_errors
+
+    torch_p = load_policy(student, backend="torch")
+    ort = load_policy(student_bundle, backend="ort")
+    cpp = load_policy(student_bundle, backend="cpp")
+    obs = random_observations(ort.observations, ort.n_obs_steps, 2, seed=4)
+    for k in (1, 2):
+        errs = trajectory_errors(torch_p, {"ort": ort, "cpp": cpp}, obs, "fewstep", k, seed=5)
+        assert max(errs.values()) <= 1e-4, (k, errs)
+
+
+def test_int8_composes_with_fewstep(student, tmp_path):
+    from dpkit.export import export_bundle
+    from dpkit.runtime import load_policy
+
+    out = tmp_path / "int8"
+    export_bundle(student, out, precision="int8", log=lambda s: None)
+    manifest = json.loads((out / "policy.json").read_text())
+    assert manifest["models"]["denoiser"]["precision"] == "int8"
+    assert "traj_fewstep" in manifest["export"]["quantization_error"]["max"]
+    policy = load_policy(out, backend="cpp")
+    assert policy.sample(policy_obs(policy), "fewstep", 1, seed=0).shape == (1, policy.horizon, policy.action_dim)
+
+
+def policy_obs(policy):
+    from dpkit.runtime.parity import random_observations
+
+    return random_observations(policy.observations, policy.n_obs_steps, 1, seed=0)
+
+
+def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path):
+    # a constant LR, so the first part's shorter train.steps does not change the schedule
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _distill(tiny_runs["lowdim"], whole, synthetic_store, "train.lr_scheduler=constant", steps=4) == 0
+    assert _distill(tiny_runs["lowdim"], parts, synthetic_store, "train.lr_scheduler=constant", steps=2) == 0
+    try:
+        distill_main(["--out", str(parts), "--resume", "--train-steps", "4", "--no-progress", "--threads", "1"])
+    except SystemExit as e:
+        assert e.code == 0
+    from dpkit.train.checkpoint import read_weights, latest_checkpoint
+
+    a, b = read_weights(latest_checkpoint(whole), "ema"), read_weights(latest_checkpoint(parts), "ema")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("not_a_run", "is not a dpkit run folder or checkpoint"),
+    ("missing", "no such run folder"),
+    ("mismatch", "the student's policy.down_dims = (16, 32) does not match the teacher's (32, 64)"),
+    ("student_teacher", "is itself a few-step student"),
+    ("bad_timesteps", "must be distinct, descending and in [0, num_train_timesteps=100), got [150, 49]"),
+])
+def test_bad_input_is_one_line(case, expect, tiny_runs, synthetic_store, student, tmp_path, capsys):
+    teacher, extra = tiny_runs["lowdim"], []
+    if case == "not_a_run":
+        teacher = tmp_path / "empty"
+        teacher.mkdir()
+    elif case == "missing":
+        teacher = tmp_path / "nope"
+    elif case == "mismatch":
+        extra = ["policy.down_dims=[16,32]"]
+    elif case == "student_teacher":
+        teacher = student
+    elif case == "bad_timesteps":
+        extra = ["distill.timesteps=[150,49]"]
+    out = tmp_path / "out"
+    assert _distill(teacher, out, synthetic_store, *extra) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expect in err[0], err
+    assert not (out / "checkpoints").exists()
+
+
+def test_malformed_fewstep_sampler_refused_by_both_readers(student_bundle, tmp_path):
+    from dpkit.runtime import load_policy
+
+    bad = tmp_path / "bad"
+    shutil.copytree(student_bundle, bad)
+    manifest = json.loads((bad / "policy.json").read_text())
+    manifest["scheduler"]["samplers"][1]["prev_timesteps"] = [40, -1]
+    (bad / "policy.json").write_text(json.dumps(manifest))
+    for backend in ("ort", "cpp"):
+        with pytest.raises(DpkitError, match=r"prev_timesteps of a fewstep sampler must be its timesteps\[1:\] then -1"):
+            load_policy(bad, backend=backend)
