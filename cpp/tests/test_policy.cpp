@@ -138,7 +138,7 @@ TEST(Policy, LoadsLowdimAndReportsInfo) {
   EXPECT_EQ(p.find_sampler("", 100).name(), "ddim-100");   // no kind: the default sampler's kind
   EXPECT_EQ(p.find_sampler().name(), "ddim-10");
   for (const auto& s : info.samplers) EXPECT_EQ(s.uses_step_noise, s.sampler == "ddpm") << s.name;
-  EXPECT_MSG(error_of([&] { p.find_sampler("euler", 10); }), "unknown sampler \"euler\" (expected ddpm or ddim)");
+  EXPECT_MSG(error_of([&] { p.find_sampler("euler", 10); }), "unknown sampler \"euler\" (expected ddpm, ddim or fewstep)");
   EXPECT_MSG(error_of([&] { info.observation_size(1); }), "observation index 1 is out of range");
   EXPECT_MSG(error_of([&] { info.step_noise_size(dpkit::Sampler()); }), "the Sampler is empty");
 }

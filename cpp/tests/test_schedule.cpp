@@ -112,3 +112,35 @@ TEST(Schedule, ClipOnlyWhenAsked) {
   EXPECT_EQ(y[0], -5.0f);
   EXPECT_EQ(y[1], 5.0f);
 }
+
+// The few-step rule (a distilled student): x0 re-noised to the next listed timestep, x0 after the last; the
+// same float32 operations as dpkit.sampling.StepPlan (c_x = 0, so x' = c_x0 * x0 + sigma * noise).
+TEST(Schedule, FewstepRenoisesToTheNextTimestep) {
+  json sched = load_fixture()["scheduler"];
+  sched["prediction_type"] = "sample";
+  sched["samplers"] = json::array({{{"name", "fewstep-2"}, {"sampler", "fewstep"}, {"num_inference_steps", 2},
+                                    {"timesteps", {99, 49}}, {"prev_timesteps", {49, -1}},
+                                    {"final_alpha_cumprod", 1.0}, {"eta", 0.0}}});
+  sched["default_sampler"] = "fewstep-2";
+  const d::Manifest m = manifest_with(sched);
+  const auto steps = d::make_steps(m, m.samplers[0]);
+  ASSERT_EQ(steps.size(), 2u);
+  const float a_mid = static_cast<float>(m.alphas_cumprod[49]);
+  EXPECT_EQ(steps[0].c_x0, std::sqrt(a_mid));
+  EXPECT_EQ(steps[0].sigma, std::sqrt(1.0f - a_mid));
+  EXPECT_EQ(steps[0].c_x, 0.0f);
+  EXPECT_EQ(steps[1].c_x0, 1.0f);
+  EXPECT_EQ(steps[1].sigma, 0.0f);  // the last step returns x0: no noise
+  float x[3] = {0.3f, -2.0f, 7.0f}, out[3] = {0.5f, -3.0f, 0.25f}, noise[3] = {1.0f, -1.0f, 0.5f};
+  float want[3];
+  for (int i = 0; i < 3; ++i) {
+    const float x0 = std::min(std::max(out[i], -1.0f), 1.0f);
+    want[i] = std::sqrt(a_mid) * x0 + std::sqrt(1.0f - a_mid) * noise[i];
+  }
+  d::apply_step(steps[0], true, 1.0f, x, out, noise, 3);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(x[i], want[i]) << i;
+  d::apply_step(steps[1], true, 1.0f, x, out, nullptr, 3);
+  EXPECT_EQ(x[0], 0.5f);
+  EXPECT_EQ(x[1], -1.0f);
+  EXPECT_EQ(x[2], 0.25f);
+}
