@@ -4,14 +4,23 @@
     dpkit-bench                                           # all models, batch 1 and 50, DDPM-100 / DDIM-10
     dpkit-bench --models tiny --backends ort cpp --batch 1 8 --samplers ddim-10 --json out.json
     dpkit-bench --quick --contention 1 --out-dir /tmp/b   # each row also beside 1 busy process, vs quiet
+    dpkit-bench --models tiny --backends cpp --batch 1 --samplers ddim-10 --fewstep --precision fp32 int8
+                                                          # + few-step student rows fewstep-1/-2, fp32 and int8
 
 For each model (random weights: latency does not depend on training) it builds a checkpoint and a bundle
 once (cached in `--cache-dir`), then times `policy.sample(obs, sampler, steps)` — one action chunk — for
 every backend and batch, plus the encoder alone and one denoiser call, from which the per-step overhead
 of each Python sampling loop follows: (chunk - encoder) / K - denoiser call; the C++ runtime times its own
-networks inside each call, so its overhead is exact. The same run measures the machine's
+networks inside each call, so its overhead is exact (and counts its denoiser calls: `denoiser_calls`). The same run measures the machine's
 fp32 GEMM throughput and memory bandwidth and counts the model's FLOPs (torch's FlopCounterMode), so
 every row also says what share of the GEMM peak it achieves — a number that carries to other machines.
+
+Few-step rows: `fewstep-K` samplers (`--samplers ... fewstep-1 fewstep-2`, or `--fewstep` for both) are timed
+on the same config built as a few-step student (dpkit.benchmarks.models.fewstep_student_config: the same
+network with the fields dpkit-distill sets, timesteps 99 and 49) and exported, so they sit next to the
+teacher's ddpm/ddim rows of the same model, precision and backend (row key `student`: true). `--precision
+fp32 int8` also times int8 bundles (`export --precision int8`; row key `precision`; torch runs the fp32
+checkpoint only).
 
 Results go to `--out-dir` (default benchmarks/results/) as latency.json, latency.md and latency.png
 (`latency_quick.*` for --quick, so a quick run never replaces a full one), each written atomically.
@@ -32,7 +41,8 @@ import numpy as np
 from dpkit.benchmarks.contention import MAX_BUSY, BusyProcesses
 from dpkit.benchmarks.report import png_bytes, pyplot
 from dpkit.benchmarks.machine import latency_stats, machine_info, time_calls, usable_cores
-from dpkit.benchmarks.models import SEED, ModelArtifacts, prepare_model, random_obs
+from dpkit.benchmarks.models import (FEWSTEP_TIMESTEPS, PRECISIONS, SEED, ModelArtifacts, prepare_model,
+                                     random_obs)
 from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text, check_writable_file
@@ -65,6 +75,9 @@ class Settings:
     backends: tuple[str, ...] = tuple(BACKENDS)
     batches: tuple[int, ...] = (1, 50)
     samplers: tuple[tuple[str, int], ...] = (("ddpm", 100), ("ddim", 10))
+    """("fewstep", K) entries are timed on each model's few-step student, the others on the model itself."""
+    precisions: tuple[str, ...] = ("fp32",)
+    """Bundle precisions of the bundle backends (ort, cpp); torch runs the fp32 checkpoint only."""
     repeats: int = 20
     """Timed chunks per row (fewer when `row_seconds` runs out first; never fewer than `min_repeats`)."""
     warmup: int = 1
@@ -157,7 +170,7 @@ def _torch_policy_class():
     return BenchTorchPolicy
 
 
-def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: int):
+def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: int, precision: str = "fp32"):
     """The PolicyBackend one bench row times: `sample`, and the parts (encoder_call, denoiser_call, sync,
     last_loop_ms, provider) that dpkit.runtime.backend.PolicyBackend defines for every backend."""
     from dpkit.runtime import load_policy
@@ -169,26 +182,28 @@ def load_backend(backend: str, model: ModelArtifacts, threads: int, max_batch: i
         torch.set_num_threads(threads)
         return _torch_policy_class()(model.checkpoint, device="cuda" if provider == "cuda" else "cpu")
 
-    if model.bundle is None:
-        raise BackendUnavailable(f"no bundle for {model.name}: {model.bundle_error}")
+    bundle, error = model.bundle_for(precision)
+    if bundle is None:
+        who = f"{model.name}'s few-step student" if model.student else model.name
+        raise BackendUnavailable(f"no {'' if precision == 'fp32' else precision + ' '}bundle for {who}: {error}")
     if kind == "ort":
         # provider= is the runtime's one name: a provider ONNX Runtime would silently replace by CPU is an
         # error there, which skips these rows (the "tensorrt" bundle engine options are OrtPolicy's).
         try:
-            return load_policy(model.bundle, backend="ort", provider=provider, threads=threads)
+            return load_policy(bundle, backend="ort", provider=provider, threads=threads)
         except DpkitError as e:
             if "is not available" in str(e):
                 raise BackendUnavailable(str(e)) from None
             raise
     # Buffers are preallocated for max_batch; an unavailable provider is an error there, not a fallback.
-    return load_policy(model.bundle, backend="cpp", provider=provider, threads=threads, max_batch=max_batch)
+    return load_policy(bundle, backend="cpp", provider=provider, threads=threads, max_batch=max_batch)
 
 
 # --------------------------------------------------------------------------- the run
 
 
 def part_rows(backend: str, loaded: Any, model: ModelArtifacts, batch: int, s: Settings,
-              peak: float) -> list[dict[str, Any]]:
+              peak: float, precision: str = "fp32") -> list[dict[str, Any]]:
     """The encoder alone and one denoiser call, timed on the backend's own sessions/modules (`loaded`: a
     PolicyBackend; a backend that exposes neither part, cpp, has no part rows)."""
     rows = []
@@ -204,19 +219,21 @@ def part_rows(backend: str, loaded: Any, model: ModelArtifacts, batch: int, s: S
         # One call is short: many repeats cost little and steady the median the overhead is computed from.
         times = time_calls(fn, repeats=max(s.repeats, 30), warmup=max(s.warmup, 3), budget_s=min(s.row_seconds, 5.0),
                            min_repeats=s.min_repeats, sync=loaded.sync)
-        rows.append(make_row(backend, loaded.provider, model, kind, batch, kind, steps, times, batch * flops, peak))
+        rows.append(make_row(backend, loaded.provider, model, kind, batch, kind, steps, times, batch * flops, peak,
+                             precision=precision))
     return rows
 
 
 def make_row(backend: str, provider: str, model: ModelArtifacts, kind: str, batch: int, sampler: str, steps: int,
-             times: list[float], flops: int, peak: float) -> dict[str, Any]:
+             times: list[float], flops: int, peak: float, precision: str = "fp32") -> dict[str, Any]:
     st = latency_stats(times)
     # The low-dim encoder is only a normalization: no matmul/conv FLOPs, so no meaningful rate.
     gflops = flops / (st["p50_ms"] / 1e3) / 1e9 if flops else None
     return {"backend": backend, "provider": provider, "model": model.name, "kind": kind, "batch": batch,
             "sampler": sampler, "steps": steps, **{k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()},
             "gflop_per_chunk": round(flops / 1e9, 4), "gflops": None if gflops is None else round(gflops, 2),
-            "peak_share": round(gflops / peak, 4) if peak and gflops is not None else None}
+            "peak_share": round(gflops / peak, 4) if peak and gflops is not None else None,
+            "precision": precision, "student": bool(getattr(model, "student", False))}
 
 
 def add_overheads(rows: list[dict[str, Any]]) -> None:
@@ -226,7 +243,9 @@ def add_overheads(rows: list[dict[str, Any]]) -> None:
     difference can come out below zero. Rows that measured it inside the call keep theirs: the C++ runtime
     times its networks itself (`overhead_parts_from` = "internal"), which is exact per call.
     """
-    parts = {(r["backend"], r["model"], r["batch"], r["kind"]): r["p50_ms"] for r in rows if r["kind"] != "chunk"}
+    # A few-step student has its teacher's network: one (model, precision)'s parts serve both.
+    parts = {(r["backend"], r["model"], r.get("precision", "fp32"), r["batch"], r["kind"]): r["p50_ms"]
+             for r in rows if r["kind"] != "chunk"}
     for r in rows:
         if r["kind"] != "chunk" or r.get("overhead_us_per_step") is not None:
             continue
@@ -234,8 +253,9 @@ def add_overheads(rows: list[dict[str, Any]]) -> None:
             r["overhead_us_per_step"] = None
             continue
         src = r["backend"]
-        enc = parts.get((src, r["model"], r["batch"], "encoder"))
-        den = parts.get((src, r["model"], r["batch"], "denoiser"))
+        prec = r.get("precision", "fp32")
+        enc = parts.get((src, r["model"], prec, r["batch"], "encoder"))
+        den = parts.get((src, r["model"], prec, r["batch"], "denoiser"))
         if enc is None or den is None:
             r["overhead_us_per_step"] = None
             continue
@@ -271,16 +291,43 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
         else:
             backends.append(b)
     need_bundle = any(BACKENDS[b][0] != "torch" for b in backends)
-    models = [prepare_model(m, cache_dir, log, need_bundle) for m in s.models]
-    for m in models:
-        if m.bundle_error and need_bundle:
-            log(f"[{m.name}] {m.bundle_error}")
+    teacher_samplers = tuple(sk for sk in s.samplers if sk[0] != "fewstep")
+    student_samplers = tuple(sk for sk in s.samplers if sk[0] == "fewstep")
+    # (artifacts, the samplers timed on them): a config itself for ddpm/ddim, its few-step student for fewstep.
+    prepared: list[tuple[ModelArtifacts, tuple[tuple[str, int], ...]]] = []
+    for name in s.models:
+        if teacher_samplers:
+            prepared.append((prepare_model(name, cache_dir, log, need_bundle, precisions=s.precisions),
+                             teacher_samplers))
+        if student_samplers:
+            prepared.append((prepare_model(name, cache_dir, log, need_bundle, fewstep=True, precisions=s.precisions),
+                             student_samplers))
+    for m, _ in prepared:
+        for prec in s.precisions:
+            error = m.bundle_for(prec)[1]
+            if error and need_bundle:
+                log(f"[{m.name}{' few-step student' if m.student else ''} {prec}] {error}")
+    models = {}  # name -> the config's artifacts (its student's when only fewstep rows were asked for)
+    for m, _ in prepared:
+        models.setdefault(m.name, m)
 
-    plan = [(m, b) for m in models for b in backends]
+    plan = []  # (artifacts, samplers, backend, precision, whether to time the encoder/denoiser parts)
+    for m, samplers in prepared:
+        for b in backends:
+            for prec in s.precisions:
+                if BACKENDS[b][0] == "torch" and prec != "fp32":
+                    continue  # the torch backend runs the checkpoint: precision is a bundle's (skipped below)
+                # A student has its teacher's network: the teacher's parts serve both when both are timed.
+                plan.append((m, samplers, b, prec, not (m.student and teacher_samplers)))
+    for b in backends:
+        for prec in s.precisions:
+            if BACKENDS[b][0] == "torch" and prec != "fp32":
+                skipped.append({"backend": b, "model": None, "precision": prec,
+                                "reason": f"{prec} is a bundle precision: the torch backend runs the fp32 checkpoint"})
     phases = (0, s.contention) if s.contention else (0,)
-    n_rows = len(plan) * len(s.batches) * len(s.samplers) * len(phases)
+    n_rows = sum(len(s.batches) * len(samplers) * len(phases) for _, samplers, *_ in plan)
     rows: list[dict[str, Any]] = []
-    per_model = {m.name: s.model_threads(m.params) for m in models}
+    per_model = {n: s.model_threads(m.params) for n, m in models.items()}
     bar = tqdm(total=n_rows, desc="dpkit-bench", unit="row", disable=not progress, dynamic_ncols=True)
     write = bar.write if progress else log
     # Busy processes (paused unless a contended row runs): each row's quiet and busy figures back to back.
@@ -289,6 +336,7 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
     bar.close()
     add_overheads(rows)
     add_vs_quiet(rows)
+    students = {m.name: m for m, _ in prepared if m.student}
     return {
         "format": "dpkit-bench",
         "format_version": 1,
@@ -296,38 +344,55 @@ def run_benchmark(s: Settings, cache_dir: Path, log: Callable[[str], None] = pri
         "contention": s.contention,
         "settings": {"models": list(s.models), "backends": list(s.backends), "batches": list(s.batches),
                      "samplers": [f"{a}-{k}" for a, k in s.samplers], "repeats": s.repeats, "warmup": s.warmup,
-                     "row_seconds": s.row_seconds, "threads": s.threads, "contention": s.contention},
+                     "row_seconds": s.row_seconds, "threads": s.threads, "contention": s.contention,
+                     "precisions": list(s.precisions)},
         "machine": machine,
         "threads": {**prep.to_json(), "per_model": {n: c.threads for n, c in per_model.items()},
                     "per_model_reason": {n: c.reason for n, c in per_model.items()}},
-        "models": {m.name: {"params": m.params, "threads": per_model[m.name].threads,
-                            "encoder_mflop": round(m.encoder_flops / 1e6, 3),
-                            "denoiser_mflop": round(m.denoiser_flops / 1e6, 3),
-                            "bundle": str(m.bundle) if m.bundle else None,
-                            "bundle_error": m.bundle_error} for m in models},
+        "models": {n: {"params": m.params, "threads": per_model[n].threads,
+                       "encoder_mflop": round(m.encoder_flops / 1e6, 3),
+                       "denoiser_mflop": round(m.denoiser_flops / 1e6, 3),
+                       "bundle": str(m.bundle) if m.bundle else None,
+                       "bundle_error": m.bundle_error,
+                       "bundles": _bundles_json(m, s.precisions),
+                       **({"fewstep_student": {"fewstep_timesteps": list(students[n].fewstep_timesteps),
+                                               "bundles": _bundles_json(students[n], s.precisions)}}
+                          if n in students else {})} for n, m in models.items()},
         "rows": rows,
         "skipped": skipped,
         "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
 
 
+def _bundles_json(m: ModelArtifacts, precisions: tuple[str, ...]) -> dict[str, Any]:
+    """precision -> {"bundle": path or None, "bundle_error": why not or None}."""
+    out = {}
+    for prec in precisions:
+        bundle, error = m.bundle_for(prec)
+        out[prec] = {"bundle": str(bundle) if bundle else None, "bundle_error": error}
+    return out
+
+
 def _measure(s: Settings, plan, per_model, machine, busy: BusyProcesses, phases: tuple[int, ...],
              rows: list[dict[str, Any]], skipped: list[dict[str, Any]], bar, write) -> None:
     """Every chunk row once per phase (0: quiet; N: beside N running busy processes), then the parts."""
-    for m, b in plan:
+    for m, samplers, b, prec, with_parts in plan:
         peak = machine.get("gpu_gemm_fp32_gflops") if BACKENDS[b][1] != "cpu" else machine["gemm_fp32_gflops"]
+        who = f"{m.name}{' (few-step student)' if m.student else ''}{'' if prec == 'fp32' else ' ' + prec}"
         try:
-            loaded = load_backend(b, m, per_model[m.name].threads, max(s.batches))
+            loaded = load_backend(b, m, per_model[m.name].threads, max(s.batches), prec)
         except (BackendUnavailable, DpkitError) as e:
-            skipped.append({"backend": b, "model": m.name, "reason": str(e)})
-            write(f"skipping {b} on {m.name}: {e}")
-            bar.update(len(s.batches) * len(s.samplers) * len(phases))
+            skipped.append({"backend": b, "model": m.name, "precision": prec, "reason": str(e),
+                            **({"samplers": [f"{a}-{k}" for a, k in samplers]} if m.student else {})})
+            write(f"skipping {b} on {who}: {e}")
+            bar.update(len(s.batches) * len(samplers) * len(phases))
             continue
         for batch in s.batches:
             obs = random_obs(m, batch)
-            for (sampler, k), phase in ((sk, ph) for sk in s.samplers for ph in phases):
-                bar.set_postfix_str(f"{m.name} {b} B={batch} {sampler}-{k}" + (f" +{phase} busy" if phase else ""))
+            for (sampler, k), phase in ((sk, ph) for sk in samplers for ph in phases):
+                bar.set_postfix_str(f"{m.name} {b} {prec} B={batch} {sampler}-{k}" + (f" +{phase} busy" if phase else ""))
                 loops: list[float] = []
+                calls: list[int] = []
                 if phase:
                     busy.run()
 
@@ -336,6 +401,9 @@ def _measure(s: Settings, plan, per_model, machine, busy: BusyProcesses, phases:
                     loop_ms = loaded.last_loop_ms
                     if loop_ms is not None:
                         loops.append(loop_ms)
+                        timing = getattr(loaded, "last_timing", None)  # cpp: its own count of denoiser runs
+                        if isinstance(timing, dict) and "steps" in timing:
+                            calls.append(int(timing["steps"]))
                 try:
                     times = time_calls(chunk, s.repeats, s.warmup, s.row_seconds, s.min_repeats, loaded.sync)
                 except DpkitError as e:  # e.g. a (sampler, K) the bundle does not list
@@ -344,26 +412,29 @@ def _measure(s: Settings, plan, per_model, machine, busy: BusyProcesses, phases:
                         bar.update(1)
                         continue
                     skipped.append({"backend": b, "model": m.name, "batch": batch, "sampler": f"{sampler}-{k}",
-                                    "reason": str(e)})
-                    write(f"skipping {b} {m.name} B={batch} {sampler}-{k}: {e}")
+                                    "precision": prec, "reason": str(e)})
+                    write(f"skipping {b} {who} B={batch} {sampler}-{k}: {e}")
                 else:
                     rows.append(make_row(b, loaded.provider, m, "chunk", batch, sampler, k, times,
-                                         m.chunk_flops(batch, k), peak))
+                                         m.chunk_flops(batch, k), peak, precision=prec))
                     rows[-1]["threads"] = per_model[m.name].threads
                     rows[-1]["contention"] = phase
                     if loops:  # measured inside the call: the timed chunks' median
                         rows[-1]["overhead_us_per_step"] = round(float(np.median(loops[-len(times):])) / k * 1e3, 2)
                         rows[-1]["overhead_parts_from"] = "internal"
+                    if calls:
+                        rows[-1]["denoiser_calls"] = calls[-1]
                 busy.pause()
                 bar.update(1)
-            rows.extend(part_rows(b, loaded, m, batch, s, peak))
+            if with_parts:
+                rows.extend(part_rows(b, loaded, m, batch, s, peak, precision=prec))
         del loaded
 
 
 def add_vs_quiet(rows: list[dict[str, Any]]) -> None:
     """Each contended chunk row's p50/p99 over the quiet row's of the same run (`vs_quiet_p50`, `_p99`)."""
     def key(r):
-        return r["backend"], r["model"], r["kind"], r["batch"], r["sampler"], r["steps"]
+        return r["backend"], r["model"], r.get("precision", "fp32"), r["kind"], r["batch"], r["sampler"], r["steps"]
 
     quiet = {key(r): r for r in rows if not r.get("contention")}
     for r in rows:
@@ -401,26 +472,31 @@ def markdown_report(result: dict[str, Any]) -> str:
         "Latency of one action chunk (encoder + K denoiser steps), random weights. `encoder` / `denoiser` rows "
         "are one call each. % peak: achieved GFLOP/s (FLOPs / p50) over the fp32 GEMM peak above. "
         "Overhead per step: torch/ort (chunk − encoder) / K − denoiser call, from separately timed p50s (noisy, "
-        "can fall below 0); cpp measured inside each call by the C++ runtime (time outside the two networks / K).",
+        "can fall below 0); cpp measured inside each call by the C++ runtime (time outside the two networks / K). "
+        "fewstep rows: the same network as a few-step student (K denoiser calls per chunk); precision: the bundle's.",
         "",
-        "| model | backend | batch | sampler | K | p50 ms | p90 ms | p99 ms | mean ms | n | GFLOP/s | % peak | overhead µs/step |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | backend | batch | sampler | K | p50 ms | p90 ms | p99 ms | mean ms | n | GFLOP/s | % peak | overhead µs/step "
+        "| precision |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     order = {b: i for i, b in enumerate(BACKENDS)}
     kind_order = {"chunk": 0, "encoder": 1, "denoiser": 2}
     quiet = [r for r in result["rows"] if not r.get("contention")]
-    for r in sorted(quiet, key=lambda r: (r["model"], r["batch"], kind_order[r["kind"]], r["sampler"],
-                                          r["steps"], order.get(r["backend"], 99))):
+    for r in sorted(quiet, key=lambda r: (r["model"], _prec_order(r), r["batch"], kind_order[r["kind"]],
+                                          r["sampler"], r["steps"], order.get(r["backend"], 99))):
         share = None if r.get("peak_share") is None else r["peak_share"] * 100
         lines.append(
             f"| {r['model']} | {r['backend']} | {r['batch']} | {r['sampler']} | {r['steps'] or '–'} | "
             f"{_fmt(r['p50_ms'])} | {_fmt(r['p90_ms'])} | {_fmt(r['p99_ms'])} | {_fmt(r['mean_ms'])} | {r['n']} | "
-            f"{_fmt(r['gflops'], 1)} | {_fmt(share, 1)} | {_fmt(r.get('overhead_us_per_step'), 1)} |")
+            f"{_fmt(r['gflops'], 1)} | {_fmt(share, 1)} | {_fmt(r.get('overhead_us_per_step'), 1)} | "
+            f"{r.get('precision', 'fp32')} |")
+    lines += fewstep_table(result)
     lines += contention_table(result)
     if result["skipped"]:
         lines += ["", "Skipped:", ""]
         for sk in result["skipped"]:
-            where = " ".join(str(sk[k]) for k in ("backend", "model", "batch", "sampler") if sk.get(k) is not None)
+            where = " ".join(str(sk[k]) for k in ("backend", "model", "precision", "batch", "sampler")
+                             if sk.get(k) is not None)
             lines.append(f"- {where}: {sk['reason']}")
     models = result["models"]
     lines += ["", "Models: " + "; ".join(
@@ -430,21 +506,60 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _prec_order(r: dict[str, Any]) -> int:
+    prec = r.get("precision", "fp32")
+    return PRECISIONS.index(prec) if prec in PRECISIONS else len(PRECISIONS)
+
+
+FEWSTEP_BASELINE = ("ddim", 10)
+"""The teacher's row each few-step row is compared with (issue 16: the control setting, DDIM-10)."""
+
+
+def fewstep_table(result: dict[str, Any]) -> list[str]:
+    """Markdown: each quiet fewstep-K chunk row against the teacher's DDIM-10 row of the same model, backend,
+    precision and batch (when the run timed it)."""
+    quiet = [r for r in result["rows"] if r["kind"] == "chunk" and not r.get("contention")]
+    few = [r for r in quiet if r["sampler"] == "fewstep"]
+    if not few:
+        return []
+
+    def key(r):
+        return r["model"], r["backend"], r.get("precision", "fp32"), r["batch"]
+
+    base = {key(r): r for r in quiet if (r["sampler"], r["steps"]) == FEWSTEP_BASELINE}
+    name = f"{FEWSTEP_BASELINE[0]}-{FEWSTEP_BASELINE[1]}"
+    timesteps = {n: v["fewstep_student"]["fewstep_timesteps"] for n, v in result.get("models", {}).items()
+                 if v.get("fewstep_student")}
+    lines = ["", f"Few-step student rows against the teacher's {name} (same model, backend, precision and batch; "
+             f"random weights; student timesteps {', '.join(f'{n}: {ts}' for n, ts in timesteps.items()) or '–'}):",
+             "", f"| model | backend | precision | batch | sampler | denoiser calls | p50 ms | p99 ms | {name} p50 ms | "
+             f"{name} / fewstep p50 |", "|---|---|---|---:|---|---:|---:|---:|---:|---:|"]
+    order = {b: i for i, b in enumerate(BACKENDS)}
+    for r in sorted(few, key=lambda r: (r["model"], _prec_order(r), r["batch"], order.get(r["backend"], 99), r["steps"])):
+        b = base.get(key(r))
+        lines.append(f"| {r['model']} | {r['backend']} | {r.get('precision', 'fp32')} | {r['batch']} | "
+                     f"{r['sampler']}-{r['steps']} | {_fmt(r.get('denoiser_calls'))} | {_fmt(r['p50_ms'])} | "
+                     f"{_fmt(r['p99_ms'])} | {_fmt(b['p50_ms'] if b else None)} | "
+                     f"{_fmt(b['p50_ms'] / r['p50_ms'] if b else None, 1)} |")
+    return lines
+
+
 def contention_table(result: dict[str, Any]) -> list[str]:
     """Markdown: each chunk row beside N busy processes against its quiet figure from the same run."""
     busy = [r for r in result["rows"] if r.get("contention") and "vs_quiet_p50" in r]
     if not busy:
         return []
     n = result.get("contention")
-    quiet = {(r["backend"], r["model"], r["batch"], r["sampler"], r["steps"]): r
+    quiet = {(r["backend"], r["model"], r.get("precision", "fp32"), r["batch"], r["sampler"], r["steps"]): r
              for r in result["rows"] if r["kind"] == "chunk" and not r.get("contention")}
     lines = ["", f"Beside {n} busy process{'es' if n != 1 else ''} (single-threaded loops, each in its own session, "
              "paused while the quiet figure of the same row was measured just before):", "",
              "| model | backend | batch | sampler | threads | quiet p50 ms | busy p50 ms | × | quiet p99 ms | "
              "busy p99 ms | × |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(busy, key=lambda r: (r["model"], r["batch"], r["sampler"], r["steps"], r["backend"])):
-        q = quiet[(r["backend"], r["model"], r["batch"], r["sampler"], r["steps"])]
-        lines.append(f"| {r['model']} | {r['backend']} | {r['batch']} | {r['sampler']}-{r['steps']} | "
+        prec = r.get("precision", "fp32")
+        q = quiet[(r["backend"], r["model"], prec, r["batch"], r["sampler"], r["steps"])]
+        lines.append(f"| {r['model']} | {r['backend']}{'' if prec == 'fp32' else ' ' + prec} | {r['batch']} | {r['sampler']}-{r['steps']} | "
                      f"{r.get('threads', '–')} | {_fmt(q['p50_ms'])} | {_fmt(r['p50_ms'])} | "
                      f"{r['vs_quiet_p50']:.2f} | {_fmt(q['p99_ms'])} | {_fmt(r['p99_ms'])} | {r['vs_quiet_p99']:.2f} |")
     return lines
@@ -465,18 +580,21 @@ def plot_png(result: dict[str, Any]) -> bytes:
         for j, model in enumerate(models):
             ax = axes[i][j]
             sel = [r for r in chunks if r["model"] == model and r["batch"] == batch]
-            backends = [b for b in BACKENDS if any(r["backend"] == b for r in sel)]
+            backends = [(b, p) for p in PRECISIONS for b in BACKENDS
+                        if any(r["backend"] == b and r.get("precision", "fp32") == p for r in sel)]
             for k, (sampler, steps) in enumerate(samplers):
                 xs, p50, up = [], [], []
-                for x, b in enumerate(backends):
-                    r = next((r for r in sel if r["backend"] == b and (r["sampler"], r["steps"]) == (sampler, steps)), None)
+                for x, (b, p) in enumerate(backends):
+                    r = next((r for r in sel if r["backend"] == b and r.get("precision", "fp32") == p
+                              and (r["sampler"], r["steps"]) == (sampler, steps)), None)
                     if r:
                         xs.append(x + (k - (len(samplers) - 1) / 2) * width)
                         p50.append(r["p50_ms"])
                         up.append(r["p99_ms"] - r["p50_ms"])
                 if xs:
                     ax.bar(xs, p50, width, yerr=[np.zeros(len(up)), up], capsize=2, label=f"{sampler}-{steps}")
-            ax.set_xticks(range(len(backends)), backends, rotation=30, ha="right")
+            ax.set_xticks(range(len(backends)), [b if p == "fp32" else f"{b} {p}" for b, p in backends],
+                          rotation=30, ha="right")
             ax.set_yscale("log")
             ax.set_title(f"{model}, batch {batch}", fontsize=10)
             ax.set_ylabel("chunk latency p50 (ms)")
@@ -545,6 +663,18 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
             raise DpkitError("--batch values must be >= 1")
     if a.samplers:
         s.samplers = parse_samplers(_split(a.samplers))
+    if a.fewstep:
+        s.samplers = tuple(dict.fromkeys(s.samplers + tuple(("fewstep", k) for k in range(1, len(FEWSTEP_TIMESTEPS) + 1))))
+    for kind, k in s.samplers:
+        if kind == "fewstep" and k > len(FEWSTEP_TIMESTEPS):
+            raise DpkitError(f"--samplers entry 'fewstep-{k}': the bench's few-step student has "
+                             f"{len(FEWSTEP_TIMESTEPS)} timesteps {list(FEWSTEP_TIMESTEPS)} "
+                             f"(fewstep-1 .. fewstep-{len(FEWSTEP_TIMESTEPS)})")
+    if a.precision:
+        s.precisions = tuple(dict.fromkeys(_split(a.precision)))
+        bad = [p for p in s.precisions if p not in PRECISIONS]
+        if bad:
+            raise DpkitError(f"unknown precision {bad[0]!r} (choose from: {', '.join(PRECISIONS)})")
     for name in ("repeats", "warmup", "threads"):
         v = getattr(a, name)
         if v is not None:
@@ -561,6 +691,8 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
     s.min_repeats = min(s.min_repeats, s.repeats)
     if not s.models or not s.backends or not s.batches or not s.samplers:
         raise DpkitError("nothing to run: --models, --backends, --batch and --samplers must not be empty")
+    if not s.precisions:
+        raise DpkitError("nothing to run: --precision must not be empty")
     s.__post_init__()
     return s
 
@@ -586,7 +718,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", nargs="+", help="batch sizes (default: 1 50)")
     p.add_argument("--samplers", "--steps", dest="samplers", nargs="+", metavar="SAMPLER-K",
                    help="samplers with their denoising steps K per chunk, as labels: ddpm-100 ddim-10 (the default); "
-                        "the bundle must list them (--steps: the older name)")
+                        "the bundle must list them (--steps: the older name); fewstep-1 fewstep-2 are timed on the "
+                        "model's few-step student")
+    p.add_argument("--fewstep", action="store_true",
+                   help=f"also time fewstep-1 .. fewstep-{len(FEWSTEP_TIMESTEPS)}: each model built as a few-step student "
+                        f"(same network, timesteps {list(FEWSTEP_TIMESTEPS)}, random weights) and exported; the same "
+                        "as adding those labels to --samplers")
+    p.add_argument("--precision", nargs="+", metavar="PRECISION",
+                   help=f"bundle precisions for the ort/cpp rows: any of {', '.join(PRECISIONS)} (default fp32; "
+                        "torch runs the fp32 checkpoint only)")
     p.add_argument("--repeats", type=int, help="timed chunks per row (default 20, quick 5)")
     p.add_argument("--warmup", type=int, help="untimed chunks before each row (default 1)")
     p.add_argument("--row-seconds", type=float, help="soft time budget per row (default 30, quick 2)")

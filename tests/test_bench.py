@@ -114,6 +114,8 @@ def test_overhead_is_chunk_minus_parts_unless_measured_inside():
     (["--batch", "0"], "--batch values must be >= 1"),
     (["--batch", "x"], "--batch expects integers"),
     (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--samplers", "fewstep-3"], "the bench's few-step student has 2 timesteps"),
+    (["--precision", "fp16"], "unknown precision 'fp16'"),
 ])
 def test_bad_options_exit_nonzero_with_one_line(args, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -133,6 +135,53 @@ def test_a_sampler_no_backend_could_run_is_an_error(smoke, capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing was measured for ddim-7" in err[0] and "ddim-7" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_fewstep_rows_beside_the_teachers(smoke, tmp_path):
+    """--fewstep: the same tiny network as a few-step student (exported beside the smoke run's cached teacher)
+    gives fewstep-1/-2 rows next to the teacher's ddim-2 for each backend; C++ counts one denoiser call."""
+    import torch
+
+    threads = torch.get_num_threads()
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(SystemExit) as exc:
+            bench.main(["--models", "tiny", "--backends", "cpp", "ort", "--batch", "1", "--samplers", "ddim-2",
+                        "--fewstep", "--repeats", "2", "--warmup", "0", "--threads", "1", "--no-progress",
+                        "--out-dir", str(out), "--cache-dir", str(smoke / "cache")])
+    finally:
+        torch.set_num_threads(threads)
+    assert exc.value.code == 0
+    result = json.loads((out / "latency.json").read_text())
+    assert result["settings"]["samplers"] == ["ddim-2", "fewstep-1", "fewstep-2"]
+    assert result["settings"]["precisions"] == ["fp32"]
+    assert result["models"]["tiny"]["fewstep_student"]["fewstep_timesteps"] == [99, 49]
+    chunks = {(r["backend"], r["sampler"], r["steps"]): r for r in result["rows"] if r["kind"] == "chunk"}
+    ran = {b for b, _, _ in chunks}
+    assert "ort" in ran  # cpp too when the C++ module is built; else it is skipped with its reason
+    assert "cpp" in ran or any(s["backend"] == "cpp" for s in result["skipped"])
+    for b in ran:
+        teacher, one, two = chunks[(b, "ddim", 2)], chunks[(b, "fewstep", 1)], chunks[(b, "fewstep", 2)]
+        assert not teacher["student"] and one["student"] and two["student"]
+        assert one["precision"] == two["precision"] == teacher["precision"] == "fp32"
+        assert 0 < one["p50_ms"] and 0 < two["p50_ms"]
+        assert one["model"] == two["model"] == teacher["model"] == "tiny"
+    if "cpp" in ran:  # the C++ runtime counts its own denoiser runs
+        assert chunks[("cpp", "fewstep", 1)]["denoiser_calls"] == 1
+        assert chunks[("cpp", "fewstep", 2)]["denoiser_calls"] == 2
+        assert chunks[("cpp", "ddim", 2)]["denoiser_calls"] == 2
+    md = (out / "latency.md").read_text()
+    assert "| tiny | ort | 1 | fewstep | 1 |" in md and "| tiny | ort | 1 | ddim | 2 |" in md
+    assert "Few-step student rows against the teacher's ddim-10" in md
+    assert "| tiny | ort | fp32 | 1 | fewstep-1 |" in md
+
+
+def test_fewstep_and_precision_settings():
+    parse = bench.build_parser().parse_args
+    s = bench.settings_from_args(parse(["--samplers", "ddim-10", "--fewstep", "--precision", "fp32", "int8"]))
+    assert s.samplers == (("ddim", 10), ("fewstep", 1), ("fewstep", 2)) and s.precisions == ("fp32", "int8")
+    s = bench.settings_from_args(parse(["--samplers", "fewstep-1", "ddim-10"]))
+    assert s.samplers == (("fewstep", 1), ("ddim", 10)) and s.precisions == ("fp32",)
 
 
 def test_unwritable_out_dir_fails_before_measuring(tmp_path, capsys):
