@@ -24,6 +24,7 @@ def _parsers():
 
     return {
         "dpkit-train": (train_cli.build_parser(), ["--config", "tiny"]),
+        "dpkit-distill": (train_cli.build_distill_parser(), ["runs/teacher", "--out", "runs/student"]),
         "dpkit-export": (export_cli.parser(), ["runs/x", "--out", "b"]),
         "dpkit-eval": (evaluate._parser(), ["--random"]),
         "dpkit-bench": (latency.build_parser(), ["--quick"]),
@@ -36,7 +37,8 @@ def test_every_command_is_checked():
     assert set(scripts) == set(_parsers())
 
 
-@pytest.mark.parametrize("name", ["dpkit-train", "dpkit-export", "dpkit-eval", "dpkit-bench", "dpkit-convert"])
+@pytest.mark.parametrize("name", ["dpkit-train", "dpkit-distill", "dpkit-export", "dpkit-eval", "dpkit-bench",
+                                  "dpkit-convert"])
 def test_shared_arguments(name, tmp_path):
     parser, required = _parsers()[name]
     out = str(tmp_path / "r.json")

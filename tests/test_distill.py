@@ -195,3 +195,26 @@ def test_malformed_fewstep_sampler_refused_by_both_readers(student_bundle, tmp_p
     for backend in ("ort", "cpp"):
         with pytest.raises(DpkitError, match=r"prev_timesteps of a fewstep sampler must be its timesteps\[1:\] then -1"):
             load_policy(bad, backend=backend)
+
+
+def test_converted_image_policy_distills_end_to_end(synthetic_store, tmp_path):
+    """The smoke test of issue 16: a policy converted from the original code's own checkpoint (ResNet-18 image
+    encoder) as the teacher; a few steps; export; the C++ runtime samples fewstep-1 and fewstep-2. No score."""
+    import lzma
+
+    from dpkit.convert.source import convert_policy
+    from dpkit.export import export_bundle
+    from dpkit.runtime import load_policy
+
+    ckpt = tmp_path / "latest.ckpt"
+    with lzma.open(Path(__file__).parent / "data" / "peers" / "original_pusht_hybrid_tiny" / "latest.ckpt.xz") as f:
+        ckpt.write_bytes(f.read())
+    convert_policy(ckpt, tmp_path / "teacher")
+    assert _distill(tmp_path / "teacher", tmp_path / "student", synthetic_store, steps=2) == 0
+    export_bundle(tmp_path / "student", tmp_path / "bundle", log=lambda s: None)
+    cpp = load_policy(tmp_path / "bundle", backend="cpp")
+    assert cpp.info["default_sampler"] == "fewstep-2"
+    obs = policy_obs(cpp)
+    for k in (1, 2):
+        traj = cpp.sample(obs, "fewstep", k, seed=0)
+        assert traj.shape == (1, cpp.horizon, cpp.action_dim) and np.all(np.isfinite(traj))
