@@ -47,8 +47,8 @@ def test_int8_manifest_records_precision_quantization_and_error(int8_bundle):
     assert err == summary["quantization_error"] and err["bounds"] == quantize.INT8_BOUNDS
     assert set(err["max"]) == {"encoder", "denoiser", "traj_ddim", "traj_ddpm"}
     assert err["max"]["encoder"] == 0.0  # the encoder graph ships unchanged
-    for check, bound in quantize.INT8_BOUNDS.items():
-        assert 0 < err["max"][check] <= bound, (check, err["max"])  # rounding is visible, and bounded
+    for check in err["max"].keys() - {"encoder"}:  # a diffusion policy: no traj_fewstep (a student's check)
+        assert 0 < err["max"][check] <= quantize.INT8_BOUNDS[check], (check, err["max"])  # visible, and bounded
     assert m["parity"] == err["max"] and m["parity_details"]["int8"]["max"] == err["max"]
     assert m["parity_details"]["fp32"]["max"]["denoiser"] < 1e-4  # the fp32 graphs were verified first
 

@@ -1,0 +1,121 @@
+"""Few-step students against their teachers: score on the same seeds, and distillation's CPU cost.
+
+    python -m dpkit.benchmarks.bench_fewstep --pair runs/teacher_s42 runs/student_s42 \\
+        --pair runs/teacher_s43 runs/student_s43 --episodes 200 --out benchmarks/results/fewstep
+
+For each (teacher run, student run): both are exported (fp32 bundles), then dpkit-eval scores, in the C++
+runtime, the teacher with DDPM-100 and DDIM-10 and the student with fewstep-1 and fewstep-2 on the same
+legacy seeds (100000 on). A student's figure is given as a fraction of its teacher's DDPM-100 score with the
+paired standard error of the per-episode difference (the same seed's start state on both sides). The cost is
+the student's distillation CPU time over its teacher's training CPU time (each run's train_summary.json,
+same machine). Pairs run one process each, side by side, with one thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from dpkit.errors import DpkitError, cli_entry
+from dpkit.io import atomic_write_json, atomic_write_text
+
+TEACHER_SAMPLERS = ("ddpm-100", "ddim-10")
+STUDENT_SAMPLERS = ("fewstep-1", "fewstep-2")
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode != 0:
+        raise DpkitError(f"{' '.join(cmd)} failed: {proc.stderr.strip().splitlines()[-1:]}")
+
+
+def _bundle(run: Path, out: Path) -> Path:
+    if not (out / "policy.json").exists():
+        _run([sys.executable, "-m", "dpkit.export.cli", str(run), "--out", str(out), "--no-progress", "--threads", "1"])
+    return out
+
+
+def _evaluate(bundle: Path, sampler: str, episodes: int, out: Path) -> dict:
+    if not out.exists():
+        _run([sys.executable, "-m", "dpkit.eval.evaluate", "--bundle", str(bundle), "--backend", "cpp",
+              "--sampler", sampler, "--episodes", str(episodes), "--seed-start", "100000", "--threads", "1",
+              "--no-progress", "--json", str(out)])
+    return json.loads(out.read_text())
+
+
+def _pair(teacher: Path, student: Path, episodes: int, work: Path) -> dict:
+    name = student.name
+    tb, sb = _bundle(teacher, work / f"{teacher.name}_bundle"), _bundle(student, work / f"{name}_bundle")
+    evals = {s: _evaluate(tb, s, episodes, work / f"{teacher.name}_{s}.json") for s in TEACHER_SAMPLERS}
+    evals |= {s: _evaluate(sb, s, episodes, work / f"{name}_{s}.json") for s in STUDENT_SAMPLERS}
+    rewards = {s: np.array([e["max_reward"] for e in r["episodes"]]) for s, r in evals.items()}
+    ref = rewards["ddpm-100"]
+    rows = {}
+    for s, r in evals.items():
+        diff = rewards[s] - ref
+        rows[s] = {"score": r["score"], "success_rate": r["success_rate"], "calls": r["steps"],
+                   "of_teacher_ddpm100": r["score"] / evals["ddpm-100"]["score"],
+                   "diff_vs_ddpm100": float(diff.mean()),
+                   "paired_se": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None,
+                   "mean_chunk_latency_ms": r.get("mean_chunk_latency_ms"), "wall_s": r["wall_s"]}
+    t_sum = json.loads((teacher / "train_summary.json").read_text())
+    s_sum = json.loads((student / "train_summary.json").read_text())
+    return {"teacher": str(teacher), "student": str(student), "episodes": episodes, "samplers": rows,
+            "teacher_cpu_s": t_sum["cpu_s"], "student_cpu_s": s_sum["cpu_s"],
+            "cost_ratio": s_sum["cpu_s"] / t_sum["cpu_s"], "teacher_steps": t_sum["steps"],
+            "student_steps": s_sum["steps"], "teacher_wall_s": t_sum["wall_s"], "student_wall_s": s_sum["wall_s"]}
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"# Few-step students vs their teachers (C++ runtime, seeds 100000..{100000 + result['episodes'] - 1})",
+             "", f"{result['machine']}; {result['date']}; `uptime` before: {result['uptime_before']}", "",
+             "| teacher | sampler | calls | score | success | of teacher DDPM-100 | diff (paired SE) |",
+             "|---|---|---|---|---|---|---|"]
+    for p in result["pairs"]:
+        for s, r in p["samplers"].items():
+            se = f"{r['diff_vs_ddpm100']:+.3f} ({r['paired_se']:.3f})" if s != "ddpm-100" else "—"
+            lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {r['score']:.3f} | "
+                         f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} |")
+    lines += ["", "| teacher | teacher training CPU | distillation CPU | ratio |", "|---|---|---|---|"]
+    for p in result["pairs"]:
+        lines.append(f"| {Path(p['teacher']).name} | {p['teacher_cpu_s'] / 60:.1f} min ({p['teacher_steps']} steps) | "
+                     f"{p['student_cpu_s'] / 60:.1f} min ({p['student_steps']} steps) | {100 * p['cost_ratio']:.0f} % |")
+    return "\n".join(lines) + "\n"
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_fewstep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pair", nargs=2, action="append", metavar=("TEACHER", "STUDENT"), required=True)
+    p.add_argument("--episodes", type=int, default=200)
+    p.add_argument("--out", default="benchmarks/results/fewstep")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    work = out / "evals"
+    work.mkdir(parents=True, exist_ok=True)
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(args.pair)) as pool:
+        pairs = list(pool.map(lambda tp: _pair(Path(tp[0]), Path(tp[1]), args.episodes, work), args.pair))
+    result = {"machine": f"{platform.processor() or platform.machine()}; {platform.platform()}; {os.cpu_count()} CPUs",
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uptime_before": uptime,
+              "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+              "wall_s": time.perf_counter() - t0, "episodes": args.episodes, "pairs": pairs}
+    atomic_write_json(out / "fewstep.json", result)
+    atomic_write_text(out / "fewstep.md", _markdown(result))
+    print(_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    main()
