@@ -53,9 +53,9 @@ def _evaluate(bundle: Path, sampler: str, episodes: int, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def _pair(teacher: Path, student: Path, episodes: int, work: Path) -> dict:
+def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path) -> dict:
     name = student.name
-    tb, sb = _bundle(teacher, work / f"{teacher.name}_bundle"), _bundle(student, work / f"{name}_bundle")
+    tb, sb = _bundle(teacher, cache / f"{teacher.name}_bundle"), _bundle(student, cache / f"{name}_bundle")
     evals = {s: _evaluate(tb, s, episodes, work / f"{teacher.name}_{s}.json") for s in TEACHER_SAMPLERS}
     evals |= {s: _evaluate(sb, s, episodes, work / f"{name}_{s}.json") for s in STUDENT_SAMPLERS}
     rewards = {s: np.array([e["max_reward"] for e in r["episodes"]]) for s, r in evals.items()}
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair", nargs=2, action="append", metavar=("TEACHER", "STUDENT"), required=True)
     p.add_argument("--episodes", type=int, default=200)
     p.add_argument("--out", default="benchmarks/results/fewstep")
+    p.add_argument("--cache", default="benchmarks/.cache/fewstep", help="where the exported bundles go")
     args = p.parse_args(argv)
     out = Path(args.out)
     work = out / "evals"
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(args.pair)) as pool:
-        pairs = list(pool.map(lambda tp: _pair(Path(tp[0]), Path(tp[1]), args.episodes, work), args.pair))
+        pairs = list(pool.map(lambda tp: _pair(Path(tp[0]), Path(tp[1]), args.episodes, work, Path(args.cache)),
+                              args.pair))
     result = {"machine": f"{platform.processor() or platform.machine()}; {platform.platform()}; {os.cpu_count()} CPUs",
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uptime_before": uptime,
               "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

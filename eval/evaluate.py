@@ -38,7 +38,7 @@ from dpkit.eval import pusht
 from dpkit.eval import lerobot_protocol
 from dpkit.eval.latency import evaluate_latency
 from dpkit.eval.protocol import (MAX_ENVS, OBS_KEYS, Policy, check_blend, check_policy, env_count,  # noqa: F401
-                                 protocol_fields)
+                                 policy_fields, protocol_fields)
 from dpkit.runtime import BACKENDS
 from dpkit.runtime.realtime import EXECUTIONS
 from dpkit.threads import choose_threads
@@ -196,12 +196,7 @@ def evaluate_policy(
     report = {
         "score": float(np.mean(rewards)),
         "success_rate": float(np.mean([e.success for e in finished])),
-        "backend": str(getattr(policy, "backend", type(policy).__name__)),
-        "obs_mode": mode,
-        "n_obs_steps": to,
-        "n_action_steps": ta,
-        "mean_chunk_latency_ms": float(np.mean(latencies) * 1e3),
-        "n_chunks": len(latencies),
+        **policy_fields(policy, mode, to, ta, latencies),
         **protocol_fields(episodes, seed_start, max_steps, n_envs, sample_seed, t_start),
         "videos": [str(path) for path, _ in videos],
         "episodes": [

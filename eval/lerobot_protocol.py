@@ -47,7 +47,7 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.eval import pusht
-from dpkit.eval.protocol import check_policy, env_count, protocol_fields
+from dpkit.eval.protocol import check_policy, env_count, policy_fields, protocol_fields
 
 SEED = 1000
 """lerobot-eval's default `--seed` (EvalPipelineConfig.seed): the first episode's env seed."""
@@ -207,12 +207,7 @@ def evaluate_lerobot(
     report = {
         "protocol": "lerobot",
         "overall": aggregate(per_episode, eval_s),
-        "backend": str(getattr(policy, "backend", type(policy).__name__)),
-        "obs_mode": mode,
-        "n_obs_steps": to,
-        "n_action_steps": ta,
-        "mean_chunk_latency_ms": float(np.mean(latencies) * 1e3),
-        "n_chunks": len(latencies),
+        **policy_fields(policy, mode, to, ta, latencies),
         **protocol_fields(episodes, seed_start, max_steps, batch, sample_seed, t_start),
         "per_episode": per_episode,
     }

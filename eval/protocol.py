@@ -87,6 +87,14 @@ def env_count(policy: Any, episodes: int, n_envs: int | None) -> int:
     return n
 
 
+def policy_fields(policy: Any, mode: str, n_obs_steps: int, n_action_steps: int,
+                  latencies: Sequence[float]) -> dict[str, Any]:
+    """The report keys that say which policy ran and what its chunks cost (shared by every evaluation mode)."""
+    return {"backend": str(getattr(policy, "backend", type(policy).__name__)), "obs_mode": mode,
+            "n_obs_steps": n_obs_steps, "n_action_steps": n_action_steps,
+            "mean_chunk_latency_ms": float(np.mean(latencies) * 1e3), "n_chunks": len(latencies)}
+
+
 def protocol_fields(episodes: int, seed_start: int, max_steps: int, n_envs: int, sample_seed: int,
                     t_start: float) -> dict[str, Any]:
     """The report keys that say which protocol ran (shared by every evaluation mode)."""
