@@ -45,12 +45,26 @@ def _bundle(run: Path, out: Path) -> Path:
     return out
 
 
-def _evaluate(bundle: Path, sampler: str, episodes: int, out: Path) -> dict:
+def _evaluate(bundle: Path, sampler: str, episodes: int, out: Path, latency_steps: int | None = None) -> dict:
     if not out.exists():
+        delay = ["--latency-steps", str(latency_steps)] if latency_steps is not None else []
         _run([sys.executable, "-m", "dpkit.eval.evaluate", "--bundle", str(bundle), "--backend", "cpp",
               "--sampler", sampler, "--episodes", str(episodes), "--seed-start", "100000", "--threads", "1",
-              "--no-progress", "--json", str(out)])
+              "--no-progress", "--json", str(out), *delay])
     return json.loads(out.read_text())
+
+
+def _under_latency(teacher: Path, student: Path, delays: list[int], episodes: int, work: Path, cache: Path) -> dict:
+    """Scores under a fixed inference delay of d environment steps (dpkit-eval --latency-steps d, its default
+    execution async-inpaint): the teacher's DDIM-10 against the student's fewstep-1 and fewstep-2."""
+    bundles = {"ddim-10": cache / f"{teacher.name}_bundle", "fewstep-1": cache / f"{student.name}_bundle",
+               "fewstep-2": cache / f"{student.name}_bundle"}
+    rows = {}
+    for sampler, bundle in bundles.items():
+        owner = teacher.name if sampler == "ddim-10" else student.name
+        rows[sampler] = {d: _evaluate(bundle, sampler, episodes, work / f"{owner}_{sampler}_latency{d}.json", d)["score"]
+                         for d in delays}
+    return {"teacher": str(teacher), "student": str(student), "episodes": episodes, "scores": rows}
 
 
 def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path) -> dict:
@@ -90,6 +104,14 @@ def _markdown(result: dict) -> str:
     for p in result["pairs"]:
         lines.append(f"| {Path(p['teacher']).name} | {p['teacher_cpu_s'] / 60:.1f} min ({p['teacher_steps']} steps) | "
                      f"{p['student_cpu_s'] / 60:.1f} min ({p['student_steps']} steps) | {100 * p['cost_ratio']:.0f} % |")
+    lat = result.get("under_latency")
+    if lat:
+        delays = list(next(iter(lat["scores"].values())))
+        lines += ["", f"Under latency ({Path(lat['teacher']).name}, {lat['episodes']} legacy seeds, dpkit-eval "
+                      f"--latency-steps d, async-inpaint):", "",
+                  "| sampler | " + " | ".join(f"d = {d}" for d in delays) + " |", "|---" * (len(delays) + 1) + "|"]
+        for s, row in lat["scores"].items():
+            lines.append(f"| {s} | " + " | ".join(f"{row[d]:.3f}" for d in delays) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=200)
     p.add_argument("--out", default="benchmarks/results/fewstep")
     p.add_argument("--cache", default="benchmarks/.cache/fewstep", help="where the exported bundles go")
+    p.add_argument("--latency-steps", default="", help="delays d for the under-latency table (e.g. 0,1,2,3,4; "
+                                                      "first pair only; empty: none)")
+    p.add_argument("--latency-episodes", type=int, default=50)
     args = p.parse_args(argv)
     out = Path(args.out)
     work = out / "evals"
@@ -109,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(len(args.pair)) as pool:
         pairs = list(pool.map(lambda tp: _pair(Path(tp[0]), Path(tp[1]), args.episodes, work, Path(args.cache)),
                               args.pair))
+    delays = [int(d) for d in args.latency_steps.split(",") if d.strip()]
+    latency = (_under_latency(Path(args.pair[0][0]), Path(args.pair[0][1]), delays, args.latency_episodes, work,
+                              Path(args.cache)) if delays else None)
     result = {"machine": f"{platform.processor() or platform.machine()}; {platform.platform()}; {os.cpu_count()} CPUs",
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "uptime_before": uptime,
               "uptime_after": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-              "wall_s": time.perf_counter() - t0, "episodes": args.episodes, "pairs": pairs}
+              "wall_s": time.perf_counter() - t0, "episodes": args.episodes, "pairs": pairs,
+              "under_latency": latency}
     atomic_write_json(out / "fewstep.json", result)
     atomic_write_text(out / "fewstep.md", _markdown(result))
     print(_markdown(result))

@@ -218,3 +218,23 @@ def test_converted_image_policy_distills_end_to_end(synthetic_store, tmp_path):
     for k in (1, 2):
         traj = cpp.sample(obs, "fewstep", k, seed=0)
         assert traj.shape == (1, cpp.horizon, cpp.action_dim) and np.all(np.isfinite(traj))
+
+
+@pytest.mark.parametrize("execution", ["sync", "async-inpaint"])
+def test_realtime_controllers_run_the_student(student_bundle, execution):
+    """The C++ real-time controller samples fewstep chunks exactly as the Python reference does."""
+    from test_cpp_realtime import SEED, CppNoise, _drive, _stream
+
+    from dpkit.runtime import load_policy
+    from dpkit.runtime.realtime import CppRealTimeController, RealTimeController, make_controller
+
+    policy = load_policy(student_bundle, backend="cpp", threads=1, max_batch=2)
+    stream = _stream(policy, 60)
+    kwargs = dict(execution=execution, delay=2, blend=1 if execution == "async-inpaint" else 0, seed=SEED,
+                  sampler="fewstep", steps=1)
+    cpp = make_controller(policy, **kwargs)
+    assert isinstance(cpp, CppRealTimeController)
+    got, _, stats = _drive(cpp, stream)
+    want, _, _ = _drive(RealTimeController(CppNoise(policy, SEED), **kwargs), stream)
+    np.testing.assert_array_equal(got, want)
+    assert stats.chunks >= 60 // (policy.n_action_steps + 2)
