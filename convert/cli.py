@@ -8,6 +8,8 @@
 The run folder is what dpkit-train writes (checkpoint + resolved config + normalizer, plus where the
 policy came from), so dpkit-export, dpkit-eval --checkpoint, dpkit-bench and load_policy(...,
 backend="torch") use it unchanged. Nothing is written at --out unless the conversion succeeds.
+    dpkit-convert path/to/pretrained_model --out runs/x --check auto    # or --check path/to/reference.npz
+compares the converted policy's outputs with the peer's recorded ones first (dpkit.convert.check).
 A hub repo id is fetched through huggingface_hub into its standard cache (HF_HUB_OFFLINE=1: the cache only);
 a local path that exists wins over it (dpkit.convert.hub).
 """
@@ -33,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="dpkit run folder to write")
     p.add_argument("--force", action="store_true", help="replace --out if it is a dpkit run folder")
     p.add_argument("--no-ema", action="store_true", help="diffusion_policy: the trained weights, not the EMA copy")
+    p.add_argument("--check", default=None, metavar="REFERENCE.npz|auto",
+                   help="run the converted policy on a peer reference (observations, noise, the peer's outputs) "
+                        "and refuse to write --out unless it matches (dpkit.convert.check); auto: the "
+                        "reference.npz in the source folder or beside the .ckpt")
     add_common_args(p, json="also write a summary here")  # --threads, --no-progress, --json PATH, --version
     return p
 
@@ -60,12 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         choice = choose_threads(args.threads)
         apply_torch(choice)
         summary = convert_policy(args.source, args.out, ema=not args.no_ema, force=args.force, progress=progress,
-                                 revision=args.revision, download_progress=not args.no_progress)
+                                 revision=args.revision, download_progress=not args.no_progress, check=args.check)
     summary["threads"] = choice.to_json()
     src = summary["source"]
     where = f"{src['hub']['repo_id']}@{src['hub']['commit'][:12]}" if "hub" in src else src["path"]
     print(f"dpkit-convert: {src['format']} {where} -> {summary['out']} ({summary['obs_mode']}, "
           f"{src['weights']} weights, sha256 {src['sha256'][:12]}...)")
+    if summary.get("check"):
+        errs = "; ".join(f"{c['sampler']} {c['dpkit_px']:.2g} px (peer's own {c['peer_px']:.2g}) from the {c['exact']} run"
+                         for c in summary["check"]["cases"])
+        print(f"dpkit-convert: check passed against {summary['check']['reference']}: {errs}")
     if args.json:
         atomic_write_json(args.json, summary)
     return 0

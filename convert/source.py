@@ -47,11 +47,30 @@ def detect_source(path: str | Path) -> tuple[str, Path]:
                      f"(torch zip archive)")
 
 
+def _auto_reference(source: str | Path, path: Path, kind: str) -> Path:
+    """`check="auto"`: the reference.npz in the source folder or beside its checkpoint, else a one-line refusal."""
+    from dpkit.convert.check import find_reference, peer_framework
+
+    found = find_reference(source) or find_reference(path)
+    if found is None:
+        live = peer_framework(kind)
+        why = (f"{', '.join(live)} is importable here, but a live comparison against it is not implemented"
+               if live else f"{'lerobot' if kind == 'lerobot' else 'diffusion_policy'} is not importable here")
+        raise DpkitError(f"--check auto: no reference.npz in or beside {source} ({why}); pass --check REFERENCE.npz")
+    return found
+
+
 def convert_policy(source: str | Path, out: str | Path, *, ema: bool = True, force: bool = False,
                    progress: Callable[[str], None] | None = None, revision: str | None = None,
-                   download_progress: bool = True) -> dict[str, Any]:
+                   download_progress: bool = True, check: str | Path | None = None) -> dict[str, Any]:
     """Convert `source` (a path, or a hub repo id at `revision`) into the dpkit run folder `out`; returns a
-    summary (also what --json writes). `download_progress`: huggingface_hub's own bars while fetching."""
+    summary (also what --json writes). `download_progress`: huggingface_hub's own bars while fetching.
+
+    `check`: a peer reference.npz, or "auto" (the one in the source folder / beside the checkpoint): the
+    converted policy is run on its observations and noise and compared with the peer's recorded outputs
+    (dpkit.convert.check); a failed check raises DpkitError (one line: the error and the bound) and nothing
+    is written at `out`. The result is recorded in the run's source record and the summary ("check")."""
+    from dpkit.convert.check import read_reference
     from dpkit.convert.hub import fetch_repo, is_repo_id
     from dpkit.convert.lerobot import read_lerobot
     from dpkit.convert.original import read_original
@@ -59,6 +78,9 @@ def convert_policy(source: str | Path, out: str | Path, *, ema: bool = True, for
 
     out = Path(out)
     check_out(out, force)  # before any reading: a refused --out costs nothing
+    reference = None
+    if check is not None and str(check) != "auto":
+        reference = read_reference(check)  # a bad reference is refused before the conversion
     hub = None
     if is_repo_id(source):
         (progress or (lambda _msg: None))(f"fetching {source} from the hub")
@@ -78,9 +100,29 @@ def convert_policy(source: str | Path, out: str | Path, *, ema: bool = True, for
             config, normalizer, weights, src, step = read_original(path, name, ema=ema)
         if hub is not None:
             src["hub"] = hub
+        if check is not None:
+            if reference is None:
+                reference = read_reference(_auto_reference(source, path, kind))
+            say(f"checking against {reference.path}")
+            src["check"] = _run_check(config, normalizer, weights, src, reference)
         say(f"writing {out}")
         write_run(out, config, normalizer, weights, src, step=step, force=force)
     p = config.policy
-    return {"out": str(out), "source": src, "obs_mode": p.obs_mode, "observations": list(p.obs_keys) or None,
+    return {"out": str(out), "source": src, "check": src.get("check"), "obs_mode": p.obs_mode, "observations": list(p.obs_keys) or None,
             "n_obs_steps": p.n_obs_steps, "horizon": p.horizon, "n_action_steps": p.n_action_steps,
             "down_dims": list(p.down_dims), "step": step}
+
+
+def _run_check(config, normalizer, weights: dict[str, Any], src: dict[str, Any], reference) -> dict[str, Any]:
+    """The converted model, built as write_run builds it, against `reference`; raises on a failed check."""
+    from dpkit.convert.check import check_policy
+    from dpkit.convert.mapping import load_mapped
+    from dpkit.train.policy import DiffusionPolicy
+
+    config.validate()
+    policy = DiffusionPolicy(config.policy, normalizer)
+    load_mapped(policy, weights, src.get("path", "source"))
+    result = check_policy(policy.eval(), reference)
+    if not result["passed"]:
+        raise DpkitError(f"--check failed against {reference.path}: {result['message']}; the run was not written")
+    return result

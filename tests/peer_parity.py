@@ -28,43 +28,22 @@ and default, 1 and 2 threads). Two rules, the same for torch, ort and cpp:
    another EPYC of this kind put torch DDIM-10 1.45e-3 px from a peer's float32 result (an excess of at
    most 1.45e-3 px). Hence 1.7e-3 px for DDPM-100 and 3.3e-3 px for DDIM-10, on every backend.
 
+The rule's constants, Case, the float64 run and the per-case measurement live in dpkit.convert.check (imported
+here), so that `dpkit-convert --check` applies the same rule; check_case below asserts it.
+
 The peers' float32 runs each sit this far from float64 themselves, so a bound tighter than item 2 would
 demand that dpkit round more accurately than the peer's own code does.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-TRAJ_TOL = 1e-4  # normalized trajectory (1.0 = half the action range)
-ACTION_TOL_PX = 1e-3  # executed actions, px
-ROUNDING_MARGIN_PX = {"ddpm": 1.7e-3, "ddim": 3.3e-3}
-
-
-@dataclass(frozen=True)
-class Case:
-    """One sampler's reference in a fixture: the injected noise and the peer's float32 outputs."""
-
-    sampler: str
-    steps: int
-    initial_noise: np.ndarray
-    step_noise: np.ndarray | None  # (K, B, H, A) as dpkit takes it, or None (DDIM)
-    peer_traj: np.ndarray  # normalized
-    peer_actions: np.ndarray  # executed actions, px
-
-    def sample(self, policy, obs: dict[str, np.ndarray]) -> np.ndarray:
-        return policy.sample(obs, sampler=self.sampler, steps=self.steps, initial_noise=self.initial_noise,
-                             step_noise=self.step_noise)
-
-
-def ddpm_step_noise(peer_draws: np.ndarray) -> np.ndarray:
-    """The peers draw 99 step noises for DDPM-100 (t = 99..1); dpkit's step_noise has one slice per step
-    (K = 100), the last (t = 0) unused."""
-    return np.concatenate([peer_draws, np.zeros_like(peer_draws[:1])])
+# The rule itself lives in the package, so that dpkit-convert --check applies the same one.
+from dpkit.convert.check import (ACTION_TOL_PX, ROUNDING_MARGIN_PX, TRAJ_TOL, Case, ddpm_step_noise,  # noqa: F401
+                                 float64_network, float64_trajectory, measure_case)
 
 
 class Float64Runs:
@@ -81,23 +60,14 @@ class Float64Runs:
         if name not in self._networks:
             from dpkit.runtime import load_policy
 
-            p32 = load_policy(self._run_of(name), backend="torch")
-            self._networks[name] = copy.deepcopy(p32.policy).double().eval()
+            self._networks[name] = float64_network(load_policy(self._run_of(name), backend="torch").policy)
         return self._networks[name]
 
     def get(self, name: str, case: Case, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The float64 normalized trajectory (the backends' `sample` would round it to float32)."""
-        import torch
-
         key = (name, case.sampler, case.steps)
         if key not in self._cache:
-            noise = None if case.step_noise is None else torch.from_numpy(np.asarray(case.step_noise, np.float64))
-            traj = self.network(name).sample(
-                {k: torch.from_numpy(np.asarray(v, np.float64)) for k, v in obs.items()}, sampler=case.sampler,
-                steps=case.steps, initial_noise=torch.from_numpy(np.asarray(case.initial_noise, np.float64)),
-                step_noise=noise).numpy()
-            assert traj.dtype == np.float64
-            self._cache[key] = traj
+            self._cache[key] = float64_trajectory(self.network(name), obs, case)
         return self._cache[key]
 
 
@@ -120,15 +90,10 @@ class LazyBundles:
 
 def check_case(policy, obs: dict[str, np.ndarray], case: Case, truth: np.ndarray) -> dict[str, float]:
     """Assert the module docstring's rule for one backend and sampler; returns the errors (px / normalized)."""
-    exact = policy.executed_actions(truth)
-    traj = case.sample(policy, obs)
-    d = {"peer_traj": float(np.abs(case.peer_traj - truth).max()),
-         "peer_px": float(np.abs(case.peer_actions - exact).max()),
-         "dpkit_traj": float(np.abs(traj - truth).max()),
-         "dpkit_px": float(np.abs(policy.executed_actions(traj) - exact).max())}
-    assert d["peer_traj"] <= TRAJ_TOL and d["peer_px"] <= ACTION_TOL_PX, (case.sampler, "conversion", d)
-    bound = d["peer_px"] + ROUNDING_MARGIN_PX[case.sampler]
-    assert d["dpkit_traj"] <= TRAJ_TOL and d["dpkit_px"] <= bound, (case.sampler, "float32 rounding", bound, d)
+    m = measure_case(policy, obs, case, truth)
+    d = {k: m[k] for k in ("peer_traj", "peer_px", "dpkit_traj", "dpkit_px")}
+    assert m["conversion_ok"], (case.sampler, "conversion", d)
+    assert m["rounding_ok"], (case.sampler, "float32 rounding", m["rounding_bound_px"], d)
     return d
 
 
