@@ -24,7 +24,8 @@ import numpy as np
 
 from dpkit.errors import DpkitError
 from dpkit.io import MAX_JSON_DEPTH, json_depth, sha256_file  # noqa: F401  (json_depth: the one home is dpkit.io)
-from dpkit.runtime.onnx_info import DTYPE_NAMES, FLOAT, INT64, OnnxError, read_onnx_info
+from dpkit.runtime.onnx_info import (DTYPE_NAMES, FLOAT, INT64, OnnxError, graph_precision, precision_fits,
+                                     read_onnx_info)
 from dpkit.sampling import KINDS, SamplerSpec
 from dpkit.sampling_args import resolve_sampler
 
@@ -592,6 +593,7 @@ def check_bundle_files(root: Path, manifest: dict[str, Any], where: str, verify_
         problem = graph_io_problem(manifest, g, info.graph_inputs(), info.outputs)
         if problem:
             r.fail(f"models.{g}.file", f"{json.dumps(m['file'])}: {problem}")
+        _check_graph_precision(r, m, g, info)
         files[g] = path
     if verify_sha256:
         for g in GRAPHS:
@@ -605,6 +607,18 @@ def check_bundle_files(root: Path, manifest: dict[str, Any], where: str, verify_
                     r.fail(key, f"does not match {name} (file has {got[:12]}..., policy.json says {want[:12]}...): "
                                 "the file was modified or is corrupt; re-export the bundle")
     return files
+
+
+def _check_graph_precision(r: _Reader, m: dict[str, Any], g: str, info) -> None:
+    """The declared precision (models.<g>.precision, or the one dtype implies when absent) must be what the
+    graph is (onnx_info.graph_precision): a label policy.json carries is not taken on trust."""
+    derived, evidence = graph_precision(info)
+    declared = model_precision(m)
+    if precision_fits(declared, derived, info):
+        return
+    label = (json.dumps(declared) if "precision" in m
+             else f"(missing; {json.dumps(declared)} from dtype {json.dumps(m['dtype'])})")
+    r.fail(f"models.{g}.precision", f"{label} does not match the graph: {m['file']} is {derived} ({evidence})")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ outputs, and every external-data file its tensors reference.
     info = read_onnx_info("bundle/denoiser.onnx")
     info.inputs      # [("sample", 1, (None, 16, 2)), ("timestep", 7, (None,)), ("cond", 1, (None, 40))]
     info.external    # {"denoiser.onnx.data"}: files that ONNX Runtime would load beside the graph
+    graph_precision(info)   # ("int8", "12 quantization nodes (...) and 24 int8/uint8 tensors"): what the graph is
 
 A small walk over the protobuf wire format (numpy-only runtime: no `onnx` package). Only the messages
 that can hold a tensor are entered (model, graph, node, attribute, function, training info, sparse
@@ -39,12 +40,30 @@ _SCHEMA = {
 }
 
 
+# Node op types that compute in integers: a graph with any of them (or with int8/uint8 tensors) is an int8
+# graph (docs/bundle-format.md, "Precision"). ONNX Runtime's dynamic quantization (export/quantize.py) writes
+# DynamicQuantizeLinear + MatMulInteger; static QDQ graphs QuantizeLinear/DequantizeLinear; QLinear* ops too.
+QUANT_OPS = frozenset({"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "MatMulInteger", "ConvInteger",
+                       "QLinearMatMul", "QLinearConv", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+                       "QAttention", "DynamicQuantizeLSTM"})
+INT8, UINT8, FLOAT16 = 3, 2, 10
+# The node types `--fp16` converts (matrix products and convolutions, export/onnx_export.py HALF_LAYERS): a
+# graph without any (the low-dim encoder, a normalization) is the same graph in fp32 and fp16, so either label fits.
+HALF_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+
+
+def is_quant_op(op_type: str) -> bool:
+    return op_type in QUANT_OPS or op_type.startswith("QLinear")
+
+
 @dataclass
 class OnnxInfo:
     inputs: list[tuple[str, int, tuple[int | None, ...]]] = field(default_factory=list)  # (name, elem type, dims)
     outputs: list[tuple[str, int, tuple[int | None, ...]]] = field(default_factory=list)
     initializers: set[str] = field(default_factory=set)
     external: set[str] = field(default_factory=set)  # `location` of every tensor stored outside the file
+    op_types: dict[str, int] = field(default_factory=dict)  # node op type -> count (subgraphs and functions too)
+    tensor_types: dict[int, int] = field(default_factory=dict)  # tensor data_type -> count (every tensor walked)
 
     def graph_inputs(self) -> list[tuple[str, int, tuple[int | None, ...]]]:
         """Inputs a caller feeds (old IR versions also list initializers as inputs)."""
@@ -103,9 +122,11 @@ def _text(buf, a: int, b: int) -> str:
 
 
 def _tensor(buf, a: int, b: int, info: OnnxInfo, top: bool) -> None:
-    location, external, name = None, False, None
+    location, external, name, dtype = None, False, None, 0
     for num, wire, s, e in _fields(buf, a, b):
-        if num == 14 and wire == 0:  # data_location: 1 = EXTERNAL
+        if num == 2 and wire == 0:  # data_type
+            dtype = s
+        elif num == 14 and wire == 0:  # data_location: 1 = EXTERNAL
             external = external or s == 1
         elif num == 13 and wire == 2:  # external_data: StringStringEntryProto {key = 1, value = 2}
             external = True
@@ -121,6 +142,7 @@ def _tensor(buf, a: int, b: int, info: OnnxInfo, top: bool) -> None:
             name = _text(buf, s, e)
     if external:
         info.external.add(location if location is not None else "")  # "" = external with no location
+    info.tensor_types[dtype] = info.tensor_types.get(dtype, 0) + 1
     if top and name is not None:
         info.initializers.add(name)
 
@@ -155,6 +177,10 @@ def _walk(buf, a: int, b: int, kind: str, info: OnnxInfo, depth: int) -> None:
         raise _Malformed
     schema = _SCHEMA[kind]
     for num, wire, s, e in _fields(buf, a, b):
+        if kind == "node" and num == 4 and wire == 2:  # NodeProto.op_type
+            op = _text(buf, s, e)
+            info.op_types[op] = info.op_types.get(op, 0) + 1
+            continue
         sub = schema.get(num)
         if sub is None or wire != 2:
             continue
@@ -166,6 +192,34 @@ def _walk(buf, a: int, b: int, kind: str, info: OnnxInfo, depth: int) -> None:
             info.outputs.append(_value_info(buf, s, e))
         else:
             _walk(buf, s, e, sub, info, depth + 1)
+
+
+def graph_precision(info: OnnxInfo) -> tuple[str, str]:
+    """(precision, evidence) of a graph from its nodes and tensors: "int8" when it has integer quantization
+    nodes (QUANT_OPS, QLinear*) or int8/uint8 tensors, else "fp16" when it has float16 tensors, else "fp32".
+    The evidence completes "<file> is <precision> (...)"; the C++ reader (cpp/src/manifest.cpp,
+    graph_precision) words it the same."""
+    quant = sorted(op for op in info.op_types if is_quant_op(op))
+    n_quant = sum(info.op_types[op] for op in quant)
+    n_int8 = info.tensor_types.get(INT8, 0) + info.tensor_types.get(UINT8, 0)
+    n_fp16 = info.tensor_types.get(FLOAT16, 0)
+    if n_quant or n_int8:
+        parts = []
+        if n_quant:
+            parts.append(f"{n_quant} integer quantization nodes: {', '.join(quant)}")
+        if n_int8:
+            parts.append(f"{n_int8} int8/uint8 tensors")
+        return "int8", "; ".join(parts)
+    if n_fp16:
+        return "fp16", f"{n_fp16} float16 tensors, no integer quantization nodes"
+    return "fp32", "no integer quantization nodes, no int8/uint8 or float16 tensors"
+
+
+def precision_fits(declared: str, derived: str, info: OnnxInfo) -> bool:
+    """Whether a graph that is `derived` (graph_precision) may be labelled `declared`: only its own
+    precision, except that an fp32 graph with no node `--fp16` converts (HALF_OPS) may be labelled fp16."""
+    return declared == derived or (declared == "fp16" and derived == "fp32"
+                                   and not any(info.op_types.get(op) for op in HALF_OPS))
 
 
 def read_onnx_info(path: str | Path) -> OnnxInfo:

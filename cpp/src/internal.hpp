@@ -25,6 +25,7 @@ struct ModelEntry {
   std::string dtype;
   // "fp32" | "fp16" | "int8": `precision`, or from dtype when absent (bundles from before int8).
   std::string precision;
+  bool precision_declared = false;  // policy.json has the `precision` key (else it is implied by dtype)
 };
 
 struct SamplerEntry {

@@ -167,6 +167,7 @@ std::string list_str(const std::vector<std::string>& v) {
 // as dpkit.runtime.bundle._validate_precision).
 void read_precision(const Reader& r, const json& m, const std::string& path, ModelEntry& e) {
   e.precision = e.dtype == "float16" ? "fp16" : "fp32";
+  e.precision_declared = m.contains("precision");
   if (m.contains("precision")) {
     e.precision = r.str(m, "precision", path);
     if (e.precision != "fp32" && e.precision != "fp16" && e.precision != "int8")
@@ -356,8 +357,11 @@ struct Walk {
     bool external = false, has_location = false;
     std::string location, name;
     bool has_name = false;
+    int dtype = 0;
     fields(b, e, [&](uint64_t num, uint64_t wire, uint64_t v, const uint8_t* s, const uint8_t* t) {
-      if (num == 14 && wire == 0) {
+      if (num == 2 && wire == 0) {  // data_type
+        dtype = static_cast<int>(v);
+      } else if (num == 14 && wire == 0) {
         external = external || v == 1;
       } else if (num == 13 && wire == 2) {
         external = true;
@@ -376,6 +380,7 @@ struct Walk {
       }
     });
     if (external) info.external.insert(has_location ? location : "");
+    ++info.tensor_types[dtype];
     if (top && has_name) initializers.insert(name);
   }
 
@@ -408,6 +413,10 @@ struct Walk {
   void walk(const uint8_t* b, const uint8_t* e, Kind kind, int depth) {
     if (depth > kMaxNesting) throw Malformed{};
     fields(b, e, [&](uint64_t num, uint64_t wire, uint64_t, const uint8_t* s, const uint8_t* t) {
+      if (kind == Kind::Node && num == 4 && wire == 2) {  // NodeProto.op_type
+        ++info.op_types[text(s, t)];
+        return;
+      }
       const Kind sub = child(kind, num);
       if (sub == Kind::None || wire != 2) return;
       if (sub == Kind::Tensor) tensor(s, t, kind == Kind::Graph);
@@ -512,10 +521,58 @@ void check_files(const Manifest& m, const std::string& dir, const Reader& r) {
                                                 graph + ".external_data does not list (every byte a graph loads must be hashed)");
     const std::string problem = graph_io_problem(m, g == 0, info);
     if (!problem.empty()) r.fail("models." + graph + ".file", in_quotes(e.file) + ": " + problem);
+    // The declared precision (or the one dtype implies) must be what the graph is: not taken on trust.
+    const auto [derived, evidence] = graph_precision(info);
+    if (!precision_fits(e.precision, derived, info)) {
+      const std::string label = e.precision_declared ? in_quotes(e.precision)
+                                                     : "(missing; " + in_quotes(e.precision) + " from dtype " + in_quotes(e.dtype) + ")";
+      r.fail("models." + graph + ".precision",
+             label + " does not match the graph: " + e.file + " is " + derived + " (" + evidence + ")");
+    }
   }
 }
 
+bool is_quant_op(const std::string& op) {
+  static const std::set<std::string> ops = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear",
+                                            "MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv",
+                                            "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm",
+                                            "QAttention", "DynamicQuantizeLSTM"};
+  return ops.count(op) > 0 || op.rfind("QLinear", 0) == 0;
+}
+
 }  // namespace
+
+std::pair<std::string, std::string> graph_precision(const OnnxInfo& info) {
+  constexpr int kUint8 = 2, kInt8 = 3, kFloat16 = 10;
+  auto count = [&](int t) {
+    auto it = info.tensor_types.find(t);
+    return it == info.tensor_types.end() ? int64_t(0) : it->second;
+  };
+  int64_t n_quant = 0;
+  std::string quant;
+  for (const auto& [op, n] : info.op_types)
+    if (is_quant_op(op)) {
+      n_quant += n;
+      quant += (quant.empty() ? "" : ", ") + op;
+    }
+  const int64_t n_int8 = count(kInt8) + count(kUint8), n_fp16 = count(kFloat16);
+  if (n_quant || n_int8) {
+    std::string parts;
+    if (n_quant) parts = std::to_string(n_quant) + " integer quantization nodes: " + quant;
+    if (n_int8) parts += (parts.empty() ? "" : "; ") + std::to_string(n_int8) + " int8/uint8 tensors";
+    return {"int8", parts};
+  }
+  if (n_fp16) return {"fp16", std::to_string(n_fp16) + " float16 tensors, no integer quantization nodes"};
+  return {"fp32", "no integer quantization nodes, no int8/uint8 or float16 tensors"};
+}
+
+bool precision_fits(const std::string& declared, const std::string& derived, const OnnxInfo& info) {
+  if (declared == derived) return true;
+  if (declared != "fp16" || derived != "fp32") return false;
+  for (const char* op : {"MatMul", "Gemm", "Conv", "ConvTranspose"})
+    if (info.op_types.count(op)) return false;
+  return true;
+}
 
 OnnxInfo read_onnx_info(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <set>
 #include <string>
 #include <tuple>
@@ -20,7 +21,18 @@ struct OnnxInfo {
   using Io = std::tuple<std::string, int, std::vector<int64_t>>;
   std::vector<Io> inputs, outputs;  // inputs without initializers (old IR versions list them as inputs)
   std::set<std::string> external;
+  std::map<std::string, int64_t> op_types;  // node op type -> count (subgraphs and functions too)
+  std::map<int, int64_t> tensor_types;      // tensor data_type -> count (every tensor walked)
 };
+
+// (precision, evidence) of a graph from its nodes and tensors, as dpkit.runtime.onnx_info.graph_precision:
+// "int8" with integer quantization nodes (DynamicQuantizeLinear, MatMulInteger, QLinear*, ...) or int8/uint8
+// tensors, else "fp16" with float16 tensors, else "fp32". The evidence completes "<file> is <precision> (...)".
+std::pair<std::string, std::string> graph_precision(const OnnxInfo& info);
+// Whether a graph that is `derived` may be labelled `declared` (onnx_info.precision_fits): only its own
+// precision, except that an fp32 graph with no MatMul/Gemm/Conv/ConvTranspose node (nothing --fp16
+// converts, e.g. the low-dim encoder) may be labelled fp16.
+bool precision_fits(const std::string& declared, const std::string& derived, const OnnxInfo& info);
 
 // Error "<path> is not a valid ONNX model (malformed protobuf)" / "<path> cannot be read".
 OnnxInfo read_onnx_info(const std::string& path);

@@ -202,6 +202,35 @@ TEST(Manifest, OnnxInfo) {
   const d::OnnxInfo ext = d::read_onnx_info((kGolden / "bundle_external" / "denoiser.onnx").string());
   EXPECT_EQ(ext.external, (std::set<std::string>{"denoiser.onnx.data"}));
   EXPECT_EQ(ext.inputs, den.inputs);
+  // The precision derived from the graph (nodes and tensors), worded as dpkit.runtime.onnx_info.graph_precision.
+  EXPECT_GT(den.op_types.at("Conv"), 0);
+  EXPECT_EQ(den.tensor_types.at(1), 40);  // float32 initializers (and no Constant tensors)
+  EXPECT_EQ(d::graph_precision(den),
+            (std::pair<std::string, std::string>{"fp32", "no integer quantization nodes, no int8/uint8 or float16 tensors"}));
+  EXPECT_EQ(d::graph_precision(ext).first, "fp32");
+  d::OnnxInfo q;
+  q.op_types = {{"MatMulInteger", 2}, {"DynamicQuantizeLinear", 2}, {"Mul", 5}};
+  q.tensor_types = {{1, 3}, {3, 4}};
+  EXPECT_EQ(d::graph_precision(q), (std::pair<std::string, std::string>{
+                                       "int8", "4 integer quantization nodes: DynamicQuantizeLinear, MatMulInteger; 4 int8/uint8 tensors"}));
+  q.op_types = {{"QLinearAdd", 1}};
+  q.tensor_types = {};
+  EXPECT_EQ(d::graph_precision(q).second, "1 integer quantization nodes: QLinearAdd");
+  q.op_types = {{"Cast", 1}};
+  q.tensor_types = {{1, 2}, {10, 3}};
+  EXPECT_EQ(d::graph_precision(q),
+            (std::pair<std::string, std::string>{"fp16", "3 float16 tensors, no integer quantization nodes"}));
+  q.tensor_types = {{2, 1}};
+  EXPECT_EQ(d::graph_precision(q), (std::pair<std::string, std::string>{"int8", "1 int8/uint8 tensors"}));
+  // An fp32 graph may carry the label fp16 only when --fp16 had nothing to convert (no matrix product or
+  // convolution: the low-dim encoder); every other disagreement is refused.
+  const d::OnnxInfo enc = d::read_onnx_info((kGolden / "bundle" / "encoder.onnx").string());
+  EXPECT_TRUE(d::precision_fits("fp16", "fp32", enc));
+  EXPECT_FALSE(d::precision_fits("int8", "fp32", enc));
+  EXPECT_FALSE(d::precision_fits("fp16", "fp32", den));
+  EXPECT_FALSE(d::precision_fits("fp32", "fp16", den));
+  EXPECT_FALSE(d::precision_fits("fp32", "int8", den));
+  EXPECT_TRUE(d::precision_fits("int8", "int8", den));
 }
 
 TEST(Manifest, NotJsonAndMissingFile) {
