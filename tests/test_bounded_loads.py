@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from cli_helpers import refused
 import torch
 
 from dpkit.convert import unpickle
@@ -39,14 +40,7 @@ DEEP_JSON = 100_000
 
 
 def _one_line_refusal(capsys, argv: list[str], *needles: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        convert_main([*argv, "--no-progress"])
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for n in needles:
-        assert n in err, err
-    return err
+    return refused(convert_main, capsys, [*argv, "--no-progress"], *needles)
 
 
 # --------------------------------------------------------------------------------------------------

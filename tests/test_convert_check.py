@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import refused
 
 from dpkit.convert.check import read_reference
 from dpkit.convert.cli import main as convert_main
@@ -110,14 +111,7 @@ def test_cli_check_writes_the_result_to_json(tmp_path, capsys):
 
 
 def _refused(capsys, argv: list[str], out: Path, *needles: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        convert_main([*argv, "--out", str(out), "--no-progress"])
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    for n in needles:
-        assert n in err, err
-    return err
+    return refused(convert_main, capsys, [*argv, "--out", str(out), "--no-progress"], *needles)
 
 
 def test_final_groupnorm_with_n_groups_is_refused_by_the_check(tmp_path, capsys, monkeypatch):
