@@ -161,6 +161,17 @@ def test_both_controllers_take_the_same_settings(policies, kwargs, message):
      "max_batch must be an integer in [1, 2147483647]"),
     (lambda cpp, core: type(cpp)(GOLDEN, threads=1, seed=2**64), "seed must be an integer in [0, 9223372036854775807]"),
     (lambda cpp, core: type(cpp)(GOLDEN, threads=1, device_id=10**30), "device_id must be an integer in"),
+    # the extension's own arguments, called directly (every integer is range-checked in the module)
+    (lambda cpp, core: core.RealTimeController(cpp._policy, seed=10**30), "seed is out of range"),
+    (lambda cpp, core: core.RealTimeController(cpp._policy, seed=-1), "seed must be in [0, 2**63 - 1], got -1"),
+    (lambda cpp, core: core.RealTimeController(cpp._policy, worker_priority=10**30), "worker_priority is out of range"),
+    (lambda cpp, core: core.RealTimeController(cpp._policy, worker_cpus=[10**30]), "worker_cpus entry is out of range"),
+    (lambda cpp, core: core.RealTimeController.request_seed(10**30, 1), "seed is out of range"),
+    (lambda cpp, core: cpp._policy.reseed(2**64), "seed is out of range"),
+    (lambda cpp, core: core.Policy(str(GOLDEN), threads=10**30), "threads is out of range"),
+    (lambda cpp, core: cpp._policy.sample({"obs": np.full((1, 2, 20), 256, np.float32)},
+                                          cpp._policy.find_sampler("ddim", 10), prefix_start=10**30),
+     "prefix_start is out of range"),
 ])
 def test_huge_integers_are_refused_before_the_pybind_cast(policies, call, message):
     # once: pybind11's "Unable to cast Python instance of type <class 'int'> to C++ type 'long long'"

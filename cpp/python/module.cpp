@@ -77,6 +77,35 @@ long long as_long_long(const py::object& v, const std::string& name) {
   return x;
 }
 
+// Every integer argument arrives as a Python object and is range-checked here, before any C++ cast: a
+// value outside int's range is one InputError naming the argument, not pybind's "incompatible arguments".
+int int_arg(const py::object& v, const std::string& name, int none_value) {
+  if (v.is_none()) return none_value;
+  if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+    throw dpkit::InputError(name + " must be an integer, got " + std::string(py::repr(v)));
+  const long long x = as_long_long(v, name);
+  if (x < -(1LL << 30) || x > (1LL << 30)) throw dpkit::InputError(name + " is out of range, got " + std::to_string(x));
+  return static_cast<int>(x);
+}
+
+// A seed: an integer in [0, 2**63 - 1] (dpkit.sampling_args.MAX_SEED), checked before any cast.
+std::uint64_t seed_arg(const py::object& v, const std::string& name) {
+  if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
+    throw dpkit::InputError(name + " must be an integer, got " + std::string(py::repr(v)));
+  const long long x = as_long_long(v, name);
+  if (x < 0) throw dpkit::InputError(name + " must be in [0, 2**63 - 1], got " + std::to_string(x));
+  return static_cast<std::uint64_t>(x);
+}
+
+std::vector<int> int_list_arg(const py::object& v, const std::string& name) {
+  if (!py::isinstance<py::sequence>(v) || py::isinstance<py::str>(v))
+    throw dpkit::InputError(name + " must be a list of integers, got " + std::string(py::repr(v)));
+  std::vector<int> out;
+  for (const py::handle& x : py::reinterpret_borrow<py::sequence>(v))
+    out.push_back(int_arg(py::reinterpret_borrow<py::object>(x), name + " entry", 0));
+  return out;
+}
+
 // find_sampler's arguments as Python passes them: None = "not given" (the C++ rule then applies).
 dpkit::Sampler find_sampler(const PyPolicy& self, const py::object& sampler, const py::object& steps) {
   std::string kind;
@@ -102,7 +131,8 @@ dpkit::Sampler find_sampler(const PyPolicy& self, const py::object& sampler, con
 // The batch comes from the first observation's leading dimension; C++ then checks every size.
 py::tuple sample(PyPolicy& self_, const py::object& observations_in, const py::object& sampler_in,
                  const py::object& initial_noise_in, const py::object& step_noise_in, const py::object& prefix_in,
-                 int prefix_start, const py::object& prefix_weights_in) {
+                 const py::object& prefix_start_in, const py::object& prefix_weights_in) {
+  const int prefix_start = int_arg(prefix_start_in, "prefix_start", -1);
   dpkit::Policy& self = self_.policy;
   const dpkit::PolicyInfo& info = self.info();
   if (!py::isinstance<dpkit::Sampler>(sampler_in))
@@ -200,14 +230,6 @@ dpkit::Execution execution_of(const std::string& e) {
   throw dpkit::InputError("execution must be one of sync, async, async-inpaint, got '" + e + "'");
 }
 
-int int_arg(const py::object& v, const std::string& name, int none_value) {
-  if (v.is_none()) return none_value;
-  if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
-    throw dpkit::InputError(name + " must be an integer, got " + std::string(py::repr(v)));
-  const long long x = as_long_long(v, name);
-  if (x < -(1LL << 30) || x > (1LL << 30)) throw dpkit::InputError(name + " is out of range, got " + std::to_string(x));
-  return static_cast<int>(x);
-}
 
 // One tick's observations: {name: (B, *shape)} or a list in info order, B = the controller's batch.
 py::array_t<float> controller_step(PyController& self, PyPolicy& policy, const py::object& obs_in) {
@@ -302,17 +324,17 @@ PYBIND11_MODULE(_core, m) {
       .def("__repr__", [](const dpkit::Sampler& s) { return "<dpkit Sampler " + s.name() + ">"; });
 
   py::class_<PyPolicy>(m, "Policy")
-      .def(py::init([](const std::string& bundle_dir, const std::string& provider, int threads, int max_batch,
-                       std::uint64_t seed, const std::string& ort_library, bool verify_sha256, int device_id,
-                       bool allow_spinning) {
+      .def(py::init([](const std::string& bundle_dir, const std::string& provider, const py::object& threads,
+                       const py::object& max_batch, const py::object& seed, const std::string& ort_library,
+                       bool verify_sha256, const py::object& device_id, bool allow_spinning) {
              dpkit::PolicyParams p;
              p.provider = provider;
-             p.intra_op_threads = threads;
-             p.max_batch = max_batch;
-             p.seed = seed;
+             p.intra_op_threads = int_arg(threads, "threads", 1);
+             p.max_batch = int_arg(max_batch, "max_batch", 8);
+             p.seed = seed_arg(seed, "seed");
              p.ort_library = ort_library;
              p.verify_sha256 = verify_sha256;
-             p.device_id = device_id;
+             p.device_id = int_arg(device_id, "device_id", 0);
              p.allow_spinning = allow_spinning;
              py::gil_scoped_release release;  // loading sessions can take a while
              return std::make_unique<PyPolicy>(bundle_dir, p);
@@ -321,9 +343,10 @@ PYBIND11_MODULE(_core, m) {
            py::arg("seed") = 0, py::arg("ort_library") = "", py::arg("verify_sha256") = true, py::arg("device_id") = 0,
            py::arg("allow_spinning") = false)  // PolicyParams' defaults
       .def("find_sampler", &find_sampler, py::arg("sampler") = py::none(), py::arg("num_inference_steps") = py::none(),
-           "the bundle's sampler of this kind ('ddpm'/'ddim'; None: the default sampler's kind) with this many steps "
+           "the bundle's sampler of this kind ('ddpm'/'ddim'/'fewstep'; None: the default sampler's kind) with this many steps "
            "(None: the default sampler if of that kind, else the kind's largest); InputError lists the available ones")
-      .def("reseed", [](PyPolicy& self, std::uint64_t seed) {
+      .def("reseed", [](PyPolicy& self, const py::object& seed_in) {
+             const std::uint64_t seed = seed_arg(seed_in, "seed");
              without_gil_locked(self, [&] { self.policy.reseed(seed); });
            }, py::arg("seed"))
       .def("sample", &sample, py::arg("observations"), py::arg("sampler"), py::arg("initial_noise") = py::none(),
@@ -374,26 +397,26 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyController>(m, "RealTimeController")
       .def(py::init([](PyPolicy& policy, const std::string& execution, const py::object& delay, const py::object& margin,
                        const py::object& blend, const py::object& sampler, const py::object& steps,
-                       std::uint64_t seed, double period, const py::object& batch, const std::vector<int>& worker_cpus,
-                       int worker_priority) {
+                       const py::object& seed, double period, const py::object& batch, const py::object& worker_cpus,
+                       const py::object& worker_priority) {
              dpkit::ControllerParams p;
              p.execution = execution_of(execution);
              p.delay = int_arg(delay, "delay", -1);
              p.margin = int_arg(margin, "margin", 0);
              p.blend = int_arg(blend, "blend", 0);
              p.sampler = find_sampler(policy, sampler, steps);
-             p.seed = seed;
+             p.seed = seed_arg(seed, "seed");
              p.period = period;
              p.batch = int_arg(batch, "batch", 1);
-             p.worker_cpus = worker_cpus;
-             p.worker_priority = worker_priority;
+             p.worker_cpus = int_list_arg(worker_cpus, "worker_cpus");
+             p.worker_priority = int_arg(worker_priority, "worker_priority", 0);
              p.policy_mutex = &policy.mutex;
              return std::make_unique<PyController>(policy, p);
            }),
            py::arg("policy"), py::arg("execution") = "async-inpaint", py::arg("delay") = py::none(),
            py::arg("margin") = 0, py::arg("blend") = 0, py::arg("sampler") = py::none(),
            py::arg("num_inference_steps") = py::none(), py::arg("seed") = 0, py::arg("period") = 0.1,
-           py::arg("batch") = 1, py::arg("worker_cpus") = std::vector<int>{}, py::arg("worker_priority") = 0,
+           py::arg("batch") = 1, py::arg("worker_cpus") = py::list(), py::arg("worker_priority") = 0,
            py::keep_alive<1, 2>(),
            "dpkit::RealTimeController: delay None/-1 = measured on the wall clock, else fixed (virtual time)")
       .def("step", [](PyController& self, const py::object& obs) {
@@ -414,6 +437,8 @@ PYBIND11_MODULE(_core, m) {
       .def("__exit__", [](PyController& self, const py::args&) {
         without_gil_locked(self, [&] { self.ctl.close(); });
       })
-      .def_static("request_seed", &dpkit::RealTimeController::request_seed, py::arg("seed"), py::arg("request"),
+      .def_static("request_seed", [](const py::object& seed, const py::object& request) {
+             return dpkit::RealTimeController::request_seed(seed_arg(seed, "seed"), seed_arg(request, "request"));
+           }, py::arg("seed"), py::arg("request"),
                   "the generator seed of request `request` (the Policy is reseeded with it before that chunk)");
 }
