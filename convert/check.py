@@ -237,14 +237,43 @@ def peer_framework(kind: str | None = None) -> list[str]:
     return [n for n in wanted if importlib.util.find_spec(n) is not None]
 
 
+class _NumpyIO:
+    """The converted DiffusionPolicy with numpy in and out, as Case.sample calls a runtime backend (a converter
+    may not import the runtime: tests/test_architecture.py), in inference mode."""
+
+    def __init__(self, policy):
+        self.policy = policy
+        scale, offset = policy.normalizer.unnormalize_affine("action")
+        self.scale, self.offset = np.asarray(scale, np.float32), np.asarray(offset, np.float32)
+
+    def executed_actions(self, traj: np.ndarray) -> np.ndarray:
+        """As every runtime backend's: the executed rows of a normalized trajectory, in environment units."""
+        i, n = self.policy.cfg.first_action_index, self.policy.cfg.n_action_steps
+        return traj[:, i : i + n] * self.scale + self.offset
+
+    def sample(self, obs, sampler=None, steps=None, initial_noise=None, step_noise=None) -> np.ndarray:
+        import torch
+
+        def tensor(a):
+            return None if a is None else torch.from_numpy(np.asarray(a, np.float32))
+
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            with torch.no_grad():
+                traj = self.policy.sample({k: tensor(v) for k, v in obs.items()}, sampler=sampler, steps=steps,
+                                          initial_noise=tensor(initial_noise), step_noise=tensor(step_noise))
+        finally:
+            self.policy.train(was_training)
+        return traj.numpy()
+
+
 def check_policy(policy, ref: Reference) -> dict[str, Any]:
     """Run the converted DiffusionPolicy (torch, float32, in memory) on `ref` and apply the rule above.
 
     Returns {"reference", "passed", "rule", "cases": [measure_case per sampler], "message"}: `message` is the
     one line saying why it failed (None when it passed). The policy itself is left unchanged."""
-    from dpkit.runtime.torch_policy import TorchPolicy
-
-    backend = TorchPolicy(policy=policy)
+    backend = _NumpyIO(policy)
     names = [s["name"] for s in policy.observation_spec()]
     if sorted(names) != sorted(ref.obs):
         raise DpkitError(f"--check: {ref.path} has observations {sorted(ref.obs)}; the converted policy takes "
