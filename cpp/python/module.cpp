@@ -88,12 +88,18 @@ int int_arg(const py::object& v, const std::string& name, int none_value) {
   return static_cast<int>(x);
 }
 
-// A seed: an integer in [0, 2**63 - 1] (dpkit.sampling_args.MAX_SEED), checked before any cast.
+// A generator seed: an integer in [0, 2**64 - 1] (the C++ type; request_seed's results fill all of it),
+// checked before any cast.
 std::uint64_t seed_arg(const py::object& v, const std::string& name) {
   if (PyBool_Check(v.ptr()) || !PyIndex_Check(v.ptr()))
     throw dpkit::InputError(name + " must be an integer, got " + std::string(py::repr(v)));
-  const long long x = as_long_long(v, name);
-  if (x < 0) throw dpkit::InputError(name + " must be in [0, 2**63 - 1], got " + std::to_string(x));
+  const py::object i = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+  if (!i) throw py::error_already_set();
+  const unsigned long long x = PyLong_AsUnsignedLongLong(i.ptr());
+  if (x == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw dpkit::InputError(name + " must be an integer in [0, 2**64 - 1], got " + std::string(py::repr(v)));
+  }
   return static_cast<std::uint64_t>(x);
 }
 
