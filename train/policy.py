@@ -183,6 +183,7 @@ class DiffusionPolicy(nn.Module):
         self.cond_dim = self.encoder.out_dim
         self.denoiser = Denoiser(cfg, self.cond_dim)
         self.noise_scheduler = self.make_scheduler("ddpm", cfg.num_train_timesteps)
+        self._plans: dict[tuple[str, int], StepPlan] = {}  # step_plan's, per (kind, K): the config is fixed
 
     # ---- observations -------------------------------------------------------------------------------
 
@@ -316,8 +317,11 @@ class DiffusionPolicy(nn.Module):
 
     def step_plan(self, sampler: str, steps: int) -> StepPlan:
         """The float32 step scalars of (kind, K) (dpkit.sampling.StepPlan) from the training schedule's arrays:
-        the same plan a bundle's runtimes build from policy.json."""
-        return StepPlan.build(self.schedule_arrays, self.sampler_spec(sampler, steps))
+        the same plan a bundle's runtimes build from policy.json. Built once per (kind, K), not per chunk."""
+        key = (sampler, steps)
+        if key not in self._plans:
+            self._plans[key] = StepPlan.build(self.schedule_arrays, self.sampler_spec(sampler, steps))
+        return self._plans[key]
 
     @property
     def schedule_arrays(self) -> SimpleNamespace:
