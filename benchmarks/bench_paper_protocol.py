@@ -4,6 +4,11 @@ paper's protocol (max and mean of the last 10 evaluated checkpoints, 50 legacy s
     python -m dpkit.benchmarks.bench_paper_protocol                       # 3 seeds of pusht_lowdim_cpu, 2 at once
     python -m dpkit.benchmarks.bench_paper_protocol --seeds 42 43 44 --parallel 3 --runs-dir runs/paper_cpu
     python -m dpkit.benchmarks.bench_paper_protocol --report-only         # tables and plot from finished runs
+    python -m dpkit.benchmarks.bench_paper_protocol data.max_train_episodes=90 --runs-dir runs/paper_cpu_90ep \
+        --name paper_protocol_cpu_90ep --baseline benchmarks/results/paper_protocol_cpu.json  # the paper's data
+
+`key=value` overrides go to every run's dpkit-train (and into the table's label). `--baseline` adds an earlier
+result's rows to the table and its curves to the plot, so two data budgets or schedules sit side by side.
 
 Each seed trains with `dpkit-train --config CONFIG --seed S` in its own process with one OpenMP thread
 (`--threads`); the config's `train.eval_*` fields run the evaluations, so every number comes from the
@@ -64,14 +69,14 @@ def _last_step(run: Path) -> int:
     return 0
 
 
-def train_seeds(config: str, seeds: list[int], runs_dir: Path, parallel: int, threads: int, data: str | None,
-                progress: bool) -> None:
+def train_seeds(config: str, overrides: list[str], seeds: list[int], runs_dir: Path, parallel: int, threads: int,
+                data: str | None, progress: bool) -> None:
     """Train every seed whose run folder is not finished, `parallel` at a time; time each from the OS."""
     from tqdm import tqdm
 
     from dpkit.train.config import load_config
 
-    steps = load_config(config).train.steps
+    steps = load_config(config, overrides).train.steps
     todo = [s for s in seeds if not _finished(runs_dir / f"seed{s}", steps)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: dict[int, tuple[subprocess.Popen, int, float]] = {}  # pid -> (process, seed, start)
@@ -85,7 +90,7 @@ def train_seeds(config: str, seeds: list[int], runs_dir: Path, parallel: int, th
                 run = runs_dir / f"seed{seed}"
                 resume = (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*"))
                 cmd = [sys.executable, "-m", "dpkit.train.cli", "--out", str(run), "--no-progress"]
-                cmd += ["--resume", "--steps", str(steps)] if resume else ["--config", config, "--seed", str(seed), "--force"]
+                cmd += ["--resume", "--steps", str(steps)] if resume else ["--config", config, "--seed", str(seed), "--force", *overrides]
                 if data:
                     cmd += ["--data", data]
                 run.mkdir(parents=True, exist_ok=True)
@@ -128,8 +133,11 @@ def collect(runs_dir: Path, seeds: list[int]) -> dict[str, Any]:
         if s is None or not s.get("protocol"):
             raise DpkitError(f"{run}: no finished run with rollout evaluations (train_summary.json 'protocol')")
         timing = json.loads((run / TIMING).read_text()) if (run / TIMING).is_file() else {}
+        state = Path(s["checkpoint"]) / "state.json"
+        data = json.loads(state.read_text())["config"]["data"] if state.is_file() else {}
         per_seed.append({
             "seed": seed, "run_dir": str(run), "config": s["config"], "steps": s["steps"],
+            "max_train_episodes": data.get("max_train_episodes"),
             "wall_s": timing.get("wall_s", s.get("wall_s")), "cpu_s": timing.get("cpu_s", s.get("cpu_s")),
             "eval_s": s.get("eval_s"), "runs_at_once": timing.get("runs_at_once"),
             "protocol": s["protocol"], "evaluations": s["evaluations"],
@@ -155,15 +163,21 @@ def collect(runs_dir: Path, seeds: list[int]) -> dict[str, Any]:
     return {"seeds": per_seed, "samplers": aggregate}
 
 
-def markdown(result: dict[str, Any]) -> str:
+def policy_label(result: dict[str, Any]) -> str:
+    """`config` and its overrides, e.g. `pusht_lowdim_cpu data.max_train_episodes=90`."""
+    return " ".join([result["config"], *result.get("overrides", [])])
+
+
+def markdown(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
     m = result["machine"]
     p0 = result["seeds"][0]["protocol"]
     lines = [
-        f"# The paper's PushT low-dim protocol on {m['cores']} CPU cores ({result['config']})", "",
+        f"# The paper's PushT low-dim protocol on {m['cores']} CPU cores ({policy_label(result)})", "",
         f"{m['cpu']}; {m['platform']}; torch {m['torch']}; {result['date']}. "
         f"{len(result['seeds'])} training seeds; each run's last {p0['last']} evaluations "
         f"({p0['episodes']} legacy seeds each). Per seed: max and mean of those evaluations; the table "
-        "gives their average over seeds (range over seeds in brackets), as the paper does.", "",
+        "gives their average over seeds (range over seeds in brackets), as the paper does."
+        + (f" The baseline rows are {baseline['date']}'s result." if baseline else ""), "",
         "| policy | sampler | max of last 10 | mean of last 10 | success rate (mean of last 10) |",
         "|---|---|---|---|---|",
         f"| {PAPER['name']} | {PAPER['sampler']} | {PAPER['max']:.2f} | {PAPER['mean']:.2f} | – |",
@@ -175,9 +189,10 @@ def markdown(result: dict[str, Any]) -> str:
         lo, hi = a[f"{key}_range"]
         return f"{a[key]:.3f} [{lo:.3f}–{hi:.3f}]"
 
-    for label, a in result["samplers"].items():
-        lines.append(f"| dpkit `{result['config']}` | {label} | {cell(a, 'max')} | {cell(a, 'mean')} | "
-                     f"{cell(a, 'success_rate_mean')} |")
+    for r in ([baseline] if baseline else []) + [result]:
+        for label, a in r["samplers"].items():
+            lines.append(f"| dpkit `{policy_label(r)}` ({_episodes(r)}) | {label} | {cell(a, 'max')} | "
+                         f"{cell(a, 'mean')} | {cell(a, 'success_rate_mean')} |")
     lines += ["", "| seed | steps | wall | CPU time | wall in rollout evaluations | runs sharing the cores | "
               + " | ".join(f"{label} max / mean" for label in result["samplers"]) + " |",
               "|---|---|---|---|---|---|" + "---|" * len(result["samplers"])]
@@ -188,27 +203,35 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _episodes(result: dict[str, Any]) -> str:
+    """How many training episodes the runs used, from their resolved configs (null: every training episode)."""
+    n = {s.get("max_train_episodes") for s in result["seeds"]}
+    return "all training episodes" if n == {None} else " / ".join(f"{k} episodes" for k in sorted(n, key=str))
+
+
 def _minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f} min"
 
 
-def plot(result: dict[str, Any]) -> bytes:
+def plot(result: dict[str, Any], baseline: dict[str, Any] | None = None) -> bytes:
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for label, a in result["samplers"].items():
-        steps = [c["step"] for c in a["curve"]]
-        mean = np.array([c["mean"] for c in a["curve"]])
-        line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{label} (mean of {a['curve'][0]['n']} seeds)")
-        ax.fill_between(steps, [c["min"] for c in a["curve"]], [c["max"] for c in a["curve"]],
-                        color=line.get_color(), alpha=0.2)
-    for key, style in (("max", "--"), ("mean", ":")):
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r, style in (((baseline, ":"),) if baseline else ()) + ((result, "-"),):
+        for label, a in r["samplers"].items():
+            steps = [c["step"] for c in a["curve"]]
+            mean = np.array([c["mean"] for c in a["curve"]])
+            line, = ax.plot(steps, mean, ls=style, marker="o", ms=3,
+                            label=f"{label}, {_episodes(r)} (mean of {a['curve'][0]['n']} seeds)")
+            ax.fill_between(steps, [c["min"] for c in a["curve"]], [c["max"] for c in a["curve"]],
+                            color=line.get_color(), alpha=0.15)
+    for key, style in (("max", "--"), ("mean", "-.")):
         ax.axhline(PAPER[key], color="gray", ls=style, lw=1, label=f"paper {key} of last 10 ({PAPER[key]:.2f})")
     ax.set_xlabel("training step")
     ax.set_ylabel("score (50 legacy seeds)")
-    ax.set_title(f"{result['config']}: score vs step (band: min–max over seeds)")
+    ax.set_title(f"{policy_label(result)}: score vs step (band: min–max over seeds)", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="lower right")
     return png_bytes(fig)
 
 
@@ -224,32 +247,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="do not train; report the runs in --runs-dir")
     p.add_argument("--name", default="paper_protocol_cpu", help="file stem of the results")
     p.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--baseline", type=Path, help="an earlier result JSON of this script to show beside this one")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run, e.g. "
+                   "data.max_train_episodes=90")
     a = p.parse_args(argv)
     if a.parallel < 1 or a.threads < 1 or len(set(a.seeds)) != len(a.seeds) or min(a.seeds) < 0:
         raise DpkitError("--parallel and --threads must be >= 1 and --seeds distinct non-negative integers")
     from dpkit.train.config import load_config
 
-    cfg = load_config(a.config)  # a bad name fails before anything runs
+    cfg = load_config(a.config, a.overrides)  # a bad name or override fails before anything runs
+    baseline = None
+    if a.baseline is not None:
+        try:
+            baseline = json.loads(a.baseline.read_text())
+            baseline["samplers"], baseline["config"], baseline["date"]  # noqa: B018 -- the keys the report reads
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DpkitError(f"--baseline {a.baseline}: not a result of this script ({e})") from None
     if cfg.train.eval_every <= 0:
         raise DpkitError(f"config {a.config!r} has train.eval_every=0: it runs no rollout evaluations to report")
     stem = a.out_dir / a.name
     check_writable_file(stem.with_suffix(".json"))
     if not a.report_only:
-        train_seeds(a.config, a.seeds, a.runs_dir, a.parallel, a.threads, a.data, not a.no_progress)
+        train_seeds(a.config, a.overrides, a.seeds, a.runs_dir, a.parallel, a.threads, a.data, not a.no_progress)
     import torch
 
     from dpkit.benchmarks.machine import cpu_model, usable_cores
 
     result = {
         "config": cfg.name,
+        "overrides": list(a.overrides),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_model(), "cores": usable_cores(), "platform": platform.platform(),
                     "torch": torch.__version__},
         "paper": PAPER,
         **collect(a.runs_dir, a.seeds),
     }
-    write_report(stem, result, markdown(result), plot(result))
+    write_report(stem, result, markdown(result, baseline), plot(result, baseline))
     return 0
 
 
