@@ -32,7 +32,7 @@ from dpkit.errors import DpkitError
 from dpkit.io import atomic_write_json, atomic_write_text, check_writable_dir, folder_lock
 from dpkit.threads import apply_torch, choose_threads, describe, load_average, usable_cpus
 from dpkit.train import checkpoint as ckpt_io
-from dpkit.train.config import Config
+from dpkit.train.config import Config, TrainConfig
 from dpkit.train.data import PushTDataset, fit_normalizer, load_datasets, to_tensors
 
 METRICS = "metrics.jsonl"
@@ -359,138 +359,57 @@ def _clear_run(run_dir: Path) -> None:
 def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int,
            replace: bool = False, rollout_eval: Callable[[Any], float] | None = None,
            threads: int | None = None) -> dict[str, Any]:
-    from diffusers.optimization import get_scheduler
+    """The run: set-up, then one loop iteration per optimizer step, then the summary.
+
+    Each step, in order: the micro-batches' forward and backward (the optimizer steps on the last), the LR
+    schedule, the EMA, the time limit, a metrics record (with the validation loss on validation steps), a
+    rollout evaluation and a checkpoint."""
     from tqdm.auto import tqdm
 
     from dpkit.train.normalizer import Normalizer
-    from dpkit.train.policy import DiffusionPolicy
 
     t = cfg.train
-    main = acc.is_main_process
-    rank, world = acc.process_index, acc.num_processes
-    state = ckpt_io.read_state(resume_from) if resume_from is not None else None
-    if state is not None:
-        ckpt_io.check_resume_config(resume_from, state, cfg)
-        if state.get("world_size", world) != world and main:
-            print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
-    teacher = None
-    if cfg.distill.teacher is not None:  # distillation: the frozen teacher makes each batch's targets
-        from dpkit.train.distill import Teacher, check_student
-
-        teacher = Teacher(cfg.distill.teacher, cfg.distill, acc.device)
-        check_student(cfg.policy, teacher.policy.cfg)
-        was = (state or {}).get("teacher")
-        if was is not None and (was.get("checkpoint"), was.get("step")) != (str(teacher.checkpoint), teacher.step):
-            raise DpkitError(f"cannot resume: this run distills {was.get('checkpoint')} (step {was.get('step')}), "
-                             f"but distill.teacher now names {teacher.checkpoint} (step {teacher.step})")
-
-    def build(normalizer: Normalizer):
-        seed_everything(t.seed)  # identical initial weights on every process
-        # On the device before the EMA copy and the optimizer, so both (and loaded optimizer state) live there.
-        policy = DiffusionPolicy(cfg.policy, normalizer).to(acc.device)
-        if teacher is not None and state is None:  # a student starts as its teacher's network
-            policy.load_state_dict(teacher.policy.state_dict())
-        ema = EMA(policy, t.ema_power, t.ema_max_decay) if t.ema else None
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-        # diffusers' "constant" ignores the warm-up; "constant_with_warmup" is what train.lr_scheduler means.
-        name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
-        scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps)
-        if state is not None:
-            ckpt_io.load_weights_into(policy, resume_from, "model")
-            if ema is not None:
-                ckpt_io.load_weights_into(ema.module, resume_from, "ema")
-                ema.updates = int(state.get("ema_updates", state["step"]))
-            ckpt_io.load_trainer_state(resume_from, state, optimizer, scheduler)
-        return policy, ema, optimizer, scheduler
+    main, rank, world = acc.is_main_process, acc.process_index, acc.num_processes
+    state = _resume_state(resume_from, cfg, world, main)  # None for a new run
+    teacher = _load_teacher(cfg, state, acc.device)  # None unless distilling
 
     # A resumed run rebuilds everything from its checkpoint (normalizer, weights, optimizer) before the
     # data loads, so a damaged or mismatched checkpoint fails in seconds, not after the data.
     if state is not None:
         normalizer = Normalizer.from_dict(state["normalizer"])
-        policy, ema, optimizer, scheduler = build(normalizer)
-
+        policy, ema, optimizer, scheduler = _build(cfg, normalizer, acc.device, teacher, resume_from, state)
     train_ds, val_ds = load_datasets(cfg)  # a bad --data fails here, before --force removes anything
     if replace and main:
         _clear_run(run_dir)
     acc.wait_for_everyone()
     if state is None:
-        # a student normalizes exactly as its teacher (the targets are in the teacher's units)
-        normalizer = (fit_normalizer(cfg, train_ds) if teacher is None
-                      else Normalizer.from_dict(teacher.policy.normalizer.to_dict()))
-        policy, ema, optimizer, scheduler = build(normalizer)
-    step = int(state["step"]) if state is not None else 0
-    # Processes of one launch on this machine share its CPUs (torchrun sets LOCAL_WORLD_SIZE).
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    thread_choice = choose_threads(threads, params=sum(p.numel() for p in policy.parameters()),
-                                   cpus=max(1, usable_cpus() // local))
-    apply_torch(thread_choice)
+        normalizer = _new_normalizer(cfg, train_ds, teacher)
+        policy, ema, optimizer, scheduler = _build(cfg, normalizer, acc.device, teacher, None, None)
+    step = first_step = int(state["step"]) if state is not None else 0
+    thread_choice = _apply_threads(threads, policy)
     model, optimizer = acc.prepare(policy, optimizer)
     unwrapped = acc.unwrap_model(model)
-    eval_policy = ema.module if ema is not None else unwrapped
-
-    sampler = EpochBatches(len(train_ds), t.batch_size, rank, world, t.seed, start=step * t.grad_accum_steps)
-    loader = torch.utils.data.DataLoader(
-        train_ds,
-        batch_sampler=sampler,
-        collate_fn=to_tensors,
-        num_workers=cfg.data.num_workers,
-        pin_memory=acc.device.type == "cuda",
-    )
+    eval_policy = ema.module if ema is not None else unwrapped  # validation and rollouts score the EMA
+    loader = _data_loader(cfg, train_ds, acc, first_step)
+    per_epoch = loader.batch_sampler.per_epoch
     metrics = _Metrics(run_dir, main, resume_step=step if state is not None else None)
-    # Every rollout evaluation of the run so far (carried in checkpoints, so a resumed run's summary is whole).
-    evaluations: list[dict[str, Any]] = list(state.get("evaluations", [])) if state is not None else []
-    saved_best = state.get("best_score") if state is not None else None
-    best_score = float(saved_best) if saved_best is not None else -math.inf
+    evaluations = _Evaluations(state)
     if main:
-        n_params = sum(p.numel() for p in unwrapped.parameters())
-        print(
-            f"{'dpkit-distill' if teacher is not None else 'dpkit-train'}: {cfg.name} ({cfg.policy.obs_mode}, {n_params / 1e6:.2f} M parameters) on "
-            f"{acc.device} x{world}; {len(train_ds)} train / {len(val_ds)} val windows from "
-            f"{train_ds.replay.path}; steps {step} -> {t.steps}"
-        )
-        print(f"threads: {describe(thread_choice)}")
-
-    def save(current_step: int, last_loss: float | None, val: float | None, score: float | None = None) -> Path:
-        return ckpt_io.save_checkpoint(
-            run_dir,
-            current_step,
-            model=unwrapped,
-            ema_model=ema.module if ema is not None else None,
-            keep=t.keep_checkpoints,
-            state={
-                "config": cfg.to_dict(),
-                "normalizer": normalizer.to_dict(),
-                "epoch": (current_step * t.grad_accum_steps) // sampler.per_epoch,
-                "ema_updates": ema.updates if ema is not None else 0,
-                "world_size": world,
-                "data_path": str(train_ds.replay.path),
-                "best_score": best_score if math.isfinite(best_score) else None,
-                "evaluations": evaluations,
-                "rng": "reseeded per micro-batch from (train.seed, rank, step * grad_accum_steps + i)",
-                "metrics": {"loss": last_loss, "val_loss": val, "score": score},
-                **({"teacher": teacher.describe()} if teacher is not None else {}),
-            },
-            trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        )
+        _print_header(cfg, acc, teacher, unwrapped, train_ds, val_ds, step, thread_choice)
 
     model.train()
     data_iter = iter(loader)
     bar = tqdm(total=t.steps, initial=step, disable=not (main and progress), dynamic_ncols=True, mininterval=0.5)
     samples_per_step = t.batch_size * world * t.grad_accum_steps
-    window_loss = torch.zeros((), device=acc.device)
-    window_steps = 0
-    last_loss = val_loss = score = None
-    last_ckpt = resume_from
+    window = _Window(acc.device)
+    last_loss = val_loss = None
     stopped_early = False
-    train_time, eval_time, t_window, steps_done = 0.0, 0.0, time.perf_counter(), 0
     wall0, cpu0 = time.perf_counter(), time.process_time()
     while step < end:
+        # batch, forward, backward: grad_accum_steps micro-batches; accelerate steps the optimizer on the last.
         step_loss = torch.zeros((), device=acc.device)
-        for i in range(t.grad_accum_steps):
-            batch = _to_device(next(data_iter), acc.device)
-            _seed_micro(t.seed, rank, step * t.grad_accum_steps + i)
-            if teacher is not None:
-                batch = teacher.targets(batch)
+        for micro in range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps):
+            batch = _micro_batch(next(data_iter), acc.device, t.seed, rank, micro, teacher)
             with acc.accumulate(model):
                 loss = model(batch)
                 acc.backward(loss)
@@ -503,100 +422,313 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         if ema is not None:
             ema.update(unwrapped)
         step += 1
-        steps_done += 1
-        window_loss += step_loss
-        window_steps += 1
+        window.add(step_loss)
+        epoch = (step * t.grad_accum_steps) // per_epoch
+
+        # Time limit, decided before the rest so this step is logged, validated and checkpointed as the last.
         if t.time_limit_s > 0 and step < end and _out_of_time(acc, wall0, t.time_limit_s):
-            end = step  # log, validate and checkpoint this step as the last one; --resume continues
+            end = step  # --resume continues
             stopped_early = True
 
-        # A record every log_every steps, and at every validation step (val_every need not be a multiple).
-        if step % t.log_every == 0 or step % t.val_every == 0 or step == end:
-            now = time.perf_counter()
-            train_time += now - t_window
-            rank_losses = acc.gather((window_loss / window_steps).reshape(1))
-            last_loss = float(rank_losses.mean())
-            if not math.isfinite(last_loss):
-                raise DpkitError(f"training diverged: loss is {last_loss} at step {step} (try a lower train.lr)")
+        # Log every log_every steps and at every validation step (val_every need not be a multiple).
+        validate_now = step % t.val_every == 0 or step == end
+        if step % t.log_every == 0 or validate_now:
             lr = scheduler.get_last_lr()[0]
-            record = {
-                "step": step,
-                "epoch": (step * t.grad_accum_steps) // sampler.per_epoch,
-                "loss": last_loss,
-                "lr": lr,
-                "samples_per_s": window_steps * samples_per_step / max(now - t_window, 1e-9),
-            }
-            if world > 1:  # each process trains on its own shard: show that they all did
-                record["rank_losses"] = [float(x) for x in rank_losses]
-            window_loss.zero_()
-            window_steps = 0
-            if step % t.val_every == 0 or step == end:
-                if main:
-                    val_loss = validation_loss(eval_policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device,
-                                               prepare=teacher.targets if teacher is not None else None)
-                    if val_loss is not None:
-                        record["val_loss"] = val_loss
-                acc.wait_for_everyone()
+            record = window.record(acc, step, epoch, lr, samples_per_step)
+            last_loss = record["loss"]
+            if validate_now:
+                val_loss = _validate(acc, eval_policy, val_ds, t, teacher)
+                if val_loss is not None:
+                    record["val_loss"] = val_loss
             metrics.log(record)
             bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            t_window = time.perf_counter()
+            window.restart()
         bar.update(1)
 
+        # Rollout evaluation, then a checkpoint (which records the score; the best one is kept apart).
         evaluate_now = t.eval_every > 0 and step % t.eval_every == 0 and step >= t.eval_start
         if step % t.checkpoint_every == 0 or step == end or evaluate_now:
             t0 = time.perf_counter()
             if main:
+                score = best = None
                 if evaluate_now:
-                    t_eval = time.perf_counter()
-                    results = _score_rollouts(rollout_eval, eval_policy)
-                    eval_time += time.perf_counter() - t_eval
-                    evaluations.append({"step": step, "samplers": results})
-                    score = next(iter(results.values()))["score"]  # the first sampler picks the best
-                    best = score > best_score
-                    best_score = max(best_score, score)
-                    record = {"step": step, "score": score, "best_score": best_score, "eval": results}
-                    for label, r in results.items():  # flat scalars for TensorBoard
-                        record[f"score/{label}"] = r["score"]
-                        if r["success_rate"] is not None:
-                            record[f"success_rate/{label}"] = r["success_rate"]
-                    metrics.log(record)
-                    shown = ", ".join(f"{label} {r['score']:.3f}" for label, r in results.items())
-                    print(f"\nstep {step}: rollout score {shown} (best {best_score:.3f})")
-                last_ckpt = save(step, last_loss, val_loss, score if evaluate_now else None)
-                if evaluate_now and best:
-                    ckpt_io.copy_checkpoint(last_ckpt, run_dir, ckpt_io.BEST)
+                    score, best = evaluations.run(rollout_eval, eval_policy, step, metrics)
+                saved = _save_checkpoint(run_dir, cfg, step, unwrapped, ema, optimizer, scheduler, normalizer,
+                                         epoch=epoch, world=world, data_path=train_ds.replay.path,
+                                         evaluations=evaluations, teacher=teacher,
+                                         metrics={"loss": last_loss, "val_loss": val_loss, "score": score})
+                if best:
+                    ckpt_io.copy_checkpoint(saved, run_dir, ckpt_io.BEST)
             acc.wait_for_everyone()
-            t_window += time.perf_counter() - t0  # checkpoint/eval time is not training throughput
+            window.exclude(time.perf_counter() - t0)  # checkpoint/eval time is not training throughput
     bar.close()
     metrics.close()
 
-    wall = time.perf_counter() - wall0
-    summary = {
+    summary = _summary(cfg, run_dir, acc, step=step, steps_this_run=step - first_step, stopped_early=stopped_early,
+                       last_loss=last_loss, val_loss=val_loss, evaluations=evaluations,
+                       samples=(step - first_step) * samples_per_step, train_time=window.train_time,
+                       wall=time.perf_counter() - wall0, cpu0=cpu0, thread_choice=thread_choice, teacher=teacher)
+    if main:
+        atomic_write_json(run_dir / SUMMARY, summary)
+    acc.wait_for_everyone()
+    return summary
+
+
+# _train's steps, in the order it takes them.
+
+
+def _resume_state(resume_from: Path | None, cfg: Config, world: int, main: bool) -> dict[str, Any] | None:
+    """The checkpoint's state.json, checked against `cfg`, when resuming; None for a new run."""
+    if resume_from is None:
+        return None
+    state = ckpt_io.read_state(resume_from)
+    ckpt_io.check_resume_config(resume_from, state, cfg)
+    if state.get("world_size", world) != world and main:
+        print(f"note: resuming a {state['world_size']}-process run with {world} processes; data order will differ")
+    return state
+
+
+def _load_teacher(cfg: Config, state: dict[str, Any] | None, device: torch.device):
+    """Distillation's frozen teacher, which makes each batch's targets (None without `distill.teacher`).
+    A resumed run must distill the same teacher checkpoint as before."""
+    if cfg.distill.teacher is None:
+        return None
+    from dpkit.train.distill import Teacher, check_student
+
+    teacher = Teacher(cfg.distill.teacher, cfg.distill, device)
+    check_student(cfg.policy, teacher.policy.cfg)
+    was = (state or {}).get("teacher")
+    if was is not None and (was.get("checkpoint"), was.get("step")) != (str(teacher.checkpoint), teacher.step):
+        raise DpkitError(f"cannot resume: this run distills {was.get('checkpoint')} (step {was.get('step')}), "
+                         f"but distill.teacher now names {teacher.checkpoint} (step {teacher.step})")
+    return teacher
+
+
+def _new_normalizer(cfg: Config, train_ds: PushTDataset, teacher):
+    """A new run's normalizer: fitted to the training split, or (a student) exactly its teacher's, since the
+    targets are in the teacher's units."""
+    if teacher is None:
+        return fit_normalizer(cfg, train_ds)
+    from dpkit.train.normalizer import Normalizer
+
+    return Normalizer.from_dict(teacher.policy.normalizer.to_dict())
+
+
+def _build(cfg: Config, normalizer, device: torch.device, teacher, resume_from: Path | None,
+           state: dict[str, Any] | None):
+    """(policy, ema or None, optimizer, LR scheduler): seeded so every process starts from identical weights;
+    a student starts as its teacher's network; a resumed run loads all four from `resume_from`."""
+    from diffusers.optimization import get_scheduler
+
+    from dpkit.train.policy import DiffusionPolicy
+
+    t = cfg.train
+    seed_everything(t.seed)  # identical initial weights on every process
+    # On the device before the EMA copy and the optimizer, so both (and loaded optimizer state) live there.
+    policy = DiffusionPolicy(cfg.policy, normalizer).to(device)
+    if teacher is not None and state is None:  # a student starts as its teacher's network
+        policy.load_state_dict(teacher.policy.state_dict())
+    ema = EMA(policy, t.ema_power, t.ema_max_decay) if t.ema else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    # diffusers' "constant" ignores the warm-up; "constant_with_warmup" is what train.lr_scheduler means.
+    name = "constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler
+    scheduler = get_scheduler(name, optimizer, num_warmup_steps=t.lr_warmup_steps, num_training_steps=t.steps)
+    if state is not None:
+        ckpt_io.load_weights_into(policy, resume_from, "model")
+        if ema is not None:
+            ckpt_io.load_weights_into(ema.module, resume_from, "ema")
+            ema.updates = int(state.get("ema_updates", state["step"]))
+        ckpt_io.load_trainer_state(resume_from, state, optimizer, scheduler)
+    return policy, ema, optimizer, scheduler
+
+
+def _apply_threads(threads: int | None, policy: torch.nn.Module):
+    """Set (and return) torch's intra-op threads for this process; the processes of one launch on this
+    machine share its CPUs (torchrun sets LOCAL_WORLD_SIZE)."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    choice = choose_threads(threads, params=sum(p.numel() for p in policy.parameters()),
+                            cpus=max(1, usable_cpus() // local))
+    apply_torch(choice)
+    return choice
+
+
+def _data_loader(cfg: Config, train_ds: PushTDataset, acc, step: int) -> torch.utils.data.DataLoader:
+    """This process's endless training batches (EpochBatches), from the first micro-batch of `step` on."""
+    t = cfg.train
+    sampler = EpochBatches(len(train_ds), t.batch_size, acc.process_index, acc.num_processes, t.seed,
+                           start=step * t.grad_accum_steps)
+    return torch.utils.data.DataLoader(
+        train_ds,
+        batch_sampler=sampler,
+        collate_fn=to_tensors,
+        num_workers=cfg.data.num_workers,
+        pin_memory=acc.device.type == "cuda",
+    )
+
+
+def _print_header(cfg: Config, acc, teacher, policy: torch.nn.Module, train_ds: PushTDataset, val_ds: PushTDataset,
+                  step: int, thread_choice) -> None:
+    n_params = sum(p.numel() for p in policy.parameters())
+    print(
+        f"{'dpkit-distill' if teacher is not None else 'dpkit-train'}: {cfg.name} ({cfg.policy.obs_mode}, {n_params / 1e6:.2f} M parameters) on "
+        f"{acc.device} x{acc.num_processes}; {len(train_ds)} train / {len(val_ds)} val windows from "
+        f"{train_ds.replay.path}; steps {step} -> {cfg.train.steps}"
+    )
+    print(f"threads: {describe(thread_choice)}")
+
+
+def _micro_batch(batch: Any, device: torch.device, seed: int, rank: int, micro: int, teacher) -> Any:
+    """Micro-batch number `micro` of the run, on the device, with this process's generators reseeded for it
+    (the diffusion noise and timesteps it draws); distillation swaps in the teacher's targets."""
+    batch = _to_device(batch, device)
+    _seed_micro(seed, rank, micro)
+    if teacher is not None:
+        batch = teacher.targets(batch)
+    return batch
+
+
+class _Window:
+    """The training loss and time since the last metrics record; `train_time` sums the windows over the run.
+    Time spent validating, evaluating and checkpointing is left out, so samples/s measure training alone."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.steps = 0
+        self.start = time.perf_counter()
+        self.train_time = 0.0
+
+    def add(self, step_loss: torch.Tensor) -> None:
+        self.loss += step_loss
+        self.steps += 1
+
+    def record(self, acc, step: int, epoch: int, lr: float, samples_per_step: int) -> dict[str, Any]:
+        """The window's metrics record (its loss averaged over the processes), and a new window begins."""
+        now = time.perf_counter()
+        self.train_time += now - self.start
+        rank_losses = acc.gather((self.loss / self.steps).reshape(1))
+        loss = float(rank_losses.mean())
+        if not math.isfinite(loss):
+            raise DpkitError(f"training diverged: loss is {loss} at step {step} (try a lower train.lr)")
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": self.steps * samples_per_step / max(now - self.start, 1e-9),
+        }
+        if acc.num_processes > 1:  # each process trains on its own shard: show that they all did
+            record["rank_losses"] = [float(x) for x in rank_losses]
+        self.loss.zero_()
+        self.steps = 0
+        return record
+
+    def restart(self) -> None:
+        """The new window's clock starts now (after the record's validation and logging)."""
+        self.start = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        self.start += seconds
+
+
+def _validate(acc, policy: torch.nn.Module, val_ds: PushTDataset, t: TrainConfig, teacher) -> float | None:
+    """The validation loss, computed by the main process (None on the others, or without a validation split)."""
+    val = None
+    if acc.is_main_process:
+        val = validation_loss(policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device,
+                              prepare=teacher.targets if teacher is not None else None)
+    acc.wait_for_everyone()
+    return val
+
+
+class _Evaluations:
+    """The run's rollout evaluations and its best score (the first sampler's). Checkpoints carry both, so a
+    resumed run's summary and checkpoints/best account for the evaluations made before it. Only the main
+    process runs evaluations."""
+
+    def __init__(self, state: dict[str, Any] | None):
+        self.done: list[dict[str, Any]] = list(state.get("evaluations", [])) if state is not None else []
+        saved = state.get("best_score") if state is not None else None
+        self.best = float(saved) if saved is not None else -math.inf
+        self.seconds = 0.0
+
+    def best_or_none(self) -> float | None:
+        return self.best if math.isfinite(self.best) else None
+
+    def run(self, rollout_eval: Callable[[Any], Any], policy: torch.nn.Module, step: int,
+            metrics: _Metrics) -> tuple[float, bool]:
+        """Score `policy` at `step`, log and print the result; (its score, whether it is the best so far)."""
+        t0 = time.perf_counter()
+        results = _score_rollouts(rollout_eval, policy)
+        self.seconds += time.perf_counter() - t0
+        self.done.append({"step": step, "samplers": results})
+        score = next(iter(results.values()))["score"]  # the first sampler picks the best
+        best = score > self.best
+        self.best = max(self.best, score)
+        record = {"step": step, "score": score, "best_score": self.best, "eval": results}
+        for label, r in results.items():  # flat scalars for TensorBoard
+            record[f"score/{label}"] = r["score"]
+            if r["success_rate"] is not None:
+                record[f"success_rate/{label}"] = r["success_rate"]
+        metrics.log(record)
+        shown = ", ".join(f"{label} {r['score']:.3f}" for label, r in results.items())
+        print(f"\nstep {step}: rollout score {shown} (best {self.best:.3f})")
+        return score, best
+
+
+def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Module, ema: EMA | None, optimizer,
+                     scheduler, normalizer, *, epoch: int, world: int, data_path: Path, evaluations: _Evaluations,
+                     teacher, metrics: dict[str, float | None]) -> Path:
+    """checkpoints/step_NNNNNN: the weights, optimizer and schedule, and all a resume needs to continue exactly."""
+    return ckpt_io.save_checkpoint(
+        run_dir,
+        step,
+        model=policy,
+        ema_model=ema.module if ema is not None else None,
+        keep=cfg.train.keep_checkpoints,
+        state={
+            "config": cfg.to_dict(),
+            "normalizer": normalizer.to_dict(),
+            "epoch": epoch,
+            "ema_updates": ema.updates if ema is not None else 0,
+            "world_size": world,
+            "data_path": str(data_path),
+            "best_score": evaluations.best_or_none(),
+            "evaluations": evaluations.done,
+            "rng": "reseeded per micro-batch from (train.seed, rank, step * grad_accum_steps + i)",
+            "metrics": metrics,
+            **({"teacher": teacher.describe()} if teacher is not None else {}),
+        },
+        trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+    )
+
+
+def _summary(cfg: Config, run_dir: Path, acc, *, step: int, steps_this_run: int, stopped_early: bool,
+             last_loss: float | None, val_loss: float | None, evaluations: _Evaluations, samples: int,
+             train_time: float, wall: float, cpu0: float, thread_choice, teacher) -> dict[str, Any]:
+    """train_summary.json (and train()'s result)."""
+    t = cfg.train
+    return {
         "config": cfg.name,
         "run_dir": str(run_dir),
         "steps": step,
-        "steps_this_run": steps_done,
+        "steps_this_run": steps_this_run,
         "target_steps": t.steps,
         "stopped_by_time_limit": stopped_early,
         "time_limit_s": t.time_limit_s,
         "final_loss": last_loss,
         "val_loss": val_loss,
-        "best_score": best_score if math.isfinite(best_score) else None,
-        "protocol": protocol_summary(evaluations, t.eval_last, t.eval_episodes if t.eval_every > 0 else None),
-        "evaluations": evaluations,
-        "samples_per_s": steps_done * samples_per_step / train_time if train_time > 0 else None,
+        "best_score": evaluations.best_or_none(),
+        "protocol": protocol_summary(evaluations.done, t.eval_last, t.eval_episodes if t.eval_every > 0 else None),
+        "evaluations": evaluations.done,
+        "samples_per_s": samples / train_time if train_time > 0 else None,
         "wall_s": wall,
-        "eval_s": eval_time,
+        "eval_s": evaluations.seconds,
         "cpu_s": time.process_time() - cpu0,
         "checkpoint": str(ckpt_io.checkpoints_dir(run_dir) / f"step_{step:06d}"),
-        "processes": world,
+        "processes": acc.num_processes,
         "threads": thread_choice.to_json(),
         "load_avg_end": load_average(),
         "device": str(acc.device),
         "dpkit_version": dpkit.__version__,
         **({"teacher": teacher.describe()} if teacher is not None else {}),
     }
-    if main:
-        atomic_write_json(run_dir / SUMMARY, summary)
-    acc.wait_for_everyone()
-    return summary
