@@ -28,8 +28,9 @@ from typing import Any, Iterator
 
 from dpkit.errors import DpkitError
 
-# JSON read from outside (policy.json, state.json, a converted source's config.json) nests at most this deep;
-# deeper text is refused before parsing, which recurses (cpp/src/manifest.cpp has the same number).
+# JSON read from outside (state.json, a converted source's config.json) nests at most this deep; deeper text is
+# refused before parsing, which recurses. policy.json's reader (cpp/src/manifest.cpp) has the same bound
+# (tests/test_bundle_contract.py checks that they agree).
 MAX_JSON_DEPTH = 64
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.S)
 

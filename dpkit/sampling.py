@@ -44,7 +44,7 @@ class SamplerSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SamplerSpec":
-        """From a sampler entry that validate_manifest (or Schedule.from_dict) has checked."""
+        """From a sampler entry the bundle reader has checked (or dpkit.export.schedule built)."""
         return cls(str(d["name"]), str(d["sampler"]), int(d["num_inference_steps"]),
                    tuple(int(t) for t in d["timesteps"]), tuple(int(t) for t in d["prev_timesteps"]),
                    float(d["final_alpha_cumprod"]), float(d["eta"]))

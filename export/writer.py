@@ -7,8 +7,8 @@
 The one writer of policy.json (`build_manifest`); `dpkit-export` (cli.py), the benchmarks and the tests
 (cpp/tests/make_test_bundle.py, tests/data/golden/make_golden.py) all write bundles through it. The
 bundle is built in a temp folder beside `out` and renamed into place only after ONNX Runtime reproduced
-PyTorch within the parity bound and the runtime's own reader (dpkit.runtime.bundle.load_bundle) accepted
-it; on failure nothing is left behind.
+PyTorch within the parity bound and the one bundle reader (cpp/src/manifest.cpp, through
+dpkit.runtime.bundle.load_bundle) accepted the finished folder; on failure nothing is left behind.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from dpkit.errors import DpkitError
 from dpkit.export.onnx_export import DEFAULT_OPSET, EXPORTER, MIN_OPSET, export_policy
 from dpkit.export.schedule import DEFAULT_DDIM_STEPS, build_scheduler
 from dpkit.io import atomic_dir, atomic_write_json, check_writable_file, folder_lock, sha256_file
-from dpkit.runtime.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, MAX_TRT_BATCH, TRT_CACHE_DIR, load_bundle,
+from dpkit.runtime.bundle import (FORMAT, FORMAT_VERSION, MANIFEST, TRT_CACHE_DIR, limits, load_bundle, onnx_info,
                                   read_manifest)
-from dpkit.runtime.onnx_info import read_onnx_info
 from dpkit.threads import apply_torch, choose_threads, describe
 
 # TensorRT optimization profile written into every manifest (`tensorrt`): batch 1..max_batch, tuned for
@@ -36,8 +35,9 @@ DEFAULT_OPT_BATCH = 8
 
 def trt_profile(max_batch: int, opt_batch: int | None, fp16: bool) -> dict[str, Any]:
     """The manifest's `tensorrt` entry before any engine is built (`engines: false`)."""
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= MAX_TRT_BATCH:
-        raise DpkitError(f"--max-batch must be an integer in [1, {MAX_TRT_BATCH}], got {max_batch!r}")
+    top = limits()["max_trt_batch"]  # the reader's bound
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= top:
+        raise DpkitError(f"--max-batch must be an integer in [1, {top}], got {max_batch!r}")
     opt = min(DEFAULT_OPT_BATCH, max_batch) if opt_batch is None else opt_batch
     if isinstance(opt, bool) or not isinstance(opt, int) or not 1 <= opt <= max_batch:
         raise DpkitError(f"--opt-batch must be an integer in [1, --max-batch = {max_batch}], got {opt!r}")
@@ -47,7 +47,7 @@ def trt_profile(max_batch: int, opt_batch: int | None, fp16: bool) -> dict[str, 
 
 def _external_data(graph: Path) -> list[dict[str, str]]:
     """The `external_data` entries of a graph just written: every file its tensors reference, hashed."""
-    refs = sorted(read_onnx_info(graph).external)
+    refs = sorted(onnx_info(graph)["external"])
     return [{"file": f, "sha256": sha256_file(graph.parent / f)} for f in refs]
 
 
@@ -247,6 +247,7 @@ def write_bundle(
         manifest["parity"] = parity  # of the graphs the bundle ships (fp16 ones with --fp16; int8: vs fp32 graphs)
         manifest["parity_details"] = details
         atomic_write_json(tmp / MANIFEST, manifest)
+        load_bundle(tmp)  # the finished folder, as it will be renamed into place, passes the one reader
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir()) if f.is_file()}
     summary = {
         "bundle": str(out), "checkpoint": source.get("checkpoint", ""), "obs_mode": policy.cfg.obs_mode,

@@ -1,7 +1,7 @@
 """Sample a trained policy from Python: one interface over PyTorch, ONNX Runtime and the C++ runtime.
 
     from dpkit.runtime import load_policy
-    policy = load_policy("bundles/tiny")                         # a bundle: "cpp" (or "ort" without the C++ module)
+    policy = load_policy("bundles/tiny")                         # a bundle: "cpp"
     policy = load_policy("runs/tiny")                            # a run folder or checkpoint: "torch"
     policy = load_policy("bundles/tiny", backend="ort", provider="cpu", allow_spinning=False, max_batch=...)
     traj = policy.sample(obs, sampler="ddim", steps=10, seed=0)  # (B, H, A) normalized
@@ -33,8 +33,10 @@ BACKENDS = ("torch", "ort", "cpp")
 
 def backend_for(path: str | Path) -> str:
     """The backend `load_policy(path)` uses when none is named: a bundle folder (it has policy.json) runs in
-    the C++ runtime ("cpp"), or in "ort" when this install lacks the C++ module; anything else that exists (a
-    training run folder, a checkpoint) is the PyTorch policy ("torch"). A missing path is a DpkitError."""
+    the C++ runtime ("cpp"), or in "ort" when this install lacks the C++ module (which then refuses it with one
+    line saying how to build the module: the bundle reader is compiled too, dpkit.runtime.bundle); anything else
+    that exists (a training run folder, a checkpoint) is the PyTorch policy ("torch"). A missing path is a
+    DpkitError."""
     p = Path(path)
     if (p / "policy.json").is_file():
         try:

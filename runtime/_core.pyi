@@ -1,4 +1,5 @@
-"""Typed stub of the C++ runtime module (cpp/python/module.cpp); use it through dpkit.runtime.cpp_policy."""
+"""Typed stub of the C++ runtime module (cpp/python/module.cpp); use it through dpkit.runtime.cpp_policy (the
+runtime) and dpkit.runtime.bundle (the bundle reader)."""
 
 from typing import Any, TypedDict
 
@@ -6,6 +7,26 @@ import numpy as np
 
 from dpkit.errors import InputError as InputError  # dpkit::InputError; a DpkitError and a ValueError
 from dpkit.errors import RuntimeFailure as Error  # any other dpkit::Error; a DpkitError and a RuntimeError
+
+# The bundle reader alone (cpp/src/manifest.cpp; no ONNX Runtime session): dpkit.runtime.bundle's source.
+def read_bundle(bundle_dir: str, verify_sha256: bool = True, check_files: bool = True) -> str:
+    """Apply every rule of the bundle format to the folder (policy.json read once; with check_files the files it
+    names, the graphs' inputs/outputs and precision; with verify_sha256 every sha256) and return the checked
+    policy.json as compact JSON text in the file's key order. A refusal is one line: Error (RuntimeFailure)."""
+    ...
+
+class OnnxInfo(TypedDict):
+    """read_onnx_info: what the reader's protobuf walk knows of an .onnx file."""
+    inputs: list[tuple[str, int, tuple[int | None, ...]]]  # (name, ONNX element type, dims; None = dynamic)
+    outputs: list[tuple[str, int, tuple[int | None, ...]]]
+    external: set[str]  # external-data locations its tensors reference
+    op_types: dict[str, int]  # node op type -> count
+    tensor_types: dict[int, int]  # tensor data type -> count
+    precision: str  # "fp32", "fp16" or "int8", derived from the nodes and tensors
+    evidence: str  # why, e.g. "no integer quantization nodes, no int8/uint8 or float16 tensors"
+
+def read_onnx_info(path: str) -> OnnxInfo: ...
+def bundle_limits() -> dict[str, int]: ...  # the reader's size limits by name, e.g. "max_trt_batch"
 
 class PolicyInfo(TypedDict):
     """Policy.info: dpkit::PolicyInfo (cpp/include/dpkit/runtime.hpp), read from the bundle by the C++ reader."""

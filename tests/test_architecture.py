@@ -154,6 +154,12 @@ CPP_LAYERS = {
     "tests/consumer": {"include"},
     "tests": {"src", "include"},  # unit tests are white-box
 }
+# (file, header) pairs allowed across the layers above, each with its reason.
+CPP_EXCEPTIONS = {
+    # The pybind module also hands the one bundle reader (read_bundle, read_onnx_info, bundle_limits) to Python,
+    # whose dpkit.runtime.bundle is a typed view over it; the reader stays out of the installed public header.
+    ("cpp/python/module.cpp", "manifest.hpp"),
+}
 
 
 def _cpp_layer(path: Path) -> str:
@@ -185,7 +191,7 @@ def test_cpp_includes_follow_the_layers():
                 if layer == "include" and name.startswith(THIRD_PARTY):
                     bad.append(f"{rel} includes {name}: the public header must compile with nothing else installed")
                 continue
-            if where not in CPP_LAYERS[layer]:
+            if where not in CPP_LAYERS[layer] and (rel, name) not in CPP_EXCEPTIONS:
                 bad.append(f"{rel} ({layer}) includes {name} from cpp/{where}")
     assert not bad, "C++ includes against the layers:\n" + "\n".join(bad)
 

@@ -164,10 +164,10 @@ def test_a_state_json_nested_100k_deep_is_one_line(tmp_path):
 
 
 def test_a_policy_json_nested_100k_deep_is_one_line(tmp_path):
-    from dpkit.runtime.bundle import MAX_JSON_DEPTH, load_bundle
+    from dpkit.runtime.bundle import limits, load_bundle
 
     (tmp_path / "policy.json").write_text(_deep_json(DEEP_JSON))
-    with pytest.raises(DpkitError, match=f"policy.json: JSON nesting is deeper than {MAX_JSON_DEPTH} levels"):
+    with pytest.raises(DpkitError, match=f"policy.json: JSON nesting is deeper than {limits()['max_json_depth']} levels"):
         load_bundle(tmp_path)
 
 

@@ -1,10 +1,12 @@
-"""The bundle contract: the shared table of damaged bundles, the golden bundle, and the reader's helpers.
+"""The bundle contract: the table of damaged bundles, the golden bundle, and the reader's helpers.
 
     .venv/bin/pytest -q tests/test_bundle_contract.py
 
-cpp/tests/data/damaged_bundles.json is also run by cpp/tests/test_manifest.cpp against the C++ reader:
-each case must be refused by both with a message containing the same `expect` text. The bases are the
-committed golden bundles (tests/data/golden/make_golden.py), so no export runs here.
+There is one bundle reader (cpp/src/manifest.cpp); cpp/tests/test_manifest.cpp runs the table of damaged
+bundles (cpp/tests/data/damaged_bundles.json) against it in C++, and this file runs it through Python's
+entry point (dpkit.runtime.bundle.load_bundle, under load_policy(..., backend="ort")): each case must be
+refused with one line containing its `expect` text. The bases are the committed golden bundles
+(tests/data/golden/make_golden.py), so no export runs here.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import pytest
 
 from dpkit.errors import DpkitError
 from dpkit.runtime import load_policy
-from dpkit.runtime.bundle import MAX_JSON_DEPTH, check_graph_io, json_depth, load_bundle, ort_trt_options
-from dpkit.runtime.onnx_info import read_onnx_info
+from dpkit.io import MAX_JSON_DEPTH, json_depth
+from dpkit.runtime.bundle import check_graph_io, limits, load_bundle, onnx_info, ort_trt_options
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = ROOT / "cpp" / "tests" / "data" / "damaged_bundles.json"
@@ -117,7 +119,7 @@ def _backends() -> list[str]:
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("base", ["bundle", "bundle_external"])
 def test_golden_bundle_reproduces_saved_outputs(backend, base):
-    """Today's readers run the committed bundle and reproduce what PyTorch returned when it was made."""
+    """Today's backends run the committed bundle and reproduce what PyTorch returned when it was made."""
     ref = np.load(GOLDEN / "reference.npz")
     policy = load_policy(GOLDEN / base, backend=backend)
     scale = np.abs(np.asarray(load_bundle(GOLDEN / base).manifest["action_normalizer"]["scale"])).max()
@@ -162,14 +164,14 @@ def test_onnx_info_matches_the_onnx_package():
     onnx = pytest.importorskip("onnx")
     for path in (GOLDEN / "bundle" / "encoder.onnx", GOLDEN / "bundle_external" / "denoiser.onnx"):
         model = onnx.load(str(path), load_external_data=False)
-        info = read_onnx_info(path)
+        info = onnx_info(path)
         inits = {t.name for t in model.graph.initializer}
         want = [(i.name, i.type.tensor_type.elem_type,
                  tuple(d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim))
                 for i in model.graph.input if i.name not in inits]
-        assert info.graph_inputs() == want
+        assert info["inputs"] == want
         ext = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-        assert info.external == ext
+        assert info["external"] == ext
 
 
 def test_check_graph_io_takes_what_ort_reports():
@@ -190,6 +192,28 @@ def test_check_graph_io_takes_what_ort_reports():
 def test_json_depth_counts_brackets_outside_strings():
     assert json_depth('{"a": [[1]], "b": "[[[[", "c": "\\"[["}') == 3
     assert json_depth("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1)) == MAX_JSON_DEPTH + 1
+    assert limits()["max_json_depth"] == MAX_JSON_DEPTH  # the bundle reader's bound is dpkit's one JSON bound
+
+
+def test_view_is_the_document_the_reader_checked():
+    """load_bundle builds its view from the JSON the C++ reader validated: the file's values and key order."""
+    for base in ("bundle", "bundle_external"):
+        assert load_bundle(GOLDEN / base).manifest == json.loads((GOLDEN / base / "policy.json").read_text())
+    m = load_bundle(GOLDEN / "bundle").manifest
+    assert list(m) == list(json.loads((GOLDEN / "bundle" / "policy.json").read_text()))
+
+
+def test_without_the_compiled_reader_load_bundle_says_how_to_build(monkeypatch):
+    import sys
+
+    import dpkit.runtime
+
+    monkeypatch.setitem(sys.modules, "dpkit.runtime._core", None)
+    monkeypatch.delattr(dpkit.runtime, "_core", raising=False)
+    with pytest.raises(DpkitError) as e:
+        load_bundle(GOLDEN / "bundle")
+    msg = str(e.value)
+    assert "dpkit.runtime._core" in msg and "pip install ." in msg and "make install" in msg and "\n" not in msg
 
 
 def test_trt_options_come_from_the_manifest_profile(tmp_path):

@@ -1,5 +1,7 @@
 // dpkit.runtime._core: dpkit::Policy and dpkit::RealTimeController for Python. Used through
-// dpkit.runtime.cpp_policy.CppPolicy and dpkit.runtime.realtime.make_controller.
+// dpkit.runtime.cpp_policy.CppPolicy and dpkit.runtime.realtime.make_controller. Also the bundle reader
+// alone (read_bundle, read_onnx_info, bundle_limits; cpp/src/manifest.cpp, no ONNX Runtime session): the
+// one parser and validator of a bundle, under dpkit.runtime.bundle's typed view.
 //
 // numpy in: float32 C-contiguous arrays are read in place, other numeric arrays converted once; anything
 // else (lists, strings, booleans) is an InputError. Samplers are typed handles from find_sampler.
@@ -14,6 +16,7 @@
 #include <optional>
 
 #include "dpkit/runtime.hpp"
+#include "manifest.hpp"  // the reader's internals (cpp/src; built in-tree, not installed)
 
 namespace py = pybind11;
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -276,6 +279,37 @@ py::array_t<float> controller_step(PyController& self, PyPolicy& policy, const p
   return action;
 }
 
+// A graph's (name, element type, dims) with None for a dynamic dim, as onnxruntime reports shapes.
+py::list io_list(const std::vector<dpkit::detail::OnnxInfo::Io>& ios) {
+  py::list out;
+  for (const auto& [name, elem, dims] : ios) {
+    py::list d;
+    for (int64_t v : dims) d.append(v < 0 ? py::object(py::none()) : py::object(py::int_(v)));
+    out.append(py::make_tuple(name, elem, py::tuple(d)));
+  }
+  return out;
+}
+
+py::dict onnx_info_dict(const std::string& path) {
+  dpkit::detail::OnnxInfo info;
+  {
+    py::gil_scoped_release release;
+    info = dpkit::detail::read_onnx_info(path);
+  }
+  const auto [precision, evidence] = dpkit::detail::graph_precision(info);
+  py::dict d;
+  d["inputs"] = io_list(info.inputs);
+  d["outputs"] = io_list(info.outputs);
+  py::set external;
+  for (const auto& e : info.external) external.add(e);
+  d["external"] = external;
+  d["op_types"] = info.op_types;
+  d["tensor_types"] = info.tensor_types;
+  d["precision"] = precision;
+  d["evidence"] = evidence;
+  return d;
+}
+
 py::dict controller_stats(PyController& self) {
   const dpkit::ControllerStats s = without_gil_locked(self, [&] { return self.ctl.stats(); });
   py::dict d;
@@ -320,6 +354,28 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(runtime_error.ptr(), e.what());
     }
   });
+
+  // The bundle reader alone: no ONNX Runtime, no session (dpkit.runtime.bundle builds its view from these).
+  m.def("read_bundle", [](const std::string& bundle_dir, bool verify_sha256, bool check_files) {
+          std::string text;
+          {
+            py::gil_scoped_release release;
+            text = dpkit::detail::read_bundle(bundle_dir, check_files, verify_sha256).json;
+          }
+          return text;
+        }, py::arg("bundle_dir"), py::arg("verify_sha256") = true, py::arg("check_files") = true,
+        "Apply every rule of the bundle format to the folder: policy.json (read once), then (check_files) the "
+        "files it names, the graphs' inputs/outputs and precision, and (verify_sha256) every sha256. Returns "
+        "the checked policy.json as compact JSON text (the file's key order); a refusal is one-line Error.");
+  m.def("read_onnx_info", &onnx_info_dict, py::arg("path"),
+        "What the reader knows of an .onnx file from its protobuf: inputs (initializers excluded) and outputs "
+        "as (name, element type, dims with None = dynamic), external-data locations, op and tensor type "
+        "counts, and the precision it derives with its evidence.");
+  m.def("bundle_limits", [] {
+          py::dict d;
+          for (const auto& [name, value] : dpkit::detail::bundle_limits()) d[py::str(name)] = value;
+          return d;
+        }, "The reader's size limits by name (docs/bundle-format.md, \"Limits\"), e.g. max_trt_batch.");
 
   // Made only by Policy.find_sampler; sample() refuses one from another Policy.
   py::class_<dpkit::Sampler>(m, "Sampler")

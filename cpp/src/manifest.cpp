@@ -1,7 +1,8 @@
-// policy.json -> Manifest, with every check a reader of format version 1 must make (docs/bundle-format.md),
-// and the bundle's file rules (files inside the folder, external data listed, graph inputs/outputs, sha256).
-// dpkit.runtime.bundle applies the same rules, in the same order, with the same messages; both test suites
-// run cpp/tests/data/damaged_bundles.json against them.
+// The one bundle reader: policy.json -> Manifest, with every check a reader of format version 1 must make
+// (docs/bundle-format.md), and the bundle's file rules (files inside the folder, external data listed, graph
+// inputs/outputs and precision, sha256). dpkit.runtime.bundle is a typed view over what this reader accepted
+// (read_bundle, through the pybind module); cpp/tests/data/damaged_bundles.json is the table of damaged
+// bundles it refuses, run by cpp/tests/test_manifest.cpp and, through Python, tests/test_bundle_contract.py.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -25,9 +26,11 @@ namespace dpkit {
 namespace detail {
 namespace {
 
-using nlohmann::json;
+// ordered: read_bundle hands the validated document back in the file's key order.
+using json = nlohmann::ordered_json;
 
-// Bounds applied before anything is sized from the manifest (dpkit.runtime.bundle has the same numbers).
+// Bounds applied before anything is sized from the manifest (docs/bundle-format.md, "Limits"); the one
+// home of these numbers (bundle_limits() hands them to Python).
 constexpr int kMaxJsonDepth = 64;
 constexpr int64_t kMaxNObsSteps = 256, kMaxHorizon = 4096, kMaxActionDim = 256, kMaxCondDim = 1 << 20;
 constexpr std::size_t kMaxObservations = 64, kMaxObsDims = 8;
@@ -37,7 +40,7 @@ constexpr int64_t kMaxTrainTimesteps = 10000;
 constexpr std::size_t kMaxSamplers = 1024, kMaxExternalFiles = 64;
 constexpr int64_t kMaxTrtBatch = 65536;
 
-// Deepest bracket nesting outside strings, found before parsing (the same scan as bundle.json_depth).
+// Deepest bracket nesting outside strings, found before parsing (the same scan as dpkit.io.json_depth).
 int json_depth(const std::string& text) {
   int depth = 0, deepest = 0;
   bool in_string = false, escaped = false;
@@ -163,8 +166,7 @@ std::string list_str(const std::vector<std::string>& v) {
   return s;
 }
 
-// `precision` (optional; default from dtype) and the `quantization` block of int8 graphs (the same rules
-// as dpkit.runtime.bundle._validate_precision).
+// `precision` (optional; default from dtype) and the `quantization` block of int8 graphs.
 void read_precision(const Reader& r, const json& m, const std::string& path, ModelEntry& e) {
   e.precision = e.dtype == "float16" ? "fp16" : "fp32";
   e.precision_declared = m.contains("precision");
@@ -283,7 +285,7 @@ void read_scheduler(const Reader& r, const json& s, Manifest& m) {
   if (m.default_sampler < 0) r.fail("scheduler.default_sampler", in_quotes(default_name) + " names no entry of scheduler.samplers");
 }
 
-// ---- the .onnx protobuf walk (same fields as dpkit.runtime.onnx_info) ------------------------------------
+// ---- the .onnx protobuf walk (the one walk: _core.read_onnx_info hands it to Python) -------------------
 
 struct Malformed {};
 
@@ -444,7 +446,8 @@ std::string shape_str(const std::vector<int64_t>& dims) {
   return s + ")";
 }
 
-// What is wrong with a graph's declared inputs/outputs ("" = nothing), as bundle.graph_io_problem says it.
+// What is wrong with a graph's declared inputs/outputs ("" = nothing). The "ort" backend words its check of
+// the sessions it opened the same (dpkit.runtime.bundle.graph_io_problem).
 std::string graph_io_problem(const Manifest& m, bool encoder, const OnnxInfo& g) {
   using Io = OnnxInfo::Io;
   std::vector<Io> want_in, want_out;
@@ -603,7 +606,10 @@ OnnxInfo read_onnx_info(const std::string& path) {
   return std::move(w.info);
 }
 
-Manifest parse_manifest(const std::string& text, const std::string& where) {
+namespace {
+
+// policy.json text -> the JSON document (depth bound first: the parser recurses), or one-line Error.
+json parse_json(const std::string& text, const std::string& where) {
   if (json_depth(text) > kMaxJsonDepth)
     throw Error(where + ": JSON nesting is deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   json j;
@@ -612,6 +618,11 @@ Manifest parse_manifest(const std::string& text, const std::string& where) {
   } catch (const json::exception& e) {  // parse errors, and numbers beyond double range ("1e999")
     throw Error(where + ": not valid JSON (" + e.what() + ")");
   }
+  return j;
+}
+
+// The manifest rules, in order, on a parsed document.
+Manifest read_manifest(const json& j, const std::string& where) {
   const Reader r(where);
   if (!j.is_object()) throw Error(where + ": must hold a JSON object");
   if (r.str(j, "format") != "dpkit-bundle") r.fail("format", "must be \"dpkit-bundle\"");
@@ -704,15 +715,51 @@ Manifest parse_manifest(const std::string& text, const std::string& where) {
   return m;
 }
 
-Manifest load_manifest(const std::string& bundle_dir) {
+std::string read_text(const std::string& bundle_dir) {
   const std::string path = bundle_dir + "/policy.json";
+  struct stat st;
+  if (::stat(bundle_dir.c_str(), &st) != 0) throw Error("cannot read " + path + ": bundle " + bundle_dir + " does not exist");
+  if (::stat(path.c_str(), &st) != 0)
+    throw Error("cannot read " + path + ": " + bundle_dir + " is not a dpkit bundle (no policy.json)");
   std::ifstream f(path);
   if (!f) throw Error("cannot read " + path + " (is " + bundle_dir + " a dpkit bundle folder?)");
   std::stringstream ss;
   ss << f.rdbuf();
-  Manifest m = parse_manifest(ss.str(), path);
+  return ss.str();
+}
+
+}  // namespace
+
+Manifest parse_manifest(const std::string& text, const std::string& where) {
+  return read_manifest(parse_json(text, where), where);
+}
+
+Manifest load_manifest(const std::string& bundle_dir) {
+  const std::string path = bundle_dir + "/policy.json";
+  Manifest m = parse_manifest(read_text(bundle_dir), path);
   check_files(m, bundle_dir, Reader(path));
   return m;
+}
+
+BundleRead read_bundle(const std::string& bundle_dir, bool check_bundle_files, bool verify_sha256) {
+  const std::string path = bundle_dir + "/policy.json";
+  const json j = parse_json(read_text(bundle_dir), path);  // policy.json is read once
+  BundleRead out{read_manifest(j, path), j.dump(-1, ' ', false, json::error_handler_t::replace)};
+  if (check_bundle_files) {
+    check_files(out.manifest, bundle_dir, Reader(path));
+    if (verify_sha256) verify_bundle_sha256(out.manifest, bundle_dir);
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, int64_t>> bundle_limits() {
+  return {{"max_json_depth", kMaxJsonDepth},         {"max_n_obs_steps", kMaxNObsSteps},
+          {"max_horizon", kMaxHorizon},              {"max_action_dim", kMaxActionDim},
+          {"max_cond_dim", kMaxCondDim},             {"max_observations", int64_t(kMaxObservations)},
+          {"max_obs_dims", int64_t(kMaxObsDims)},    {"max_obs_size", kMaxObsSize},
+          {"max_obs_floats", int64_t(kMaxObsFloats)}, {"max_train_timesteps", kMaxTrainTimesteps},
+          {"max_samplers", int64_t(kMaxSamplers)},   {"max_external_files", int64_t(kMaxExternalFiles)},
+          {"max_trt_batch", kMaxTrtBatch}};
 }
 
 void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir) {

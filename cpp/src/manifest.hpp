@@ -1,5 +1,5 @@
-// The bundle's file rules beyond policy.json itself (defined in manifest.cpp, beside parse_manifest).
-// dpkit.runtime.bundle applies the same rules with the same messages (docs/bundle-format.md).
+// The bundle's file rules beyond policy.json itself (defined in manifest.cpp, beside parse_manifest), and the
+// reader's entry points for the pybind module (dpkit.runtime.bundle is a typed view over read_bundle).
 #pragma once
 
 #include <cstdint>
@@ -25,11 +25,11 @@ struct OnnxInfo {
   std::map<int, int64_t> tensor_types;      // tensor data_type -> count (every tensor walked)
 };
 
-// (precision, evidence) of a graph from its nodes and tensors, as dpkit.runtime.onnx_info.graph_precision:
+// (precision, evidence) of a graph from its nodes and tensors (docs/bundle-format.md, "Precision"):
 // "int8" with integer quantization nodes (DynamicQuantizeLinear, MatMulInteger, QLinear*, ...) or int8/uint8
 // tensors, else "fp16" with float16 tensors, else "fp32". The evidence completes "<file> is <precision> (...)".
 std::pair<std::string, std::string> graph_precision(const OnnxInfo& info);
-// Whether a graph that is `derived` may be labelled `declared` (onnx_info.precision_fits): only its own
+// Whether a graph that is `derived` may be labelled `declared`: only its own
 // precision, except that an fp32 graph with no MatMul/Gemm/Conv/ConvTranspose node (nothing --fp16
 // converts, e.g. the low-dim encoder) may be labelled fp16.
 bool precision_fits(const std::string& declared, const std::string& derived, const OnnxInfo& info);
@@ -41,6 +41,18 @@ OnnxInfo read_onnx_info(const std::string& path);
 // checked that they exist inside the bundle). Error naming the key, e.g. "models.denoiser.sha256 does
 // not match denoiser.onnx (...)".
 void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir);
+
+// The whole reader without ONNX Runtime: policy.json read once and checked by every manifest rule, then
+// (check_files) the file rules of load_manifest, then (and verify_sha256) every sha256. `json` is the
+// document that was checked, as compact JSON in the file's key order: what Python builds its view from.
+struct BundleRead {
+  Manifest manifest;
+  std::string json;
+};
+BundleRead read_bundle(const std::string& bundle_dir, bool check_files, bool verify_sha256);
+
+// The reader's size limits (docs/bundle-format.md, "Limits") by name, e.g. {"max_trt_batch", 65536}.
+std::vector<std::pair<std::string, int64_t>> bundle_limits();
 
 }  // namespace detail
 }  // namespace dpkit

@@ -1,6 +1,6 @@
-// The bundle reader: the generated test bundles load; every case of the shared damaged-bundle table
-// (data/damaged_bundles.json, also run by tests/test_bundle_contract.py against the Python reader) is
-// refused with the table's message; the .onnx walk; the TensorRT profile.
+// The one bundle reader: the generated test bundles load; every case of the damaged-bundle table
+// (data/damaged_bundles.json, also run through Python's entry point dpkit.runtime.bundle.load_bundle by
+// tests/test_bundle_contract.py) is refused with the table's message; the .onnx walk; the TensorRT profile.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -202,7 +202,7 @@ TEST(Manifest, OnnxInfo) {
   const d::OnnxInfo ext = d::read_onnx_info((kGolden / "bundle_external" / "denoiser.onnx").string());
   EXPECT_EQ(ext.external, (std::set<std::string>{"denoiser.onnx.data"}));
   EXPECT_EQ(ext.inputs, den.inputs);
-  // The precision derived from the graph (nodes and tensors), worded as dpkit.runtime.onnx_info.graph_precision.
+  // The precision derived from the graph (nodes and tensors), and its wording (the one home of both).
   EXPECT_GT(den.op_types.at("Conv"), 0);
   EXPECT_EQ(den.tensor_types.at(1), 40);  // float32 initializers (and no Constant tensors)
   EXPECT_EQ(d::graph_precision(den),
