@@ -161,10 +161,15 @@ struct Policy::Impl {
   void bind_buffers(const PolicyParams& p);
   void warm_up(const std::string& dir);
 
-  // Sampling.
+  // Sampling, step by step (Policy::sample).
+  std::size_t check_request(const SampleRequest& req, const SampleOutput& out, detail::Inpaint& inpaint) const;
+  void check_inputs(const SampleRequest& req, int64_t K) const;
+  void check_prefix(const SampleRequest& req, detail::Inpaint& inpaint) const;
+  void copy_in(const SampleRequest& req, detail::Inpaint& inpaint);
   // `inpaint.rows` 0: no prefix; else it points into `prefix` / `prefix_weights`.
   void run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise,
            const detail::Inpaint& inpaint);
+  void copy_out(int batch, SampleOutput& out) const;
   void draw(float* out, std::size_t n) {
     for (std::size_t i = 0; i < n; ++i) out[i] = normal(rng);
   }
@@ -376,6 +381,136 @@ void Policy::Impl::warm_up(const std::string& dir) {
   }
 }
 
+// ---- sampling, step by step (Policy::sample) -------------------------------------------------------------
+// check_request (every check, before anything is copied), copy_in, run (encoder, then the reverse loop),
+// copy_out. Checks build their message (and allocate) only on failure: the success path allocates nothing.
+
+namespace {
+
+template <class What, class Dims>
+void expect_size(std::size_t got, std::size_t want, const What& what, const Dims& dims) {
+  if (got != want)
+    throw InputError(std::string(what) + ": expected shape " + shape_str(dims) + " = " + std::to_string(want) +
+                     " floats, got " + std::to_string(got));
+}
+
+}  // namespace
+
+// The call itself (batch, sampler, outputs named), then the inputs, the prefix and the outputs, in that
+// order. Returns the sampler's index; fills the prefix's rows in `inpaint`.
+std::size_t Policy::Impl::check_request(const SampleRequest& req, const SampleOutput& out,
+                                        detail::Inpaint& inpaint) const {
+  const int B = req.batch;
+  if (B < 1 || B > info.max_batch)
+    throw InputError("batch " + std::to_string(B) + " is outside [1, max_batch = " + std::to_string(info.max_batch) +
+                     "] (raise PolicyParams::max_batch)");
+  if (!req.sampler)
+    throw InputError("SampleRequest::sampler is empty (set it from Policy::find_sampler or Policy::default_sampler)");
+  if (req.sampler.owner_ != id)
+    throw InputError("SampleRequest::sampler " + req.sampler.name() + " was made by another Policy (use this "
+                     "Policy's find_sampler)");
+  if (!out.trajectory.data && !out.actions.data)
+    throw InputError("SampleOutput has no outputs: set trajectory, actions or both");
+  const std::size_t sampler = static_cast<std::size_t>(req.sampler.index_);
+  check_inputs(req, info.samplers[sampler].num_inference_steps);
+  check_prefix(req, inpaint);
+  const int64_t b = B, H = info.horizon, A = info.action_dim, Ta = info.n_action_steps;
+  if (out.trajectory.data) expect_size(out.trajectory.size, info.trajectory_size(B), "output trajectory", std::array<int64_t, 3>{b, H, A});
+  if (out.actions.data) expect_size(out.actions.size, info.actions_size(B), "output actions", std::array<int64_t, 3>{b, Ta, A});
+  return sampler;
+}
+
+// Observations (count, shapes, finite) and injected noise (shapes, finite) for K steps.
+void Policy::Impl::check_inputs(const SampleRequest& req, int64_t K) const {
+  const int B = req.batch;
+  if (req.observations.size() != info.observations.size())
+    throw InputError("expected " + std::to_string(info.observations.size()) + " observation arrays (" +
+                     info.observations[0].name + (info.observations.size() > 1 ? ", ..." : "") + "), got " +
+                     std::to_string(req.observations.size()));
+  const int64_t b = B, To = info.n_obs_steps, H = info.horizon, A = info.action_dim;
+  for (std::size_t i = 0; i < info.observations.size(); ++i) {
+    const ObservationInfo& o = info.observations[i];
+    const ConstFloatSpan& s = req.observations[i];
+    const std::size_t on = info.observation_size(i, B);
+    if ((s.data ? s.size : 0) != on) {
+      std::vector<int64_t> dims = {b, To};
+      dims.insert(dims.end(), o.shape.begin(), o.shape.end());
+      expect_size(s.data ? s.size : 0, on, "observation '" + o.name + "'", dims);
+    }
+    if (!all_finite(s.data, on)) {
+      const std::size_t at = first_non_finite(s.data, on);
+      throw InputError("observation '" + o.name + "' holds " + (std::isnan(s.data[at]) ? "NaN" : "Inf") +
+                       " at flat index " + std::to_string(at) + " (batch item " + std::to_string(at / (on / B)) + ")");
+    }
+  }
+  const std::size_t n = info.trajectory_size(B);
+  if (req.initial_noise.data) {
+    expect_size(req.initial_noise.size, n, "initial_noise", std::array<int64_t, 3>{b, H, A});
+    if (!all_finite(req.initial_noise.data, n)) throw InputError("initial_noise holds NaN or Inf");
+  }
+  if (req.step_noise.data) {
+    expect_size(req.step_noise.size, static_cast<std::size_t>(K) * n, "step_noise", std::array<int64_t, 4>{K, b, H, A});
+    if (!all_finite(req.step_noise.data, req.step_noise.size)) throw InputError("step_noise holds NaN or Inf");
+  }
+}
+
+// The inpainting prefix (rows, start, finite values, weights in [0, 1]); sets inpaint.start / rows.
+void Policy::Impl::check_prefix(const SampleRequest& req, detail::Inpaint& inpaint) const {
+  if (!req.prefix.data) {
+    if (req.prefix_rows != 0 || req.prefix_weights.data)
+      throw InputError("SampleRequest::prefix_rows / prefix_weights given without a prefix");
+    return;
+  }
+  const int B = req.batch, A = info.action_dim;
+  const int P = req.prefix_rows, start = req.prefix_start == -1 ? info.first_action_index : req.prefix_start;
+  if (P < 1 || start < 0 || P > info.horizon - start)
+    throw InputError("prefix of " + std::to_string(P) + " rows starting at " + std::to_string(start) +
+                     " does not fit the horizon " + std::to_string(info.horizon) + " (need 1 <= rows <= horizon - start)");
+  const std::size_t pn = static_cast<std::size_t>(B) * P * A;
+  expect_size(req.prefix.size, pn, "prefix", std::array<int64_t, 3>{B, P, A});
+  if (!all_finite(req.prefix.data, pn)) throw InputError("prefix contains NaN or Inf");
+  if (req.prefix_weights.data) {
+    if (req.prefix_weights.size != static_cast<std::size_t>(P))
+      throw InputError("prefix weights must be " + std::to_string(P) + " values in [0, 1], got " +
+                       std::to_string(req.prefix_weights.size));
+    for (int j = 0; j < P; ++j)
+      if (!(req.prefix_weights.data[j] >= 0.0f && req.prefix_weights.data[j] <= 1.0f))  // NaN fails too
+        throw InputError("prefix weights must be " + std::to_string(P) + " values in [0, 1], got " +
+                         std::to_string(req.prefix_weights.data[j]) + " at " + std::to_string(j));
+  }
+  inpaint.start = start;
+  inpaint.rows = P;
+}
+
+// The checked inputs into the buffers the bindings read (the prefix and its weights, default 1, too).
+void Policy::Impl::copy_in(const SampleRequest& req, detail::Inpaint& inpaint) {
+  const int B = req.batch;
+  for (std::size_t i = 0; i < info.observations.size(); ++i)
+    std::memcpy(obs[i].data(), req.observations[i].data, info.observation_size(i, B) * sizeof(float));
+  if (inpaint.rows == 0) return;
+  std::memcpy(prefix.data(), req.prefix.data, static_cast<std::size_t>(B) * inpaint.rows * info.action_dim * sizeof(float));
+  if (req.prefix_weights.data)
+    std::memcpy(prefix_weights.data(), req.prefix_weights.data, inpaint.rows * sizeof(float));
+  else
+    std::fill(prefix_weights.begin(), prefix_weights.begin() + inpaint.rows, 1.0f);
+  inpaint.prefix = prefix.data();
+  inpaint.weights = prefix_weights.data();
+}
+
+// The sample into `out`: the normalized trajectory, and/or the executed actions unnormalized.
+void Policy::Impl::copy_out(int B, SampleOutput& out) const {
+  const int H = info.horizon, A = info.action_dim;
+  if (out.trajectory.data) std::memcpy(out.trajectory.data, x.data(), info.trajectory_size(B) * sizeof(float));
+  if (!out.actions.data) return;
+  const float* scale = m.action_scale.data();
+  const float* offset = m.action_offset.data();
+  float* dst = out.actions.data;
+  for (int bi = 0; bi < B; ++bi) {
+    const float* src = x.data() + (static_cast<std::size_t>(bi) * H + info.first_action_index) * A;
+    for (int j = 0; j < info.n_action_steps * A; ++j) *dst++ = src[j] * scale[j % A] + offset[j % A];
+  }
+}
+
 // The hot path: no allocation, no tensor creation, no name lookups.
 void Policy::Impl::run(int batch, std::size_t sampler, const float* initial_noise, const float* step_noise,
                        const detail::Inpaint& inpaint) {
@@ -500,107 +635,11 @@ void Policy::reseed(std::uint64_t seed) {
 void Policy::sample(const SampleRequest& req, SampleOutput& out) {
   const auto t_start = std::chrono::steady_clock::now();
   Impl& im = impl();
-  const PolicyInfo& info = im.info;
-  const int B = req.batch;
-  if (B < 1 || B > info.max_batch)
-    throw InputError("batch " + std::to_string(B) + " is outside [1, max_batch = " + std::to_string(info.max_batch) +
-                     "] (raise PolicyParams::max_batch)");
-  if (!req.sampler)
-    throw InputError("SampleRequest::sampler is empty (set it from Policy::find_sampler or Policy::default_sampler)");
-  if (req.sampler.owner_ != im.id)
-    throw InputError("SampleRequest::sampler " + req.sampler.name() + " was made by another Policy (use this "
-                     "Policy's find_sampler)");
-  const std::size_t sampler = static_cast<std::size_t>(req.sampler.index_);
-  if (!out.trajectory.data && !out.actions.data)
-    throw InputError("SampleOutput has no outputs: set trajectory, actions or both");
-  if (req.observations.size() != info.observations.size())
-    throw InputError("expected " + std::to_string(info.observations.size()) + " observation arrays (" +
-                     info.observations[0].name + (info.observations.size() > 1 ? ", ..." : "") + "), got " +
-                     std::to_string(req.observations.size()));
-
-  // Checks build their message (and allocate) only on failure: the success path allocates nothing.
-  auto expect = [](std::size_t got, std::size_t want, const auto& what, const auto& dims) {
-    if (got != want)
-      throw InputError(std::string(what) + ": expected shape " + shape_str(dims) + " = " + std::to_string(want) +
-                       " floats, got " + std::to_string(got));
-  };
-  const int64_t b = B, To = info.n_obs_steps, H = info.horizon, A = info.action_dim;
-  const std::size_t n = info.trajectory_size(B);
-  const int64_t K = info.samplers[sampler].num_inference_steps;
-  const int64_t Ta = info.n_action_steps;
-  // Every check before the first copy into the Policy's buffers or `out`.
-  for (std::size_t i = 0; i < info.observations.size(); ++i) {
-    const ObservationInfo& o = info.observations[i];
-    const ConstFloatSpan& s = req.observations[i];
-    const std::size_t on = info.observation_size(i, B);
-    if ((s.data ? s.size : 0) != on) {
-      std::vector<int64_t> dims = {b, To};
-      dims.insert(dims.end(), o.shape.begin(), o.shape.end());
-      expect(s.data ? s.size : 0, on, "observation '" + o.name + "'", dims);
-    }
-    if (!all_finite(s.data, on)) {
-      const std::size_t at = first_non_finite(s.data, on);
-      throw InputError("observation '" + o.name + "' holds " + (std::isnan(s.data[at]) ? "NaN" : "Inf") +
-                       " at flat index " + std::to_string(at) + " (batch item " + std::to_string(at / (on / B)) + ")");
-    }
-  }
-  if (req.initial_noise.data) {
-    expect(req.initial_noise.size, n, "initial_noise", std::array<int64_t, 3>{b, H, A});
-    if (!all_finite(req.initial_noise.data, n)) throw InputError("initial_noise holds NaN or Inf");
-  }
-  if (req.step_noise.data) {
-    expect(req.step_noise.size, static_cast<std::size_t>(K) * n, "step_noise", std::array<int64_t, 4>{K, b, H, A});
-    if (!all_finite(req.step_noise.data, req.step_noise.size)) throw InputError("step_noise holds NaN or Inf");
-  }
   detail::Inpaint inpaint;
-  if (req.prefix.data) {
-    const int P = req.prefix_rows, start = req.prefix_start == -1 ? info.first_action_index : req.prefix_start;
-    if (P < 1 || start < 0 || P > info.horizon - start)
-      throw InputError("prefix of " + std::to_string(P) + " rows starting at " + std::to_string(start) +
-                       " does not fit the horizon " + std::to_string(info.horizon) + " (need 1 <= rows <= horizon - start)");
-    const std::size_t pn = static_cast<std::size_t>(B) * P * A;
-    expect(req.prefix.size, pn, "prefix", std::array<int64_t, 3>{b, P, A});
-    if (!all_finite(req.prefix.data, pn)) throw InputError("prefix contains NaN or Inf");
-    if (req.prefix_weights.data) {
-      if (req.prefix_weights.size != static_cast<std::size_t>(P))
-        throw InputError("prefix weights must be " + std::to_string(P) + " values in [0, 1], got " +
-                         std::to_string(req.prefix_weights.size));
-      for (int j = 0; j < P; ++j)
-        if (!(req.prefix_weights.data[j] >= 0.0f && req.prefix_weights.data[j] <= 1.0f))  // NaN fails too
-          throw InputError("prefix weights must be " + std::to_string(P) + " values in [0, 1], got " +
-                           std::to_string(req.prefix_weights.data[j]) + " at " + std::to_string(j));
-    }
-    inpaint.start = start;
-    inpaint.rows = P;
-  } else if (req.prefix_rows != 0 || req.prefix_weights.data) {
-    throw InputError("SampleRequest::prefix_rows / prefix_weights given without a prefix");
-  }
-  if (out.trajectory.data) expect(out.trajectory.size, n, "output trajectory", std::array<int64_t, 3>{b, H, A});
-  if (out.actions.data) expect(out.actions.size, info.actions_size(B), "output actions", std::array<int64_t, 3>{b, Ta, A});
-
-  for (std::size_t i = 0; i < info.observations.size(); ++i)
-    std::memcpy(im.obs[i].data(), req.observations[i].data, info.observation_size(i, B) * sizeof(float));
-  if (inpaint.rows > 0) {
-    std::memcpy(im.prefix.data(), req.prefix.data, static_cast<std::size_t>(B) * inpaint.rows * A * sizeof(float));
-    if (req.prefix_weights.data)
-      std::memcpy(im.prefix_weights.data(), req.prefix_weights.data, inpaint.rows * sizeof(float));
-    else
-      std::fill(im.prefix_weights.begin(), im.prefix_weights.begin() + inpaint.rows, 1.0f);
-    inpaint.prefix = im.prefix.data();
-    inpaint.weights = im.prefix_weights.data();
-  }
-  im.run(B, sampler, req.initial_noise.data, req.step_noise.data, inpaint);
-
-  if (out.trajectory.data) std::memcpy(out.trajectory.data, im.x.data(), n * sizeof(float));
-  if (out.actions.data) {
-    const float* scale = im.m.action_scale.data();
-    const float* offset = im.m.action_offset.data();
-    float* dst = out.actions.data;
-    for (int bi = 0; bi < B; ++bi) {
-      const float* src = im.x.data() + (static_cast<std::size_t>(bi) * H + info.first_action_index) * A;
-      for (int j = 0; j < info.n_action_steps * A; ++j) *dst++ = src[j] * scale[j % A] + offset[j % A];
-    }
-  }
+  const std::size_t sampler = im.check_request(req, out, inpaint);  // every check before the first copy
+  im.copy_in(req, inpaint);
+  im.run(req.batch, sampler, req.initial_noise.data, req.step_noise.data, inpaint);
+  im.copy_out(req.batch, out);
   im.timing.total_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t_start).count();
 }
 
