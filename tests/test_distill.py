@@ -142,11 +142,14 @@ def policy_obs(policy):
     return random_observations(policy.observations, policy.n_obs_steps, 1, seed=0)
 
 
-def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path):
-    # a constant LR, so the first part's shorter train.steps does not change the schedule
+@pytest.mark.parametrize("draws", [0, 2])
+def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws):
+    # a constant LR, so the first part's shorter train.steps does not change the schedule; with fixed draws
+    # the resumed run restores the targets computed so far from the checkpoint
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert _distill(tiny_runs["lowdim"], whole, synthetic_store, "train.lr_scheduler=constant", steps=4) == 0
-    assert _distill(tiny_runs["lowdim"], parts, synthetic_store, "train.lr_scheduler=constant", steps=2) == 0
+    extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}"]
+    assert _distill(tiny_runs["lowdim"], whole, synthetic_store, *extra, steps=4) == 0
+    assert _distill(tiny_runs["lowdim"], parts, synthetic_store, *extra, steps=2) == 0
     try:
         distill_main(["--out", str(parts), "--resume", "--train-steps", "4", "--no-progress", "--threads", "1"])
     except SystemExit as e:
@@ -155,6 +158,34 @@ def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path):
 
     a, b = read_weights(latest_checkpoint(whole), "ema"), read_weights(latest_checkpoint(parts), "ema")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fixed_draws_are_a_function_of_window_draw_and_seed(tiny_runs):
+    from dpkit.train.config import DistillConfig
+    from dpkit.train.distill import Teacher
+
+    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 49), teacher_ddim_steps=5,
+                        draws_per_window=3)
+    teacher = Teacher(cfg.teacher, cfg, seed=7)
+    policy = teacher.policy
+    g = torch.Generator().manual_seed(0)
+    batch = {"obs": {k: torch.randn(6, policy.cfg.n_obs_steps, *shape, generator=g) for k, shape, _ in policy.obs_specs},
+             "action": torch.randn(6, policy.cfg.horizon, policy.cfg.action_dim, generator=g)}
+    torch.manual_seed(1)
+    first = teacher.targets(batch)
+    assert teacher.teacher_windows == 6 and len(teacher.cache) == 6
+    torch.manual_seed(1)
+    again = teacher.targets(batch)  # every draw cached: the teacher does not run
+    assert teacher.teacher_windows == 6
+    teacher.cache.clear()  # what a resumed run starts with: recomputed, the same
+    torch.manual_seed(1)
+    recomputed = teacher.targets(batch)
+    for k in ("noisy", "target", "timestep"):
+        assert torch.equal(first[k], again[k]) and torch.equal(first[k], recomputed[k])
+    assert set(first["timestep"].tolist()) <= {99, 49}
+    other = Teacher(cfg.teacher, cfg, seed=8)  # another seed: other draws
+    torch.manual_seed(1)
+    assert not torch.equal(other.targets(batch)["noisy"], first["noisy"])
 
 
 @pytest.mark.parametrize("case, expect", [

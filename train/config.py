@@ -375,6 +375,12 @@ class DistillConfig:
     """The student's timesteps, descending (policy.fewstep_timesteps): fewstep-k runs the first k."""
     teacher_ddim_steps: int = 10
     """The teacher's ODE: DDIM with this many steps over the whole chain (its step size T // this)."""
+    draws_per_window: int = 0
+    """0: every time a window is drawn it gets a fresh level and noise, and the teacher runs. N >= 1: each
+    window has N fixed draws (level and noise, a function of the window, the draw and train.seed); a draw's
+    teacher target is computed once and kept in memory (about 2 x horizon x action_dim floats per draw), so
+    the teacher's cost is paid once per draw and the budget goes to student steps. A resumed run recomputes
+    what its cache lost and follows the same curve."""
 
     def validate(self) -> None:
         _check_types(self, "distill")
@@ -383,6 +389,7 @@ class DistillConfig:
                and all(t >= 0 for t in self.timesteps),
                f"distill.timesteps must be 1 to 16 distinct, descending timesteps >= 0, got {list(self.timesteps)}")
         _range("distill.teacher_ddim_steps", self.teacher_ddim_steps, 1, 1000)
+        _range("distill.draws_per_window", self.draws_per_window, 0, 1000)
 
 
 @dataclass

@@ -21,6 +21,7 @@ rollout evaluations during the run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def check_student(student: PolicyConfig, teacher: PolicyConfig) -> None:
 class Teacher:
     """A frozen teacher policy and the DDIM chain from each student timestep to the end."""
 
-    def __init__(self, path: str | Path, distill: DistillConfig, device: torch.device | str = "cpu"):
+    def __init__(self, path: str | Path, distill: DistillConfig, device: torch.device | str = "cpu", seed: int = 0):
         from dpkit.train.checkpoint import load_checkpoint
 
         self.checkpoint = teacher_checkpoint(path)
@@ -98,6 +99,10 @@ class Teacher:
         # The forward process's scalars per level, float32 as the training loss's add_noise takes them.
         self.sqrt_a = [float(np.float32(np.sqrt(acp[t]))) for t in self.timesteps]
         self.sqrt_1m_a = [float(np.float32(np.sqrt(1.0 - acp[t]))) for t in self.timesteps]
+        self.draws = distill.draws_per_window
+        self.seed = int(seed)
+        self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}  # draw key -> (noisy, target, t)
+        self.teacher_windows = 0  # windows the teacher denoised (cache misses when draws are fixed)
 
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "step": self.step, "weights": self.weights}
@@ -105,13 +110,84 @@ class Teacher:
     @torch.no_grad()
     def targets(self, batch: dict[str, Any]) -> dict[str, Any]:
         """A training batch {"obs", "action"} -> the student's {"obs", "noisy", "timestep", "target"}.
-        Draws (levels, noise) come from torch's global generator, which the trainer reseeds per micro-batch."""
-        policy = self.policy
+        Draws come from torch's global generator, which the trainer reseeds per micro-batch; with
+        `draws_per_window` they are fixed per window (draw_inputs) and their targets cached."""
         obs = batch["obs"]
-        x0 = policy.normalizer.normalize("action", batch["action"].float())
+        x0 = self.policy.normalizer.normalize("action", batch["action"].float())
+        if not self.draws:
+            level = torch.randint(0, len(self.timesteps), (x0.shape[0],), device=x0.device)
+            z = torch.randn_like(x0)
+            noisy, target, timestep = self._denoise(obs, x0, level, z)
+            return {"obs": obs, "noisy": noisy, "timestep": timestep, "target": target}
+        keys = self.draw_keys(obs, batch["action"], torch.randint(0, self.draws, (x0.shape[0],)))
+        misses = [i for i, k in enumerate(keys) if k not in self.cache]
+        if misses:
+            rows = torch.tensor(misses, device=x0.device)
+            level, z = self.draw_inputs([keys[i] for i in misses], x0)
+            noisy, target, timestep = self._denoise({k: v[rows] for k, v in obs.items()}, x0[rows], level, z)
+            for j, i in enumerate(misses):
+                self.cache[keys[i]] = (noisy[j], target[j], int(timestep[j]))
+        hits = [self.cache[k] for k in keys]
+        return {"obs": obs, "noisy": torch.stack([h[0] for h in hits]), "target": torch.stack([h[1] for h in hits]),
+                "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device)}
+
+    def cache_state(self) -> dict[str, torch.Tensor]:
+        """The cached draws as plain tensors (trainer_state.pt's "teacher_cache"): a resumed run loads them
+        instead of recomputing, because a target computed in another batch can differ in the last bit."""
+        if not self.cache:
+            return {}
+        keys = list(self.cache)
+        return {"keys": torch.tensor(np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), -1)),
+                "noisy": torch.stack([self.cache[k][0] for k in keys]).cpu(),
+                "target": torch.stack([self.cache[k][1] for k in keys]).cpu(),
+                "timestep": torch.tensor([self.cache[k][2] for k in keys], dtype=torch.int64)}
+
+    def load_cache(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Restore cache_state()'s draws (nothing to do without fixed draws or a saved cache)."""
+        if not self.draws or not state:
+            return
+        try:
+            keys, noisy, target, timestep = (state[k] for k in ("keys", "noisy", "target", "timestep"))
+            n = keys.shape[0]
+            ok = (keys.dtype == torch.uint8 and keys.dim() == 2 and noisy.shape == target.shape
+                  and noisy.shape[0] == n and timestep.shape == (n,)
+                  and set(timestep.tolist()) <= set(self.timesteps))
+        except (KeyError, AttributeError, TypeError):
+            ok = False
+        if not ok:
+            raise DpkitError("checkpoint's trainer_state.pt has a malformed teacher_cache (keys, noisy, target, "
+                             "timestep of one length, at the student's timesteps)")
+        device = next(self.policy.parameters()).device
+        noisy, target = noisy.to(device), target.to(device)
+        for i in range(n):
+            self.cache[bytes(keys[i].numpy())] = (noisy[i], target[i], int(timestep[i]))
+
+    def draw_keys(self, obs: dict[str, torch.Tensor], action: torch.Tensor, draw: torch.Tensor) -> list[bytes]:
+        """One key per window and draw: a digest of the window's observations and actions, the draw's index
+        and the seed. The draw's input (draw_inputs) is a function of the key alone, so a resumed run, or a
+        run whose cache was dropped, sees the same inputs and targets."""
+        rows = [torch.cat([v.reshape(v.shape[0], -1).float() for _, v in sorted(obs.items())]
+                          + [action.reshape(action.shape[0], -1).float()], dim=1).cpu().numpy()]
+        data = rows[0]
+        return [hashlib.blake2b(data[i].tobytes() + int(draw[i]).to_bytes(4, "little")
+                                + self.seed.to_bytes(8, "little"), digest_size=16).digest()
+                for i in range(data.shape[0])]
+
+    def draw_inputs(self, keys: list[bytes], x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each key's level (which student timestep) and noise, from a generator seeded by the key."""
+        level = torch.empty(len(keys), dtype=torch.int64)
+        z = torch.empty((len(keys), *x0.shape[1:]))
+        for i, k in enumerate(keys):
+            g = torch.Generator().manual_seed(int.from_bytes(k[:8], "little"))
+            level[i] = int(torch.randint(0, len(self.timesteps), (1,), generator=g))
+            z[i] = torch.randn(x0.shape[1:], generator=g)
+        return level.to(x0.device), z.to(device=x0.device, dtype=x0.dtype)
+
+    def _denoise(self, obs: dict[str, Any], x0: torch.Tensor, level: torch.Tensor, z: torch.Tensor):
+        """The student's inputs at each row's level and the teacher's DDIM result from them."""
+        policy = self.policy
         n = x0.shape[0]
-        level = torch.randint(0, len(self.timesteps), (n,), device=x0.device)
-        z = torch.randn_like(x0)
+        self.teacher_windows += n
         noisy = torch.empty_like(x0)
         target = torch.empty_like(x0)
         timestep = torch.empty(n, dtype=torch.int64, device=x0.device)
@@ -130,7 +206,7 @@ class Teacher:
             noisy[rows] = x_t
             target[rows] = run_reverse(denoise, self.plans[j], x_t, None)
             timestep[rows] = t
-        return {"obs": obs, "noisy": noisy, "timestep": timestep, "target": target}
+        return noisy, target, timestep
 
 
 def ode_chain(t: int, stride: int) -> SamplerSpec:

@@ -378,6 +378,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     if state is not None:
         normalizer = Normalizer.from_dict(state["normalizer"])
         policy, ema, optimizer, scheduler = _build(cfg, normalizer, acc.device, teacher, resume_from, state)
+        if teacher is not None:  # fixed draws: the targets computed so far, so the resumed run sees the same ones
+            teacher.load_cache(ckpt_io.read_trainer_state(resume_from).get("teacher_cache"))
     train_ds, val_ds = load_datasets(cfg)  # a bad --data fails here, before --force removes anything
     if replace and main:
         _clear_run(run_dir)
@@ -495,7 +497,7 @@ def _load_teacher(cfg: Config, state: dict[str, Any] | None, device: torch.devic
         return None
     from dpkit.train.distill import Teacher, check_student
 
-    teacher = Teacher(cfg.distill.teacher, cfg.distill, device)
+    teacher = Teacher(cfg.distill.teacher, cfg.distill, device, seed=cfg.train.seed)
     check_student(cfg.policy, teacher.policy.cfg)
     was = (state or {}).get("teacher")
     if was is not None and (was.get("checkpoint"), was.get("step")) != (str(teacher.checkpoint), teacher.step):
@@ -698,7 +700,8 @@ def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Mod
             "metrics": metrics,
             **({"teacher": teacher.describe()} if teacher is not None else {}),
         },
-        trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       **({"teacher_cache": teacher.cache_state()} if teacher is not None and teacher.draws else {})},
     )
 
 
