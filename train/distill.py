@@ -11,6 +11,10 @@ noised to that level with fresh noise (where the few-step rule re-noises the stu
 is what the teacher's DDIM chain (`distill.teacher_ddim_steps` over the whole schedule) makes of that input,
 so the student learns the teacher's ODE map in one call per level. Sampling then runs the few-step rule
 (dpkit.sampling, kind "fewstep"): x0 from the first call, re-noised to the next timestep, one more call.
+With `distill.draws_per_window` N >= 1 each window has N fixed draws (level and noise from a generator
+seeded by the window's content, the draw and train.seed) whose targets are computed once and cached, so the
+teacher's cost is paid once per draw and the budget buys student steps; the cache is saved with each
+checkpoint (trainer_state.pt), so a resumed run sees the same targets.
 Why this method and what it was measured against: README, "Few-step policies".
 
 Everything else is the trainer's: run folder, resume after kill -9 (the draws here come from the
@@ -166,9 +170,8 @@ class Teacher:
         """One key per window and draw: a digest of the window's observations and actions, the draw's index
         and the seed. The draw's input (draw_inputs) is a function of the key alone, so a resumed run, or a
         run whose cache was dropped, sees the same inputs and targets."""
-        rows = [torch.cat([v.reshape(v.shape[0], -1).float() for _, v in sorted(obs.items())]
-                          + [action.reshape(action.shape[0], -1).float()], dim=1).cpu().numpy()]
-        data = rows[0]
+        data = torch.cat([v.reshape(v.shape[0], -1).float() for _, v in sorted(obs.items())]
+                         + [action.reshape(action.shape[0], -1).float()], dim=1).cpu().numpy()
         return [hashlib.blake2b(data[i].tobytes() + int(draw[i]).to_bytes(4, "little")
                                 + self.seed.to_bytes(8, "little"), digest_size=16).digest()
                 for i in range(data.shape[0])]
