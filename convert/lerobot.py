@@ -34,6 +34,9 @@ from dpkit.convert.mapping import PEER_FINAL_NORM_GROUPS, resnet_name, unet_name
 WEIGHTS = "model.safetensors"
 EPS = 1e-8  # lerobot's normalization eps (the processors' default; their .json may carry another)
 BETA_DEFAULTS = {"beta_start": 0.0001, "beta_end": 0.02}
+# lerobot takes any diffusers beta_schedule for DDPM; dpkit's (and diffusers' DDIMScheduler's) are these three
+BETA_SCHEDULES = ("squaredcos_cap_v2", "linear", "scaled_linear")
+COMPILED = "_orig_mod."  # compile_model: lerobot saves its torch.compile'd U-Net's tensors under this prefix
 
 
 def _name(feature: str) -> str:
@@ -124,11 +127,13 @@ def read_lerobot(folder: str | Path, name: str):
         # GroupNorm (lerobot's default) or torchvision's BatchNorm: dpkit's encoder has both (encoder_norm)
         want("use_group_norm", lambda v: isinstance(v, bool), "true or false", default=True)
         want("resize_shape", None, "no resize step in dpkit's encoder")
-        want("crop_ratio", 1.0, "dpkit crops by crop_shape only", default=1.0)
+        # crop_ratio only derives crop_shape from resize_shape (refused above): without one, lerobot ignores it
         if crop is not None and not (isinstance(crop, list) and len(crop) == 2 and crop[0] == crop[1]):
             _refuse(src, "crop_shape", crop, "a square crop")
     want("use_film_scale_modulation", True, "dpkit's FiLM always predicts scale and bias")
     sched_kind = want("noise_scheduler_type", lambda v: v in ("DDPM", "DDIM"), "DDPM or DDIM")
+    want("beta_schedule", lambda v: v in BETA_SCHEDULES, f"dpkit's schedules: {', '.join(BETA_SCHEDULES)}",
+         default="squaredcos_cap_v2")
     pred = want("prediction_type", lambda v: v in ("epsilon", "sample"), "epsilon or sample", default="epsilon")
     if cfg.get("beta_schedule") != "squaredcos_cap_v2":  # the cosine schedule ignores beta_start/end
         for key, value in BETA_DEFAULTS.items():
@@ -168,7 +173,8 @@ def read_lerobot(folder: str | Path, name: str):
                 raise DpkitError(f"{src}: {feat} statistics must be per channel (3 values), got {mean.size}")
             image_norm = ([float(v) for v in mean], [float(v) for v in std])
             continue
-        size = dims[keys.index(_name(feat))] if feat != "action" else 2
+        vector_keys = [key for key in keys if key != "image"]  # obs_dims: the vectors only, in keys' order
+        size = dims[vector_keys.index(_name(feat))] if feat != "action" else 2
         vec["action" if feat == "action" else _name(feat)] = _affine(src, feat, mode, s, size, layout)
     try:
         normalizer = Normalizer(vec)
@@ -212,7 +218,10 @@ def read_lerobot(folder: str | Path, name: str):
             continue
         mapped = None
         if key.startswith("diffusion.unet."):
-            mapped = unet_name(key[len("diffusion.unet."):])
+            rest = key[len("diffusion.unet."):]
+            if cfg.get("compile_model") is True and rest.startswith(COMPILED):  # the same tensors, compiled module
+                rest = rest[len(COMPILED):]
+            mapped = unet_name(rest)
         elif image and key.startswith("diffusion.rgb_encoder."):
             sep = cfg.get("use_separate_rgb_encoder_per_camera", False)
             rest = key[len(enc_prefixes[0 if sep else 1]):] if key.startswith(enc_prefixes[0 if sep else 1]) else None
