@@ -741,13 +741,13 @@ Manifest load_manifest(const std::string& bundle_dir) {
   return m;
 }
 
-BundleRead read_bundle(const std::string& bundle_dir, bool check_bundle_files, bool verify_sha256) {
+BundleRead read_bundle(const std::string& bundle_dir, bool check_bundle_files, bool verify_sha256, const Digest& digest) {
   const std::string path = bundle_dir + "/policy.json";
   const json j = parse_json(read_text(bundle_dir), path);  // policy.json is read once
   BundleRead out{read_manifest(j, path), j.dump(-1, ' ', false, json::error_handler_t::replace)};
   if (check_bundle_files) {
     check_files(out.manifest, bundle_dir, Reader(path));
-    if (verify_sha256) verify_bundle_sha256(out.manifest, bundle_dir);
+    if (verify_sha256) verify_bundle_sha256(out.manifest, bundle_dir, digest);
   }
   return out;
 }
@@ -762,7 +762,7 @@ std::vector<std::pair<std::string, int64_t>> bundle_limits() {
           {"max_trt_batch", kMaxTrtBatch}};
 }
 
-void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir) {
+void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir, const Digest& digest) {
   const Reader r(bundle_dir + "/policy.json");
   for (int g = 0; g < 2; ++g) {
     const std::string graph = g == 0 ? "encoder" : "denoiser";
@@ -772,7 +772,7 @@ void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir) {
     for (std::size_t i = 0; i < ext.size(); ++i)
       hashed.emplace_back("models." + graph + ".external_data[" + std::to_string(i) + "].sha256", ext[i].first, ext[i].second);
     for (const auto& [key, name, want] : hashed) {
-      const std::string got = sha256_file_hex(bundle_dir + "/" + name);
+      const std::string got = digest(bundle_dir + "/" + name);
       if (got != want)
         r.fail(key, "does not match " + name + " (file has " + got.substr(0, 12) + "..., policy.json says " +
                         want.substr(0, 12) + "...): the file was modified or is corrupt; re-export the bundle");

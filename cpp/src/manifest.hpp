@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <set>
 #include <string>
@@ -39,8 +40,10 @@ OnnxInfo read_onnx_info(const std::string& path);
 
 // The sha256 of every graph and external-data file against policy.json (load_manifest has already
 // checked that they exist inside the bundle). Error naming the key, e.g. "models.denoiser.sha256 does
-// not match denoiser.onnx (...)".
-void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir);
+// not match denoiser.onnx (...)". `digest` computes a file's hex sha256: sha256_file_hex, or one the caller
+// has that is faster (the pybind module passes Python's hashlib-based dpkit.io.sha256_file).
+using Digest = std::function<std::string(const std::string& path)>;
+void verify_bundle_sha256(const Manifest& m, const std::string& bundle_dir, const Digest& digest = sha256_file_hex);
 
 // The whole reader without ONNX Runtime: policy.json read once and checked by every manifest rule, then
 // (check_files) the file rules of load_manifest, then (and verify_sha256) every sha256. `json` is the
@@ -49,7 +52,8 @@ struct BundleRead {
   Manifest manifest;
   std::string json;
 };
-BundleRead read_bundle(const std::string& bundle_dir, bool check_files, bool verify_sha256);
+BundleRead read_bundle(const std::string& bundle_dir, bool check_files, bool verify_sha256,
+                       const Digest& digest = sha256_file_hex);
 
 // The reader's size limits (docs/bundle-format.md, "Limits") by name, e.g. {"max_trt_batch", 65536}.
 std::vector<std::pair<std::string, int64_t>> bundle_limits();
