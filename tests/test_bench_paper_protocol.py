@@ -29,9 +29,10 @@ def test_two_seeds_train_report_and_resume(train_store, tmp_path):
     config.write_text("".join(f"{s}:\n" + "".join(f"  {k}: {v}\n" for k, v in kv.items()) for s, kv in sections.items()))
     runs, out = tmp_path / "runs", tmp_path / "results"
     argv = ["--config", str(config), "--seeds", "3", "5", "--parallel", "2", "--runs-dir", str(runs),
-            "--out-dir", str(out), "--name", "p", "--no-progress"]
+            "--out-dir", str(out), "--name", "p", "--no-progress", "train.val_every=1"]
     assert _run(argv) == 0
     result = json.loads((out / "p.json").read_text())
+    assert result["overrides"] == ["train.val_every=1"]  # every run trained with it, and the label says so
     assert [s["seed"] for s in result["seeds"]] == [3, 5]
     for s in result["seeds"]:
         timing = json.loads((runs / f"seed{s['seed']}" / "timing.json").read_text())
@@ -47,6 +48,14 @@ def test_two_seeds_train_report_and_resume(train_store, tmp_path):
     mtime = (runs / "seed3" / "train_summary.json").stat().st_mtime_ns
     assert _run(argv) == 0  # finished runs are not trained again
     assert (runs / "seed3" / "train_summary.json").stat().st_mtime_ns == mtime
+    for seed in (3, 5):
+        first = json.loads((runs / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["step"] == 1 and "val_loss" in first  # val_every=1 (the config: 3) reached dpkit-train
+    # an earlier result beside this one: its rows first, then this run's
+    assert _run(["--config", str(config), "--seeds", "3", "5", "--runs-dir", str(runs), "--out-dir", str(out),
+                 "--name", "q", "--report-only", "--baseline", str(out / "p.json")]) == 0
+    rows = [line for line in (out / "q.md").read_text().splitlines() if line.startswith("| dpkit")]
+    assert len(rows) == 4 and "train.val_every=1" in rows[0] and "train.val_every=1" not in rows[2]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -54,6 +63,8 @@ def test_two_seeds_train_report_and_resume(train_store, tmp_path):
     (["--report-only", "--runs-dir", "nowhere"], "no finished run with rollout evaluations"),
     (["--seeds", "1", "1", "--report-only"], "--seeds distinct"),
     (["--config", "no_such_config", "--report-only"], "config 'no_such_config' not found"),
+    (["--report-only", "train.no_such_field=1"], "no_such_field"),
+    (["--report-only", "--baseline", "nowhere.json"], "--baseline nowhere.json: not a result of this script"),
 ])
 def test_refusals(tmp_path, capsys, argv, message):
     assert _run([*argv, "--out-dir", str(tmp_path)]) == 1
