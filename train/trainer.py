@@ -378,7 +378,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     if state is not None:
         normalizer = Normalizer.from_dict(state["normalizer"])
         policy, ema, optimizer, scheduler = _build(cfg, normalizer, acc.device, teacher, resume_from, state)
-        if teacher is not None:  # fixed draws: the targets computed so far, so the resumed run sees the same ones
+        if teacher is not None and teacher.draws:  # the fixed draws' targets so far: the resumed run sees the same ones
             teacher.load_cache(ckpt_io.read_trainer_state(resume_from).get("teacher_cache"))
     train_ds, val_ds = load_datasets(cfg)  # a bad --data fails here, before --force removes anything
     if replace and main:
