@@ -20,8 +20,9 @@ float32 rounding moves it), and
 
 1. the conversion: the peer's own float32 result is within ACTION_TOL_PX (1e-3 px) and TRAJ_TOL (1e-4
    normalized) of that float64 run;
-2. dpkit's float32 rounding: dpkit's float32 result (the torch model) is within TRAJ_TOL, and within the
-   peer's own float32 error (item 1's px) plus ROUNDING_MARGIN_PX (DDPM 1.7e-3 px, DDIM 3.3e-3 px), of it.
+2. dpkit's float32 rounding: dpkit's float32 result (the torch model) is within TRAJ_TOL, and within
+   ROUNDING_FACTOR (2) times the peer's own float32 error (item 1's px) plus ROUNDING_MARGIN_PX (DDPM
+   1.7e-3 px, DDIM 3.3e-3 px), of it.
 
 Where the file also has the peer's float64 run of a sampler (`<traj>_float64`), that run is the exact one
 instead, as in tests/test_convert_lerobot_ngroups.py: item 1 becomes dpkit's float64 run within TRAJ_TOL
@@ -56,6 +57,11 @@ from dpkit.errors import DpkitError
 TRAJ_TOL = 1e-4  # normalized trajectory (1.0 = half the action range)
 ACTION_TOL_PX = 1e-3  # executed actions, px
 ROUNDING_MARGIN_PX = {"ddpm": 1.7e-3, "ddim": 3.3e-3}
+# The peer's own float32 error is one draw of float32 rounding on this network; another float32 implementation
+# (other kernels, another summation order) lands within a few times it. Measured on the sweep's image fixtures,
+# whose random networks amplify rounding most (DDIM-10 of dpkit's float32 over lerobot's own float32 error):
+# ONNX Runtime 1.8x and 2.9x, PyTorch with its AVX2 kernels 2.3x (tests/peer_parity.py).
+ROUNDING_FACTOR = 2.0
 REFERENCE_NAME = "reference.npz"
 MAX_REFERENCE_BYTES = 1 << 30
 
@@ -134,7 +140,7 @@ def measure_case(policy, obs: dict[str, np.ndarray], case: Case, truth: np.ndarr
         d["float64_traj"] = float(np.abs(truth - ref).max())
         d["float64_px"] = float(np.abs(policy.executed_actions(truth) - exact).max())
         d["conversion_ok"] = bool(d["float64_traj"] <= TRAJ_TOL and d["peer_traj"] <= TRAJ_TOL)
-    d["rounding_bound_px"] = d["peer_px"] + ROUNDING_MARGIN_PX[case.sampler]
+    d["rounding_bound_px"] = ROUNDING_FACTOR * d["peer_px"] + ROUNDING_MARGIN_PX[case.sampler]
     d["rounding_ok"] = bool(d["dpkit_traj"] <= TRAJ_TOL and d["dpkit_px"] <= d["rounding_bound_px"])
     d["passed"] = bool(d["conversion_ok"] and d["rounding_ok"])  # a NaN fails every comparison
     return d
@@ -152,8 +158,8 @@ def failure_line(d: dict[str, Any]) -> str | None:
                 f"from the {d['exact']} run, bound {bound}")
     if not d["rounding_ok"]:
         return (f"{s}: dpkit's float32 output is {d['dpkit_px']:.3g} px / {d['dpkit_traj']:.3g} normalized from the "
-                f"{d['exact']} run, bound {d['rounding_bound_px']:.3g} px (the peer's own {d['peer_px']:.3g} + "
-                f"margin) / {TRAJ_TOL:g}")
+                f"{d['exact']} run, bound {d['rounding_bound_px']:.3g} px ({ROUNDING_FACTOR:g} x the peer's own "
+                f"{d['peer_px']:.3g} + margin) / {TRAJ_TOL:g}")
     return None
 
 

@@ -5,12 +5,13 @@
 
 Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript), batch dimension dynamic.
 
-Why opset 20 by default: at opset <= 20 the exporter writes GroupNorm as Reshape -> InstanceNormalization
+Why opset 20 by default: at opset <= 20 the exporter writes the denoiser's GroupNorm as Reshape -> InstanceNormalization
 -> Reshape -> Mul -> Add, the pattern TensorRT's ONNX parser has handled (and fuses into its GroupNorm
 kernel) since TensorRT 8.6, and that every ONNX Runtime provider runs. Opset 21 emits the native
 GroupNormalization op instead, whose opset-21 semantics (per-channel scale/bias) older TensorRT parsers
 and some ORT providers do not take. Mish is written in the model as x * tanh(softplus(x)) (Softplus,
-Tanh, Mul: supported everywhere) rather than the Mish op. 18 is the exporter's minimum.
+Tanh, Mul: supported everywhere) rather than the Mish op. 18 is the exporter's minimum. The encoder's
+GroupNorms are written as plain reductions at every opset (exact_norm.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from dpkit.errors import DpkitError
+from dpkit.export.exact_norm import exact_group_norms
 from dpkit.export.fast_conv import GemmConv1d, GemmConvTranspose1d, batch_gemm_convs
 from dpkit.train.policy import named_forward
 
@@ -84,10 +86,14 @@ def graph_modules(policy, fp16: bool = False, gemm_conv: bool = True) -> dict[st
     call, ORT CPU 2 threads, Conv graph -> GEMM graph: pusht_lowdim batch 1 / 4 / 50: 17.9 -> 12.2,
     66 -> 28, 842 -> 270 ms (torch eager: 49, 46, 185 ms); tiny: 2.3 -> 2.3, 5.9 -> 4.3, 65 -> 31 ms.
     Same numbers to ~1e-6. False exports plain Conv/ConvTranspose nodes.
+
+    The encoder's GroupNorms are exported in two-level form (exact_norm.py): ONNX Runtime's fused
+    InstanceNormalization sums a ResNet group's thousands of values sequentially in float32.
     """
     import copy
 
     enc, den = copy.deepcopy(policy.encoder).eval(), copy.deepcopy(policy.denoiser).eval()
+    exact_group_norms(enc)
     if gemm_conv:
         batch_gemm_convs(den)
     if fp16:

@@ -16,17 +16,22 @@ and default, 1 and 2 threads). Two rules, the same for torch, ort and cpp:
    TRAJ_TOL of dpkit's float64 run. The peer's result is a fixed file, so this holds or fails the same on
    every machine; a wrong translation is tens to hundreds of px off. (Measured 2026-12-04 on the six
    fixtures: 1.1e-4 to 2.3e-4 px DDPM-100, 3.3e-4 to 7.2e-4 px DDIM-10.)
-2. dpkit's float32 rounding, on whatever CPU runs the test: dpkit's float32 result is within the peer's
-   own float32 error (item 1: the size rounding reaches on this network and these draws) plus
-   ROUNDING_MARGIN_PX of the float64 run. The margin is twice the largest excess over the peer's error
-   measured with `python tests/peer_parity.py` on the 2-core AMD EPYC (AVX-512), torch kernels at
-   ATEN_CPU_CAPABILITY=avx2 and default, 1 and 2 threads (ORT's kernels are picked by the CPU alone):
+2. dpkit's float32 rounding, on whatever CPU runs the test: dpkit's float32 result is within ROUNDING_FACTOR
+   (2) times the peer's own float32 error (item 1: the size rounding reaches on this network and these
+   draws) plus ROUNDING_MARGIN_PX of the float64 run. The margin is twice the largest excess over the
+   peer's error measured with `python tests/peer_parity.py` on the 2-core AMD EPYC (AVX-512), torch
+   kernels at ATEN_CPU_CAPABILITY=avx2 and default, 1 and 2 threads (ORT's kernels are picked by the CPU
+   alone), on the fixtures of tests/data/peers:
        torch: DDPM-100 +2.1e-4 px, DDIM-10 +3.7e-4 px (original low-dim, AVX2 kernels);
-       ort = cpp: DDPM-100 +8.2e-4 px, DDIM-10 +1.66e-3 px (the image fixtures: ORT's convolutions in
-       the encoder graph are 1.5e-6 from float64 where PyTorch's and lerobot's are 2.1e-7 and 2.2e-7,
-       and DDIM-10 carries that condition error into the actions);
+       ort = cpp: DDPM-100 +8.2e-4 px, DDIM-10 +1.66e-3 px (the image fixtures, measured before the
+       encoder's GroupNorms were exported in two-level form: export/exact_norm.py);
    another EPYC of this kind put torch DDIM-10 1.45e-3 px from a peer's float32 result (an excess of at
-   most 1.45e-3 px). Hence 1.7e-3 px for DDPM-100 and 3.3e-3 px for DDIM-10, on every backend.
+   most 1.45e-3 px). Hence 1.7e-3 px for DDPM-100 and 3.3e-3 px for DDIM-10, on every backend. The
+   factor: the lerobot sweep's random image networks (tests/peers_sweep) amplify rounding far more, and
+   there float32 runs that are all correct sit up to 2.9x lerobot's own float32 error from float64
+   (spatial_softmax_num_keypoints_8 DDIM-10: lerobot 4.8e-3 px, ort/cpp 8.7e-3, torch with AVX2 kernels
+   1.11e-2; normalization_visual_identity: lerobot 1.8e-3, ort/cpp 5.3e-3). A wrong translation is tens
+   to hundreds of px off.
 
 The rule's constants, Case, the float64 run and the per-case measurement live in dpkit.convert.check (imported
 here), so that `dpkit-convert --check` applies the same rule; check_case below asserts it.
@@ -42,7 +47,7 @@ from typing import Callable
 import numpy as np
 
 # The rule itself lives in the package, so that dpkit-convert --check applies the same one.
-from dpkit.convert.check import (ACTION_TOL_PX, ROUNDING_MARGIN_PX, TRAJ_TOL, Case, ddpm_step_noise,  # noqa: F401
+from dpkit.convert.check import (ACTION_TOL_PX, ROUNDING_FACTOR, ROUNDING_MARGIN_PX, TRAJ_TOL, Case, ddpm_step_noise,  # noqa: F401
                                  float64_network, float64_trajectory, measure_case)
 
 

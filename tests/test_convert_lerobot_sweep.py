@@ -204,16 +204,10 @@ def test_refused_by_name(sweep, name, capsys, tmp_path):
 
 # ---- exact: converts, and matches lerobot in torch, ort and cpp --------------------------------------------
 
-# The image fixtures' torch checks run in `make test-all` only: with PyTorch's AVX2 kernels
-# (ATEN_CPU_CAPABILITY=avx2, as on some machines of this kind) spatial_softmax_num_keypoints_8 measured
-# 0.0111 px from lerobot's float64 run against the bound 0.0081 (lerobot's own float32 error 0.0048 on
-# AVX-512, where the fixtures were made, plus the margin); on AVX-512 every image fixture passes. Open
-# under issue 18 with the image ort/cpp parity item below.
-IMAGE_TORCH_SLOW = IMAGE
 
 
 def _torch_params():
-    return [pytest.param(n, marks=[pytest.mark.slow] if n in SAME_AS_BASE or n in IMAGE_TORCH_SLOW else [], id=n)
+    return [pytest.param(n, marks=[pytest.mark.slow] if n in SAME_AS_BASE else [], id=n)
             for n in EXACT]
 
 
@@ -265,27 +259,41 @@ def test_fields_lerobot_ignores_at_inference_convert_to_the_base_policy(sweep, n
 # 50 train timesteps); every other fixture's runtimes (an export each, ~30 s on this VM) run in `make test-all`.
 FAST_RUNTIME = {"kp_base", "prediction_type_sample", "clip_sample_false", "num_inference_steps_ddim_7",
                 "num_inference_steps_ddpm_30", "num_train_timesteps_50"}
-# Known: the image fixtures' ort/cpp DDIM-10 actions are further from lerobot's float64 run than the rule
-# allows (the issue-18 item "parity <= 1e-3 px in ort/cpp on real image statistics", open). ONNX Runtime's
-# encoder graph (ResNet-18 on images normalized by the real per-channel std 0.07-0.10) is ~1.6e-6 from float64
-# in the condition where PyTorch's (oneDNN or not) and lerobot's are ~1.4e-7; DDIM-10 on these random
-# networks carries that to 1e-2 px. Strict: the day they pass, these marks must go.
-RUNTIME_IMAGE_OFF = {"img_base": "measured 2026-12-05: ort and cpp DDIM-10 1.44e-2 px (5.97e-5 normalized) from "
-                                 "lerobot's float64 run, bound 6.7e-3 px (lerobot's own float32 error 3.4e-3 + the "
-                                 "3.3e-3 margin); torch 7.4e-4 px passes"}
-
-
 def _runtime_params():
     out = []
     for name in EXACT:
         for backend in ("ort", "cpp"):
             marks = [] if name in FAST_RUNTIME else [pytest.mark.slow]
-            if name in RUNTIME_IMAGE_OFF:
-                marks.append(pytest.mark.xfail(strict=True, reason=RUNTIME_IMAGE_OFF[name]))
-            elif name in IMAGE:  # the same encoder graph error; not measured one by one yet (slow)
-                marks.append(pytest.mark.xfail(strict=False, reason="as img_base (RUNTIME_IMAGE_OFF); not measured"))
             out.append(pytest.param(name, backend, marks=marks, id=f"{name}-{backend}"))
     return out
+
+
+def test_image_encoder_graph_is_as_close_to_float64_as_torch(sweep, tmp_path):
+    """Issue 18's image parity: img_base's exported encoder graph in ONNX Runtime against the float64 encoder
+    on the fixture's real frames (per-channel std 0.07-0.10). With the exporter's fused InstanceNormalization
+    it was 1.6e-6 (PyTorch float32 1.4e-7) and DDIM-10 carried that to 1.44e-2 px in ort and cpp; with the
+    two-level GroupNorm (export/exact_norm.py) 1.6e-7, and DDIM-10 1.2e-3 px (lerobot's own float32: 3.4e-3)."""
+    import copy
+
+    import onnxruntime as ort
+    import torch
+
+    from dpkit.export.onnx_export import example_inputs, export_graph, graph_modules
+
+    policy = sweep.policy("img_base").policy
+    path = tmp_path / "encoder.onnx"
+    export_graph(graph_modules(policy)["encoder"], example_inputs(policy)["encoder"], "cond", path, opset=20)
+    ref_npz = np.load(sweep.src("img_base") / "reference.npz")
+    feeds = {"image": ref_npz["obs_image"], "state": ref_npz["obs_state"]}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    keys = policy.encoder.obs_keys
+    with torch.no_grad():
+        ref = copy.deepcopy(policy.encoder).double()(*[torch.from_numpy(feeds[k]).double() for k in keys]).numpy()
+        torch32 = policy.encoder(*[torch.from_numpy(feeds[k]) for k in keys]).numpy()
+    err, torch_err = float(np.abs(got - ref).max()), float(np.abs(torch32 - ref).max())
+    print(f"img_base encoder graph vs float64: ort {err:.3g}, torch float32 {torch_err:.3g}")
+    assert err <= 4e-7, (err, torch_err)
 
 
 @pytest.mark.parametrize("name, backend", _runtime_params())
