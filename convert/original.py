@@ -6,12 +6,15 @@
 Accepted: the low-dim U-Net policy (DiffusionUnetLowdimPolicy with a ConditionalUnet1D, observations
 as global conditioning, the PushT keypoint layout: 9 keypoints then agent x, y = 20 values) and the
 hybrid image policy (DiffusionUnetHybridImagePolicy: one rgb camera through robomimic's ResNet-18 with
-GroupNorm + spatial softmax + Linear + ReLU, center crop at eval, plus low-dim vectors such as PushT's
+GroupNorm, or BatchNorm with its running statistics (`obs_encoder_group_norm: false`, dpkit's encoder_norm
+"batch"), + spatial softmax + Linear + ReLU, center crop at eval, plus low-dim vectors such as PushT's
 agent_pos; per step the features are concatenated in shape_meta order, e.g. [image feature, agent_pos]).
 The file is read by dpkit.convert.unpickle (nothing in it is executed). The policy's LinearNormalizer
 travels as its own scale/offset (dpkit's normalizer is the same affine map); the hybrid's image range
 normalizer (x * scale + offset, one value for every pixel) becomes the encoder's image mean/std. EMA
-weights by default, as the original's eval.py loads them when `training.use_ema`.
+weights by default, as the original's eval.py loads them when `training.use_ema`. Everything else that would
+sample differently is refused naming the cfg field: diffusers scheduler arguments away from what dpkit's
+samplers compute, and extra cfg.policy keys (the original passes them to every noise_scheduler.step()).
 """
 
 from __future__ import annotations
@@ -36,6 +39,20 @@ DDPM = "diffusers.schedulers.scheduling_ddpm.DDPMScheduler"
 DDIM = "diffusers.schedulers.scheduling_ddim.DDIMScheduler"
 BETA_DEFAULTS = {"beta_start": 0.0001, "beta_end": 0.02}
 CROP_DEFAULT = [76, 76]  # DiffusionUnetHybridImagePolicy's crop_shape when the cfg names none
+# the scheduler arguments read above, and diffusers' defaults of the others (each changes the timesteps or the
+# reverse step when set otherwise: a checkpoint that sets one is refused by name)
+SCHEDULER_HANDLED = {"_target_", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "variance_type",
+                     "clip_sample", "clip_sample_range", "prediction_type", "set_alpha_to_one", "steps_offset"}
+SCHEDULER_DEFAULTS = {"trained_betas": None, "thresholding": False, "dynamic_thresholding_ratio": 0.995,
+                      "sample_max_value": 1.0, "timestep_spacing": "leading", "rescale_betas_zero_snr": False}
+# the policies' own constructor arguments; any other cfg.policy key is passed to noise_scheduler.step()
+LOWDIM_KEYS = {"_target_", "model", "noise_scheduler", "horizon", "obs_dim", "action_dim", "n_action_steps",
+               "n_obs_steps", "num_inference_steps", "obs_as_local_cond", "obs_as_global_cond",
+               "pred_action_steps_only", "oa_step_convention"}
+HYBRID_KEYS = {"_target_", "shape_meta", "noise_scheduler", "horizon", "n_action_steps", "n_obs_steps",
+               "num_inference_steps", "obs_as_global_cond", "crop_shape", "diffusion_step_embed_dim", "down_dims",
+               "kernel_size", "n_groups", "cond_predict_scale", "obs_encoder_group_norm", "eval_fixed_crop"}
+STEP_KWARG_DEFAULTS = {"eta": 0.0, "use_clipped_model_output": False}
 
 
 def _get(d: Any, path: str, src: str) -> Any:
@@ -94,8 +111,13 @@ def read_original(path: str | Path, name: str, ema: bool = True):
     _require(kind is not None, src, "policy.noise_scheduler._target_", sched.get("_target_"),
              "DDPMScheduler or DDIMScheduler")
     if kind == "ddpm":
-        _require(sched.get("variance_type", "fixed_small") == "fixed_small", src,
-                 "policy.noise_scheduler.variance_type", sched.get("variance_type"), "dpkit's DDPM is fixed_small")
+        # fixed_small_log takes the same variance through exp(0.5 * log(.)) (rounding apart); fixed_large and the
+        # learned variances are other samplers
+        _require(sched.get("variance_type", "fixed_small") in ("fixed_small", "fixed_small_log"), src,
+                 "policy.noise_scheduler.variance_type", sched.get("variance_type"),
+                 "dpkit's DDPM is fixed_small (or fixed_small_log, the same variance)")
+        _require(sched.get("steps_offset", 0) == 0, src, "policy.noise_scheduler.steps_offset",
+                 sched.get("steps_offset"), "dpkit's DDPM uses 0")
     else:
         for key, want in (("set_alpha_to_one", True), ("steps_offset", 0)):
             _require(sched.get(key, want) == want, src, f"policy.noise_scheduler.{key}", sched.get(key),
@@ -104,6 +126,20 @@ def read_original(path: str | Path, name: str, ema: bool = True):
         for key, want in BETA_DEFAULTS.items():
             _require(sched.get(key, want) == want, src, f"policy.noise_scheduler.{key}", sched.get(key),
                      f"dpkit's linear schedules use {want}")
+    for key, value in sched.items():  # diffusers' other arguments change the timesteps or the x0 step
+        if key not in SCHEDULER_HANDLED:
+            _require(key in SCHEDULER_DEFAULTS and value == SCHEDULER_DEFAULTS[key], src,
+                     f"policy.noise_scheduler.{key}", value,
+                     f"dpkit's samplers are diffusers' with {key} at its default"
+                     + (f" {SCHEDULER_DEFAULTS[key]!r}" if key in SCHEDULER_DEFAULTS else " (absent)"))
+    # Keys the policy does not take itself go to its **kwargs and on to every noise_scheduler.step() call
+    # (DDIM's eta, use_clipped_model_output): dpkit's samplers take none but those at their defaults.
+    for key, value in pol.items():
+        if key not in (HYBRID_KEYS if hybrid else LOWDIM_KEYS):
+            _require(STEP_KWARG_DEFAULTS.get(key, ()) == value, src, f"policy.{key}", value,
+                     "the original passes it to every noise_scheduler.step(); dpkit's samplers take "
+                     + ("it only at its default " + repr(STEP_KWARG_DEFAULTS[key]) if key in STEP_KWARG_DEFAULTS
+                        else "no such argument"))
     pred = sched.get("prediction_type", "epsilon")  # diffusers' default
     _require(pred in ("epsilon", "sample"), src, "policy.noise_scheduler.prediction_type", pred, "epsilon or sample")
     num_inference = pol.get("num_inference_steps") or sched.get("num_train_timesteps")
@@ -142,6 +178,11 @@ def read_original(path: str | Path, name: str, ema: bool = True):
         policy_cfg.update({"obs_keys": obs_keys, "obs_dims": obs_dims,
                            "crop_size": IMAGE_SIZE if crop is None else crop[0]})
         policy_cfg.update(_image_fields(sd, camera, f"{src}: state_dicts[{which!r}]"))
+        # obs_encoder_group_norm false (the policy's default) keeps robomimic's BatchNorm ResNet-18, which the
+        # original evaluates with its running statistics (eval mode): dpkit's encoder_norm "batch"
+        group_norm = bool(pol.get("obs_encoder_group_norm", False))
+        policy_cfg["encoder_norm"] = "group" if group_norm else "batch"
+        _check_norm_tensors(sd, camera, group_norm, f"{src}: state_dicts[{which!r}]")
     try:
         config = Config.from_dict({"name": name, "policy": policy_cfg, "train": {"ema": False}})
     except DpkitError as e:
@@ -190,12 +231,27 @@ def _normalizer(sd: dict[str, Any], keys: list[str], src: str) -> Normalizer:
         raise DpkitError(f"{src}: {e}") from None
 
 
+def _check_norm_tensors(sd: dict[str, Any], camera: str, group_norm: bool, where: str) -> None:
+    """The encoder's norm tensors must be what obs_encoder_group_norm says: BatchNorm running statistics exactly
+    when it is false (GroupNorm has none), and valid ones (a variance is >= 0)."""
+    enc = f"obs_encoder.obs_nets.{camera}."
+    stats = [k for k in sd if k.startswith(enc) and k.endswith((".running_mean", ".running_var"))]
+    if group_norm and stats:
+        raise DpkitError(f"{where}: cfg.policy.obs_encoder_group_norm = True but it holds BatchNorm running statistics "
+                         f"({stats[0]!r}, {len(stats)} such)")
+    if not group_norm and not stats:
+        raise DpkitError(f"{where}: cfg.policy.obs_encoder_group_norm = False but it holds no BatchNorm running "
+                         f"statistics: the encoder's weights are not robomimic's BatchNorm ResNet-18")
+    for k in stats:
+        if k.endswith(".running_var") and bool((sd[k] < 0).any()):
+            raise DpkitError(f"{where}: BatchNorm statistics {k!r} has a negative variance")
+
+
 def _hybrid_layout(pol: dict[str, Any], src: str) -> tuple[list[str], list[int], str, int]:
     """(dpkit obs_keys, obs_dims, the camera's key, action_dim) of a hybrid policy's shape_meta, after
     refusing what dpkit's image encoder does not compute exactly as the original."""
-    _require(pol.get("obs_encoder_group_norm", False) is True, src, "policy.obs_encoder_group_norm",
-             pol.get("obs_encoder_group_norm"), "the original then keeps robomimic's BatchNorm; dpkit converts the "
-             "GroupNorm ResNet-18 only")
+    _require(isinstance(pol.get("obs_encoder_group_norm", False), bool), src, "policy.obs_encoder_group_norm",
+             pol.get("obs_encoder_group_norm"), "true (GroupNorm) or false (robomimic's BatchNorm)")
     _require(pol.get("eval_fixed_crop", False) is True, src, "policy.eval_fixed_crop", pol.get("eval_fixed_crop"),
              "without it the original evaluates on robomimic's crops, not the center crop dpkit takes")
     crop = pol.get("crop_shape", CROP_DEFAULT)
