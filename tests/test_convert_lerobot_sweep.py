@@ -53,9 +53,10 @@ GRAPH_NEUTRAL = ("num_train_timesteps", "beta_schedule", "prediction_type", "cli
 class Sweep:
     """The fixtures extracted once, each converted once (with --check auto) and exported at most once."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, manifest: dict | None = None):
         self.root = root
-        with lzma.open(SWEEP / MANIFEST["archive"]) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        self.manifest = manifest or MANIFEST  # tests/test_convert_lerobot033_sweep.py passes manifest033.json
+        with lzma.open(SWEEP / self.manifest["archive"]) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
             tar.extractall(root / "src", filter="data")
         self.runs: dict[str, Path] = {}
         self.summaries: dict[str, dict] = {}
@@ -333,9 +334,10 @@ def test_readme_table_lists_every_fixture_with_its_outcome():
 
 # ---- the table's figures -----------------------------------------------------------------------------------------
 
-def _measure(root: Path, names: list[str] | None = None) -> list[dict]:
+def _measure(root: Path, names: list[str] | None = None, manifest: dict | None = None) -> list[dict]:
     """Every fixture: the outcome, and for exact ones the largest errors per backend (px from lerobot's
-    float64 run, normalized), as the tests above measure them."""
+    float64 run, normalized), as the tests above measure them. manifest: manifest.json's (default) or another
+    sweep's."""
     import io
     from contextlib import redirect_stderr
 
@@ -343,10 +345,11 @@ def _measure(root: Path, names: list[str] | None = None) -> list[dict]:
     from dpkit.runtime import load_policy
     from peer_parity import measure_case
 
-    sw = Sweep(root)
+    sw = Sweep(root, manifest)
+    entries = {f["name"]: f for f in sw.manifest["fixtures"]}
     rows = []
-    for name in names or list(ENTRIES):
-        e = ENTRIES[name]
+    for name in names or list(entries):
+        e = entries[name]
         row = {"name": name, "field": e["field"], "value": e["value"], "kind": e["kind"],
                "expected": e["expected"]["outcome"]}
         if e["expected"]["outcome"] == "refused":
@@ -372,7 +375,7 @@ def _value(v) -> str:
     return "`" + json.dumps(v) + "`"
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], marker: str = "sweep") -> str:
     lines = ["| field | value | dpkit-convert | max error from lerobot's float64 run: torch / ort / cpp (px) | fixture |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -383,7 +386,7 @@ def markdown(rows: list[dict]) -> str:
             ok = all(r[b]["passed"] for b in ("torch", "ort", "cpp"))
             outcome = "exact" if ok else "MISMATCH"
             err = " / ".join(f"{r[b]['px']:.1e}" for b in ("torch", "ort", "cpp"))
-        lines.append(f"| `{r['field']}` | {_value(r['value'])} | {outcome} | {err} | sweep: `{r['name']}` |")
+        lines.append(f"| `{r['field']}` | {_value(r['value'])} | {outcome} | {err} | {marker}: `{r['name']}` |")
     return "\n".join(lines)
 
 

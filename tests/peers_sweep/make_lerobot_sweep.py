@@ -30,6 +30,7 @@ import lzma
 import tarfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -58,6 +59,7 @@ BASE = {
 }
 
 EXACT, REFUSED = "exact", "refused"
+STATISTICS_PREFIXES = ("normalize_inputs.", "normalize_targets.", "unnormalize_outputs.")  # lerobot <= 0.3
 
 
 def V(name, base, field, value, expect, fields=None, note="", refuse_word=None, weights=True, kind="sampling"):
@@ -247,7 +249,7 @@ def feature_array(data: Data, feat: str, shape: tuple) -> np.ndarray | None:
     return None
 
 
-def make_policy(config, base_sd: dict | None, data: Data, pre, bn_images: np.ndarray | None):
+def make_policy(config, base_sd: dict | None, data: Data, pre, bn_images: np.ndarray | None, new_policy=None):
     """lerobot's DiffusionPolicy, random init, made small to commit:
     1. torch.manual_seed(INIT_SEED); DiffusionPolicy(config);
     2. every GroupNorm of the U-Net (and BatchNorm of the backbone): weight ~ U(0.5, 1.5), bias ~ N(0, 0.1);
@@ -257,12 +259,15 @@ def make_policy(config, base_sd: dict | None, data: Data, pre, bn_images: np.nda
     5. every tensor whose name and shape equal the base fixture's (base_sd) copied from it, so fixtures share
        most bytes (xz stores them once);
     6. BatchNorm backbones: running statistics from 6 train-mode passes over real frames.
+    new_policy: builds the policy (default DiffusionPolicy(config); lerobot 0.3.3 passes its dataset_stats);
+    pre: the input normalization for step 6 (None: the policy's own normalize_inputs, lerobot <= 0.3).
+    Statistics buffers (lerobot <= 0.3: normalize_inputs.* and the like) are never copied in step 5.
     """
     import torch
     from lerobot.policies.diffusion.modeling_diffusion import DiffusionPolicy
 
     torch.manual_seed(INIT_SEED)
-    policy = DiffusionPolicy(config)
+    policy = new_policy() if new_policy is not None else DiffusionPolicy(config)
     with torch.no_grad():
         for m in policy.modules():
             if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d)):
@@ -272,19 +277,22 @@ def make_policy(config, base_sd: dict | None, data: Data, pre, bn_images: np.nda
             for name, m in policy.named_modules():
                 if isinstance(m, torch.nn.Conv2d) and ".backbone." in name:
                     m.weight.masked_fill_(torch.rand_like(m.weight) >= KEEP, 0.0)
-        for p in policy.parameters():  # bfloat16's sign and exponent, 4 of its 7 mantissa bits
+        for name, p in policy.named_parameters():  # bfloat16's sign and exponent, 4 of its 7 mantissa bits
+            if name.startswith(STATISTICS_PREFIXES):  # lerobot <= 0.3 keeps the statistics as parameters
+                continue
             p.copy_((p.to(torch.bfloat16).to(torch.float32).view(torch.int32) & MANTISSA_MASK).view(torch.float32))
         shared = 0
         if base_sd is not None:
             sd = policy.state_dict()
             for k, v in sd.items():
                 if k in base_sd and base_sd[k].shape == v.shape and base_sd[k].dtype == v.dtype \
-                        and not k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                        and not k.endswith(("running_mean", "running_var", "num_batches_tracked")) \
+                        and not k.startswith(STATISTICS_PREFIXES):
                     v.copy_(base_sd[k])
                     shared += 1
     if bn_images is not None and config.image_features and not config.use_group_norm:
         gen = np.random.default_rng(INIT_SEED)
-        nb = pre({"observation.image": torch.from_numpy(bn_images),
+        nb = (pre if pre is not None else policy.normalize_inputs)({"observation.image": torch.from_numpy(bn_images),
                   "observation.state": torch.zeros(len(bn_images), config.robot_state_feature.shape[0])})
         encoders = policy.diffusion.rgb_encoder
         encoders = list(encoders) if isinstance(encoders, torch.nn.ModuleList) else [encoders]
@@ -450,9 +458,10 @@ def make_fixture(variant: dict, out: Path, data: Data, stats: dict, base_sd: dic
     return rec | {"samplers": cases, "samplers_lerobot_refuses": unavailable, "default_sampler": f"{own[0]}-{own[1]}", "state_dict": policy.state_dict()}
 
 
-def field_effect(variant, pol, kind, k, draws, batch, noise, t64) -> float | None:
+def field_effect(variant, pol, kind, k, draws, batch, noise, t64, run64=None) -> float | None:
     """max |lerobot(field at the base value) - lerobot(field)| (float64, normalized) where the base config loads
-    the same weights and samples the same chain; None where it does not apply (other shapes, other chain)."""
+    the same weights and samples the same chain; None where it does not apply (other shapes, other chain).
+    run64: the float64 run (default float64_run; lerobot 0.3.3's script passes its own)."""
     if variant["kind"] not in ("sampling",) or variant["expect"] != EXACT:
         return None
     import dataclasses
@@ -477,18 +486,54 @@ def field_effect(variant, pol, kind, k, draws, batch, noise, t64) -> float | Non
         other.eval()
         if cfg.n_action_steps != pol.config.n_action_steps:
             return None
-        t = float64_run(other, draws, batch, noise)
+        t = (run64 or float64_run)(other, draws, batch, noise)
     except Exception:  # noqa: BLE001 - a base value that does not fit these weights: not applicable
         return None
     return float(np.abs(t - t64).max())
 
 
-def main() -> None:
+def write_archive(fixtures: Path, path: Path) -> tuple[int, int]:
+    """Every file under `fixtures` in one solid xz tar (sorted, fixed metadata, so a rerun gives the same bytes):
+    (archive bytes, tar bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for p in sorted(fixtures.rglob("*")):
+            if p.is_file():
+                info = tarfile.TarInfo(str(p.relative_to(fixtures)))
+                info.size, info.mtime, info.mode = p.stat().st_size, 0, 0o644
+                with p.open("rb") as fh:
+                    tar.addfile(info, fh)
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 1, "lp": 2, "pb": 2,
+                "dict_size": 192 << 20}]
+    path.write_bytes(lzma.compress(buf.getvalue(), format=lzma.FORMAT_XZ, filters=filters))
+    return path.stat().st_size, len(buf.getvalue())
+
+
+def manifest_entry(variant: dict, rec: dict, cfg_json: dict, version: str, seconds: float) -> dict:
+    """One fixture's manifest.json entry (rec: what make_fixture measured, its state_dict popped)."""
+    entry = {k: variant[k] for k in ("name", "base", "field", "value", "kind", "note")}
+    entry.update({"fields": {k: (list(v) if isinstance(v, tuple) else v) for k, v in variant["fields"].items()
+                             if k != "features"} | ({"input_features": {f: [t, list(s)] for f, (t, s) in
+                                                                        variant["fields"]["features"].items()}}
+                                                     if "features" in variant["fields"] else {}),
+                  "lerobot_version": version,
+                  "expected": {"outcome": variant["expect"]} | (
+                      {"refusal_names": variant["refuse_word"]} if variant["expect"] == REFUSED else {}),
+                  "config_json_value_check": {k: cfg_json.get(k) for k in variant["fields"]
+                                              if k in cfg_json and k not in ("normalization_mapping",)},
+                  "made": rec, "seconds": round(seconds, 1)})
+    return entry
+
+
+def run_sweep(variants: list[dict], make: Callable, archive: str, made_by: str, base_names=("kp_base", "img_base"),
+              argv=None) -> None:
+    """The command line of both sweep scripts: every variant made by `make` (make_fixture's signature), the
+    archive and manifest.json written to --out."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--zarr", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", nargs="*", help="variant names (default: all)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=False)
 
@@ -506,55 +551,35 @@ def main() -> None:
     versions = {"lerobot": lerobot.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "numpy": np.__version__}
     manifest = {"lerobot_version": lerobot.__version__, "versions": versions,
-                "made_by": "tests/peers_sweep/make_lerobot_sweep.py",
-                "archive": "lerobot061_sweep.tar.xz", "base": {k: {kk: (vv if kk != "features" else
+                "made_by": made_by,
+                "archive": archive, "base": {k: {kk: (vv if kk != "features" else
                     {f: [t, list(s)] for f, (t, s) in vv.items()}) for kk, vv in b.items()} for k, b in BASE.items()},
                 "statistics": {"action": {k: v.tolist() for k, v in stats["action"].items()},
                                "image": {k: v.tolist() for k, v in stats["image"].items()}},
                 "fixtures": []}
     base_sd: dict[str, dict] = {}
-    names = set(args.only or [v["name"] for v in VARIANTS])
-    for variant in VARIANTS:
+    names = set(args.only or [v["name"] for v in variants])
+    for variant in variants:
         if variant["name"] not in names:
             continue
         t1 = time.time()
-        rec = make_fixture(variant, out / "fixtures" / variant["name"], data, stats,
-                           base_sd.get(variant["base"]), bn_images)
+        rec = make(variant, out / "fixtures" / variant["name"], data, stats, base_sd.get(variant["base"]), bn_images)
         sd = rec.pop("state_dict")
-        if variant["name"] in ("kp_base", "img_base"):
+        if variant["name"] in base_names:
             base_sd[variant["base"]] = {k: v.clone() for k, v in sd.items()}
         cfg_json = json.loads((out / "fixtures" / variant["name"] / "config.json").read_text())
-        entry = {k: variant[k] for k in ("name", "base", "field", "value", "kind", "note")}
-        entry.update({"fields": {k: (list(v) if isinstance(v, tuple) else v) for k, v in variant["fields"].items()
-                                 if k != "features"} | ({"input_features": {f: [t, list(s)] for f, (t, s) in
-                                                                            variant["fields"]["features"].items()}}
-                                                         if "features" in variant["fields"] else {}),
-                      "lerobot_version": lerobot.__version__,
-                      "expected": {"outcome": variant["expect"]} | (
-                          {"refusal_names": variant["refuse_word"]} if variant["expect"] == REFUSED else {}),
-                      "config_json_value_check": {k: cfg_json.get(k) for k in variant["fields"]
-                                                  if k in cfg_json and k not in ("normalization_mapping",)},
-                      "made": rec, "seconds": round(time.time() - t1, 1)})
-        manifest["fixtures"].append(entry)
+        manifest["fixtures"].append(manifest_entry(variant, rec, cfg_json, lerobot.__version__, time.time() - t1))
         print(variant["name"], json.dumps(rec.get("samplers", rec.get("weights", "")))[:300], flush=True)
 
-    # one solid xz tar of every fixture folder (sorted, fixed metadata, so a rerun gives the same bytes)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted((out / "fixtures").rglob("*")):
-            if path.is_file():
-                info = tarfile.TarInfo(str(path.relative_to(out / "fixtures")))
-                info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
-                with path.open("rb") as fh:
-                    tar.addfile(info, fh)
-    filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 1, "lp": 2, "pb": 2,
-                "dict_size": 192 << 20}]
-    (out / manifest["archive"]).write_bytes(lzma.compress(buf.getvalue(), format=lzma.FORMAT_XZ, filters=filters))
-    manifest["archive_bytes"] = (out / manifest["archive"]).stat().st_size
-    manifest["archive_uncompressed_bytes"] = len(buf.getvalue())
+    manifest["archive_bytes"], manifest["archive_uncompressed_bytes"] = write_archive(out / "fixtures",
+                                                                                      out / archive)
     manifest["seconds"] = round(time.time() - t0, 1)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(json.dumps({k: manifest[k] for k in ("archive_bytes", "archive_uncompressed_bytes", "seconds")}))
+
+
+def main() -> None:
+    run_sweep(VARIANTS, make_fixture, "lerobot061_sweep.tar.xz", "tests/peers_sweep/make_lerobot_sweep.py")
 
 
 if __name__ == "__main__":
