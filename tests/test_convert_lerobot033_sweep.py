@@ -4,7 +4,7 @@ field that changes the weights or the sampling, each made by lerobot 0.3.3's own
 lerobot version and the expected outcome of each). 0.3.3 is the older layout: config.json and model.safetensors,
 the statistics as buffers inside it, no processor files.
 
-The rule is tests/test_convert_lerobot_sweep.py's (whose Sweep this file uses with manifest033.json): a fixture
+The rule is tests/test_convert_lerobot_sweep.py's (this file uses tests/peer_sweep.py's Sweep with manifest033.json): a fixture
 whose conversion is accepted must match lerobot (`dpkit-convert --check auto`, tests/peer_parity.py's rule, in
 torch; ort and cpp on the exported bundle), and a value dpkit cannot represent is refused with one `error:` line
 naming the field, writing nothing. Converting and being wrong fails.
@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli_helpers import refused
-from peer_parity import check_case
-from test_convert_lerobot_sweep import SWEEP, Sweep, _measure, _recorded_samplers, markdown
+from peer_sweep import SWEEP, Sweep, read_manifest, recorded_samplers
+from test_convert_lerobot_sweep import _measure, markdown
 
-MANIFEST = json.loads((SWEEP / "manifest033.json").read_text())
+MANIFEST = read_manifest("manifest033.json")
 ENTRIES = {f["name"]: f for f in MANIFEST["fixtures"]}
 EXACT = [n for n, f in ENTRIES.items() if f["expected"]["outcome"] == "exact"]
 REFUSED = [n for n, f in ENTRIES.items() if f["expected"]["outcome"] == "refused"]
@@ -50,12 +49,6 @@ FAST_RUNTIME = {"kp_base"}
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Sweep:
     return Sweep(tmp_path_factory.mktemp("lerobot033_sweep"), MANIFEST)
-
-
-def _reference(sweep: Sweep, name: str):
-    from dpkit.convert.check import read_reference
-
-    return read_reference(sweep.src(name) / "reference.npz")
 
 
 # ---- the manifest, the archive and the script agree ------------------------------------------------------------
@@ -90,13 +83,7 @@ def test_manifest_lists_every_variant_of_the_script_and_the_archive_holds_them(s
 
 @pytest.mark.parametrize("name", REFUSED)
 def test_refused_by_name(sweep, name, capsys, tmp_path):
-    from dpkit.convert.cli import main as convert_main
-
-    out = tmp_path / "run"
-    err = refused(convert_main, capsys, [str(sweep.src(name)), "--out", str(out), "--no-progress"],
-                  ENTRIES[name]["expected"]["refusal_names"])
-    assert not out.exists(), name
-    print(name, err)
+    print(name, sweep.check_refused(name, capsys, tmp_path))
 
 
 # ---- exact: converts, and matches lerobot in torch, ort and cpp --------------------------------------------
@@ -114,7 +101,7 @@ def test_converts_and_matches_lerobot_in_torch(sweep, name):
     check = sweep.summaries[name]["check"]
     assert check["passed"] and check["message"] is None, check
     entry = ENTRIES[name]
-    assert {c["sampler"] for c in check["cases"]} == _recorded_samplers(entry)
+    assert {c["sampler"] for c in check["cases"]} == recorded_samplers(entry)
     for c in check["cases"]:  # lerobot's float64 run is the exact one; every item of the rule held
         assert c["exact"] == "peer float64" and c["conversion_ok"] and c["rounding_ok"], c
         print(name, "torch", json.dumps({k: c[k] for k in ("sampler", "float64_traj", "dpkit_traj", "dpkit_px",
@@ -154,17 +141,7 @@ def _runtime_params():
 
 @pytest.mark.parametrize("name, backend", _runtime_params())
 def test_matches_lerobot_in_the_runtimes(sweep, name, backend):
-    from dpkit.runtime import load_policy
-
-    if backend == "cpp":
-        pytest.importorskip("dpkit.runtime._core")
-    policy = load_policy(sweep.bundle(name), backend=backend)
-    choice = policy.resolve_sampler()
-    assert f"{choice.sampler}-{choice.num_inference_steps}" == ENTRIES[name]["made"]["default_sampler"]
-    ref = _reference(sweep, name)
-    for case in ref.cases:
-        d = check_case(policy, ref.obs, case, sweep.float64(name, case, ref.obs))
-        print(name, backend, f"{case.sampler}-{case.steps}", json.dumps(d))
+    sweep.check_runtime(name, backend)
 
 
 # ---- tests/peers_sweep/README.md's table is the manifest's ----------------------------------------------------
