@@ -185,6 +185,7 @@ def write_bundle(
     max_batch: int = DEFAULT_MAX_BATCH,
     opt_batch: int | None = None,
     external_data: bool = False,
+    parity_tolerance: float | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export `policy` (a DiffusionPolicy in eval mode), verify it and write the bundle to `out`.
@@ -195,7 +196,11 @@ def write_bundle(
     store the weights in `<graph>.onnx.data` files (listed and hashed in the manifest); `precision`:
     "fp32" (default), "fp16" (same as `fp16=True`) or "int8" (dpkit.export.quantize: the fp32 graphs are
     exported and verified first, then the denoiser's matrix products get int8 weights and the error
-    against the fp32 graphs must stay within INT8_BOUNDS). Returns a summary (timings, sizes, parity).
+    against the fp32 graphs must stay within INT8_BOUNDS); `parity_tolerance`: the fp32 bound of the
+    ONNX-vs-PyTorch check (default FP32_TOLERANCE, 1e-4). Only the peer sweeps' tests raise it: their random
+    networks amplify float32 rounding along a DDIM trajectory ~100x (2.5e-6 per call, 2e-4 after ten steps,
+    with PyTorch's AVX2 kernels), and they hold the bundle to the peer's float64 run instead. Returns a
+    summary (timings, sizes, parity).
     Raises DpkitError on bad input or failed parity (nothing written).
     """
     import onnx
@@ -215,7 +220,8 @@ def write_bundle(
     timings: dict[str, float] = {}
     with atomic_dir(out, force=force) as tmp:
         details: dict[str, Any] = {"inputs": inputs_desc}
-        passes = [("fp32", False, FP32_TOLERANCE)] + ([("fp16", True, FP16_TOLERANCE)] if fp16 else [])
+        passes = [("fp32", False, parity_tolerance or FP32_TOLERANCE)]
+        passes += [("fp16", True, FP16_TOLERANCE)] if fp16 else []
         for label, half, tol in passes:
             t = time.perf_counter()
             for old in tmp.iterdir():  # the fp16 pass replaces the fp32 graphs (and their data files)
@@ -282,6 +288,7 @@ def export_bundle(
     json_path: str | Path | None = None,
     log: Callable[[str], None] = print,
     threads: int | None = None,
+    parity_tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint, then write_bundle; returns the summary (timings, sizes, parity, ...).
 
@@ -324,7 +331,8 @@ def export_bundle(
         summary = write_bundle(policy, out, config=state["config"], source=source, force=force, ema=ema,
                                fp16=fp16, precision=precision, opset=opset, gemm_conv=gemm_conv,
                                ddim_steps=ddim_steps, ddpm_steps=ddpm_steps, samples=samples,
-                               inputs_desc=inputs_desc, max_batch=max_batch, opt_batch=opt_batch, log=log)
+                               inputs_desc=inputs_desc, max_batch=max_batch, opt_batch=opt_batch,
+                               parity_tolerance=parity_tolerance, log=log)
         summary["checkpoint"] = state["checkpoint_path"]
         summary["threads"] = thread_choice.to_json()
         summary["seconds"] = time.perf_counter() - t0

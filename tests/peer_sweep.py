@@ -21,6 +21,12 @@ GRAPH_NEUTRAL = ("num_train_timesteps", "beta_schedule", "prediction_type", "cli
                  "ddim_steps", "ddpm_steps", "default_sampler", "n_action_steps")
 
 
+# The exporter's own ONNX-vs-PyTorch bound for these random networks: DDIM-10 carries a per-call float32 difference
+# of ~2.5e-6 to 2e-4 (the original sweep's lowdim_base with PyTorch's AVX2 kernels; the default bound is 1e-4).
+# What these tests hold each bundle to is check_runtime's: the peer's float64 run, by tests/peer_parity.py's rule.
+EXPORT_PARITY_TOLERANCE = 1e-3
+
+
 def read_manifest(name: str) -> dict:
     return json.loads((SWEEP / name).read_text())
 
@@ -123,7 +129,7 @@ class Sweep:
         twin = self.graph_twin(name)
         if twin is None:
             export_bundle(self.run(name), out, ddim_steps=(10,), data=str(self.root / "no_dataset"),
-                          log=lambda _m: None)
+                          parity_tolerance=EXPORT_PARITY_TOLERANCE, log=lambda _m: None)
         else:
             shutil.copytree(self.bundles[twin], out)
             base = json.loads((out / MANIFEST_NAME).read_text())
