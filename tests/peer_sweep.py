@@ -172,3 +172,38 @@ class Sweep:
         for case in ref.cases:
             d = check_case(policy, ref.obs, case, self.float64(name, case, ref.obs))
             print(name, backend, f"{case.sampler}-{case.steps}", json.dumps(d))
+
+    def measure(self, names: list[str] | None = None, peer_key: str = "peer_float32_px") -> list[dict]:
+        """Every fixture (or `names`): the outcome, and for exact ones the largest errors per backend (px from the
+        float64 run, normalized) as the tests measure them, and the peer's own float32 error under `peer_key`.
+        Each row is also printed to stderr as it is measured (the sweeps' __main__ prints their README table)."""
+        import io
+        import sys
+        from contextlib import redirect_stderr
+
+        from dpkit.convert.cli import main as convert_main
+        from dpkit.runtime import load_policy
+        from peer_parity import measure_case
+
+        rows = []
+        for name in names or list(self.entries):
+            e = self.entries[name]
+            row = {"name": name, "field": e["field"], "value": e["value"], "kind": e["kind"],
+                   "expected": e["expected"]["outcome"]}
+            if e["expected"]["outcome"] == "refused":
+                err = io.StringIO()
+                with redirect_stderr(err), pytest.raises(SystemExit):
+                    convert_main([str(self.src(name)), "--out", str(self.root / "refused" / name), "--no-progress"])
+                row["message"] = err.getvalue().strip()
+            else:
+                ref = self.reference(name)
+                for backend in ("torch", "ort", "cpp"):
+                    pol = self.policy(name) if backend == "torch" else load_policy(self.bundle(name), backend=backend)
+                    ms = [measure_case(pol, ref.obs, c, self.float64(name, c, ref.obs)) for c in ref.cases]
+                    row[backend] = {"passed": all(m["passed"] for m in ms), "px": max(m["dpkit_px"] for m in ms),
+                                    "traj": max(m["dpkit_traj"] for m in ms)}
+                row[peer_key] = max(m["peer_px"] for m in ms)
+                row["samplers"] = sorted(f"{c.sampler}-{c.steps}" for c in ref.cases)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+        return rows

@@ -169,38 +169,8 @@ def test_matches_the_original_in_the_runtimes(sweep, name, backend):
 # ---- the table's figures -----------------------------------------------------------------------------------------
 
 def _measure(root: Path, names: list[str] | None = None) -> list[dict]:
-    """Every fixture: the outcome, and for exact ones the largest errors per backend (px from the original's
-    float64 run, normalized), as the tests above measure them."""
-    import io
-    from contextlib import redirect_stderr
-
-    from dpkit.convert.cli import main as convert_main
-    from dpkit.runtime import load_policy
-    from peer_parity import measure_case
-
-    sw = Sweep(root, MANIFEST, source_file="latest.ckpt")
-    rows = []
-    for name in names or list(ENTRIES):
-        e = ENTRIES[name]
-        row = {"name": name, "field": e["field"], "value": e["value"], "kind": e["kind"],
-               "expected": e["expected"]["outcome"]}
-        if e["expected"]["outcome"] == "refused":
-            err = io.StringIO()
-            with redirect_stderr(err), pytest.raises(SystemExit):
-                convert_main([str(sw.src(name)), "--out", str(root / "refused" / name), "--no-progress"])
-            row["message"] = err.getvalue().strip()
-        else:
-            ref = sw.reference(name)
-            for backend in ("torch", "ort", "cpp"):
-                pol = sw.policy(name) if backend == "torch" else load_policy(sw.bundle(name), backend=backend)
-                ms = [measure_case(pol, ref.obs, c, sw.float64(name, c, ref.obs)) for c in ref.cases]
-                row[backend] = {"passed": all(m["passed"] for m in ms), "px": max(m["dpkit_px"] for m in ms),
-                                "traj": max(m["dpkit_traj"] for m in ms)}
-            row["original_float32_px"] = max(m["peer_px"] for m in ms)
-            row["samplers"] = sorted(f"{c.sampler}-{c.steps}" for c in ref.cases)
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr, flush=True)
-    return rows
+    """Every fixture: the outcome and the largest errors per backend (peer_sweep.Sweep.measure)."""
+    return Sweep(root, MANIFEST, source_file="latest.ckpt").measure(names, peer_key="original_float32_px")
 
 
 def markdown(rows: list[dict]) -> str:
