@@ -188,6 +188,35 @@ def test_fixed_draws_are_a_function_of_window_draw_and_seed(tiny_runs):
     assert not torch.equal(other.targets(batch)["noisy"], first["noisy"])
 
 
+def test_unexecuted_weight_puts_the_loss_on_the_executed_steps(tiny_runs):
+    from dpkit.train.config import DistillConfig
+    from dpkit.train.distill import Teacher
+
+    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 49), teacher_ddim_steps=5,
+                        unexecuted_weight=0.25)
+    teacher = Teacher(cfg.teacher, cfg)
+    policy = teacher.policy
+    pc = policy.cfg
+    g = torch.Generator().manual_seed(0)
+    batch = {"obs": {k: torch.randn(3, pc.n_obs_steps, *shape, generator=g) for k, shape, _ in policy.obs_specs},
+             "action": torch.randn(3, pc.horizon, pc.action_dim, generator=g)}
+    torch.manual_seed(1)
+    prepared = teacher.targets(batch)
+    executed = range(pc.n_obs_steps - 1, pc.n_obs_steps - 1 + pc.n_action_steps)
+    assert prepared["weight"].tolist() == [1.0 if i in executed else 0.25 for i in range(pc.horizon)]
+    with torch.no_grad():
+        loss = float(policy(prepared))
+        cond = policy.encoder(*policy._check_obs(prepared["obs"], check_finite=False))
+        err = (policy.denoiser(prepared["noisy"], prepared["timestep"], cond) - prepared["target"]).square()
+        plain = float(policy({k: v for k, v in prepared.items() if k != "weight"}))
+    w = prepared["weight"][None, :, None]
+    assert loss == pytest.approx(float((err * w).sum() / (w.sum() * err.shape[0] * err.shape[2])), rel=1e-6)
+    assert plain == pytest.approx(float(err.mean()), rel=1e-6) and plain != pytest.approx(loss, rel=1e-3)
+    # the default (1.0) is the plain MSE: no weight in the batch
+    torch.manual_seed(1)
+    assert "weight" not in Teacher(cfg.teacher, DistillConfig(teacher=cfg.teacher, teacher_ddim_steps=5)).targets(batch)
+
+
 @pytest.mark.parametrize("case, expect", [
     ("not_a_run", "is not a dpkit run folder or checkpoint"),
     ("missing", "no such run folder"),

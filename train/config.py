@@ -381,6 +381,10 @@ class DistillConfig:
     teacher target is computed once and kept in memory (about 2 x horizon x action_dim floats per draw), so
     the teacher's cost is paid once per draw and the budget goes to student steps. A resumed run recomputes
     what its cache lost and follows the same curve."""
+    unexecuted_weight: float = 1.0
+    """The loss weight of the trajectory steps a chunk does not execute (all but the n_action_steps from
+    n_obs_steps - 1), relative to the executed ones: 1.0 is the plain MSE over the whole horizon; lower puts
+    the student's fit where the controller acts."""
 
     def validate(self) -> None:
         _check_types(self, "distill")
@@ -390,6 +394,7 @@ class DistillConfig:
                f"distill.timesteps must be 1 to 16 distinct, descending timesteps >= 0, got {list(self.timesteps)}")
         _range("distill.teacher_ddim_steps", self.teacher_ddim_steps, 1, 1000)
         _range("distill.draws_per_window", self.draws_per_window, 0, 1000)
+        _range("distill.unexecuted_weight", self.unexecuted_weight, 0.0, 1.0)
 
 
 @dataclass

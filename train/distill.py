@@ -104,6 +104,7 @@ class Teacher:
         self.sqrt_a = [float(np.float32(np.sqrt(acp[t]))) for t in self.timesteps]
         self.sqrt_1m_a = [float(np.float32(np.sqrt(1.0 - acp[t]))) for t in self.timesteps]
         self.draws = distill.draws_per_window
+        self.weight = step_weights(policy.cfg, distill.unexecuted_weight)
         self.seed = int(seed)
         self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}  # draw key -> (noisy, target, t)
         self.teacher_windows = 0  # windows the teacher denoised (cache misses when draws are fixed)
@@ -122,7 +123,7 @@ class Teacher:
             level = torch.randint(0, len(self.timesteps), (x0.shape[0],), device=x0.device)
             z = torch.randn_like(x0)
             noisy, target, timestep = self._denoise(obs, x0, level, z)
-            return {"obs": obs, "noisy": noisy, "timestep": timestep, "target": target}
+            return {"obs": obs, "noisy": noisy, "timestep": timestep, "target": target, **self._weight(x0)}
         keys = self.draw_keys(obs, batch["action"], torch.randint(0, self.draws, (x0.shape[0],)))
         misses = [i for i, k in enumerate(keys) if k not in self.cache]
         if misses:
@@ -133,7 +134,12 @@ class Teacher:
                 self.cache[keys[i]] = (noisy[j], target[j], int(timestep[j]))
         hits = [self.cache[k] for k in keys]
         return {"obs": obs, "noisy": torch.stack([h[0] for h in hits]), "target": torch.stack([h[1] for h in hits]),
-                "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device)}
+                "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device),
+                **self._weight(x0)}
+
+    def _weight(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's per-step loss weights ({} for the plain MSE)."""
+        return {} if self.weight is None else {"weight": self.weight.to(x0.device)}
 
     def cache_state(self) -> dict[str, torch.Tensor]:
         """The cached draws as plain tensors (trainer_state.pt's "teacher_cache"): a resumed run loads them
@@ -210,6 +216,16 @@ class Teacher:
             target[rows] = run_reverse(denoise, self.plans[j], x_t, None)
             timestep[rows] = t
         return noisy, target, timestep
+
+
+def step_weights(cfg: PolicyConfig, unexecuted: float) -> torch.Tensor | None:
+    """The loss weight of each trajectory step: 1 where a chunk executes (n_action_steps from n_obs_steps - 1),
+    `unexecuted` elsewhere; None when that is 1 (the plain MSE)."""
+    if unexecuted == 1.0:
+        return None
+    w = torch.full((cfg.horizon,), float(unexecuted))
+    w[cfg.n_obs_steps - 1: cfg.n_obs_steps - 1 + cfg.n_action_steps] = 1.0
+    return w
 
 
 def ode_chain(t: int, stride: int) -> SamplerSpec:

@@ -236,10 +236,15 @@ class DiffusionPolicy(nn.Module):
 
         A distillation batch (dpkit.train.distill.Teacher.targets) instead carries the denoiser's inputs and
         target: {"obs", "noisy" (B, H, A), "timestep" (B,), "target" (B, H, A)}, and the loss is the MSE of
-        the output to that target (the teacher's result from the same input)."""
+        the output to that target (the teacher's result from the same input), weighted per trajectory step
+        when it carries "weight" (H,)."""
         if "obs" in batch and "target" in batch:
             cond = self.encoder(*self._check_obs(batch["obs"], check_finite=False))
-            return F.mse_loss(self.denoiser(batch["noisy"], batch["timestep"], cond), batch["target"])
+            out = self.denoiser(batch["noisy"], batch["timestep"], cond)
+            if "weight" not in batch:
+                return F.mse_loss(out, batch["target"])
+            w = batch["weight"].to(out.dtype)[None, :, None]  # (H,): each trajectory step's weight
+            return ((out - batch["target"]).square() * w).sum() / (w.sum() * out.shape[0] * out.shape[2])
         if "obs" not in batch or "action" not in batch:
             raise DpkitError("training batch must have 'obs' and 'action'")
         inputs = self._check_obs(batch["obs"], check_finite=False)
