@@ -14,7 +14,9 @@ so the student learns the teacher's ODE map in one call per level. Sampling then
 With `distill.draws_per_window` N >= 1 each window has N fixed draws (level and noise from a generator
 seeded by the window's content, the draw and train.seed) whose targets are computed once and cached, so the
 teacher's cost is paid once per draw and the budget buys student steps; the cache is saved with each
-checkpoint (trainer_state.pt), so a resumed run sees the same targets.
+checkpoint (trainer_state.pt), so a resumed run sees the same targets. `distill.unexecuted_weight` < 1
+weighs the trajectory steps a chunk does not execute less in the loss (step_weights), so the fit goes to
+the actions the controller runs.
 Why this method and what it was measured against: README, "Few-step policies".
 
 Everything else is the trainer's: run folder, resume after kill -9 (the draws here come from the
