@@ -19,6 +19,14 @@ from dpkit.errors import DpkitError
 from dpkit.sampling import SamplerSpec, StepPlan, run_reverse
 from dpkit.train.cli import distill_main
 
+def _recipe_timesteps() -> tuple[int, ...]:
+    """The timesteps the default recipe (dpkit-distill's --config) gives a student."""
+    from dpkit.train.cli import DISTILL_RECIPE
+    from dpkit.train.config import load_config
+
+    return tuple(load_config(DISTILL_RECIPE).distill.timesteps)
+
+
 RECIPE_OVERRIDES = ["train.batch_size=8", "train.log_every=2", "train.val_every=2", "train.checkpoint_every=2",
                     "train.lr_warmup_steps=0"]
 
@@ -75,7 +83,7 @@ def test_student_run_is_a_fewstep_policy_of_the_teachers_network(student, tiny_r
 
     s, state = load_checkpoint(student)
     t, _ = load_checkpoint(tiny_runs["lowdim"])
-    assert s.cfg.fewstep_timesteps == (99, 49) and s.cfg.prediction_type == "sample"
+    assert s.cfg.fewstep_timesteps == _recipe_timesteps() and s.cfg.prediction_type == "sample"
     assert s.resolve_sampler() == ("fewstep", 2)
     assert state["teacher"]["checkpoint"].endswith("step_000005")
     assert s.normalizer.to_dict() == t.normalizer.to_dict()
@@ -93,7 +101,8 @@ def test_bundle_lists_fewstep_and_every_runtime_agrees(student_bundle):
     sched = manifest["scheduler"]
     assert [s["name"] for s in sched["samplers"]] == ["fewstep-1", "fewstep-2"]
     assert sched["default_sampler"] == "fewstep-2" and sched["prediction_type"] == "sample"
-    assert sched["samplers"][1]["timesteps"] == [99, 49] and sched["samplers"][1]["prev_timesteps"] == [49, -1]
+    first, second = _recipe_timesteps()
+    assert sched["samplers"][1]["timesteps"] == [first, second] and sched["samplers"][1]["prev_timesteps"] == [second, -1]
     assert manifest["parity"]["traj_fewstep"] <= 1e-4
     ort = load_policy(student_bundle, backend="ort")
     cpp = load_policy(student_bundle, backend="cpp")
