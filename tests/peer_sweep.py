@@ -6,11 +6,14 @@ and test_convert_original_sweep.py (the original diffusion_policy code's .ckpt f
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import lzma
 import shutil
+import sys
 import tarfile
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -29,6 +32,21 @@ EXPORT_PARITY_TOLERANCE = 1e-3
 
 def read_manifest(name: str) -> dict:
     return json.loads((SWEEP / name).read_text())
+
+
+def check_script_variants(script: str, entries: dict[str, dict]) -> ModuleType:
+    """The fixture generator tests/peers_sweep/<script>.py, after checking that the manifest lists each of its
+    VARIANTS, in order, with the field, value and expected outcome the script made it with."""
+    sys.path.insert(0, str(SWEEP))
+    try:
+        module = importlib.import_module(script)
+    finally:
+        sys.path.remove(str(SWEEP))
+    assert [v["name"] for v in module.VARIANTS] == list(entries)
+    for v in module.VARIANTS:
+        e = entries[v["name"]]
+        assert (e["field"], e["value"], e["expected"]["outcome"]) == (v["field"], v["value"], v["expect"]), v["name"]
+    return module
 
 
 def recorded_samplers(entry: dict) -> set[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer_sweep import SWEEP, Sweep, read_manifest, recorded_samplers
+from peer_sweep import SWEEP, Sweep, check_script_variants, read_manifest, recorded_samplers
 from test_convert_lerobot_sweep import _measure, markdown
 
 MANIFEST = read_manifest("manifest033.json")
@@ -54,16 +54,8 @@ def sweep(tmp_path_factory) -> Sweep:
 # ---- the manifest, the archive and the script agree ------------------------------------------------------------
 
 def test_manifest_lists_every_variant_of_the_script_and_the_archive_holds_them(sweep):
-    sys.path.insert(0, str(SWEEP))
-    try:
-        import make_lerobot033_sweep as script
-    finally:
-        sys.path.remove(str(SWEEP))
-    assert [v["name"] for v in script.VARIANTS] == list(ENTRIES)
-    for v in script.VARIANTS:
-        e = ENTRIES[v["name"]]
-        assert (e["field"], e["value"], e["expected"]["outcome"]) == (v["field"], v["value"], v["expect"]), v["name"]
-        assert e["lerobot_version"] == MANIFEST["lerobot_version"] == "0.3.3"
+    check_script_variants("make_lerobot033_sweep", ENTRIES)
+    assert all(e["lerobot_version"] == MANIFEST["lerobot_version"] == "0.3.3" for e in ENTRIES.values())
     for name, e in ENTRIES.items():
         files = {p.name for p in sweep.src(name).iterdir()}
         # the older layout: no processor files; the statistics are buffers in model.safetensors

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from peer_sweep import SWEEP, Sweep, read_manifest, recorded_samplers
+from peer_sweep import SWEEP, Sweep, check_script_variants, read_manifest, recorded_samplers
 
 MANIFEST = read_manifest("original_sweep_manifest.json")
 ENTRIES = {f["name"]: f for f in MANIFEST["fixtures"]}
@@ -65,15 +65,7 @@ def _cfg_at(cfg: dict, path: str):
 def test_manifest_lists_every_variant_of_the_script_and_the_archive_holds_them(sweep):
     from dpkit.convert.unpickle import load_torch_zip
 
-    sys.path.insert(0, str(SWEEP))
-    try:
-        import make_original_sweep as script
-    finally:
-        sys.path.remove(str(SWEEP))
-    assert [v["name"] for v in script.VARIANTS] == list(ENTRIES)
-    for v in script.VARIANTS:
-        e = ENTRIES[v["name"]]
-        assert (e["field"], e["value"], e["expected"]["outcome"]) == (v["field"], v["value"], v["expect"]), v["name"]
+    script = check_script_variants("make_original_sweep", ENTRIES)
     assert MANIFEST["original_commit"] == script.ORIGINAL_COMMIT
     for name, e in ENTRIES.items():
         files = {p.name for p in sweep.folder(name).iterdir()}
