@@ -151,12 +151,12 @@ def policy_obs(policy):
     return random_observations(policy.observations, policy.n_obs_steps, 1, seed=0)
 
 
-@pytest.mark.parametrize("draws", [0, 2])
-def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws):
+@pytest.mark.parametrize("draws, later", [(0, "noised_actions"), (2, "noised_actions"), (2, "teacher_path")])
+def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later):
     # a constant LR, so the first part's shorter train.steps does not change the schedule; with fixed draws
     # the resumed run restores the targets computed so far from the checkpoint
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}"]
+    extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}", f"distill.later_inputs={later}"]
     assert _distill(tiny_runs["lowdim"], whole, synthetic_store, *extra, steps=4) == 0
     assert _distill(tiny_runs["lowdim"], parts, synthetic_store, *extra, steps=2) == 0
     try:
@@ -195,6 +195,51 @@ def test_fixed_draws_are_a_function_of_window_draw_and_seed(tiny_runs):
     other = Teacher(cfg.teacher, cfg, seed=8)  # another seed: other draws
     torch.manual_seed(1)
     assert not torch.equal(other.targets(batch)["noisy"], first["noisy"])
+
+
+@pytest.mark.parametrize("draws", [0, 2])
+def test_teacher_path_inputs_are_the_chains_states(tiny_runs, draws):
+    from dpkit.sampling import run_reverse
+    from dpkit.train.config import DistillConfig
+    from dpkit.train.distill import Teacher
+
+    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 59, 19), teacher_ddim_steps=5,
+                        draws_per_window=draws, later_inputs="teacher_path")
+    teacher = Teacher(cfg.teacher, cfg)
+    policy = teacher.policy
+    g = torch.Generator().manual_seed(0)
+    batch = {"obs": {k: torch.randn(12, policy.cfg.n_obs_steps, *shape, generator=g) for k, shape, _ in policy.obs_specs},
+             "action": torch.randn(12, policy.cfg.horizon, policy.cfg.action_dim, generator=g)}
+    torch.manual_seed(3)
+    got = teacher.targets(batch)
+    assert teacher.teacher_windows == 12  # one chain per window gives all three levels
+    assert len(teacher.cache) == (3 * 12 if draws else 0)
+    assert set(got["timestep"].tolist()) == {99, 59, 19}
+    with torch.no_grad():
+        cond = policy.encoder(*policy._check_obs(got["obs"], check_finite=False))
+        for lv, t in enumerate(teacher.timesteps):
+            rows = (got["timestep"] == t).nonzero().flatten()
+
+            def denoise(x, tt, c=cond[rows]):
+                return policy.denoiser(x, torch.from_numpy(tt), c)
+
+            # the rest of the chain from the level's input is the target: the same steps as a chain from t
+            again = run_reverse(denoise, teacher.plans[lv], got["noisy"][rows], None)
+            torch.testing.assert_close(again, got["target"][rows], rtol=0, atol=1e-5)
+    # the first level's input is the pure noise the chain starts from
+    first = got["noisy"][got["timestep"] == 99]
+    assert abs(float(first.std()) - 1.0) < 0.15
+
+
+def test_teacher_path_needs_timesteps_on_the_chain(tiny_runs):
+    from dpkit.errors import DpkitError
+    from dpkit.train.config import DistillConfig
+    from dpkit.train.distill import Teacher
+
+    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 49), teacher_ddim_steps=5,
+                        later_inputs="teacher_path")
+    with pytest.raises(DpkitError, match=r"timesteps \[49\] are not on the teacher's chain from 99 in steps of 20"):
+        Teacher(cfg.teacher, cfg)
 
 
 def test_unexecuted_weight_puts_the_loss_on_the_executed_steps(tiny_runs):

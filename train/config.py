@@ -359,6 +359,9 @@ class TrainConfig:
                    f"set train.eval_every=0")
 
 
+LATER_INPUTS = ("noised_actions", "teacher_path")
+
+
 @dataclass
 class DistillConfig:
     """Distillation into a few-step student (dpkit-distill): the trainer's mode when `teacher` is set.
@@ -385,6 +388,11 @@ class DistillConfig:
     """The loss weight of the trajectory steps a chunk does not execute (all but the n_action_steps from
     n_obs_steps - 1), relative to the executed ones: 1.0 is the plain MSE over the whole horizon; lower puts
     the student's fit where the controller acts."""
+    later_inputs: str = "noised_actions"
+    """The input at the student's later timesteps. "noised_actions": the window's actions noised to that
+    level, with the teacher's chain from there (one chain per input). "teacher_path": the state the
+    teacher's chain from pure noise passes through at that level, so one chain (from the first timestep)
+    gives an input and target for every level; the later timesteps must lie on that chain."""
 
     def validate(self) -> None:
         _check_types(self, "distill")
@@ -395,6 +403,8 @@ class DistillConfig:
         _range("distill.teacher_ddim_steps", self.teacher_ddim_steps, 1, 1000)
         _range("distill.draws_per_window", self.draws_per_window, 0, 1000)
         _range("distill.unexecuted_weight", self.unexecuted_weight, 0.0, 1.0)
+        _check(self.later_inputs in LATER_INPUTS,
+               f"distill.later_inputs must be {' or '.join(LATER_INPUTS)}, got {self.later_inputs!r}")
 
 
 @dataclass

@@ -16,7 +16,9 @@ seeded by the window's content, the draw and train.seed) whose targets are compu
 teacher's cost is paid once per draw and the budget buys student steps; the cache is saved with each
 checkpoint (trainer_state.pt), so a resumed run sees the same targets. `distill.unexecuted_weight` < 1
 weighs the trajectory steps a chunk does not execute less in the loss (step_weights), so the fit goes to
-the actions the controller runs.
+the actions the controller runs. With `distill.later_inputs` "teacher_path" the later levels' inputs are
+instead the states the first level's chain passes through there (each draw then gives every level an input
+and a target from one chain, for the chain's cost alone).
 Why this method and what it was measured against: README, "Few-step policies".
 
 Everything else is the trainer's: run folder, resume after kill -9 (the draws here come from the
@@ -101,6 +103,12 @@ class Teacher:
         self.timesteps = tuple(distill.timesteps)
         stride = T // distill.teacher_ddim_steps
         self.plans = [StepPlan.build(policy.schedule_arrays, ode_chain(t, stride)) for t in self.timesteps]
+        self.path = distill.later_inputs == "teacher_path"
+        off = [t for t in self.timesteps[1:] if (self.timesteps[0] - t) % stride]
+        if self.path and off:
+            raise DpkitError(f"distill.later_inputs=teacher_path: timesteps {off} are not on the teacher's chain "
+                             f"from {self.timesteps[0]} in steps of {stride} (num_train_timesteps {T} // "
+                             f"teacher_ddim_steps {distill.teacher_ddim_steps})")
         acp = policy.schedule_arrays.alphas_cumprod
         # The forward process's scalars per level, float32 as the training loss's add_noise takes them.
         self.sqrt_a = [float(np.float32(np.sqrt(acp[t]))) for t in self.timesteps]
@@ -121,19 +129,34 @@ class Teacher:
         `draws_per_window` they are fixed per window (draw_inputs) and their targets cached."""
         obs = batch["obs"]
         x0 = self.policy.normalizer.normalize("action", batch["action"].float())
+        n = x0.shape[0]
         if not self.draws:
-            level = torch.randint(0, len(self.timesteps), (x0.shape[0],), device=x0.device)
+            level = torch.randint(0, len(self.timesteps), (n,), device=x0.device)
             z = torch.randn_like(x0)
-            noisy, target, timestep = self._denoise(obs, x0, level, z)
+            if self.path:
+                inputs, target = self._path(obs, z)
+                noisy, timestep = inputs[level, torch.arange(n)], self._levels_t(level)
+            else:
+                noisy, target, timestep = self._denoise(obs, x0, level, z)
             return {"obs": obs, "noisy": noisy, "timestep": timestep, "target": target, **self._weight(x0)}
-        keys = self.draw_keys(obs, batch["action"], torch.randint(0, self.draws, (x0.shape[0],)))
+        draws = self.draw_keys(obs, batch["action"], torch.randint(0, self.draws, (n,)))
+        # on the teacher's path a draw's one chain gives every level: the batch picks one per row
+        keys = ([k + bytes([int(j)]) for k, j in zip(draws, torch.randint(0, len(self.timesteps), (n,)))]
+                if self.path else draws)
         misses = [i for i, k in enumerate(keys) if k not in self.cache]
         if misses:
             rows = torch.tensor(misses, device=x0.device)
-            level, z = self.draw_inputs([keys[i] for i in misses], x0)
-            noisy, target, timestep = self._denoise({k: v[rows] for k, v in obs.items()}, x0[rows], level, z)
-            for j, i in enumerate(misses):
-                self.cache[keys[i]] = (noisy[j], target[j], int(timestep[j]))
+            level, z = self.draw_inputs([draws[i] for i in misses], x0)
+            sub = {k: v[rows] for k, v in obs.items()}
+            if self.path:
+                inputs, target = self._path(sub, z)
+                for j, i in enumerate(misses):
+                    for lv, t in enumerate(self.timesteps):
+                        self.cache[draws[i] + bytes([lv])] = (inputs[lv, j], target[j], t)
+            else:
+                noisy, target, timestep = self._denoise(sub, x0[rows], level, z)
+                for j, i in enumerate(misses):
+                    self.cache[keys[i]] = (noisy[j], target[j], int(timestep[j]))
         hits = [self.cache[k] for k in keys]
         return {"obs": obs, "noisy": torch.stack([h[0] for h in hits]), "target": torch.stack([h[1] for h in hits]),
                 "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device),
@@ -193,6 +216,24 @@ class Teacher:
             level[i] = int(torch.randint(0, len(self.timesteps), (1,), generator=g))
             z[i] = torch.randn(x0.shape[1:], generator=g)
         return level.to(x0.device), z.to(device=x0.device, dtype=x0.dtype)
+
+    def _levels_t(self, level: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.timesteps, dtype=torch.int64, device=level.device)[level]
+
+    def _path(self, obs: dict[str, Any], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's chain from pure noise z at the first timestep: the state it passes through at each
+        student timestep (L, n, ...; the first is z itself) and its result (n, ...)."""
+        policy = self.policy
+        self.teacher_windows += z.shape[0]
+        cond = policy.encoder(*policy._check_obs(obs, check_finite=False))
+        seen: dict[int, torch.Tensor] = {}
+
+        def denoise(x: torch.Tensor, tt: np.ndarray) -> torch.Tensor:
+            seen.setdefault(int(tt[0]), x)  # the step's input: the chain's state at that timestep
+            return policy.denoiser(x, torch.from_numpy(tt).to(x.device), cond)
+
+        target = run_reverse(denoise, self.plans[0], z, None)
+        return torch.stack([seen[t] for t in self.timesteps]), target
 
     def _denoise(self, obs: dict[str, Any], x0: torch.Tensor, level: torch.Tensor, z: torch.Tensor):
         """The student's inputs at each row's level and the teacher's DDIM result from them."""
