@@ -169,17 +169,22 @@ def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fixed_draws_are_a_function_of_window_draw_and_seed(tiny_runs):
+def _teacher_and_batch(tiny_runs, n: int, seed: int = 0, **distill):
+    """A Teacher over the tiny low-dim run (DistillConfig fields in `distill`) and a random batch of n windows."""
     from dpkit.train.config import DistillConfig
     from dpkit.train.distill import Teacher
 
-    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 49), teacher_ddim_steps=5,
-                        draws_per_window=3)
-    teacher = Teacher(cfg.teacher, cfg, seed=7)
-    policy = teacher.policy
+    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), teacher_ddim_steps=5, **distill)
+    teacher = Teacher(cfg.teacher, cfg, seed=seed)
+    pc = teacher.policy.cfg
     g = torch.Generator().manual_seed(0)
-    batch = {"obs": {k: torch.randn(6, policy.cfg.n_obs_steps, *shape, generator=g) for k, shape, _ in policy.obs_specs},
-             "action": torch.randn(6, policy.cfg.horizon, policy.cfg.action_dim, generator=g)}
+    batch = {"obs": {k: torch.randn(n, pc.n_obs_steps, *shape, generator=g) for k, shape, _ in teacher.policy.obs_specs},
+             "action": torch.randn(n, pc.horizon, pc.action_dim, generator=g)}
+    return teacher, batch
+
+
+def test_fixed_draws_are_a_function_of_window_draw_and_seed(tiny_runs):
+    teacher, batch = _teacher_and_batch(tiny_runs, 6, seed=7, timesteps=(99, 49), draws_per_window=3)
     torch.manual_seed(1)
     first = teacher.targets(batch)
     assert teacher.teacher_windows == 6 and len(teacher.cache) == 6
@@ -192,7 +197,7 @@ def test_fixed_draws_are_a_function_of_window_draw_and_seed(tiny_runs):
     for k in ("noisy", "target", "timestep"):
         assert torch.equal(first[k], again[k]) and torch.equal(first[k], recomputed[k])
     assert set(first["timestep"].tolist()) <= {99, 49}
-    other = Teacher(cfg.teacher, cfg, seed=8)  # another seed: other draws
+    other, _ = _teacher_and_batch(tiny_runs, 6, seed=8, timesteps=(99, 49), draws_per_window=3)  # another seed: other draws
     torch.manual_seed(1)
     assert not torch.equal(other.targets(batch)["noisy"], first["noisy"])
 
@@ -200,16 +205,10 @@ def test_fixed_draws_are_a_function_of_window_draw_and_seed(tiny_runs):
 @pytest.mark.parametrize("draws", [0, 2])
 def test_teacher_path_inputs_are_the_chains_states(tiny_runs, draws):
     from dpkit.sampling import run_reverse
-    from dpkit.train.config import DistillConfig
-    from dpkit.train.distill import Teacher
 
-    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 59, 19), teacher_ddim_steps=5,
-                        draws_per_window=draws, later_inputs="teacher_path")
-    teacher = Teacher(cfg.teacher, cfg)
+    teacher, batch = _teacher_and_batch(tiny_runs, 12, timesteps=(99, 59, 19), draws_per_window=draws,
+                                        later_inputs="teacher_path")
     policy = teacher.policy
-    g = torch.Generator().manual_seed(0)
-    batch = {"obs": {k: torch.randn(12, policy.cfg.n_obs_steps, *shape, generator=g) for k, shape, _ in policy.obs_specs},
-             "action": torch.randn(12, policy.cfg.horizon, policy.cfg.action_dim, generator=g)}
     torch.manual_seed(3)
     got = teacher.targets(batch)
     assert teacher.teacher_windows == 12  # one chain per window gives all three levels
@@ -233,27 +232,15 @@ def test_teacher_path_inputs_are_the_chains_states(tiny_runs, draws):
 
 def test_teacher_path_needs_timesteps_on_the_chain(tiny_runs):
     from dpkit.errors import DpkitError
-    from dpkit.train.config import DistillConfig
-    from dpkit.train.distill import Teacher
 
-    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 49), teacher_ddim_steps=5,
-                        later_inputs="teacher_path")
     with pytest.raises(DpkitError, match=r"timesteps \[49\] are not on the teacher's chain from 99 in steps of 20"):
-        Teacher(cfg.teacher, cfg)
+        _teacher_and_batch(tiny_runs, 1, timesteps=(99, 49), later_inputs="teacher_path")
 
 
 def test_unexecuted_weight_puts_the_loss_on_the_executed_steps(tiny_runs):
-    from dpkit.train.config import DistillConfig
-    from dpkit.train.distill import Teacher
-
-    cfg = DistillConfig(teacher=str(tiny_runs["lowdim"]), timesteps=(99, 49), teacher_ddim_steps=5,
-                        unexecuted_weight=0.25)
-    teacher = Teacher(cfg.teacher, cfg)
+    teacher, batch = _teacher_and_batch(tiny_runs, 3, timesteps=(99, 49), unexecuted_weight=0.25)
     policy = teacher.policy
     pc = policy.cfg
-    g = torch.Generator().manual_seed(0)
-    batch = {"obs": {k: torch.randn(3, pc.n_obs_steps, *shape, generator=g) for k, shape, _ in policy.obs_specs},
-             "action": torch.randn(3, pc.horizon, pc.action_dim, generator=g)}
     torch.manual_seed(1)
     prepared = teacher.targets(batch)
     executed = range(pc.n_obs_steps - 1, pc.n_obs_steps - 1 + pc.n_action_steps)
@@ -268,7 +255,7 @@ def test_unexecuted_weight_puts_the_loss_on_the_executed_steps(tiny_runs):
     assert plain == pytest.approx(float(err.mean()), rel=1e-6) and plain != pytest.approx(loss, rel=1e-3)
     # the default (1.0) is the plain MSE: no weight in the batch
     torch.manual_seed(1)
-    assert "weight" not in Teacher(cfg.teacher, DistillConfig(teacher=cfg.teacher, teacher_ddim_steps=5)).targets(batch)
+    assert "weight" not in _teacher_and_batch(tiny_runs, 3)[0].targets(batch)
 
 
 @pytest.mark.parametrize("case, expect", [

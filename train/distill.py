@@ -135,7 +135,8 @@ class Teacher:
             z = torch.randn_like(x0)
             if self.path:
                 inputs, target = self._path(obs, z)
-                noisy, timestep = inputs[level, torch.arange(n)], self._levels_t(level)
+                noisy = inputs[level, torch.arange(n)]
+                timestep = torch.tensor(self.timesteps, dtype=torch.int64, device=x0.device)[level]
             else:
                 noisy, target, timestep = self._denoise(obs, x0, level, z)
             return {"obs": obs, "noisy": noisy, "timestep": timestep, "target": target, **self._weight(x0)}
@@ -216,9 +217,6 @@ class Teacher:
             level[i] = int(torch.randint(0, len(self.timesteps), (1,), generator=g))
             z[i] = torch.randn(x0.shape[1:], generator=g)
         return level.to(x0.device), z.to(device=x0.device, dtype=x0.dtype)
-
-    def _levels_t(self, level: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(self.timesteps, dtype=torch.int64, device=level.device)[level]
 
     def _path(self, obs: dict[str, Any], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's chain from pure noise z at the first timestep: the state it passes through at each
