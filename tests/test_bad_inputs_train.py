@@ -154,6 +154,7 @@ BAD_VALUES = {
     "distill.teacher_ddim_steps": [(0, "distill.teacher_ddim_steps must be in [1, 1000]")],
     "distill.draws_per_window": [(-1, "distill.draws_per_window must be in [0, 1000]")],
     "distill.unexecuted_weight": [(1.5, "distill.unexecuted_weight must be in [0.0, 1.0]")],
+    "distill.pseudo_huber": [(-0.1, "distill.pseudo_huber must be in [0.0, 10.0]")],
     "distill.later_inputs": [("path", "distill.later_inputs must be noised_actions or teacher_path, got 'path'")],
 }
 

@@ -258,6 +258,30 @@ def test_unexecuted_weight_puts_the_loss_on_the_executed_steps(tiny_runs):
     assert "weight" not in _teacher_and_batch(tiny_runs, 3)[0].targets(batch)
 
 
+def test_pseudo_huber_loss_is_per_window(tiny_runs):
+    teacher, batch = _teacher_and_batch(tiny_runs, 4, timesteps=(99, 49), unexecuted_weight=0.5, pseudo_huber=0.05)
+    policy = teacher.policy
+    torch.manual_seed(1)
+    prepared = teacher.targets(batch)
+    assert prepared["pseudo_huber"] == 0.05
+    with torch.no_grad():
+        loss = float(policy(prepared))
+        cond = policy.encoder(*policy._check_obs(prepared["obs"], check_finite=False))
+        err = (policy.denoiser(prepared["noisy"], prepared["timestep"], cond) - prepared["target"]).square()
+    w = prepared["weight"][None, :, None]
+    e = (err * w).sum(dim=(1, 2)) / (w.sum() * err.shape[2])  # each window's weighted mean square
+    assert loss == pytest.approx(float(((e + 0.05 ** 2).sqrt() - 0.05).mean()), rel=1e-5)
+    assert loss != pytest.approx(float(e.mean()), rel=1e-2)
+    # unweighted: the same per-window form over the plain mean square
+    torch.manual_seed(1)
+    plain = _teacher_and_batch(tiny_runs, 4, timesteps=(99, 49), pseudo_huber=0.05)[0].targets(batch)
+    assert "weight" not in plain
+    with torch.no_grad():
+        err = (policy.denoiser(plain["noisy"], plain["timestep"], cond) - plain["target"]).square()
+        e = err.mean(dim=(1, 2))
+        assert float(policy(plain)) == pytest.approx(float(((e + 0.05 ** 2).sqrt() - 0.05).mean()), rel=1e-5)
+
+
 @pytest.mark.parametrize("case, expect", [
     ("not_a_run", "is not a dpkit run folder or checkpoint"),
     ("missing", "no such run folder"),

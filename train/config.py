@@ -388,6 +388,10 @@ class DistillConfig:
     """The loss weight of the trajectory steps a chunk does not execute (all but the n_action_steps from
     n_obs_steps - 1), relative to the executed ones: 1.0 is the plain MSE over the whole horizon; lower puts
     the student's fit where the controller acts."""
+    pseudo_huber: float = 0.0
+    """0: the (weighted) mean-squared loss. c > 0: each window's mean square e counts as sqrt(e + c^2) - c,
+    quadratic below an RMS error of about c (in normalized action units) and linear above it, so the windows
+    the student misses most weigh less than under the squared loss."""
     later_inputs: str = "noised_actions"
     """The input at the student's later timesteps. "noised_actions": the window's actions noised to that
     level, with the teacher's chain from there (one chain per input). "teacher_path": the state the
@@ -403,6 +407,7 @@ class DistillConfig:
         _range("distill.teacher_ddim_steps", self.teacher_ddim_steps, 1, 1000)
         _range("distill.draws_per_window", self.draws_per_window, 0, 1000)
         _range("distill.unexecuted_weight", self.unexecuted_weight, 0.0, 1.0)
+        _range("distill.pseudo_huber", self.pseudo_huber, 0.0, 10.0)
         _check(self.later_inputs in LATER_INPUTS,
                f"distill.later_inputs must be {' or '.join(LATER_INPUTS)}, got {self.later_inputs!r}")
 

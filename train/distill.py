@@ -115,6 +115,7 @@ class Teacher:
         self.sqrt_1m_a = [float(np.float32(np.sqrt(1.0 - acp[t]))) for t in self.timesteps]
         self.draws = distill.draws_per_window
         self.weight = step_weights(policy.cfg, distill.unexecuted_weight)
+        self.pseudo_huber = float(distill.pseudo_huber)
         self.seed = int(seed)
         self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}  # draw key -> (noisy, target, t)
         self.teacher_windows = 0  # windows the teacher denoised (cache misses when draws are fixed)
@@ -163,9 +164,12 @@ class Teacher:
                 "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device),
                 **self._weight(x0)}
 
-    def _weight(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The batch's per-step loss weights ({} for the plain MSE)."""
-        return {} if self.weight is None else {"weight": self.weight.to(x0.device)}
+    def _weight(self, x0: torch.Tensor) -> dict[str, Any]:
+        """The batch's loss settings: per-step weights and the pseudo-Huber scale ({} for the plain MSE)."""
+        out: dict[str, Any] = {} if self.weight is None else {"weight": self.weight.to(x0.device)}
+        if self.pseudo_huber:
+            out["pseudo_huber"] = self.pseudo_huber
+        return out
 
     def cache_state(self) -> dict[str, torch.Tensor]:
         """The cached draws as plain tensors (trainer_state.pt's "teacher_cache"): a resumed run loads them

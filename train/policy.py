@@ -237,14 +237,20 @@ class DiffusionPolicy(nn.Module):
         A distillation batch (dpkit.train.distill.Teacher.targets) instead carries the denoiser's inputs and
         target: {"obs", "noisy" (B, H, A), "timestep" (B,), "target" (B, H, A)}, and the loss is the MSE of
         the output to that target (the teacher's result from the same input), weighted per trajectory step
-        when it carries "weight" (H,)."""
+        when it carries "weight" (H,). With "pseudo_huber" c > 0 each window's (weighted) mean square e
+        counts as sqrt(e + c^2) - c instead: quadratic below an RMS error of about c, linear above, so the
+        windows the student misses most do not dominate the fit."""
         if "obs" in batch and "target" in batch:
             cond = self.encoder(*self._check_obs(batch["obs"], check_finite=False))
             out = self.denoiser(batch["noisy"], batch["timestep"], cond)
-            if "weight" not in batch:
+            c = float(batch.get("pseudo_huber", 0.0))
+            if "weight" not in batch and c == 0.0:
                 return F.mse_loss(out, batch["target"])
-            w = batch["weight"].to(out.dtype)[None, :, None]  # (H,): each trajectory step's weight
-            return ((out - batch["target"]).square() * w).sum() / (w.sum() * out.shape[0] * out.shape[2])
+            w = batch["weight"].to(out.dtype)[None, :, None] if "weight" in batch else out.new_ones(1, out.shape[1], 1)
+            per_window = ((out - batch["target"]).square() * w).sum(dim=(1, 2)) / (w.sum() * out.shape[2])
+            if c == 0.0:
+                return per_window.mean()
+            return ((per_window + c * c).sqrt() - c).mean()
         if "obs" not in batch or "action" not in batch:
             raise DpkitError("training batch must have 'obs' and 'action'")
         inputs = self._check_obs(batch["obs"], check_finite=False)
