@@ -16,7 +16,8 @@ seeded by the window's content, the draw and train.seed) whose targets are compu
 teacher's cost is paid once per draw and the budget buys student steps; the cache is saved with each
 checkpoint (trainer_state.pt), so a resumed run sees the same targets. `distill.unexecuted_weight` < 1
 weighs the trajectory steps a chunk does not execute less in the loss (step_weights), so the fit goes to
-the actions the controller runs. With `distill.later_inputs` "teacher_path" the later levels' inputs are
+the actions the controller runs; `distill.pseudo_huber` c > 0 makes the loss robust per window
+(DiffusionPolicy.forward). With `distill.later_inputs` "teacher_path" the later levels' inputs are
 instead the states the first level's chain passes through there (each draw then gives every level an input
 and a target from one chain, for the chain's cost alone).
 Why this method and what it was measured against: README, "Few-step policies".
