@@ -240,6 +240,48 @@ def rollout_evaluator(cfg: Any) -> Any:
     return evaluate
 
 
+class _Recording:
+    """A policy that keeps every observation batch it is asked to act on (rows in the order seen)."""
+
+    def __init__(self, policy: Any):
+        self._policy = policy
+        self.seen: list[dict[str, np.ndarray]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._policy, name)
+
+    def predict_action(self, obs: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
+        self.seen.append({k: np.array(v, dtype=np.float32) for k, v in obs.items()})
+        return self._policy.predict_action(obs, *args, **kwargs)
+
+    def windows(self) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([o[k] for o in self.seen]) for k in self.seen[0]}
+
+
+def window_collector(cfg: Any) -> Any:
+    """`collect(policy, r) -> (windows, report)` for distillation's on-policy states (distill.rollout_at):
+    the in-memory student rolled out with fewstep-`distill.rollout_calls` on round r's
+    `distill.rollout_episodes` legacy start states (seeds `rollout_seed_start + r * rollout_episodes` on,
+    below the test seeds), through the same "torch" backend and `evaluate_policy` as the trainer's rollout
+    evaluations. `windows`: {observation name: (N, To, ...)}, every window the student acted on; `report`:
+    dpkit-eval's, minus the per-episode rows."""
+    from dpkit.runtime.torch_policy import TorchPolicy
+    from dpkit.train.config import ROLLOUT_SEED_END
+
+    if ROLLOUT_SEED_END != pusht.LEGACY_TEST_SEED:  # the config's guard must be the protocol's test seeds
+        raise DpkitError(f"ROLLOUT_SEED_END {ROLLOUT_SEED_END} != the legacy test seed {pusht.LEGACY_TEST_SEED}")
+    d = cfg.distill
+
+    def collect(policy: Any, r: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        recording = _Recording(TorchPolicy(policy=policy))
+        report = evaluate_policy(recording, episodes=d.rollout_episodes,
+                                 seed_start=d.rollout_seed_start + r * d.rollout_episodes, progress=False,
+                                 sampler="fewstep", steps=d.rollout_calls, sample_seed=r)
+        return recording.windows(), {k: v for k, v in report.items() if k not in ("episodes", "videos")}
+
+    return collect
+
+
 PROTOCOLS = ("original", "lerobot")
 """dpkit-eval --protocol: the original paper's (the default) and lerobot-eval's (dpkit.eval.lerobot_protocol)."""
 

@@ -156,6 +156,13 @@ BAD_VALUES = {
     "distill.unexecuted_weight": [(1.5, "distill.unexecuted_weight must be in [0.0, 1.0]")],
     "distill.pseudo_huber": [(-0.1, "distill.pseudo_huber must be in [0.0, 10.0]")],
     "distill.later_inputs": [("path", "distill.later_inputs must be noised_actions or teacher_path, got 'path'")],
+    "distill.rollout_at": [("[300,200]", "distill.rollout_at must be distinct, ascending optimizer steps >= 1"),
+                           ("[0]", "distill.rollout_at must be distinct, ascending optimizer steps >= 1")],
+    "distill.rollout_episodes": [(0, "distill.rollout_episodes must be in [1, 100000]")],
+    "distill.rollout_calls": [(3, "distill.rollout_calls must be in [1, len(distill.timesteps)]")],
+    "distill.rollout_fraction": [(1.5, "distill.rollout_fraction must be in [0.0, 1.0]")],
+    "distill.rollout_seed_start": [(100_001, "must lie in [0, 100000]: the rollouts never start from the test seeds"),
+                                   (-1, "must lie in [0, 100000]")],
 }
 
 

@@ -151,12 +151,16 @@ def policy_obs(policy):
     return random_observations(policy.observations, policy.n_obs_steps, 1, seed=0)
 
 
-@pytest.mark.parametrize("draws, later", [(0, "noised_actions"), (2, "noised_actions"), (2, "teacher_path")])
-def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later):
+@pytest.mark.parametrize("draws, later, rollouts", [(0, "noised_actions", []), (2, "noised_actions", []),
+                                                    (2, "teacher_path", []), (1, "noised_actions", [1, 3])])
+def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later, rollouts):
     # a constant LR, so the first part's shorter train.steps does not change the schedule; with fixed draws
-    # the resumed run restores the targets computed so far from the checkpoint
+    # the resumed run restores the targets computed so far from the checkpoint, and with rollouts the
+    # windows of the round before it (the round after it runs in the resumed part)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}", f"distill.later_inputs={later}"]
+    if rollouts:
+        extra += [f"distill.rollout_at={rollouts}", "distill.rollout_episodes=2"]
     assert _distill(tiny_runs["lowdim"], whole, synthetic_store, *extra, steps=4) == 0
     assert _distill(tiny_runs["lowdim"], parts, synthetic_store, *extra, steps=2) == 0
     try:
@@ -167,6 +171,11 @@ def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, 
 
     a, b = read_weights(latest_checkpoint(whole), "ema"), read_weights(latest_checkpoint(parts), "ema")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if rollouts:
+        summary = json.loads((parts / "train_summary.json").read_text())
+        assert [r["step"] for r in summary["rollouts"]] == rollouts
+        assert [r["seed_start"] for r in summary["rollouts"]] == [0, 2]
+        assert summary["rollouts"][1]["total_windows"] == sum(r["windows"] for r in summary["rollouts"])
 
 
 def _teacher_and_batch(tiny_runs, n: int, seed: int = 0, **distill):
@@ -228,6 +237,65 @@ def test_teacher_path_inputs_are_the_chains_states(tiny_runs, draws):
     # the first level's input is the pure noise the chain starts from
     first = got["noisy"][got["timestep"] == 99]
     assert abs(float(first.std()) - 1.0) < 0.15
+
+
+@pytest.mark.parametrize("draws", [0, 1])
+def test_rollout_windows_take_their_share_of_the_batch(tiny_runs, draws):
+    """Once rollout windows exist, the last rollout_fraction of a batch's rows are rollout windows whose
+    inputs and targets are the teacher's chain from pure noise; validation (rollouts=False) has none."""
+    from dpkit.sampling import run_reverse
+
+    teacher, batch = _teacher_and_batch(tiny_runs, 8, timesteps=(99, 59), draws_per_window=draws,
+                                        rollout_fraction=0.25)
+    torch.manual_seed(3)
+    plain = teacher.targets(batch)
+    pc = teacher.policy.cfg
+    windows = {"obs": torch.randn(5, pc.n_obs_steps, 20, generator=torch.Generator().manual_seed(5))}
+    teacher.add_rollout_windows(windows)
+    teacher.add_rollout_windows(windows)  # a second round appends
+    assert teacher.rollout_windows == 10
+    torch.manual_seed(3)
+    got = teacher.targets(batch)
+    rows = got["obs"]["obs"][6:]
+    assert torch.equal(got["obs"]["obs"][:6], batch["obs"]["obs"][:6])
+    assert all(any(torch.equal(r, w) for w in windows["obs"]) for r in rows)  # the last 2 rows: rollout windows
+    policy = teacher.policy
+    with torch.no_grad():
+        cond = policy.encoder(rows)
+        for j in range(2):
+            lv = teacher.timesteps.index(int(got["timestep"][6 + j]))
+
+            def denoise(x, tt, c=cond[j: j + 1]):
+                return policy.denoiser(x, torch.from_numpy(tt), c)
+
+            again = run_reverse(denoise, teacher.plans[lv], got["noisy"][6 + j: 7 + j], None)
+            torch.testing.assert_close(again, got["target"][6 + j: 7 + j], rtol=0, atol=1e-5)
+    torch.manual_seed(3)
+    held_out = teacher.targets(batch, rollouts=False)
+    for k in ("noisy", "target", "timestep"):
+        assert torch.equal(held_out[k], plain[k])
+    state = teacher.rollout_state()
+    teacher.load_rollouts(state)
+    assert teacher.rollout_windows == 10
+    from dpkit.errors import DpkitError
+
+    with pytest.raises(DpkitError, match="malformed rollout_windows"):
+        teacher.load_rollouts({"obs": state["obs"][:, :1]})
+
+
+def test_rollouts_collect_the_windows_the_student_acted_on(student):
+    from dpkit.eval.evaluate import window_collector
+    from dpkit.train.checkpoint import load_checkpoint
+    from dpkit.train.config import Config, DistillConfig
+
+    policy, _ = load_checkpoint(student)
+    cfg = Config(distill=DistillConfig(rollout_episodes=2, rollout_seed_start=10))
+    windows, report = window_collector(cfg)(policy, 1)
+    assert report["n_episodes"] == 2 and report["seed_start"] == 12 and report["sample_seed"] == 1
+    n = windows["obs"].shape[0]
+    assert windows["obs"].shape[1:] == (policy.cfg.n_obs_steps, 20)
+    assert 2 <= n <= 2 * (300 // policy.cfg.n_action_steps + 1)
+    assert np.isfinite(windows["obs"]).all()
 
 
 def test_teacher_path_needs_timesteps_on_the_chain(tiny_runs):

@@ -114,8 +114,15 @@ def _run(args: argparse.Namespace, cfg: Config, run_dir: Path, verb: str) -> int
         except ImportError as e:
             raise DpkitError(f"train.eval_every > 0 needs gym-pusht (pip install 'dpkit[eval]'): {e}") from None
         rollout_eval = rollout_evaluator(cfg)
+    rollout_collect = None
+    if cfg.distill.rollout_at:
+        try:
+            from dpkit.eval.evaluate import window_collector
+        except ImportError as e:
+            raise DpkitError(f"distill.rollout_at needs gym-pusht (pip install 'dpkit[eval]'): {e}") from None
+        rollout_collect = window_collector(cfg)
     summary = train(cfg, run_dir, resume=args.resume, force=args.force, progress=not args.no_progress,
-                    rollout_eval=rollout_eval, threads=args.threads)
+                    rollout_eval=rollout_eval, threads=args.threads, rollout_collect=rollout_collect)
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -360,6 +360,17 @@ class TrainConfig:
 
 
 LATER_INPUTS = ("noised_actions", "teacher_path")
+ROLLOUT_SEED_END = 100_000
+"""Distillation rollouts start below this legacy seed: the original protocol's test seeds begin here
+(dpkit.eval.pusht.LEGACY_TEST_SEED), and a student must not train on the states it is scored from."""
+
+
+def off_chain(distill: "DistillConfig", num_train_timesteps: int) -> list[int]:
+    """The later student timesteps that the teacher's DDIM chain from the first one does not visit (steps of
+    num_train_timesteps // teacher_ddim_steps): inputs taken from that chain ("teacher_path", rollout
+    windows) need none."""
+    stride = num_train_timesteps // distill.teacher_ddim_steps
+    return [t for t in distill.timesteps[1:] if (distill.timesteps[0] - t) % stride]
 
 
 @dataclass
@@ -397,6 +408,23 @@ class DistillConfig:
     level, with the teacher's chain from there (one chain per input). "teacher_path": the state the
     teacher's chain from pure noise passes through at that level, so one chain (from the first timestep)
     gives an input and target for every level; the later timesteps must lie on that chain."""
+    rollout_at: tuple[int, ...] = ()
+    """On-policy states: after each of these optimizer steps the EMA student is rolled out in gym-pusht
+    (`rollout_episodes` episodes with `rollout_calls` calls per chunk) and the observation windows it acted
+    on join the distillation data. Their inputs and targets come from the teacher's chain from pure noise
+    (as with later_inputs "teacher_path": there are no demonstrated actions to noise), so the later
+    timesteps must lie on that chain. Empty: the demonstrations' windows alone. Low-dim policies only. A
+    round past train.steps runs only if a resumed run extends the steps beyond it."""
+    rollout_episodes: int = 250
+    """Episodes per rollout round: start states of the original protocol's legacy seeds, round r using
+    `rollout_seed_start + r * rollout_episodes` on (never the test seeds, 100000 on)."""
+    rollout_calls: int = 1
+    """The student's calls per chunk in those rollouts (fewstep-k): 1 .. len(timesteps)."""
+    rollout_fraction: float = 0.5
+    """Once a round has run, this share of every training batch is drawn from the rollout windows (the
+    rest stays the demonstrations')."""
+    rollout_seed_start: int = 0
+    """The first legacy seed the rollouts start from."""
 
     def validate(self) -> None:
         _check_types(self, "distill")
@@ -410,6 +438,15 @@ class DistillConfig:
         _range("distill.pseudo_huber", self.pseudo_huber, 0.0, 10.0)
         _check(self.later_inputs in LATER_INPUTS,
                f"distill.later_inputs must be {' or '.join(LATER_INPUTS)}, got {self.later_inputs!r}")
+        _check(list(self.rollout_at) == sorted(set(self.rollout_at)) and all(s >= 1 for s in self.rollout_at),
+               f"distill.rollout_at must be distinct, ascending optimizer steps >= 1, got {list(self.rollout_at)}")
+        _range("distill.rollout_episodes", self.rollout_episodes, 1, 100_000)
+        _range("distill.rollout_calls", self.rollout_calls, 1, len(self.timesteps), "len(distill.timesteps)")
+        _range("distill.rollout_fraction", self.rollout_fraction, 0.0, 1.0)
+        last = self.rollout_seed_start + len(self.rollout_at) * self.rollout_episodes
+        _check(self.rollout_seed_start >= 0 and last <= ROLLOUT_SEED_END,
+               f"distill.rollout_seed_start + len(rollout_at) * rollout_episodes = {last} must lie in "
+               f"[0, {ROLLOUT_SEED_END}]: the rollouts never start from the test seeds ({ROLLOUT_SEED_END} on)")
 
 
 @dataclass
@@ -435,6 +472,14 @@ class Config:
                    f"{self.distill.teacher_ddim_steps} must lie below the teacher's num_train_timesteps={T}")
             _check(tuple(self.policy.fewstep_timesteps or ()) == tuple(self.distill.timesteps),
                    "a distillation's policy.fewstep_timesteps must be distill.timesteps (dpkit-distill sets both)")
+            if self.distill.rollout_at:
+                _check(self.policy.obs_mode == "lowdim",
+                       "distill.rollout_at: rollouts collect low-dim observation windows; this policy observes "
+                       f"{self.policy.obs_mode!r} (leave rollout_at empty)")
+                off = off_chain(self.distill, T)
+                _check(not off, f"distill.rollout_at: rollout windows take their inputs from the teacher's chain, "
+                                f"and timesteps {off} are not on it (from {self.distill.timesteps[0]} in steps of "
+                                f"num_train_timesteps {T} // teacher_ddim_steps {self.distill.teacher_ddim_steps})")
         # Each evaluation sampler must be one the policy can run, or training would stop at the first evaluation.
         for label in self.train.eval_samplers:
             kind, k = parse_sampler_label(label)

@@ -19,7 +19,11 @@ weighs the trajectory steps a chunk does not execute less in the loss (step_weig
 the actions the controller runs; `distill.pseudo_huber` c > 0 makes the loss robust per window
 (DiffusionPolicy.forward). With `distill.later_inputs` "teacher_path" the later levels' inputs are
 instead the states the first level's chain passes through there (each draw then gives every level an input
-and a target from one chain, for the chain's cost alone).
+and a target from one chain, for the chain's cost alone). With `distill.rollout_at` the student also learns
+on the states it visits itself (on-policy states, as in DAgger): at those steps the trainer rolls the EMA
+student out in gym-pusht, its observation windows join the data (add_rollout_windows), and from then on a
+`distill.rollout_fraction` share of every batch is drawn from them, with inputs and targets from the
+teacher's chain from pure noise (they have no demonstrated actions).
 Why this method and what it was measured against: README, "Few-step policies".
 
 Everything else is the trainer's: run folder, resume after kill -9 (the draws here come from the
@@ -40,7 +44,7 @@ import torch
 from dpkit.errors import DpkitError
 from dpkit.sampling import SamplerSpec, StepPlan, run_reverse
 from dpkit.train import checkpoint as ckpt_io
-from dpkit.train.config import Config, DistillConfig, PolicyConfig
+from dpkit.train.config import Config, DistillConfig, PolicyConfig, off_chain
 
 # The policy fields a student sets itself; every other one is the teacher's (the same network).
 STUDENT_FIELDS = ("fewstep_timesteps", "prediction_type", "default_sampler")
@@ -105,11 +109,11 @@ class Teacher:
         stride = T // distill.teacher_ddim_steps
         self.plans = [StepPlan.build(policy.schedule_arrays, ode_chain(t, stride)) for t in self.timesteps]
         self.path = distill.later_inputs == "teacher_path"
-        off = [t for t in self.timesteps[1:] if (self.timesteps[0] - t) % stride]
-        if self.path and off:
-            raise DpkitError(f"distill.later_inputs=teacher_path: timesteps {off} are not on the teacher's chain "
-                             f"from {self.timesteps[0]} in steps of {stride} (num_train_timesteps {T} // "
-                             f"teacher_ddim_steps {distill.teacher_ddim_steps})")
+        off = off_chain(distill, T)
+        if (self.path or distill.rollout_at) and off:
+            raise DpkitError(f"distill.later_inputs=teacher_path / rollout_at: timesteps {off} are not on the "
+                             f"teacher's chain from {self.timesteps[0]} in steps of {stride} (num_train_timesteps "
+                             f"{T} // teacher_ddim_steps {distill.teacher_ddim_steps})")
         acp = policy.schedule_arrays.alphas_cumprod
         # The forward process's scalars per level, float32 as the training loss's add_noise takes them.
         self.sqrt_a = [float(np.float32(np.sqrt(acp[t]))) for t in self.timesteps]
@@ -120,38 +124,62 @@ class Teacher:
         self.seed = int(seed)
         self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}  # draw key -> (noisy, target, t)
         self.teacher_windows = 0  # windows the teacher denoised (cache misses when draws are fixed)
+        # On-policy states: the observation windows of the student's rollouts so far (add_rollout_windows)
+        self.rollout_fraction = float(distill.rollout_fraction)
+        self.rollout_obs: dict[str, torch.Tensor] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "step": self.step, "weights": self.weights}
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def targets(self, batch: dict[str, Any], rollouts: bool = True) -> dict[str, Any]:
         """A training batch {"obs", "action"} -> the student's {"obs", "noisy", "timestep", "target"}.
         Draws come from torch's global generator, which the trainer reseeds per micro-batch; with
-        `draws_per_window` they are fixed per window (draw_inputs) and their targets cached."""
+        `draws_per_window` they are fixed per window (draw_inputs) and their targets cached. Once rollout
+        windows exist (and `rollouts`), the batch's last `rollout_fraction` of rows are replaced by rollout
+        windows drawn at random, whose inputs come from the teacher's chain (they have no actions)."""
         obs = batch["obs"]
         x0 = self.policy.normalizer.normalize("action", batch["action"].float())
         n = x0.shape[0]
+        k = round(n * self.rollout_fraction) if rollouts and self.rollout_obs is not None else 0
+        if k == 0:
+            return {"obs": obs, **self._rows(obs, x0, batch["action"], self.path), **self._weight(x0)}
+        pick = torch.randint(0, self.rollout_windows, (k,)).to(x0.device)
+        mine = {key: v[pick] for key, v in self.rollout_obs.items()}
+        theirs = {key: v[: n - k] for key, v in obs.items()}
+        # a rollout window has no action: its draw key digests the window with an all-NaN action instead
+        out = [self._rows(theirs, x0[: n - k], batch["action"][: n - k], self.path),
+               self._rows(mine, x0[n - k:], torch.full_like(batch["action"][n - k:], torch.nan), True)]
+        return {"obs": {key: torch.cat([theirs[key], mine[key]]) for key in obs},
+                **{key: torch.cat([o[key] for o in out]) for key in out[0]}, **self._weight(x0)}
+
+    def _rows(self, obs: dict[str, Any], x0: torch.Tensor, action: torch.Tensor, path: bool) -> dict[str, Any]:
+        """{"noisy", "timestep", "target"} for these windows (x0: their normalized actions; with `path` their
+        later levels' inputs come from the teacher's chain, so x0 only gives the shape)."""
+        n = x0.shape[0]
+        if n == 0:
+            return {"noisy": x0, "timestep": torch.empty(0, dtype=torch.int64, device=x0.device), "target": x0}
         if not self.draws:
             level = torch.randint(0, len(self.timesteps), (n,), device=x0.device)
             z = torch.randn_like(x0)
-            if self.path:
+            if path:
                 inputs, target = self._path(obs, z)
                 noisy = inputs[level, torch.arange(n)]
                 timestep = torch.tensor(self.timesteps, dtype=torch.int64, device=x0.device)[level]
             else:
                 noisy, target, timestep = self._denoise(obs, x0, level, z)
-            return {"obs": obs, "noisy": noisy, "timestep": timestep, "target": target, **self._weight(x0)}
-        draws = self.draw_keys(obs, batch["action"], torch.randint(0, self.draws, (n,)))
-        # on the teacher's path a draw's one chain gives every level: the batch picks one per row
+            return {"noisy": noisy, "timestep": timestep, "target": target}
+        draws = self.draw_keys(obs, action, torch.randint(0, self.draws, (n,)))
+        # on the teacher's path a draw's one chain gives every level: the batch picks one per row (a cache
+        # key is the draw's and a level byte; 255 where the draw fixes the level itself)
         keys = ([k + bytes([int(j)]) for k, j in zip(draws, torch.randint(0, len(self.timesteps), (n,)))]
-                if self.path else draws)
+                if path else [k + b"\xff" for k in draws])
         misses = [i for i, k in enumerate(keys) if k not in self.cache]
         if misses:
             rows = torch.tensor(misses, device=x0.device)
             level, z = self.draw_inputs([draws[i] for i in misses], x0)
             sub = {k: v[rows] for k, v in obs.items()}
-            if self.path:
+            if path:
                 inputs, target = self._path(sub, z)
                 for j, i in enumerate(misses):
                     for lv, t in enumerate(self.timesteps):
@@ -161,9 +189,40 @@ class Teacher:
                 for j, i in enumerate(misses):
                     self.cache[keys[i]] = (noisy[j], target[j], int(timestep[j]))
         hits = [self.cache[k] for k in keys]
-        return {"obs": obs, "noisy": torch.stack([h[0] for h in hits]), "target": torch.stack([h[1] for h in hits]),
-                "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device),
-                **self._weight(x0)}
+        return {"noisy": torch.stack([h[0] for h in hits]), "target": torch.stack([h[1] for h in hits]),
+                "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device)}
+
+    @property
+    def rollout_windows(self) -> int:
+        return 0 if self.rollout_obs is None else len(next(iter(self.rollout_obs.values())))
+
+    def add_rollout_windows(self, obs: dict[str, torch.Tensor]) -> None:
+        """Add observation windows (name -> (N, To, ...) raw units) the student acted on in rollouts."""
+        device = next(self.policy.parameters()).device
+        obs = {k: v.to(device=device, dtype=torch.float32) for k, v in obs.items()}
+        self.rollout_obs = (obs if self.rollout_obs is None
+                            else {k: torch.cat([self.rollout_obs[k], obs[k]]) for k in self.rollout_obs})
+
+    def rollout_state(self) -> dict[str, torch.Tensor]:
+        """The rollout windows as plain tensors (trainer_state.pt's "rollout_windows")."""
+        return {} if self.rollout_obs is None else {k: v.cpu() for k, v in self.rollout_obs.items()}
+
+    def load_rollouts(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Restore rollout_state()'s windows (nothing when the checkpoint has none)."""
+        if not state:
+            return
+        keys = list(self.policy.encoder.obs_keys)
+        try:
+            ok = sorted(state) == sorted(keys) and len({v.shape[0] for v in state.values()}) == 1 and all(
+                v.dtype == torch.float32 and v.dim() >= 2 and v.shape[1] == self.policy.cfg.n_obs_steps
+                for v in state.values())
+        except (AttributeError, TypeError):
+            ok = False
+        if not ok:
+            raise DpkitError(f"checkpoint's trainer_state.pt has malformed rollout_windows (float32 {keys} "
+                             f"windows of n_obs_steps={self.policy.cfg.n_obs_steps}, one count)")
+        self.rollout_obs = None
+        self.add_rollout_windows(state)
 
     def _weight(self, x0: torch.Tensor) -> dict[str, Any]:
         """The batch's loss settings: per-step weights and the pseudo-Huber scale ({} for the plain MSE)."""

@@ -295,6 +295,7 @@ def train(
     stop_after: int | None = None,
     rollout_eval: Callable[[Any], float] | None = None,
     threads: int | None = None,
+    rollout_collect: Callable[[Any, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Train `cfg` into `run_dir` (checkpoints/, metrics.jsonl, train_summary.json); return the summary.
 
@@ -305,7 +306,9 @@ def train(
     `rollout_eval(policy) -> {sampler label: {"score", "success_rate"}}` (or a bare score) scores the EMA
     policy every `train.eval_every` steps from `train.eval_start` on; the summary's `protocol` is the
     paper's max/mean over the last `train.eval_last` of them (the trainer does not know the simulator:
-    `dpkit-train` passes `dpkit.eval.evaluate.rollout_evaluator(cfg)`).
+    `dpkit-train` passes `dpkit.eval.evaluate.rollout_evaluator(cfg)`). Likewise `rollout_collect(policy, r)
+    -> ({name: windows}, report)` runs distillation's rollout round r (`distill.rollout_at`; dpkit-distill
+    passes `dpkit.eval.evaluate.window_collector(cfg)`).
 
     With `distill.teacher` set this is distillation into a few-step student (dpkit.train.distill): the
     batches become the teacher's targets and the student starts from the teacher's weights; nothing else
@@ -323,6 +326,11 @@ def train(
     if t.eval_every > 0 and rollout_eval is None:
         raise DpkitError("train.eval_every > 0 needs a rollout evaluator (dpkit-train passes the gym-pusht one; "
                          "from Python: train(..., rollout_eval=dpkit.eval.evaluate.rollout_evaluator(cfg)))")
+    if cfg.distill.rollout_at and cfg.distill.teacher is None:
+        raise DpkitError("distill.rollout_at is for distillation (dpkit-distill); this config has no distill.teacher")
+    if cfg.distill.rollout_at and rollout_collect is None:
+        raise DpkitError("distill.rollout_at needs a rollout collector (dpkit-distill passes the gym-pusht one; from "
+                         "Python: train(..., rollout_collect=dpkit.eval.evaluate.window_collector(cfg)))")
     # Before any slow work: the run folder must be writable (a read-only mount or a path below a file
     # would otherwise surface only at the first write, after the data has loaded).
     check_writable_dir(run_dir, "run folder")
@@ -340,7 +348,7 @@ def train(
             resume_from = ckpt_io.check_run_dir(run_dir, resume, force)
             end = t.steps if stop_after is None else min(stop_after, t.steps)
             return _train(cfg, run_dir, acc, resume_from, progress, end, replace=force and resume_from is None,
-                          rollout_eval=rollout_eval, threads=threads)
+                          rollout_eval=rollout_eval, threads=threads, rollout_collect=rollout_collect)
     finally:
         acc.end_training()
         # Let a later train() in the same process build an Accelerator with other settings.
@@ -358,11 +366,11 @@ def _clear_run(run_dir: Path) -> None:
 
 def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: bool, end: int,
            replace: bool = False, rollout_eval: Callable[[Any], float] | None = None,
-           threads: int | None = None) -> dict[str, Any]:
+           threads: int | None = None, rollout_collect: Callable[[Any, int], Any] | None = None) -> dict[str, Any]:
     """The run: set-up, then one loop iteration per optimizer step, then the summary.
 
     Each step, in order: the micro-batches' forward and backward (the optimizer steps on the last), the LR
-    schedule, the EMA, the time limit, a metrics record (with the validation loss on validation steps), a
+    schedule, the EMA, a distillation rollout round (distill.rollout_at), the time limit, a metrics record (with the validation loss on validation steps), a
     rollout evaluation and a checkpoint."""
     from tqdm.auto import tqdm
 
@@ -378,8 +386,11 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     if state is not None:
         normalizer = Normalizer.from_dict(state["normalizer"])
         policy, ema, optimizer, scheduler = _build(cfg, normalizer, acc.device, teacher, resume_from, state)
-        if teacher is not None and teacher.draws:  # the fixed draws' targets so far: the resumed run sees the same ones
-            teacher.load_cache(ckpt_io.read_trainer_state(resume_from).get("teacher_cache"))
+        if teacher is not None:  # the rollout windows and fixed draws' targets so far: the resumed run sees the same
+            saved = ckpt_io.read_trainer_state(resume_from)
+            teacher.load_rollouts(saved.get("rollout_windows"))
+            if teacher.draws:
+                teacher.load_cache(saved.get("teacher_cache"))
     train_ds, val_ds = load_datasets(cfg)  # a bad --data fails here, before --force removes anything
     if replace and main:
         _clear_run(run_dir)
@@ -396,6 +407,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     per_epoch = loader.batch_sampler.per_epoch
     metrics = _Metrics(run_dir, main, resume_step=step if state is not None else None)
     evaluations = _Evaluations(state)
+    rollouts: list[dict[str, Any]] = list(state.get("rollouts", [])) if state is not None else []
     if main:
         _print_header(cfg, acc, teacher, unwrapped, train_ds, val_ds, step, thread_choice)
 
@@ -426,6 +438,11 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         step += 1
         window.add(step_loss)
         epoch = (step * t.grad_accum_steps) // per_epoch
+        if teacher is not None and step in cfg.distill.rollout_at:  # every process: each needs the windows
+            t0 = time.perf_counter()
+            rollouts.append(_rollout_round(rollout_collect, eval_policy, teacher, cfg.distill.rollout_at.index(step),
+                                           step, metrics if main else None))
+            window.exclude(time.perf_counter() - t0)
 
         # Time limit, decided before the rest so this step is logged, validated and checkpointed as the last.
         if t.time_limit_s > 0 and step < end and _out_of_time(acc, wall0, t.time_limit_s):
@@ -457,7 +474,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
                     score, best = evaluations.run(rollout_eval, eval_policy, step, metrics)
                 saved = _save_checkpoint(run_dir, cfg, step, unwrapped, ema, optimizer, scheduler, normalizer,
                                          epoch=epoch, world=world, data_path=train_ds.replay.path,
-                                         evaluations=evaluations, teacher=teacher,
+                                         evaluations=evaluations, teacher=teacher, rollouts=rollouts,
                                          metrics={"loss": last_loss, "val_loss": val_loss, "score": score})
                 if best:
                     ckpt_io.copy_checkpoint(saved, run_dir, ckpt_io.BEST)
@@ -469,7 +486,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     summary = _summary(cfg, run_dir, acc, step=step, steps_this_run=step - first_step, stopped_early=stopped_early,
                        last_loss=last_loss, val_loss=val_loss, evaluations=evaluations,
                        samples=(step - first_step) * samples_per_step, train_time=window.train_time,
-                       wall=time.perf_counter() - wall0, cpu0=cpu0, thread_choice=thread_choice, teacher=teacher)
+                       wall=time.perf_counter() - wall0, cpu0=cpu0, thread_choice=thread_choice, teacher=teacher,
+                       rollouts=rollouts)
     if main:
         atomic_write_json(run_dir / SUMMARY, summary)
     acc.wait_for_everyone()
@@ -633,11 +651,12 @@ class _Window:
 
 
 def _validate(acc, policy: torch.nn.Module, val_ds: PushTDataset, t: TrainConfig, teacher) -> float | None:
-    """The validation loss, computed by the main process (None on the others, or without a validation split)."""
+    """The validation loss, computed by the main process (None on the others, or without a validation split);
+    a distillation's on the held-out demonstrations' windows alone."""
     val = None
     if acc.is_main_process:
         val = validation_loss(policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device,
-                              prepare=teacher.targets if teacher is not None else None)
+                              prepare=(lambda b: teacher.targets(b, rollouts=False)) if teacher is not None else None)
     acc.wait_for_everyone()
     return val
 
@@ -677,9 +696,27 @@ class _Evaluations:
         return score, best
 
 
+def _rollout_round(collect: Callable[[Any, int], Any], policy: torch.nn.Module, teacher, r: int, step: int,
+                   metrics: _Metrics | None) -> dict[str, Any]:
+    """Distillation's rollout round r at `step`: the student's windows join the teacher's data; the round's
+    record (the student's score on those start states comes free). `metrics` None: not the main process."""
+    t0 = time.perf_counter()
+    windows, report = collect(policy, r)
+    teacher.add_rollout_windows({k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in windows.items()})
+    record = {"step": step, "round": r, "episodes": report["n_episodes"],
+              "seed_start": report["seed_start"], "score": report["score"],
+              "windows": len(next(iter(windows.values()))), "total_windows": teacher.rollout_windows,
+              "seconds": time.perf_counter() - t0}
+    if metrics is not None:
+        metrics.log({"step": step, "rollout": record})
+        print(f"\nstep {step}: rollout round {r}: student score {record['score']:.3f} on {record['episodes']} "
+              f"episodes, +{record['windows']} windows ({record['total_windows']} in all)")
+    return record
+
+
 def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Module, ema: EMA | None, optimizer,
                      scheduler, normalizer, *, epoch: int, world: int, data_path: Path, evaluations: _Evaluations,
-                     teacher, metrics: dict[str, float | None]) -> Path:
+                     teacher, rollouts: list[dict[str, Any]], metrics: dict[str, float | None]) -> Path:
     """checkpoints/step_NNNNNN: the weights, optimizer and schedule, and all a resume needs to continue exactly."""
     return ckpt_io.save_checkpoint(
         run_dir,
@@ -699,15 +736,18 @@ def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Mod
             "rng": "reseeded per micro-batch from (train.seed, rank, step * grad_accum_steps + i)",
             "metrics": metrics,
             **({"teacher": teacher.describe()} if teacher is not None else {}),
+            **({"rollouts": rollouts} if rollouts else {}),
         },
         trainer_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       **({"teacher_cache": teacher.cache_state()} if teacher is not None and teacher.draws else {})},
+                       **({"teacher_cache": teacher.cache_state()} if teacher is not None and teacher.draws else {}),
+                       **({"rollout_windows": teacher.rollout_state()} if teacher is not None and rollouts else {})},
     )
 
 
 def _summary(cfg: Config, run_dir: Path, acc, *, step: int, steps_this_run: int, stopped_early: bool,
              last_loss: float | None, val_loss: float | None, evaluations: _Evaluations, samples: int,
-             train_time: float, wall: float, cpu0: float, thread_choice, teacher) -> dict[str, Any]:
+             train_time: float, wall: float, cpu0: float, thread_choice, teacher,
+             rollouts: list[dict[str, Any]]) -> dict[str, Any]:
     """train_summary.json (and train()'s result)."""
     t = cfg.train
     return {
@@ -734,4 +774,5 @@ def _summary(cfg: Config, run_dir: Path, acc, *, step: int, steps_this_run: int,
         "device": str(acc.device),
         "dpkit_version": dpkit.__version__,
         **({"teacher": teacher.describe()} if teacher is not None else {}),
+        **({"rollouts": rollouts} if rollouts else {}),
     }
