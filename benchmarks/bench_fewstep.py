@@ -81,6 +81,8 @@ def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path) 
                    "of_teacher_ddpm100": r["score"] / evals["ddpm-100"]["score"],
                    "diff_vs_ddpm100": float(diff.mean()),
                    "paired_se": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None,
+                   # where a score is lost: whole episodes that go wrong (the block never near the goal)
+                   "episodes_below_half": int((rewards[s] < 0.5).sum()),
                    "mean_chunk_latency_ms": r.get("mean_chunk_latency_ms"), "wall_s": r["wall_s"]}
     t_sum = json.loads((teacher / "train_summary.json").read_text())
     s_sum = json.loads((student / "train_summary.json").read_text())
@@ -93,13 +95,14 @@ def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path) 
 def _markdown(result: dict) -> str:
     lines = [f"# Few-step students vs their teachers (C++ runtime, seeds 100000..{100000 + result['episodes'] - 1})",
              "", f"{result['machine']}; {result['date']}; `uptime` before: {result['uptime_before']}", "",
-             "| teacher | sampler | calls | score | success | of teacher DDPM-100 | diff (paired SE) |",
-             "|---|---|---|---|---|---|---|"]
+             "| teacher | sampler | calls | score | success | of teacher DDPM-100 | diff (paired SE) | episodes < 0.5 |",
+             "|---|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
         for s, r in p["samplers"].items():
             se = f"{r['diff_vs_ddpm100']:+.3f} ({r['paired_se']:.3f})" if s != "ddpm-100" else "—"
             lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {r['score']:.3f} | "
-                         f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} |")
+                         f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} | "
+                         f"{r.get('episodes_below_half', '')} |")
     lines += ["", "| teacher | teacher training CPU | distillation CPU | ratio |", "|---|---|---|---|"]
     for p in result["pairs"]:
         lines.append(f"| {Path(p['teacher']).name} | {p['teacher_cpu_s'] / 60:.1f} min ({p['teacher_steps']} steps) | "
