@@ -431,3 +431,37 @@ def test_realtime_controllers_run_the_student(student_bundle, execution):
     want, _, _ = _drive(RealTimeController(CppNoise(policy, SEED), **kwargs), stream)
     np.testing.assert_array_equal(got, want)
     assert stats.chunks >= 60 // (policy.n_action_steps + 2)
+
+
+def test_spread_benchmark_compares_the_student_with_its_teacher(tiny_bundles, student_bundle, tmp_path, capsys):
+    from dpkit.benchmarks import fewstep_spread
+
+    def run(*args: str) -> int:
+        with pytest.raises(SystemExit) as e:
+            fewstep_spread.main(["--teacher", str(tiny_bundles["lowdim"]), "--threads", "1", *args])
+        return int(e.value.code)
+
+    out = tmp_path / "spread.json"
+    assert run("--student", str(student_bundle), "--states", "3", "--chunks", "2", "--samples", "4",
+               "--json", str(out)) == 0
+    result = json.loads(out.read_text())
+    rows = result["samplers"]
+    n = len(_recipe_timesteps())
+    assert list(rows) == ["ddpm-100", "ddim-10"] + [f"bundle fewstep-{k}" for k in range(1, n + 1)]
+    assert rows["ddpm-100"]["of_teacher_ddpm100"] == 1.0 and rows["ddpm-100"]["mean_offset_px"] == 0.0
+    assert all(r["spread_px"] > 0 and np.isfinite(r["mean_offset_px"]) for r in rows.values())
+    # a teacher bundle is not a student's: one clear line
+    capsys.readouterr()
+    assert run("--student", str(tiny_bundles["lowdim"]), "--states", "1", "--samples", "2") != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a few-step student's bundle" in err[0], err
+
+
+def test_spread_summary_is_relative_to_the_teachers_ddpm():
+    from dpkit.benchmarks.fewstep_spread import summarize
+
+    means = np.zeros((2, 8, 2))
+    raw = {"ddpm-100": (np.array([10.0, 30.0]), means), "student": (np.array([5.0, 15.0]), means + [3.0, 4.0])}
+    got = summarize(raw)
+    assert got["student"] == {"spread_px": 10.0, "of_teacher_ddpm100": 0.5, "median_ratio": 0.5,
+                              "mean_offset_px": 5.0}

@@ -1,0 +1,131 @@
+"""How much of the teacher's action distribution a few-step student keeps, at the states a rollout visits.
+
+    python -m dpkit.benchmarks.fewstep_spread --teacher bundles/teacher --student bundles/student \\
+        --states 40 --samples 256 --json spread.json
+
+A student that regresses onto the teacher's ODE map can score close to its teacher on average and still lose
+whole episodes: where the teacher's actions split into modes (go round the block left or right), a
+mean-squared fit pulls its samples toward their middle. This measures that directly. The teacher (DDPM-100)
+drives `--states` decision states (legacy seeds from `--seed-start`, the state before each of the first
+`--chunks` chunks); at each, `--samples` chunks are sampled from one observation with every sampler, and the
+spread is the root-mean-square distance of the executed actions from their mean, in pixels. Reported per
+sampler: the mean spread, its ratio to the teacher DDPM-100's at the same states, and how far the sampler's
+mean action lies from the teacher's (px). C++ runtime, fp32 bundles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpkit.errors import DpkitError, cli_entry
+from dpkit.io import atomic_write_json, check_writable_file
+
+TEACHER_SAMPLERS = (("ddpm", 100), ("ddim", 10), ("ddim", 20))  # those the teacher's bundle lists
+
+
+def decision_states(teacher: Any, n_states: int, chunks: int, seed_start: int) -> list[dict[str, np.ndarray]]:
+    """Observation windows (To, ...) the teacher's DDPM-100 acts on: the first `chunks` of each episode."""
+    from dpkit.eval import pusht
+
+    env = pusht.make_env(teacher.obs_mode)
+    states: list[dict[str, np.ndarray]] = []
+    seed = seed_start
+    while len(states) < n_states:
+        raw = pusht.reset_legacy(env, seed)
+        history = {k: [v] * teacher.n_obs_steps for k, v in pusht.observe(env, teacher.obs_mode, raw, teacher.obs_keys).items()}
+        for c in range(chunks):
+            obs = {k: np.stack(v[-teacher.n_obs_steps:]) for k, v in history.items()}
+            states.append(obs)
+            if len(states) == n_states:
+                break
+            actions = teacher.predict_action({k: v[None] for k, v in obs.items()}, "ddpm", 100, seed=seed * 1000 + c)
+            for a in actions[0]:
+                raw, *_ = env.step(a.astype(np.float64))
+                for k, v in pusht.observe(env, teacher.obs_mode, raw, teacher.obs_keys).items():
+                    history[k].append(v)
+        seed += 1
+    return states
+
+
+def spread(policies: dict[str, tuple[Any, str, int]], states: list[dict[str, np.ndarray]], samples: int) -> dict:
+    """Per sampler label: (spread per state (px), mean executed action per state (n, Ta, 2))."""
+    out: dict[str, Any] = {}
+    for label, (policy, kind, k) in policies.items():
+        spreads, means = [], []
+        for i, obs in enumerate(states):
+            batch = {key: np.repeat(v[None], samples, axis=0).astype(np.float32) for key, v in obs.items()}
+            a = np.asarray(policy.predict_action(batch, kind, k, seed=i), dtype=np.float64)  # (S, Ta, 2)
+            mean = a.mean(axis=0)
+            spreads.append(float(np.sqrt(((a - mean) ** 2).sum(-1).mean())))
+            means.append(mean)
+        out[label] = (np.array(spreads), np.stack(means))
+    return out
+
+
+def summarize(raw: dict[str, Any], reference: str = "ddpm-100") -> dict[str, dict[str, float]]:
+    ref_spread, ref_mean = raw[reference]
+    return {label: {"spread_px": float(s.mean()), "of_teacher_ddpm100": float(s.mean() / ref_spread.mean()),
+                    "median_ratio": float(np.median(s / np.maximum(ref_spread, 1e-9))),
+                    "mean_offset_px": float(np.sqrt(((m - ref_mean) ** 2).sum(-1)).mean())}
+            for label, (s, m) in raw.items()}
+
+
+def _listed(bundle: str) -> set[tuple[str, int]]:
+    """The (sampler, steps) pairs a bundle's policy.json lists."""
+    samplers = json.loads((Path(bundle) / "policy.json").read_text())["scheduler"]["samplers"]
+    return {(s["sampler"], int(s["num_inference_steps"])) for s in samplers}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="fewstep_spread", description=__doc__.split("\n\n")[0])
+    p.add_argument("--teacher", required=True, help="the teacher's bundle")
+    p.add_argument("--student", action="append", required=True, help="a student's bundle (repeat for more)")
+    p.add_argument("--states", type=int, default=40)
+    p.add_argument("--chunks", type=int, default=8, help="decision states per episode (default %(default)s)")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--seed-start", type=int, default=0, help="first legacy seed (default 0: not the test seeds)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", help="write the result here")
+    args = p.parse_args(argv)
+    if args.states < 1 or args.chunks < 1 or args.samples < 2:
+        raise DpkitError("--states and --chunks must be >= 1 and --samples >= 2")
+    if args.json:
+        check_writable_file(args.json)
+    from dpkit.runtime import load_policy
+
+    teacher = load_policy(args.teacher, backend="cpp", threads=args.threads, max_batch=args.samples)
+    have = _listed(args.teacher)
+    if ("ddpm", 100) not in have:
+        raise DpkitError(f"{args.teacher}: the teacher's bundle lists no ddpm-100, the reference spread")
+    policies = {f"{kind}-{k}": (teacher, kind, k) for kind, k in TEACHER_SAMPLERS if (kind, k) in have}
+    for path in args.student:
+        student = load_policy(path, backend="cpp", threads=args.threads, max_batch=args.samples)
+        calls = sorted(k for kind, k in _listed(path) if kind == "fewstep")
+        if not calls:
+            raise DpkitError(f"{path}: not a few-step student's bundle (no fewstep sampler in its policy.json)")
+        for k in calls:
+            policies[f"{Path(path).name} fewstep-{k}"] = (student, "fewstep", k)
+    t0 = time.perf_counter()
+    states = decision_states(teacher, args.states, args.chunks, args.seed_start)
+    result = {"teacher": args.teacher, "students": args.student, "states": args.states, "chunks": args.chunks,
+              "samples": args.samples, "seed_start": args.seed_start,
+              "samplers": summarize(spread(policies, states, args.samples))}
+    result["wall_s"] = time.perf_counter() - t0
+    print(f"{'sampler':32s} {'spread px':>10s} {'of DDPM-100':>12s} {'median ratio':>13s} {'mean offset px':>15s}")
+    for label, r in result["samplers"].items():
+        print(f"{label:32s} {r['spread_px']:10.1f} {100 * r['of_teacher_ddpm100']:11.0f} % "
+              f"{r['median_ratio']:13.2f} {r['mean_offset_px']:15.1f}")
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
