@@ -257,6 +257,8 @@ class Teacher:
         if not ok:
             raise DpkitError("checkpoint's trainer_state.pt has a malformed teacher_cache (keys, noisy, target, "
                              "timestep of one length, at the student's timesteps)")
+        if keys.shape[1] == 16:  # saved before rollout windows: a draw-fixed level's key had no level byte
+            keys = torch.cat([keys, torch.full((n, 1), 255, dtype=torch.uint8)], dim=1)
         device = next(self.policy.parameters()).device
         noisy, target = noisy.to(device), target.to(device)
         for i in range(n):

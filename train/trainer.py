@@ -370,8 +370,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     """The run: set-up, then one loop iteration per optimizer step, then the summary.
 
     Each step, in order: the micro-batches' forward and backward (the optimizer steps on the last), the LR
-    schedule, the EMA, a distillation rollout round (distill.rollout_at), the time limit, a metrics record (with the validation loss on validation steps), a
-    rollout evaluation and a checkpoint."""
+    schedule, the EMA, a distillation rollout round (distill.rollout_at), the time limit, a metrics record
+    (with the validation loss on validation steps), a rollout evaluation and a checkpoint."""
     from tqdm.auto import tqdm
 
     from dpkit.train.normalizer import Normalizer
