@@ -313,6 +313,11 @@ def test_rollouts_collect_the_windows_the_student_acted_on(student):
     assert windows["obs"].shape[1:] == (policy.cfg.n_obs_steps, 20)
     assert 2 <= n <= 2 * (300 // policy.cfg.n_action_steps + 1)
     assert np.isfinite(windows["obs"]).all()
+    # the config keeps the rollouts below the protocol's test seeds
+    from dpkit.eval import pusht
+    from dpkit.train.config import ROLLOUT_SEED_END
+
+    assert ROLLOUT_SEED_END == pusht.LEGACY_TEST_SEED
 
 
 def test_teacher_path_needs_timesteps_on_the_chain(tiny_runs):
