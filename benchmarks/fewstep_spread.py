@@ -6,9 +6,9 @@
 A student that regresses onto the teacher's ODE map can score close to its teacher on average and still lose
 whole episodes: where the teacher's actions split into modes (go round the block left or right), a
 mean-squared fit pulls its samples toward their middle. This measures that directly. The teacher (DDPM-100)
-drives `--states` decision states (legacy seeds from `--seed-start`, the state before each of the first
-`--chunks` chunks); at each, `--samples` chunks are sampled from one observation with every sampler, and the
-spread is the root-mean-square distance of the executed actions from their mean, in pixels. Reported per
+drives `--states` decision states (the observations it acts on in the first `--chunks` chunks of episodes
+from legacy seed `--seed-start` on); at each, `--samples` chunks are sampled from one observation with every
+sampler, and the spread is the root-mean-square distance of the executed actions from their mean, in pixels. Reported per
 sampler: the mean spread, its ratio to the teacher DDPM-100's at the same states, and how far the sampler's
 mean action lies from the teacher's (px). C++ runtime, fp32 bundles.
 """
@@ -30,27 +30,19 @@ TEACHER_SAMPLERS = (("ddpm", 100), ("ddim", 10), ("ddim", 20))  # those the teac
 
 
 def decision_states(teacher: Any, n_states: int, chunks: int, seed_start: int) -> list[dict[str, np.ndarray]]:
-    """Observation windows (To, ...) the teacher's DDPM-100 acts on: the first `chunks` of each episode."""
-    from dpkit.eval import pusht
+    """`n_states` observation windows (To, ...) the teacher's DDPM-100 acts on in the first `chunks` chunks of
+    episodes from legacy seed `seed_start` on (dpkit-eval's rollout, recorded)."""
+    from dpkit.eval.evaluate import RecordingPolicy, evaluate_policy
 
-    env = pusht.make_env(teacher.obs_mode)
-    states: list[dict[str, np.ndarray]] = []
-    seed = seed_start
-    while len(states) < n_states:
-        raw = pusht.reset_legacy(env, seed)
-        history = {k: [v] * teacher.n_obs_steps for k, v in pusht.observe(env, teacher.obs_mode, raw, teacher.obs_keys).items()}
-        for c in range(chunks):
-            obs = {k: np.stack(v[-teacher.n_obs_steps:]) for k, v in history.items()}
-            states.append(obs)
-            if len(states) == n_states:
-                break
-            actions = teacher.predict_action({k: v[None] for k, v in obs.items()}, "ddpm", 100, seed=seed * 1000 + c)
-            for a in actions[0]:
-                raw, *_ = env.step(a.astype(np.float64))
-                for k, v in pusht.observe(env, teacher.obs_mode, raw, teacher.obs_keys).items():
-                    history[k].append(v)
-        seed += 1
-    return states
+    episodes = -(-n_states // chunks)
+    while True:  # an episode that succeeds early asks for fewer chunks: then take one more episode
+        recording = RecordingPolicy(teacher)
+        evaluate_policy(recording, episodes=episodes, seed_start=seed_start,
+                        max_steps=chunks * int(teacher.n_action_steps), progress=False, sampler="ddpm", steps=100)
+        windows = recording.windows()
+        if len(next(iter(windows.values()))) >= n_states:
+            return [{k: v[i] for k, v in windows.items()} for i in range(n_states)]
+        episodes += 1
 
 
 def spread(policies: dict[str, tuple[Any, str, int]], states: list[dict[str, np.ndarray]], samples: int) -> dict:

@@ -240,8 +240,9 @@ def rollout_evaluator(cfg: Any) -> Any:
     return evaluate
 
 
-class _Recording:
-    """A policy that keeps every observation batch it is asked to act on (rows in the order seen)."""
+class RecordingPolicy:
+    """A policy that keeps every observation batch it is asked to act on (rows in the order seen), e.g. the
+    states a rollout visits (distillation's on-policy windows, dpkit.benchmarks.fewstep_spread)."""
 
     def __init__(self, policy: Any):
         self._policy = policy
@@ -270,7 +271,7 @@ def window_collector(cfg: Any) -> Any:
     d = cfg.distill
 
     def collect(policy: Any, r: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        recording = _Recording(TorchPolicy(policy=policy))
+        recording = RecordingPolicy(TorchPolicy(policy=policy))
         report = evaluate_policy(recording, episodes=d.rollout_episodes,
                                  seed_start=d.rollout_seed_start + r * d.rollout_episodes, progress=False,
                                  sampler="fewstep", steps=d.rollout_calls, sample_seed=r)
