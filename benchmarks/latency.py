@@ -467,10 +467,12 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']} ({m['cores']} cores, GEMM on {m['threads']} threads"
         f"{', GPU ' + m['cuda'] if m.get('cuda') else ''}); fp32 GEMM {m['gemm_fp32_gflops']} GFLOP/s, "
+        f"{'GPU fp32 GEMM ' + str(m['gpu_gemm_fp32_gflops']) + ' GFLOP/s, ' if m.get('gpu_gemm_fp32_gflops') else ''}"
         f"memory copy {m['mem_gbps']} GB/s; load average {m.get('load_avg_1m')}; torch {m['torch']}, onnxruntime {m['onnxruntime']}; {m['date']}.",
         "",
         "Latency of one action chunk (encoder + K denoiser steps), random weights. `encoder` / `denoiser` rows "
-        "are one call each. % peak: achieved GFLOP/s (FLOPs / p50) over the fp32 GEMM peak above. "
+        "are one call each. % peak: achieved GFLOP/s (FLOPs / p50) over the fp32 GEMM peak above (the GPU's for "
+        "the GPU backends). "
         "Overhead per step: torch/ort (chunk − encoder) / K − denoiser call, from separately timed p50s (noisy, "
         "can fall below 0); cpp measured inside each call by the C++ runtime (time outside the two networks / K). "
         "fewstep rows: the same network as a few-step student (K denoiser calls per chunk); precision: the bundle's.",

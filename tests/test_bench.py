@@ -212,3 +212,34 @@ def test_report_writers_on_a_synthetic_result(tmp_path):
     md = paths["md"].read_text()
     assert md.count("| tiny |") == 8 and "ort-cuda: no GPU" in md
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_parity_checks_the_torch_path_against_the_bundle(smoke, tmp_path, monkeypatch, capsys):
+    """benchmarks/gpu_parity on the CPU (the same check the GPU run makes): torch and the bundle's reference
+    runtime sample the same trajectories from the same seed, for the model and its few-step student; without a
+    GPU, --device cuda is one clear error."""
+    import torch
+
+    from dpkit.benchmarks import gpu_parity
+
+    monkeypatch.setenv("DPKIT_THREADS", "1")  # --threads sets it; monkeypatch puts it back
+    threads = torch.get_num_threads()
+    out = tmp_path / "parity.json"
+    try:
+        with pytest.raises(SystemExit) as exc:
+            gpu_parity.main(["--device", "cpu", "--models", "tiny", "--samplers", "ddim-2", "fewstep-1",
+                             "--batch", "2", "--threads", "1", "--cache-dir", str(smoke / "cache"), "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert exc.value.code == 0
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["device"] == "cpu"
+    assert [(r["sampler"], r["student"]) for r in result["rows"]] == [("ddim-2", False), ("fewstep-1", True)]
+    for r in result["rows"]:
+        assert 0 <= r["max_abs_device_vs_reference"] <= 1e-4 and r["max_abs_device_vs_cpu"] == 0.0
+    assert "2/2 rows within" in capsys.readouterr().out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as exc:
+            gpu_parity.main(["--models", "tiny", "--cache-dir", str(smoke / "cache")])
+        assert exc.value.code != 0
+        assert "torch.cuda.is_available() is False" in capsys.readouterr().err
