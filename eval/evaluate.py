@@ -309,6 +309,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=pusht.MAX_STEPS,
                    help="environment steps per episode at most (default %(default)s; not denoising steps: --num-steps)")
     p.add_argument("--n-envs", type=int, default=None, help=f"environments stepped together (default min(episodes, {MAX_ENVS}))")
+    p.add_argument("--sample-seed", type=int, default=0, metavar="N",
+                   help="seed of the sampling noise (chunk c draws from a hash of N and c; default %(default)s): "
+                        "another N scores the same start states with fresh noise")
     add_sampler_args(p, steps_alias=True)  # --sampler ddim | ddim-10, --num-steps K (older name: --steps)
     p.add_argument("--video-dir", metavar="DIR", help="write rollout videos of the first --n-videos episodes here")
     p.add_argument("--n-videos", type=int, default=4, help="default %(default)s")
@@ -343,6 +346,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise DpkitError(f"--seed-start must be in [0, 2**32 - episodes), got {args.seed_start}")
     if args.n_videos < 0:
         raise DpkitError(f"--n-videos must be >= 0, got {args.n_videos}")
+    if args.sample_seed < 0:
+        raise DpkitError(f"--sample-seed must be >= 0, got {args.sample_seed}")
     resolve_sampler_args(args)  # a label --sampler ddim-10 is split; K checked
     args.steps = args.num_steps  # K, under the name the evaluation code below passes on as steps=
     if args.latency_steps is not None or args.execution is not None:
@@ -435,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.protocol == "lerobot":
         report = lerobot_protocol.evaluate_lerobot(
             policy, episodes=args.episodes, seed_start=args.seed_start, max_steps=args.max_steps,
-            n_envs=args.n_envs, progress=not args.no_progress, sampler=args.sampler, steps=args.steps)
+            n_envs=args.n_envs, progress=not args.no_progress, sampler=args.sampler, steps=args.steps,
+            sample_seed=args.sample_seed)
         report["threads"] = _threads_json(policy, args)
         print(lerobot_protocol.format_summary(report))
         if args.json:
@@ -445,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.execution is not None:
         report = evaluate_latency(policy, args.latency_steps, args.execution, args.blend, episodes=args.episodes,
                                   seed_start=args.seed_start, max_steps=args.max_steps, n_envs=args.n_envs,
-                                  progress=not args.no_progress, sampler=args.sampler, steps=args.steps)
+                                  progress=not args.no_progress, sampler=args.sampler, steps=args.steps,
+                                  sample_seed=args.sample_seed)
         report["threads"] = _threads_json(policy, args)
         print(format_summary(report))
         if args.json:
@@ -463,6 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
         sampler=args.sampler,
         steps=args.steps,
+        sample_seed=args.sample_seed,
     )
     report["threads"] = _threads_json(policy, args)
     print(format_summary(report))

@@ -171,10 +171,34 @@ def test_cli_writes_the_report(tmp_path, capsys):
     assert "score" in stdout and "success rate" in stdout
 
 
+def test_cli_sample_seed_draws_fresh_noise_on_the_same_start_states(tmp_path, capsys, monkeypatch):
+    """--sample-seed N: the chunks' noise seeds come from N (recorded in the report); the same N repeats them."""
+    seen: list[int] = []
+    draw = evaluate.RandomPolicy.predict_action
+
+    def recording(self, obs, sampler=None, steps=None, *, seed=None):
+        seen.append(seed)
+        return draw(self, obs, sampler, steps, seed=seed)
+
+    monkeypatch.setattr(evaluate.RandomPolicy, "predict_action", recording)
+    runs = {}
+    for n in (0, 5, 5):
+        out = tmp_path / f"r{n}.json"
+        seen.clear()
+        code, _, _ = _run_cli(["--random", "--episodes", "2", "--max-steps", "16", "--quiet", "--sample-seed", str(n),
+                               "--json", str(out)], capsys)
+        assert code == 0
+        report = json.loads(out.read_text())
+        assert report["sample_seed"] == n and report["seed_start"] == 100000
+        runs.setdefault(n, []).append(list(seen))
+    assert runs[5][0] == runs[5][1] and runs[5][0] != runs[0][0] and len(runs[0][0]) == 2
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--random", "--episodes", "0"], "--episodes must be >= 1"),
+        (["--random", "--sample-seed", "-1"], "--sample-seed must be >= 0"),
         (["--random", "--max-steps", "0"], "--max-steps"),
         (["--random", "--backend", "ort"], "--random takes no"),
         (["--bundle", "{tmp}/bundle", "--backend", "tensorrt"], "unknown backend"),
