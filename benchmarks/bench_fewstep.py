@@ -9,6 +9,12 @@ legacy seeds (100000 on). A student's figure is given as a fraction of its teach
 paired standard error of the per-episode difference (the same seed's start state on both sides). The cost is
 the student's distillation CPU time over its teacher's training CPU time (each run's train_summary.json,
 same machine). Pairs run one process each, side by side, with one thread each.
+
+A 200-episode score moves with the sampling noise alone (dpkit-eval --sample-seed): `--sample-seeds N` scores
+every sampler with sample seeds 0..N-1 (DDPM-100, by far the costliest, with `--ddpm-sample-seeds M`, default
+N) on the same start states. Each row then gives the mean over sample seeds, their standard deviation, and the
+differences (from DDPM-100 and from DDIM-10) of each start state's mean reward, with paired standard errors.
+Evaluations already in `--out`/evals are reused (sample seed n > 0 is `NAME_SAMPLER_n{n}.json`).
 """
 
 from __future__ import annotations
@@ -45,13 +51,25 @@ def _bundle(run: Path, out: Path) -> Path:
     return out
 
 
-def _evaluate(bundle: Path, sampler: str, episodes: int, out: Path, latency_steps: int | None = None) -> dict:
+def _evaluate(bundle: Path, sampler: str, episodes: int, out: Path, latency_steps: int | None = None,
+              sample_seed: int = 0) -> dict:
     if not out.exists():
         delay = ["--latency-steps", str(latency_steps)] if latency_steps is not None else []
         _run([sys.executable, "-m", "dpkit.eval.evaluate", "--bundle", str(bundle), "--backend", "cpp",
               "--sampler", sampler, "--episodes", str(episodes), "--seed-start", "100000", "--threads", "1",
-              "--no-progress", "--json", str(out), *delay])
-    return json.loads(out.read_text())
+              "--sample-seed", str(sample_seed), "--no-progress", "--json", str(out), *delay])
+    report = json.loads(out.read_text())
+    if report.get("sample_seed", 0) != sample_seed or report["n_episodes"] != episodes:
+        raise DpkitError(f"{out} is an evaluation of {report['n_episodes']} episodes at sample seed "
+                         f"{report.get('sample_seed', 0)}, not {episodes} at {sample_seed}: move it away")
+    return report
+
+
+def _evaluations(bundle: Path, sampler: str, episodes: int, work: Path, name: str, seeds: int) -> list[dict]:
+    """One evaluation per sample seed 0..seeds-1 (seed 0 keeps the single-evaluation file name)."""
+    return [_evaluate(bundle, sampler, episodes, work / (f"{name}_{sampler}.json" if n == 0 else
+                                                         f"{name}_{sampler}_n{n}.json"), sample_seed=n)
+            for n in range(seeds)]
 
 
 def _under_latency(teacher: Path, student: Path, delays: list[int], episodes: int, work: Path, cache: Path) -> dict:
@@ -67,23 +85,37 @@ def _under_latency(teacher: Path, student: Path, delays: list[int], episodes: in
     return {"teacher": str(teacher), "student": str(student), "episodes": episodes, "scores": rows}
 
 
-def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path) -> dict:
+def _paired(diff: np.ndarray) -> tuple[float, float | None]:
+    """Mean of per-episode differences and its standard error."""
+    return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None
+
+
+def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path, sample_seeds: int = 1,
+          ddpm_sample_seeds: int | None = None) -> dict:
     name = student.name
     tb, sb = _bundle(teacher, cache / f"{teacher.name}_bundle"), _bundle(student, cache / f"{name}_bundle")
-    evals = {s: _evaluate(tb, s, episodes, work / f"{teacher.name}_{s}.json") for s in TEACHER_SAMPLERS}
-    evals |= {s: _evaluate(sb, s, episodes, work / f"{name}_{s}.json") for s in STUDENT_SAMPLERS}
-    rewards = {s: np.array([e["max_reward"] for e in r["episodes"]]) for s, r in evals.items()}
+    seeds = {s: sample_seeds for s in TEACHER_SAMPLERS + STUDENT_SAMPLERS}
+    seeds["ddpm-100"] = ddpm_sample_seeds or sample_seeds
+    evals = {s: _evaluations(tb, s, episodes, work, teacher.name, seeds[s]) for s in TEACHER_SAMPLERS}
+    evals |= {s: _evaluations(sb, s, episodes, work, name, seeds[s]) for s in STUDENT_SAMPLERS}
+    # each start state's reward, averaged over the sample seeds
+    rewards = {s: np.mean([[e["max_reward"] for e in r["episodes"]] for r in rs], axis=0) for s, rs in evals.items()}
     ref = rewards["ddpm-100"]
     rows = {}
-    for s, r in evals.items():
-        diff = rewards[s] - ref
-        rows[s] = {"score": r["score"], "success_rate": r["success_rate"], "calls": r["steps"],
-                   "of_teacher_ddpm100": r["score"] / evals["ddpm-100"]["score"],
-                   "diff_vs_ddpm100": float(diff.mean()),
-                   "paired_se": float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else None,
+    for s, rs in evals.items():
+        scores = [r["score"] for r in rs]
+        diff, se = _paired(rewards[s] - ref)
+        rows[s] = {"score": float(np.mean(scores)), "success_rate": float(np.mean([r["success_rate"] for r in rs])),
+                   "calls": rs[0]["steps"], "of_teacher_ddpm100": float(rewards[s].mean() / ref.mean()),
+                   "diff_vs_ddpm100": diff, "paired_se": se,
                    # where a score is lost: whole episodes that go wrong (the block never near the goal)
-                   "episodes_below_half": int((rewards[s] < 0.5).sum()),
-                   "mean_chunk_latency_ms": r.get("mean_chunk_latency_ms"), "wall_s": r["wall_s"]}
+                   "episodes_below_half": float(np.mean([sum(e["max_reward"] < 0.5 for e in r["episodes"])
+                                                         for r in rs])),
+                   "mean_chunk_latency_ms": rs[0].get("mean_chunk_latency_ms"), "wall_s": sum(r["wall_s"] for r in rs),
+                   "scores_by_sample_seed": scores,
+                   "sample_seed_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None}
+        if s in STUDENT_SAMPLERS:
+            rows[s]["diff_vs_ddim10"], rows[s]["paired_se_vs_ddim10"] = _paired(rewards[s] - rewards["ddim-10"])
     t_sum = json.loads((teacher / "train_summary.json").read_text())
     s_sum = json.loads((student / "train_summary.json").read_text())
     return {"teacher": str(teacher), "student": str(student), "episodes": episodes, "samplers": rows,
@@ -93,16 +125,33 @@ def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path) 
 
 
 def _markdown(result: dict) -> str:
+    many = any(len(r.get("scores_by_sample_seed", [0])) > 1 for p in result["pairs"] for r in p["samplers"].values())
     lines = [f"# Few-step students vs their teachers (C++ runtime, seeds 100000..{100000 + result['episodes'] - 1})",
-             "", f"{result['machine']}; {result['date']}; `uptime` before: {result['uptime_before']}", "",
-             "| teacher | sampler | calls | score | success | of teacher DDPM-100 | diff (paired SE) | episodes < 0.5 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", f"{result['machine']}; {result['date']}; `uptime` before: {result['uptime_before']}", ""]
+    if many:
+        lines += ["Each sampler scored with several sample seeds (`dpkit-eval --sample-seed`) on the same start "
+                  "states: score, success and episodes < 0.5 are means over them; the differences are of each "
+                  "start state's mean reward, with paired standard errors.", "",
+                  "| teacher | sampler | calls | sample seeds | score at each | mean score | sd | success | "
+                  "of teacher DDPM-100 | diff (paired SE) | vs DDIM-10 (paired SE) | episodes < 0.5 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| teacher | sampler | calls | score | success | of teacher DDPM-100 | diff (paired SE) | episodes < 0.5 |",
+                  "|---|---|---|---|---|---|---|---|"]
     for p in result["pairs"]:
         for s, r in p["samplers"].items():
             se = f"{r['diff_vs_ddpm100']:+.3f} ({r['paired_se']:.3f})" if s != "ddpm-100" else "—"
-            lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {r['score']:.3f} | "
-                         f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} | "
-                         f"{r.get('episodes_below_half', '')} |")
+            below = r.get("episodes_below_half", "")
+            if not many:
+                lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {r['score']:.3f} | "
+                             f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} | {below} |")
+                continue
+            each = r.get("scores_by_sample_seed", [r["score"]])
+            sd = f"{r['sample_seed_sd']:.3f}" if r.get("sample_seed_sd") is not None else "—"
+            vs = (f"{r['diff_vs_ddim10']:+.3f} ({r['paired_se_vs_ddim10']:.3f})" if "diff_vs_ddim10" in r else "—")
+            lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {len(each)} | "
+                         f"{' / '.join(f'{x:.3f}' for x in each)} | {r['score']:.3f} | {sd} | {r['success_rate']:.2f} | "
+                         f"{100 * r['of_teacher_ddpm100']:.1f} % | {se} | {vs} | {below:g} |")
     lines += ["", "| teacher | teacher training CPU | distillation CPU | ratio |", "|---|---|---|---|"]
     for p in result["pairs"]:
         lines.append(f"| {Path(p['teacher']).name} | {p['teacher_cpu_s'] / 60:.1f} min ({p['teacher_steps']} steps) | "
@@ -128,15 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-steps", default="", help="delays d for the under-latency table (e.g. 0,1,2,3,4; "
                                                       "first pair only; empty: none)")
     p.add_argument("--latency-episodes", type=int, default=50)
+    p.add_argument("--sample-seeds", type=int, default=1, metavar="N",
+                   help="score every sampler with sample seeds 0..N-1 and report means (default 1)")
+    p.add_argument("--ddpm-sample-seeds", type=int, default=None, metavar="M",
+                   help="the teacher's DDPM-100 with sample seeds 0..M-1 only (default N: it is the costliest)")
     args = p.parse_args(argv)
+    if args.sample_seeds < 1 or (args.ddpm_sample_seeds is not None and args.ddpm_sample_seeds < 1):
+        raise DpkitError("--sample-seeds and --ddpm-sample-seeds must be at least 1")
     out = Path(args.out)
     work = out / "evals"
     work.mkdir(parents=True, exist_ok=True)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(args.pair)) as pool:
-        pairs = list(pool.map(lambda tp: _pair(Path(tp[0]), Path(tp[1]), args.episodes, work, Path(args.cache)),
-                              args.pair))
+        pairs = list(pool.map(lambda tp: _pair(Path(tp[0]), Path(tp[1]), args.episodes, work, Path(args.cache),
+                                               args.sample_seeds, args.ddpm_sample_seeds), args.pair))
     delays = [int(d) for d in args.latency_steps.split(",") if d.strip()]
     latency = (_under_latency(Path(args.pair[0][0]), Path(args.pair[0][1]), delays, args.latency_episodes, work,
                               Path(args.cache)) if delays else None)
