@@ -142,6 +142,7 @@ def _markdown(result: dict) -> str:
         for s, r in p["samplers"].items():
             se = f"{r['diff_vs_ddpm100']:+.3f} ({r['paired_se']:.3f})" if s != "ddpm-100" else "—"
             below = r.get("episodes_below_half", "")
+            below = f"{below:g}" if isinstance(below, (int, float)) else below  # a mean over sample seeds
             if not many:
                 lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {r['score']:.3f} | "
                              f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} | {below} |")
@@ -151,7 +152,7 @@ def _markdown(result: dict) -> str:
             vs = (f"{r['diff_vs_ddim10']:+.3f} ({r['paired_se_vs_ddim10']:.3f})" if "diff_vs_ddim10" in r else "—")
             lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {len(each)} | "
                          f"{' / '.join(f'{x:.3f}' for x in each)} | {r['score']:.3f} | {sd} | {r['success_rate']:.2f} | "
-                         f"{100 * r['of_teacher_ddpm100']:.1f} % | {se} | {vs} | {below:g} |")
+                         f"{100 * r['of_teacher_ddpm100']:.1f} % | {se} | {vs} | {below} |")
     lines += ["", "| teacher | teacher training CPU | distillation CPU | ratio |", "|---|---|---|---|"]
     for p in result["pairs"]:
         lines.append(f"| {Path(p['teacher']).name} | {p['teacher_cpu_s'] / 60:.1f} min ({p['teacher_steps']} steps) | "
