@@ -16,13 +16,13 @@ mean action lies from the teacher's (px). C++ runtime, fp32 bundles.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpkit.cli_args import add_common_args, apply_threads
 from dpkit.errors import DpkitError, cli_entry
 from dpkit.io import atomic_write_json, check_writable_file
 
@@ -69,9 +69,10 @@ def summarize(raw: dict[str, Any], reference: str = "ddpm-100") -> dict[str, dic
 
 
 def _listed(bundle: str) -> set[tuple[str, int]]:
-    """The (sampler, steps) pairs a bundle's policy.json lists."""
-    samplers = json.loads((Path(bundle) / "policy.json").read_text())["scheduler"]["samplers"]
-    return {(s["sampler"], int(s["num_inference_steps"])) for s in samplers}
+    """The (sampler, steps) pairs a bundle lists, as the one bundle reader accepted them."""
+    from dpkit.runtime.bundle import load_bundle
+
+    return {(s.sampler, s.num_inference_steps) for s in load_bundle(bundle, verify_sha256=False).schedule.samplers}
 
 
 @cli_entry
@@ -83,22 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=8, help="decision states per episode (default %(default)s)")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seed-start", type=int, default=0, help="first legacy seed (default 0: not the test seeds)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", help="write the result here")
+    add_common_args(p, progress=False, json="write the result here")  # --threads, --json, --version
     args = p.parse_args(argv)
+    threads = apply_threads(args) or None  # None: dpkit.threads' choice for the model
     if args.states < 1 or args.chunks < 1 or args.samples < 2:
         raise DpkitError("--states and --chunks must be >= 1 and --samples >= 2")
     if args.json:
         check_writable_file(args.json)
     from dpkit.runtime import load_policy
 
-    teacher = load_policy(args.teacher, backend="cpp", threads=args.threads, max_batch=args.samples)
+    teacher = load_policy(args.teacher, backend="cpp", threads=threads, max_batch=args.samples)
     have = _listed(args.teacher)
     if ("ddpm", 100) not in have:
         raise DpkitError(f"{args.teacher}: the teacher's bundle lists no ddpm-100, the reference spread")
     policies = {f"{kind}-{k}": (teacher, kind, k) for kind, k in TEACHER_SAMPLERS if (kind, k) in have}
     for path in args.student:
-        student = load_policy(path, backend="cpp", threads=args.threads, max_batch=args.samples)
+        student = load_policy(path, backend="cpp", threads=threads, max_batch=args.samples)
         calls = sorted(k for kind, k in _listed(path) if kind == "fewstep")
         if not calls:
             raise DpkitError(f"{path}: not a few-step student's bundle (no fewstep sampler in its policy.json)")

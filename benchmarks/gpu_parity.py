@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +64,10 @@ def check_model(name: str, samplers: list[tuple[str, int]], device: str, batch: 
             for tf32 in ((True, False) if device == "cuda" else (False,)):
                 if device == "cuda":
                     _tf32(tf32)
-                t0 = time.perf_counter()
                 dev = np.asarray(on_device.sample(obs, kind, k, seed=0), np.float64)
                 suffix = "_tf32" if tf32 else ""
                 row[f"max_abs_device_vs_reference{suffix}"] = float(np.abs(dev - ref).max())
                 row[f"max_abs_device_vs_cpu{suffix}"] = float(np.abs(dev - cpu).max())
-                row[f"device_chunk_s{suffix}"] = time.perf_counter() - t0
             rows.append(row)
             log(f"[{name}{' student' if student else ''}] {kind}-{k}: device vs reference "
                 f"{row['max_abs_device_vs_reference']:.2e}, cpu vs reference {row['max_abs_cpu_vs_reference']:.2e}")

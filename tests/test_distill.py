@@ -455,8 +455,11 @@ def test_realtime_controllers_run_the_student(student_bundle, execution):
     assert stats.chunks >= 60 // (policy.n_action_steps + 2)
 
 
-def test_spread_benchmark_compares_the_student_with_its_teacher(tiny_bundles, student_bundle, tmp_path, capsys):
+def test_spread_benchmark_compares_the_student_with_its_teacher(tiny_bundles, student_bundle, tmp_path, capsys,
+                                                                monkeypatch):
     from dpkit.benchmarks import fewstep_spread
+
+    monkeypatch.setenv("DPKIT_THREADS", "1")  # --threads sets it; monkeypatch puts it back
 
     def run(*args: str) -> int:
         with pytest.raises(SystemExit) as e:
