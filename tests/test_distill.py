@@ -151,14 +151,16 @@ def policy_obs(policy):
     return random_observations(policy.observations, policy.n_obs_steps, 1, seed=0)
 
 
-@pytest.mark.parametrize("draws, later, rollouts", [(0, "noised_actions", []), (2, "noised_actions", []),
-                                                    (2, "teacher_path", []), (1, "noised_actions", [1, 3])])
-def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later, rollouts):
+@pytest.mark.parametrize("draws, later, rollouts, energy", [
+    (0, "noised_actions", [], 0.0), (2, "noised_actions", [], 0.0), (2, "teacher_path", [], 0.0),
+    (1, "noised_actions", [1, 3], 0.0), (1, "noised_actions", [], 0.5)])
+def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later, rollouts, energy):
     # a constant LR, so the first part's shorter train.steps does not change the schedule; with fixed draws
     # the resumed run restores the targets computed so far from the checkpoint, and with rollouts the
     # windows of the round before it (the round after it runs in the resumed part)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}", f"distill.later_inputs={later}"]
+    extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}", f"distill.later_inputs={later}",
+             f"distill.energy_weight={energy}", "distill.energy_rows=4"]
     if rollouts:
         extra += [f"distill.rollout_at={rollouts}", "distill.rollout_episodes=2"]
     assert _distill(tiny_runs["lowdim"], whole, synthetic_store, *extra, steps=4) == 0
@@ -372,7 +374,68 @@ def test_pseudo_huber_loss_is_per_window(tiny_runs):
         assert float(policy(plain)) == pytest.approx(float(((e + 0.05 ** 2).sqrt() - 0.05).mean()), rel=1e-5)
 
 
+def test_energy_score_is_proper_and_as_defined():
+    from dpkit.train.policy import energy_score
+
+    # by hand: two samples of one window (H = A = 1), c = 0 takes the tiny scale 1e-4
+    x = torch.tensor([[[[1.0]]], [[[-2.0]]]])
+    y = torch.tensor([[[0.5]]])
+    assert float(energy_score(x, y, None, 0.0)) == pytest.approx(0.5 * (0.5 + 2.5) - 0.5 * 3.0, abs=1e-3)
+    # proper: against data from N(0, 1), samples from N(0, 1) score lower than narrower or wider ones, in
+    # expectation (many windows) and with the loss's weighted pseudo-Huber distance
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(4000, 4, 2, generator=g)
+    w = torch.tensor([1.0, 1.0, 0.1, 0.1])
+    scores = {scale: float(energy_score(scale * torch.randn(4, 4000, 4, 2, generator=g), y, w, 0.002))
+              for scale in (0.6, 1.0, 1.5)}
+    assert scores[1.0] < scores[0.6] - 0.01 and scores[1.0] < scores[1.5] - 0.01, scores
+    # a regression's optimum, every sample at the conditional mean, scores worse than the spread samples
+    assert float(energy_score(torch.zeros(4, 4000, 4, 2), y, w, 0.002)) > scores[0.6]
+
+
+def test_energy_term_scores_the_students_own_fewstep_samples(student, tiny_runs):
+    from dpkit.train.checkpoint import load_checkpoint
+    from dpkit.train.policy import energy_score
+
+    policy, _ = load_checkpoint(latest_checkpoint_of(student), ema=True)
+    ts = tuple(policy.cfg.fewstep_timesteps)
+    teacher, batch = _teacher_and_batch(tiny_runs, 5, timesteps=ts, unexecuted_weight=0.5, pseudo_huber=0.01,
+                                        energy_weight=0.7, energy_rows=3, energy_samples=3)
+    torch.manual_seed(2)
+    prepared = teacher.targets(batch)
+    e = prepared["energy"]
+    assert e["weight"] == 0.7 and e["noise"].shape == (3, len(ts), 3, *batch["action"].shape[1:])
+    assert torch.equal(e["target"], teacher.policy.normalizer.normalize("action", batch["action"])[:3])
+    torch.manual_seed(2)
+    assert "energy" not in teacher.targets(batch, energy=False)  # validation: the regression alone
+    without = _teacher_and_batch(tiny_runs, 5, timesteps=ts, unexecuted_weight=0.5, pseudo_huber=0.01)[0]
+    torch.manual_seed(2)
+    plain = without.targets(batch)
+    assert "energy" not in plain and torch.equal(plain["target"], prepared["target"])
+    policy.eval()
+    with torch.no_grad():
+        term = float(policy(prepared)) - float(policy(plain))
+        # each sample is what the student's own sampler makes of that noise (fewstep-k, k = 1 .. calls)
+        obs = {k: v[:3] for k, v in batch["obs"].items()}
+        none = torch.zeros_like(e["noise"][0, :1])  # the last step adds no noise
+        per_call = []
+        for k in range(1, len(ts) + 1):
+            # step j's noise re-noises before call j + 1; the last step adds none
+            out = torch.stack([policy.sample(obs, "fewstep", k, initial_noise=e["noise"][s, 0],
+                                             step_noise=torch.cat([e["noise"][s, 1:k], none]))
+                               for s in range(3)])
+            per_call.append(float(energy_score(out, e["target"], prepared["weight"], 0.01)))
+    assert term == pytest.approx(0.7 * sum(per_call) / len(per_call), rel=1e-4, abs=1e-6)
+
+
+def latest_checkpoint_of(run: Path) -> Path:
+    from dpkit.train.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run)
+
+
 @pytest.mark.parametrize("case, expect", [
+    ("energy_samples", "distill.energy_samples must be in [2, 64], got 1"),
     ("not_a_run", "is not a dpkit run folder or checkpoint"),
     ("missing", "no such run folder"),
     ("mismatch", "the student's policy.down_dims = (16, 32) does not match the teacher's (32, 64)"),
@@ -392,6 +455,8 @@ def test_bad_input_is_one_line(case, expect, tiny_runs, synthetic_store, student
         teacher = student
     elif case == "bad_timesteps":
         extra = ["distill.timesteps=[150,49]"]
+    elif case == "energy_samples":
+        extra = ["distill.energy_weight=1", "distill.energy_samples=1"]
     out = tmp_path / "out"
     assert _distill(teacher, out, synthetic_store, *extra) != 0
     err = capsys.readouterr().err.strip().splitlines()

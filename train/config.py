@@ -425,6 +425,20 @@ class DistillConfig:
     rest stays the demonstrations')."""
     rollout_seed_start: int = 0
     """The first legacy seed the rollouts start from."""
+    energy_weight: float = 0.0
+    """A distribution-level term beside the regression. 0: off. lambda > 0: each training batch adds lambda x
+    the energy score of the student's own few-step samples against the windows' demonstrated actions. For
+    `energy_rows` windows the student samples `energy_samples` chunks from fresh noise, and scores each of its
+    sampler's outputs (fewstep-1, and fewstep-k from the student's own fewstep-(k-1) output re-noised, with no
+    gradient through the earlier call): the mean distance of the samples to the demonstration minus half
+    their mean distance to each other. The distance is the loss's own per-window one (weighted, with the
+    pseudo-Huber scale), so lambda = 1 weighs a sample as the regression weighs its pair. The score is a
+    proper scoring rule (lowest in expectation when the samples are distributed as the data), so it pulls
+    against the narrowing a per-sample regression leaves where the teacher's map turns abruptly."""
+    energy_rows: int = 16
+    """Windows per batch (the first of its demonstration windows) that get the energy term."""
+    energy_samples: int = 2
+    """Samples per window for the energy term (>= 2: the score needs two to measure their spread)."""
 
     def validate(self) -> None:
         _check_types(self, "distill")
@@ -443,6 +457,9 @@ class DistillConfig:
         _range("distill.rollout_episodes", self.rollout_episodes, 1, 100_000)
         _range("distill.rollout_calls", self.rollout_calls, 1, len(self.timesteps), "len(distill.timesteps)")
         _range("distill.rollout_fraction", self.rollout_fraction, 0.0, 1.0)
+        _range("distill.energy_weight", self.energy_weight, 0.0, 100.0)
+        _range("distill.energy_rows", self.energy_rows, 1, 100_000)
+        _range("distill.energy_samples", self.energy_samples, 2, 64)
         last = self.rollout_seed_start + len(self.rollout_at) * self.rollout_episodes
         _check(self.rollout_seed_start >= 0 and last <= ROLLOUT_SEED_END,
                f"distill.rollout_seed_start + len(rollout_at) * rollout_episodes = {last} must lie in "

@@ -127,23 +127,32 @@ class Teacher:
         # On-policy states: the observation windows of the student's rollouts so far (add_rollout_windows)
         self.rollout_fraction = float(distill.rollout_fraction)
         self.rollout_obs: dict[str, torch.Tensor] | None = None
+        # The energy term (distill.energy_weight): its weight, windows and samples per batch
+        self.energy = (float(distill.energy_weight), int(distill.energy_rows), int(distill.energy_samples))
 
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "step": self.step, "weights": self.weights}
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Any], rollouts: bool = True) -> dict[str, Any]:
+    def targets(self, batch: dict[str, Any], rollouts: bool = True, energy: bool = True) -> dict[str, Any]:
         """A training batch {"obs", "action"} -> the student's {"obs", "noisy", "timestep", "target"}.
         Draws come from torch's global generator, which the trainer reseeds per micro-batch; with
         `draws_per_window` they are fixed per window (draw_inputs) and their targets cached. Once rollout
         windows exist (and `rollouts`), the batch's last `rollout_fraction` of rows are replaced by rollout
-        windows drawn at random, whose inputs come from the teacher's chain (they have no actions)."""
+        windows drawn at random, whose inputs come from the teacher's chain (they have no actions). With
+        distill.energy_weight > 0 (and `energy`) the batch also carries the energy term's "energy" entry
+        (energy_inputs)."""
         obs = batch["obs"]
         x0 = self.policy.normalizer.normalize("action", batch["action"].float())
         n = x0.shape[0]
         k = round(n * self.rollout_fraction) if rollouts and self.rollout_obs is not None else 0
+        # the energy term's noise is drawn after the regression's draws, which stay those of a run without it
+        def extra() -> dict[str, Any]:
+            return self.energy_inputs(x0[: n - k]) if energy and self.energy[0] > 0 else {}
+
         if k == 0:
-            return {"obs": obs, **self._rows(obs, x0, batch["action"], self.path), **self._weight(x0)}
+            rows = self._rows(obs, x0, batch["action"], self.path)
+            return {"obs": obs, **rows, **self._weight(x0), **extra()}
         pick = torch.randint(0, self.rollout_windows, (k,)).to(x0.device)
         mine = {key: v[pick] for key, v in self.rollout_obs.items()}
         theirs = {key: v[: n - k] for key, v in obs.items()}
@@ -151,7 +160,19 @@ class Teacher:
         out = [self._rows(theirs, x0[: n - k], batch["action"][: n - k], self.path),
                self._rows(mine, x0[n - k:], torch.full_like(batch["action"][n - k:], torch.nan), True)]
         return {"obs": {key: torch.cat([theirs[key], mine[key]]) for key in obs},
-                **{key: torch.cat([o[key] for o in out]) for key in out[0]}, **self._weight(x0)}
+                **{key: torch.cat([o[key] for o in out]) for key in out[0]}, **self._weight(x0), **extra()}
+
+    def energy_inputs(self, x0: torch.Tensor) -> dict[str, Any]:
+        """The energy term's entry for a batch whose first rows are demonstration windows with normalized
+        actions x0: {"energy": {"weight", "target": the first energy_rows windows' actions (m, H, A), "noise":
+        (samples, calls, m, H, A), each sample's initial noise and its re-noise before each later call}}.
+        DiffusionPolicy.forward scores the student's samples on the batch's first m windows with it."""
+        weight, rows, samples = self.energy
+        m = min(rows, x0.shape[0])
+        if m == 0:
+            return {}
+        noise = torch.randn((samples, len(self.timesteps), m, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
+        return {"energy": {"weight": weight, "target": x0[:m], "noise": noise}}
 
     def _rows(self, obs: dict[str, Any], x0: torch.Tensor, action: torch.Tensor, path: bool) -> dict[str, Any]:
         """{"noisy", "timestep", "target"} for these windows (x0: their normalized actions; with `path` their

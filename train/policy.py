@@ -244,13 +244,15 @@ class DiffusionPolicy(nn.Module):
             cond = self.encoder(*self._check_obs(batch["obs"], check_finite=False))
             out = self.denoiser(batch["noisy"], batch["timestep"], cond)
             c = float(batch.get("pseudo_huber", 0.0))
-            if "weight" not in batch and c == 0.0:
-                return F.mse_loss(out, batch["target"])
-            w = batch["weight"].to(out.dtype)[None, :, None] if "weight" in batch else out.new_ones(1, out.shape[1], 1)
-            per_window = ((out - batch["target"]).square() * w).sum(dim=(1, 2)) / (w.sum() * out.shape[2])
-            if c == 0.0:
-                return per_window.mean()
-            return ((per_window + c * c).sqrt() - c).mean()
+            w = batch["weight"].to(out.dtype) if "weight" in batch else None
+            if w is None and c == 0.0:
+                loss = F.mse_loss(out, batch["target"])
+            else:
+                per_window = window_mse(out - batch["target"], w)
+                loss = per_window.mean() if c == 0.0 else ((per_window + c * c).sqrt() - c).mean()
+            if "energy" in batch:
+                loss = loss + self._energy_term(cond, batch["energy"], w, c)
+            return loss
         if "obs" not in batch or "action" not in batch:
             raise DpkitError("training batch must have 'obs' and 'action'")
         inputs = self._check_obs(batch["obs"], check_finite=False)
@@ -265,6 +267,28 @@ class DiffusionPolicy(nn.Module):
         noisy = self.noise_scheduler.add_noise(x0, noise, t)
         target = x0 if self.cfg.prediction_type == "sample" else noise
         return F.mse_loss(self.denoiser(noisy, t, cond), target)
+
+    def _energy_term(self, cond: Tensor, energy: Mapping[str, Any], w: Tensor | None, c: float) -> Tensor:
+        """A distillation batch's energy term (distill.energy_weight; dpkit.train.distill.Teacher.energy_inputs):
+        weight x the mean over the student's fewstep-1 .. fewstep-L outputs of their energy score against the
+        first m windows' demonstrated actions. Sample s starts from noise[s, 0]; each later call takes the
+        previous output re-noised by the few-step rule (the one StepPlan every runtime runs) with noise[s, k],
+        and no gradient flows back through it, so each call is scored on its own output."""
+        noise, target = energy["noise"], energy["target"]
+        samples, calls, m = noise.shape[:3]
+        c_rows = cond[:m].repeat(samples, *([1] * (cond.dim() - 1)))
+        x = noise[:, 0].reshape(samples * m, *noise.shape[3:])
+        total = cond.new_zeros(())
+        for k in range(calls):
+            plan = self.step_plan("fewstep", k + 1)
+            t = torch.full((samples * m,), int(plan.timesteps[k]), dtype=torch.int64, device=x.device)
+            out = self.denoiser(x, t, c_rows)
+            # the (k+1)-call sampler's output: its last step returns the (clipped) x0
+            total = total + energy_score(plan.step(k, x, out, None).reshape(samples, m, *x.shape[1:]), target, w, c)
+            if k + 1 < calls:
+                nxt = self.step_plan("fewstep", k + 2)
+                x = nxt.step(k, x.detach(), out.detach(), noise[:, k + 1].reshape_as(x))
+        return float(energy["weight"]) * total / calls
 
     # ---- inference ----------------------------------------------------------------------------------
 
@@ -395,6 +419,34 @@ class DiffusionPolicy(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def window_mse(diff: Tensor, w: Tensor | None) -> Tensor:
+    """Each window's mean square of `diff` (..., H, A) over its trajectory, weighted per step by w (H,)."""
+    sq = diff.square()
+    if w is None:
+        return sq.mean(dim=(-2, -1))
+    return (sq * w[:, None]).sum(dim=(-2, -1)) / (w.sum() * diff.shape[-1])
+
+
+def energy_score(samples: Tensor, y: Tensor, w: Tensor | None, c: float) -> Tensor:
+    """The energy score of `samples` (S >= 2, m, H, A), S draws for each of m windows, against one observed
+    y (m, H, A) per window, averaged over the windows: mean_s d(X_s, y) - 1/2 mean_{s != s'} d(X_s, X_s').
+    d is the distillation loss's per-window distance: sqrt(e + c^2) - c of the weighted mean square e
+    (window_mse), about the RMS difference for e >> c^2; c = 0 takes a tiny scale so that the gradient stays
+    finite where two samples coincide. With d a conditionally negative definite distance (the multiquadric
+    sqrt(r^2 + c^2) is), the score is proper: its expectation over y is lowest when the samples are drawn
+    from y's own distribution, so unlike a regression it does not reward samples narrower than the data."""
+    c = max(float(c), 1e-4)
+    s = samples.shape[0]
+
+    def dist(diff: Tensor) -> Tensor:
+        return (window_mse(diff, w) + c * c).sqrt() - c
+
+    to_y = dist(samples - y.unsqueeze(0)).mean()
+    i, j = torch.triu_indices(s, s, offset=1)
+    spread = dist(samples[i] - samples[j]).mean()  # the mean over unordered pairs is the mean over ordered ones
+    return to_y - 0.5 * spread
 
 
 class _Draws:

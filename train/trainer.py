@@ -652,11 +652,11 @@ class _Window:
 
 def _validate(acc, policy: torch.nn.Module, val_ds: PushTDataset, t: TrainConfig, teacher) -> float | None:
     """The validation loss, computed by the main process (None on the others, or without a validation split);
-    a distillation's on the held-out demonstrations' windows alone."""
+    a distillation's on the held-out demonstrations' windows alone, and its regression alone (no energy term)."""
     val = None
     if acc.is_main_process:
         val = validation_loss(policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device,
-                              prepare=(lambda b: teacher.targets(b, rollouts=False)) if teacher is not None else None)
+                              prepare=(lambda b: teacher.targets(b, rollouts=False, energy=False)) if teacher is not None else None)
     acc.wait_for_everyone()
     return val
 
