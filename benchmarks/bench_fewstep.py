@@ -132,30 +132,37 @@ def _markdown(result: dict) -> str:
         lines += ["Each sampler scored with several sample seeds (`dpkit-eval --sample-seed`) on the same start "
                   "states: score, success and episodes < 0.5 are means over them; the differences are of each "
                   "start state's mean reward, with paired standard errors.", "",
-                  "| teacher | sampler | calls | sample seeds | score at each | mean score | sd | success | "
+                  "| run | sampler | calls | sample seeds | score at each | mean score | sd | success | "
                   "of teacher DDPM-100 | diff (paired SE) | vs DDIM-10 (paired SE) | episodes < 0.5 |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     else:
-        lines += ["| teacher | sampler | calls | score | success | of teacher DDPM-100 | diff (paired SE) | episodes < 0.5 |",
+        lines += ["| run | sampler | calls | score | success | of teacher DDPM-100 | diff (paired SE) | episodes < 0.5 |",
                   "|---|---|---|---|---|---|---|---|"]
+    shown: set[str] = set()  # a teacher's rows once, however many of its students follow
     for p in result["pairs"]:
+        teacher, student = Path(p["teacher"]).name, Path(p["student"]).name
         for s, r in p["samplers"].items():
+            run = student if s.startswith("fewstep") else teacher
+            if run == teacher and p["teacher"] in shown:
+                continue
             se = f"{r['diff_vs_ddpm100']:+.3f} ({r['paired_se']:.3f})" if s != "ddpm-100" else "—"
             below = r.get("episodes_below_half", "")
             below = f"{below:g}" if isinstance(below, (int, float)) else below  # a mean over sample seeds
             if not many:
-                lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {r['score']:.3f} | "
+                lines.append(f"| {run} | {s} | {r['calls']} | {r['score']:.3f} | "
                              f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} | {below} |")
                 continue
             each = r.get("scores_by_sample_seed", [r["score"]])
             sd = f"{r['sample_seed_sd']:.3f}" if r.get("sample_seed_sd") is not None else "—"
             vs = (f"{r['diff_vs_ddim10']:+.3f} ({r['paired_se_vs_ddim10']:.3f})" if "diff_vs_ddim10" in r else "—")
-            lines.append(f"| {Path(p['teacher']).name} | {s} | {r['calls']} | {len(each)} | "
+            lines.append(f"| {run} | {s} | {r['calls']} | {len(each)} | "
                          f"{' / '.join(f'{x:.3f}' for x in each)} | {r['score']:.3f} | {sd} | {r['success_rate']:.2f} | "
                          f"{100 * r['of_teacher_ddpm100']:.1f} % | {se} | {vs} | {below} |")
-    lines += ["", "| teacher | teacher training CPU | distillation CPU | ratio |", "|---|---|---|---|"]
+        shown.add(p["teacher"])
+    lines += ["", "| teacher | student | teacher training CPU | distillation CPU | ratio |", "|---|---|---|---|---|"]
     for p in result["pairs"]:
-        lines.append(f"| {Path(p['teacher']).name} | {p['teacher_cpu_s'] / 60:.1f} min ({p['teacher_steps']} steps) | "
+        lines.append(f"| {Path(p['teacher']).name} | {Path(p['student']).name} | "
+                     f"{p['teacher_cpu_s'] / 60:.1f} min ({p['teacher_steps']} steps) | "
                      f"{p['student_cpu_s'] / 60:.1f} min ({p['student_steps']} steps) | {100 * p['cost_ratio']:.0f} % |")
     lat = result.get("under_latency")
     if lat:

@@ -67,7 +67,13 @@ def test_pair_means_over_sample_seeds_and_pairs_by_start_state(runs):
     assert pair["cost_ratio"] == pytest.approx(0.4)
     md = bench_fewstep._markdown({"machine": "m", "date": "d", "uptime_before": "u", "episodes": EPISODES,
                                   "pairs": [pair], "under_latency": None})
-    assert "| teacher | fewstep-1 | 1 | 2 | 0.750 / 0.700 | 0.725 | 0.035 |" in md
+    assert "| student | fewstep-1 | 1 | 2 | 0.750 / 0.700 | 0.725 | 0.035 |" in md
+    # a second student of the same teacher: the teacher's rows are shown once, each student's own
+    md = bench_fewstep._markdown({"machine": "m", "date": "d", "uptime_before": "u", "episodes": EPISODES,
+                                  "pairs": [pair, {**pair, "student": str(student.parent / "other")}],
+                                  "under_latency": None})
+    assert md.count("| teacher | ddpm-100 |") == 1 and md.count("| other | fewstep-1 |") == 1
+    assert "| teacher | other | " in md
 
 
 def test_pair_refuses_an_evaluation_of_another_sample_seed(runs):
