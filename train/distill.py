@@ -151,8 +151,7 @@ class Teacher:
             return self.energy_inputs(x0[: n - k]) if energy and self.energy[0] > 0 else {}
 
         if k == 0:
-            rows = self._rows(obs, x0, batch["action"], self.path)
-            return {"obs": obs, **rows, **self._weight(x0), **extra()}
+            return {"obs": obs, **self._rows(obs, x0, batch["action"], self.path), **self._weight(x0), **extra()}
         pick = torch.randint(0, self.rollout_windows, (k,)).to(x0.device)
         mine = {key: v[pick] for key, v in self.rollout_obs.items()}
         theirs = {key: v[: n - k] for key, v in obs.items()}

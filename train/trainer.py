@@ -656,7 +656,8 @@ def _validate(acc, policy: torch.nn.Module, val_ds: PushTDataset, t: TrainConfig
     val = None
     if acc.is_main_process:
         val = validation_loss(policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device,
-                              prepare=(lambda b: teacher.targets(b, rollouts=False, energy=False)) if teacher is not None else None)
+                              prepare=(lambda b: teacher.targets(b, rollouts=False, energy=False))
+                              if teacher is not None else None)
     acc.wait_for_everyone()
     return val
 
