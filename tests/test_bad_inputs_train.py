@@ -161,6 +161,9 @@ BAD_VALUES = {
     "distill.rollout_episodes": [(0, "distill.rollout_episodes must be in [1, 100000]")],
     "distill.rollout_calls": [(3, "distill.rollout_calls must be in [1, len(distill.timesteps)]")],
     "distill.rollout_fraction": [(1.5, "distill.rollout_fraction must be in [0.0, 1.0]")],
+    "distill.energy_weight": [(-1.0, "distill.energy_weight must be in [0.0, 100.0]")],
+    "distill.energy_rows": [(0, "distill.energy_rows must be in [1, 100000]")],
+    "distill.energy_samples": [(1, "distill.energy_samples must be in [2, 64]"), (65, "must be in [2, 64], got 65")],
     "distill.rollout_seed_start": [(100_001, "must lie in [0, 100000]: the rollouts never start from the test seeds"),
                                    (-1, "must lie in [0, 100000]")],
 }
