@@ -164,6 +164,7 @@ BAD_VALUES = {
     "distill.energy_weight": [(-1.0, "distill.energy_weight must be in [0.0, 100.0]")],
     "distill.energy_rows": [(0, "distill.energy_rows must be in [1, 100000]")],
     "distill.energy_samples": [(1, "distill.energy_samples must be in [2, 64]"), (65, "must be in [2, 64], got 65")],
+    "distill.energy_from": [(-1, "distill.energy_from must be in [0, 10000000]")],
     "distill.rollout_seed_start": [(100_001, "must lie in [0, 100000]: the rollouts never start from the test seeds"),
                                    (-1, "must lie in [0, 100000]")],
 }

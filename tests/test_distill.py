@@ -153,14 +153,15 @@ def policy_obs(policy):
 
 @pytest.mark.parametrize("draws, later, rollouts, energy", [
     (0, "noised_actions", [], 0.0), (2, "noised_actions", [], 0.0), (2, "teacher_path", [], 0.0),
-    (1, "noised_actions", [1, 3], 0.0), (1, "noised_actions", [], 0.5)])
+    (1, "noised_actions", [1, 3], 0.0), (1, "noised_actions", [], 0.5), (1, "noised_actions", [], "0.5@3")])
 def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later, rollouts, energy):
     # a constant LR, so the first part's shorter train.steps does not change the schedule; with fixed draws
     # the resumed run restores the targets computed so far from the checkpoint, and with rollouts the
     # windows of the round before it (the round after it runs in the resumed part)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
+    weight, _, start = str(energy).partition("@")  # "w@s": the term from step s on (in the resumed part)
     extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}", f"distill.later_inputs={later}",
-             f"distill.energy_weight={energy}", "distill.energy_rows=4"]
+             f"distill.energy_weight={weight}", "distill.energy_rows=4", f"distill.energy_from={start or 0}"]
     if rollouts:
         extra += [f"distill.rollout_at={rollouts}", "distill.rollout_episodes=2"]
     assert _distill(tiny_runs["lowdim"], whole, synthetic_store, *extra, steps=4) == 0
@@ -426,6 +427,23 @@ def test_energy_term_scores_the_students_own_fewstep_samples(student, tiny_runs)
                                for s in range(3)])
             per_call.append(float(energy_score(out, e["target"], prepared["weight"], 0.01)))
     assert term == pytest.approx(0.7 * sum(per_call) / len(per_call), rel=1e-4, abs=1e-6)
+
+
+def test_energy_from_leaves_the_first_steps_to_the_regression(tiny_runs, synthetic_store, tmp_path):
+    from dpkit.train.checkpoint import read_weights
+
+    common = ["train.lr_scheduler=constant", "distill.draws_per_window=1", "train.checkpoint_every=1",
+              "train.keep_checkpoints=3", "distill.energy_rows=4"]
+    runs = {"plain": ["distill.energy_weight=0"], "from2": ["distill.energy_weight=0.5", "distill.energy_from=2"]}
+    for name, extra in runs.items():
+        assert _distill(tiny_runs["lowdim"], tmp_path / name, synthetic_store, *common, *extra, steps=3) == 0
+
+    def weights(name, step):
+        return read_weights(tmp_path / name / "checkpoints" / f"step_{step:06d}", "ema")
+
+    for step, same in ((2, True), (3, False)):  # two steps of the regression alone, then the term joins
+        a, b = weights("plain", step), weights("from2", step)
+        assert all(torch.equal(a[k], b[k]) for k in a) is same, step
 
 
 def latest_checkpoint_of(run: Path) -> Path:

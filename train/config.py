@@ -439,6 +439,10 @@ class DistillConfig:
     """Windows per batch (the first of its demonstration windows) that get the energy term."""
     energy_samples: int = 2
     """Samples per window for the energy term (>= 2: the score needs two to measure their spread)."""
+    energy_from: int = 0
+    """The optimizer steps that get the energy term: those after the first `energy_from` (0: every step). The
+    steps before it are the regression's alone, so the term can finish a regression-trained student inside
+    the same run (its steps cost about twice the regression's at the recipe's rows and samples)."""
 
     def validate(self) -> None:
         _check_types(self, "distill")
@@ -460,6 +464,7 @@ class DistillConfig:
         _range("distill.energy_weight", self.energy_weight, 0.0, 100.0)
         _range("distill.energy_rows", self.energy_rows, 1, 100_000)
         _range("distill.energy_samples", self.energy_samples, 2, 64)
+        _range("distill.energy_from", self.energy_from, 0, 10_000_000)
         last = self.rollout_seed_start + len(self.rollout_at) * self.rollout_episodes
         _check(self.rollout_seed_start >= 0 and last <= ROLLOUT_SEED_END,
                f"distill.rollout_seed_start + len(rollout_at) * rollout_episodes = {last} must lie in "

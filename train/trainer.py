@@ -423,7 +423,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         # batch, forward, backward: grad_accum_steps micro-batches; accelerate steps the optimizer on the last.
         step_loss = torch.zeros((), device=acc.device)
         for micro in range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps):
-            batch = _micro_batch(next(data_iter), acc.device, t.seed, rank, micro, teacher)
+            batch = _micro_batch(next(data_iter), acc.device, t.seed, rank, micro, teacher,
+                                 energy=teacher is not None and step >= cfg.distill.energy_from)
             with acc.accumulate(model):
                 loss = model(batch)
                 acc.backward(loss)
@@ -597,13 +598,15 @@ def _print_header(cfg: Config, acc, teacher, policy: torch.nn.Module, train_ds: 
     print(f"threads: {describe(thread_choice)}")
 
 
-def _micro_batch(batch: Any, device: torch.device, seed: int, rank: int, micro: int, teacher) -> Any:
+def _micro_batch(batch: Any, device: torch.device, seed: int, rank: int, micro: int, teacher,
+                 energy: bool = False) -> Any:
     """Micro-batch number `micro` of the run, on the device, with this process's generators reseeded for it
-    (the diffusion noise and timesteps it draws); distillation swaps in the teacher's targets."""
+    (the diffusion noise and timesteps it draws); distillation swaps in the teacher's targets (with the
+    energy term's inputs when `energy` and the term is on)."""
     batch = _to_device(batch, device)
     _seed_micro(seed, rank, micro)
     if teacher is not None:
-        batch = teacher.targets(batch)
+        batch = teacher.targets(batch, energy=energy)
     return batch
 
 
