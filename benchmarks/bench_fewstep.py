@@ -118,10 +118,19 @@ def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path, 
             rows[s]["diff_vs_ddim10"], rows[s]["paired_se_vs_ddim10"] = _paired(rewards[s] - rewards["ddim-10"])
     t_sum = json.loads((teacher / "train_summary.json").read_text())
     s_sum = json.loads((student / "train_summary.json").read_text())
+    t_cpu, s_cpu = _training_cpu(t_sum), _training_cpu(s_sum)
     return {"teacher": str(teacher), "student": str(student), "episodes": episodes, "samplers": rows,
-            "teacher_cpu_s": t_sum["cpu_s"], "student_cpu_s": s_sum["cpu_s"],
-            "cost_ratio": s_sum["cpu_s"] / t_sum["cpu_s"], "teacher_steps": t_sum["steps"],
+            "teacher_cpu_s": t_cpu, "student_cpu_s": s_cpu,
+            "cost_ratio": s_cpu / t_cpu, "teacher_steps": t_sum["steps"],
             "student_steps": s_sum["steps"], "teacher_wall_s": t_sum["wall_s"], "student_wall_s": s_sum["wall_s"]}
+
+
+def _training_cpu(summary: dict) -> float:
+    """A run's training CPU time: over every run of its folder (cpu_s_total) where the summary has it, else
+    the last run's alone (cpu_s: a summary written before resumed runs added up, or resumed from such a
+    checkpoint)."""
+    total = summary.get("cpu_s_total")
+    return float(total if total is not None else summary["cpu_s"])
 
 
 def _markdown(result: dict) -> str:

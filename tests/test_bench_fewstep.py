@@ -65,6 +65,11 @@ def test_pair_means_over_sample_seeds_and_pairs_by_start_state(runs):
     assert one["diff_vs_ddim10"] == pytest.approx(np.mean([-0.1, 0.1, -0.6, 0.0]))
     assert "diff_vs_ddim10" not in rows["ddim-10"]
     assert pair["cost_ratio"] == pytest.approx(0.4)
+    # a resumed student: its cost is every run's (cpu_s_total), not the resumed part's (cpu_s)
+    (student / "train_summary.json").write_text(json.dumps({"cpu_s": 10.0, "cpu_s_total": 50.0, "steps": 10,
+                                                            "wall_s": 10.0}))
+    resumed = bench_fewstep._pair(teacher, student, EPISODES, work, cache, sample_seeds=2, ddpm_sample_seeds=1)
+    assert resumed["cost_ratio"] == pytest.approx(0.5) and resumed["student_cpu_s"] == 50.0
     md = bench_fewstep._markdown({"machine": "m", "date": "d", "uptime_before": "u", "episodes": EPISODES,
                                   "pairs": [pair], "under_latency": None})
     assert "| student | fewstep-1 | 1 | 2 | 0.750 / 0.700 | 0.725 | 0.035 |" in md

@@ -166,11 +166,16 @@ def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, 
         extra += [f"distill.rollout_at={rollouts}", "distill.rollout_episodes=2"]
     assert _distill(tiny_runs["lowdim"], whole, synthetic_store, *extra, steps=4) == 0
     assert _distill(tiny_runs["lowdim"], parts, synthetic_store, *extra, steps=2) == 0
+    from dpkit.train.checkpoint import read_weights, latest_checkpoint, read_state
+
+    cpu_before = read_state(latest_checkpoint(parts))["cpu_s_total"]
     try:
         distill_main(["--out", str(parts), "--resume", "--train-steps", "4", "--no-progress", "--threads", "1"])
     except SystemExit as e:
         assert e.code == 0
-    from dpkit.train.checkpoint import read_weights, latest_checkpoint
+    # the cost of the whole student: the resumed run adds its CPU time to the checkpoint's
+    resumed = json.loads((parts / "train_summary.json").read_text())
+    assert cpu_before > 0 and resumed["cpu_s_total"] == pytest.approx(cpu_before + resumed["cpu_s"])
 
     a, b = read_weights(latest_checkpoint(whole), "ema"), read_weights(latest_checkpoint(parts), "ema")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

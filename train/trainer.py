@@ -399,6 +399,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         normalizer = _new_normalizer(cfg, train_ds, teacher)
         policy, ema, optimizer, scheduler = _build(cfg, normalizer, acc.device, teacher, None, None)
     step = first_step = int(state["step"]) if state is not None else 0
+    # CPU time of the steps before this run's (None: resumed from a checkpoint written before it was kept)
+    cpu_before = state.get("cpu_s_total") if state is not None else 0.0
     thread_choice = _apply_threads(threads, policy)
     model, optimizer = acc.prepare(policy, optimizer)
     unwrapped = acc.unwrap_model(model)
@@ -476,7 +478,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
                 saved = _save_checkpoint(run_dir, cfg, step, unwrapped, ema, optimizer, scheduler, normalizer,
                                          epoch=epoch, world=world, data_path=train_ds.replay.path,
                                          evaluations=evaluations, teacher=teacher, rollouts=rollouts,
-                                         metrics={"loss": last_loss, "val_loss": val_loss, "score": score})
+                                         metrics={"loss": last_loss, "val_loss": val_loss, "score": score},
+                                         cpu_s_total=_cpu_total(cpu_before, cpu0))
                 if best:
                     ckpt_io.copy_checkpoint(saved, run_dir, ckpt_io.BEST)
             acc.wait_for_everyone()
@@ -487,8 +490,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     summary = _summary(cfg, run_dir, acc, step=step, steps_this_run=step - first_step, stopped_early=stopped_early,
                        last_loss=last_loss, val_loss=val_loss, evaluations=evaluations,
                        samples=(step - first_step) * samples_per_step, train_time=window.train_time,
-                       wall=time.perf_counter() - wall0, cpu0=cpu0, thread_choice=thread_choice, teacher=teacher,
-                       rollouts=rollouts)
+                       wall=time.perf_counter() - wall0, cpu0=cpu0, cpu_before=cpu_before,
+                       thread_choice=thread_choice, teacher=teacher, rollouts=rollouts)
     if main:
         atomic_write_json(run_dir / SUMMARY, summary)
     acc.wait_for_everyone()
@@ -718,9 +721,16 @@ def _rollout_round(collect: Callable[[Any, int], Any], policy: torch.nn.Module, 
     return record
 
 
+def _cpu_total(cpu_before: float | None, cpu0: float) -> float | None:
+    """This process's CPU time in the training loops of every run of the run folder so far (resumed runs
+    add theirs to the checkpoint's; work after a killed run's last checkpoint is not counted)."""
+    return None if cpu_before is None else cpu_before + time.process_time() - cpu0
+
+
 def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Module, ema: EMA | None, optimizer,
                      scheduler, normalizer, *, epoch: int, world: int, data_path: Path, evaluations: _Evaluations,
-                     teacher, rollouts: list[dict[str, Any]], metrics: dict[str, float | None]) -> Path:
+                     teacher, rollouts: list[dict[str, Any]], metrics: dict[str, float | None],
+                     cpu_s_total: float | None) -> Path:
     """checkpoints/step_NNNNNN: the weights, optimizer and schedule, and all a resume needs to continue exactly."""
     return ckpt_io.save_checkpoint(
         run_dir,
@@ -739,6 +749,7 @@ def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Mod
             "evaluations": evaluations.done,
             "rng": "reseeded per micro-batch from (train.seed, rank, step * grad_accum_steps + i)",
             "metrics": metrics,
+            "cpu_s_total": cpu_s_total,
             **({"teacher": teacher.describe()} if teacher is not None else {}),
             **({"rollouts": rollouts} if rollouts else {}),
         },
@@ -750,10 +761,11 @@ def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Mod
 
 def _summary(cfg: Config, run_dir: Path, acc, *, step: int, steps_this_run: int, stopped_early: bool,
              last_loss: float | None, val_loss: float | None, evaluations: _Evaluations, samples: int,
-             train_time: float, wall: float, cpu0: float, thread_choice, teacher,
+             train_time: float, wall: float, cpu0: float, cpu_before: float | None, thread_choice, teacher,
              rollouts: list[dict[str, Any]]) -> dict[str, Any]:
     """train_summary.json (and train()'s result)."""
     t = cfg.train
+    cpu = time.process_time() - cpu0
     return {
         "config": cfg.name,
         "run_dir": str(run_dir),
@@ -770,7 +782,8 @@ def _summary(cfg: Config, run_dir: Path, acc, *, step: int, steps_this_run: int,
         "samples_per_s": samples / train_time if train_time > 0 else None,
         "wall_s": wall,
         "eval_s": evaluations.seconds,
-        "cpu_s": time.process_time() - cpu0,
+        "cpu_s": cpu,  # this run's training loop (a resumed run's part alone)
+        "cpu_s_total": None if cpu_before is None else cpu_before + cpu,  # every run of the run folder's
         "checkpoint": str(ckpt_io.checkpoints_dir(run_dir) / f"step_{step:06d}"),
         "processes": acc.num_processes,
         "threads": thread_choice.to_json(),
