@@ -125,6 +125,11 @@ def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path, 
             "student_steps": s_sum["steps"], "teacher_wall_s": t_sum["wall_s"], "student_wall_s": s_sum["wall_s"]}
 
 
+def _count(x: float) -> str:
+    """A count averaged over sample seeds: whole as it is, else to one decimal."""
+    return f"{x:g}" if float(x).is_integer() else f"{x:.1f}"
+
+
 def _training_cpu(summary: dict) -> float:
     """A run's training CPU time: over every run of its folder (cpu_s_total) where the summary has it, else
     the last run's alone (cpu_s: a summary written before resumed runs added up, or resumed from such a
@@ -156,7 +161,7 @@ def _markdown(result: dict) -> str:
                 continue
             se = f"{r['diff_vs_ddpm100']:+.3f} ({r['paired_se']:.3f})" if s != "ddpm-100" else "—"
             below = r.get("episodes_below_half", "")
-            below = f"{below:g}" if isinstance(below, (int, float)) else below  # a mean over sample seeds
+            below = _count(below) if isinstance(below, (int, float)) else below
             if not many:
                 lines.append(f"| {run} | {s} | {r['calls']} | {r['score']:.3f} | "
                              f"{r['success_rate']:.2f} | {100 * r['of_teacher_ddpm100']:.1f} % | {se} | {below} |")

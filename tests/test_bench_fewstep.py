@@ -73,6 +73,10 @@ def test_pair_means_over_sample_seeds_and_pairs_by_start_state(runs):
     md = bench_fewstep._markdown({"machine": "m", "date": "d", "uptime_before": "u", "episodes": EPISODES,
                                   "pairs": [pair], "under_latency": None})
     assert "| student | fewstep-1 | 1 | 2 | 0.750 / 0.700 | 0.725 | 0.035 |" in md
+    thirds = {**pair, "samplers": {**rows, "fewstep-1": {**one, "episodes_below_half": 7 / 3}}}
+    md3 = bench_fewstep._markdown({"machine": "m", "date": "d", "uptime_before": "u", "episodes": EPISODES,
+                                   "pairs": [thirds], "under_latency": None})
+    assert "| 2.3 |" in md3 and "2.333" not in md3
     # a second student of the same teacher: the teacher's rows are shown once, each student's own
     md = bench_fewstep._markdown({"machine": "m", "date": "d", "uptime_before": "u", "episodes": EPISODES,
                                   "pairs": [pair, {**pair, "student": str(student.parent / "other")}],
