@@ -479,7 +479,7 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
                                          epoch=epoch, world=world, data_path=train_ds.replay.path,
                                          evaluations=evaluations, teacher=teacher, rollouts=rollouts,
                                          metrics={"loss": last_loss, "val_loss": val_loss, "score": score},
-                                         cpu_s_total=_cpu_total(cpu_before, cpu0))
+                                         cpu_s_total=_cpu_total(cpu_before, time.process_time() - cpu0))
                 if best:
                     ckpt_io.copy_checkpoint(saved, run_dir, ckpt_io.BEST)
             acc.wait_for_everyone()
@@ -721,10 +721,10 @@ def _rollout_round(collect: Callable[[Any, int], Any], policy: torch.nn.Module, 
     return record
 
 
-def _cpu_total(cpu_before: float | None, cpu0: float) -> float | None:
+def _cpu_total(cpu_before: float | None, cpu_this_run: float) -> float | None:
     """This process's CPU time in the training loops of every run of the run folder so far (resumed runs
     add theirs to the checkpoint's; work after a killed run's last checkpoint is not counted)."""
-    return None if cpu_before is None else cpu_before + time.process_time() - cpu0
+    return None if cpu_before is None else cpu_before + cpu_this_run
 
 
 def _save_checkpoint(run_dir: Path, cfg: Config, step: int, policy: torch.nn.Module, ema: EMA | None, optimizer,
@@ -783,7 +783,7 @@ def _summary(cfg: Config, run_dir: Path, acc, *, step: int, steps_this_run: int,
         "wall_s": wall,
         "eval_s": evaluations.seconds,
         "cpu_s": cpu,  # this run's training loop (a resumed run's part alone)
-        "cpu_s_total": None if cpu_before is None else cpu_before + cpu,  # every run of the run folder's
+        "cpu_s_total": _cpu_total(cpu_before, cpu),  # every run of the run folder's
         "checkpoint": str(ckpt_io.checkpoints_dir(run_dir) / f"step_{step:06d}"),
         "processes": acc.num_processes,
         "threads": thread_choice.to_json(),
