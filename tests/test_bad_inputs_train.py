@@ -155,7 +155,7 @@ BAD_VALUES = {
     "distill.draws_per_window": [(-1, "distill.draws_per_window must be in [0, 1000]")],
     "distill.unexecuted_weight": [(1.5, "distill.unexecuted_weight must be in [0.0, 1.0]")],
     "distill.pseudo_huber": [(-0.1, "distill.pseudo_huber must be in [0.0, 10.0]")],
-    "distill.later_inputs": [("path", "distill.later_inputs must be noised_actions or teacher_path, got 'path'")],
+    "distill.later_inputs": [("path", "distill.later_inputs must be one of noised_actions, teacher_path, student, got 'path'")],
     "distill.rollout_at": [("[300,200]", "distill.rollout_at must be distinct, ascending optimizer steps >= 1"),
                            ("[0]", "distill.rollout_at must be distinct, ascending optimizer steps >= 1")],
     "distill.rollout_episodes": [(0, "distill.rollout_episodes must be in [1, 100000]")],
@@ -165,6 +165,7 @@ BAD_VALUES = {
     "distill.energy_rows": [(0, "distill.energy_rows must be in [1, 100000]")],
     "distill.energy_samples": [(1, "distill.energy_samples must be in [2, 64]"), (65, "must be in [2, 64], got 65")],
     "distill.energy_from": [(-1, "distill.energy_from must be in [0, 10000000]")],
+    "distill.later_inputs_from": [(-1, "distill.later_inputs_from must be in [0, 10000000]")],
     "distill.rollout_seed_start": [(100_001, "must lie in [0, 100000]: the rollouts never start from the test seeds"),
                                    (-1, "must lie in [0, 100000]")],
 }

@@ -153,14 +153,17 @@ def policy_obs(policy):
 
 @pytest.mark.parametrize("draws, later, rollouts, energy", [
     (0, "noised_actions", [], 0.0), (2, "noised_actions", [], 0.0), (2, "teacher_path", [], 0.0),
-    (1, "noised_actions", [1, 3], 0.0), (1, "noised_actions", [], 0.5), (1, "noised_actions", [], "0.5@3")])
+    (1, "noised_actions", [1, 3], 0.0), (1, "noised_actions", [], 0.5), (1, "noised_actions", [], "0.5@3"),
+    (0, "student", [], 0.0), (1, "student@3", [], 0.0)])
 def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later, rollouts, energy):
     # a constant LR, so the first part's shorter train.steps does not change the schedule; with fixed draws
     # the resumed run restores the targets computed so far from the checkpoint, and with rollouts the
     # windows of the round before it (the round after it runs in the resumed part)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     weight, _, start = str(energy).partition("@")  # "w@s": the term from step s on (in the resumed part)
+    later, _, later_from = later.partition("@")  # the same for the student's own states as inputs
     extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}", f"distill.later_inputs={later}",
+             f"distill.later_inputs_from={later_from or 0}",
              f"distill.energy_weight={weight}", "distill.energy_rows=4", f"distill.energy_from={start or 0}"]
     if rollouts:
         extra += [f"distill.rollout_at={rollouts}", "distill.rollout_episodes=2"]
@@ -328,6 +331,65 @@ def test_rollouts_collect_the_windows_the_student_acted_on(student):
     assert ROLLOUT_SEED_END == pusht.LEGACY_TEST_SEED
 
 
+@pytest.mark.parametrize("draws", [0, 1])
+def test_student_inputs_are_what_its_sampler_feeds_the_later_call(tiny_runs, student, draws):
+    """later_inputs "student": a later level's input is the student's own first call from the row's noise,
+    re-noised by the few-step rule (the StepPlan every runtime runs), and its target the teacher's chain from
+    there; the first level's rows are unchanged (pure noise in, cached with fixed draws), and the later inputs
+    move with the student's weights."""
+    from dpkit.train.checkpoint import load_checkpoint
+
+    pupil, _ = load_checkpoint(student)
+    timesteps = pupil.cfg.fewstep_timesteps
+    teacher, batch = _teacher_and_batch(tiny_runs, 16, timesteps=timesteps, draws_per_window=draws,
+                                        later_inputs="student")
+    with pytest.raises(RuntimeError, match="attach_student"):
+        torch.manual_seed(3)
+        teacher.targets(batch)
+    teacher.attach_student(pupil)
+    torch.manual_seed(3)
+    got = teacher.targets(batch)
+    first = (got["timestep"] == timesteps[0]).nonzero().flatten()
+    later = (got["timestep"] == timesteps[1]).nonzero().flatten()
+    assert len(first) and len(later) and len(first) + len(later) == 16
+    assert len(teacher.cache) == (len(first) if draws else 0)  # only the first level's targets are kept
+
+    # replay the draws: the row's noise z, then one fresh normal per later row for the re-noise
+    torch.manual_seed(3)
+    if draws:
+        keys = teacher.draw_keys(batch["obs"], batch["action"], torch.randint(0, draws, (16,)))
+        _, z = teacher.draw_inputs(keys, batch["action"])
+    else:
+        torch.randint(0, 2, (16,))
+        z = torch.randn_like(batch["action"])
+    renoise = torch.randn(len(later), *z.shape[1:])
+    plan = pupil.step_plan("fewstep", 2)
+    with torch.no_grad():
+        cond = pupil.encoder(*pupil._check_obs(batch["obs"], check_finite=False))
+        out = pupil.denoiser(z[later], torch.full((len(later),), timesteps[0]), cond[later])
+        want = plan.step(0, z[later], out, renoise)
+    torch.testing.assert_close(got["noisy"][later], want, rtol=0, atol=1e-6)
+    assert torch.equal(got["noisy"][first], z[first])
+    policy = teacher.policy
+    with torch.no_grad():
+        tcond = policy.encoder(*policy._check_obs(batch["obs"], check_finite=False))
+        for lv, rows in ((0, first), (1, later)):
+            def denoise(x, tt, c=tcond[rows]):
+                return policy.denoiser(x, torch.from_numpy(tt), c)
+
+            again = run_reverse(denoise, teacher.plans[lv], got["noisy"][rows], None)
+            torch.testing.assert_close(again, got["target"][rows], rtol=0, atol=1e-5)
+    # the student moves: its later inputs follow, the first level's stay
+    with torch.no_grad():
+        for p in pupil.denoiser.parameters():
+            p.mul_(0.9)
+    torch.manual_seed(3)
+    moved = teacher.targets(batch)
+    assert torch.equal(moved["noisy"][first], got["noisy"][first])
+    assert torch.equal(moved["target"][first], got["target"][first])
+    assert not torch.allclose(moved["noisy"][later], got["noisy"][later])
+
+
 def test_teacher_path_needs_timesteps_on_the_chain(tiny_runs):
     from dpkit.errors import DpkitError
 
@@ -434,12 +496,15 @@ def test_energy_term_scores_the_students_own_fewstep_samples(student, tiny_runs)
     assert term == pytest.approx(0.7 * sum(per_call) / len(per_call), rel=1e-4, abs=1e-6)
 
 
-def test_energy_from_leaves_the_first_steps_to_the_regression(tiny_runs, synthetic_store, tmp_path):
+@pytest.mark.parametrize("phase", [["distill.energy_weight=0.5", "distill.energy_from=2"],
+                                   ["distill.later_inputs=student", "distill.later_inputs_from=2"]])
+def test_a_later_phase_leaves_the_first_steps_to_the_regression(tiny_runs, synthetic_store, tmp_path, phase):
+    """energy_from / later_inputs_from: the first steps are those of the plain recipe, bit for bit."""
     from dpkit.train.checkpoint import read_weights
 
     common = ["train.lr_scheduler=constant", "distill.draws_per_window=1", "train.checkpoint_every=1",
               "train.keep_checkpoints=3", "distill.energy_rows=4"]
-    runs = {"plain": ["distill.energy_weight=0"], "from2": ["distill.energy_weight=0.5", "distill.energy_from=2"]}
+    runs = {"plain": ["distill.energy_weight=0"], "from2": phase}
     for name, extra in runs.items():
         assert _distill(tiny_runs["lowdim"], tmp_path / name, synthetic_store, *common, *extra, steps=3) == 0
 

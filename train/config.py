@@ -359,7 +359,7 @@ class TrainConfig:
                    f"set train.eval_every=0")
 
 
-LATER_INPUTS = ("noised_actions", "teacher_path")
+LATER_INPUTS = ("noised_actions", "teacher_path", "student")
 ROLLOUT_SEED_END = 100_000
 """Distillation rollouts start below this legacy seed: the original protocol's test seeds begin here
 (dpkit.eval.pusht.LEGACY_TEST_SEED), and a student must not train on the states it is scored from."""
@@ -407,7 +407,15 @@ class DistillConfig:
     """The input at the student's later timesteps. "noised_actions": the window's actions noised to that
     level, with the teacher's chain from there (one chain per input). "teacher_path": the state the
     teacher's chain from pure noise passes through at that level, so one chain (from the first timestep)
-    gives an input and target for every level; the later timesteps must lie on that chain."""
+    gives an input and target for every level; the later timesteps must lie on that chain. "student": what the
+    student's own sampler feeds that call (its earlier calls from pure noise, each output re-noised by the
+    few-step rule), with the teacher's chain from there: the later calls learn to finish the student's own
+    first guesses as the teacher would. Those inputs move with the student, so their targets are computed
+    every time (about 1 + the chain's steps network calls per such row, no caching)."""
+    later_inputs_from: int = 0
+    """With later_inputs "student": the optimizer steps that take the student's own states, those after the
+    first `later_inputs_from` (0: every step); before, the later levels take noised actions (whose targets
+    are cached with fixed draws), so the student's first call is trained before its outputs are used."""
     rollout_at: tuple[int, ...] = ()
     """On-policy states: after each of these optimizer steps the EMA student is rolled out in gym-pusht
     (`rollout_episodes` episodes with `rollout_calls` calls per chunk) and the observation windows it acted
@@ -455,7 +463,7 @@ class DistillConfig:
         _range("distill.unexecuted_weight", self.unexecuted_weight, 0.0, 1.0)
         _range("distill.pseudo_huber", self.pseudo_huber, 0.0, 10.0)
         _check(self.later_inputs in LATER_INPUTS,
-               f"distill.later_inputs must be {' or '.join(LATER_INPUTS)}, got {self.later_inputs!r}")
+               f"distill.later_inputs must be one of {', '.join(LATER_INPUTS)}, got {self.later_inputs!r}")
         _check(list(self.rollout_at) == sorted(set(self.rollout_at)) and all(s >= 1 for s in self.rollout_at),
                f"distill.rollout_at must be distinct, ascending optimizer steps >= 1, got {list(self.rollout_at)}")
         _range("distill.rollout_episodes", self.rollout_episodes, 1, 100_000)
@@ -465,6 +473,7 @@ class DistillConfig:
         _range("distill.energy_rows", self.energy_rows, 1, 100_000)
         _range("distill.energy_samples", self.energy_samples, 2, 64)
         _range("distill.energy_from", self.energy_from, 0, 10_000_000)
+        _range("distill.later_inputs_from", self.later_inputs_from, 0, 10_000_000)
         last = self.rollout_seed_start + len(self.rollout_at) * self.rollout_episodes
         _check(self.rollout_seed_start >= 0 and last <= ROLLOUT_SEED_END,
                f"distill.rollout_seed_start + len(rollout_at) * rollout_episodes = {last} must lie in "

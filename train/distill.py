@@ -109,6 +109,9 @@ class Teacher:
         stride = T // distill.teacher_ddim_steps
         self.plans = [StepPlan.build(policy.schedule_arrays, ode_chain(t, stride)) for t in self.timesteps]
         self.path = distill.later_inputs == "teacher_path"
+        # later_inputs "student": the later levels' inputs are the student's own few-step states (attach_student)
+        self.on_student = distill.later_inputs == "student"
+        self.student: Any = None
         off = off_chain(distill, T)
         if (self.path or distill.rollout_at) and off:
             raise DpkitError(f"distill.later_inputs=teacher_path / rollout_at: timesteps {off} are not on the "
@@ -130,18 +133,25 @@ class Teacher:
         # The energy term (distill.energy_weight): its weight, windows and samples per batch
         self.energy = (float(distill.energy_weight), int(distill.energy_rows), int(distill.energy_samples))
 
+    def attach_student(self, student: Any) -> None:
+        """The policy being distilled (its current weights), whose own few-step states are the later levels'
+        inputs with later_inputs "student"; the trainer attaches it before the first batch."""
+        self.student = student
+
     def describe(self) -> dict[str, Any]:
         return {"checkpoint": str(self.checkpoint), "step": self.step, "weights": self.weights}
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Any], rollouts: bool = True, energy: bool = True) -> dict[str, Any]:
+    def targets(self, batch: dict[str, Any], rollouts: bool = True, energy: bool = True,
+                on_student: bool = True) -> dict[str, Any]:
         """A training batch {"obs", "action"} -> the student's {"obs", "noisy", "timestep", "target"}.
         Draws come from torch's global generator, which the trainer reseeds per micro-batch; with
         `draws_per_window` they are fixed per window (draw_inputs) and their targets cached. Once rollout
         windows exist (and `rollouts`), the batch's last `rollout_fraction` of rows are replaced by rollout
         windows drawn at random, whose inputs come from the teacher's chain (they have no actions). With
         distill.energy_weight > 0 (and `energy`) the batch also carries the energy term's "energy" entry
-        (energy_inputs)."""
+        (energy_inputs). With later_inputs "student" (and `on_student`; else as "noised_actions") the later
+        levels' inputs are the attached student's own few-step states (_student_rows)."""
         obs = batch["obs"]
         x0 = self.policy.normalizer.normalize("action", batch["action"].float())
         n = x0.shape[0]
@@ -151,12 +161,13 @@ class Teacher:
             return self.energy_inputs(x0[: n - k]) if energy and self.energy[0] > 0 else {}
 
         if k == 0:
-            return {"obs": obs, **self._rows(obs, x0, batch["action"], self.path), **self._weight(x0), **extra()}
+            return {"obs": obs, **self._rows(obs, x0, batch["action"], self.path, on_student), **self._weight(x0),
+                    **extra()}
         pick = torch.randint(0, self.rollout_windows, (k,)).to(x0.device)
         mine = {key: v[pick] for key, v in self.rollout_obs.items()}
         theirs = {key: v[: n - k] for key, v in obs.items()}
         # a rollout window has no action: its draw key digests the window with an all-NaN action instead
-        out = [self._rows(theirs, x0[: n - k], batch["action"][: n - k], self.path),
+        out = [self._rows(theirs, x0[: n - k], batch["action"][: n - k], self.path, on_student),
                self._rows(mine, x0[n - k:], torch.full_like(batch["action"][n - k:], torch.nan), True)]
         return {"obs": {key: torch.cat([theirs[key], mine[key]]) for key in obs},
                 **{key: torch.cat([o[key] for o in out]) for key in out[0]}, **self._weight(x0), **extra()}
@@ -173,12 +184,16 @@ class Teacher:
         noise = torch.randn((samples, len(self.timesteps), m, *x0.shape[1:]), device=x0.device, dtype=x0.dtype)
         return {"energy": {"weight": weight, "target": x0[:m], "noise": noise}}
 
-    def _rows(self, obs: dict[str, Any], x0: torch.Tensor, action: torch.Tensor, path: bool) -> dict[str, Any]:
+    def _rows(self, obs: dict[str, Any], x0: torch.Tensor, action: torch.Tensor, path: bool,
+              on_student: bool = False) -> dict[str, Any]:
         """{"noisy", "timestep", "target"} for these windows (x0: their normalized actions; with `path` their
-        later levels' inputs come from the teacher's chain, so x0 only gives the shape)."""
+        later levels' inputs come from the teacher's chain, so x0 only gives the shape; with `on_student` and
+        later_inputs "student" from the student's own states)."""
         n = x0.shape[0]
         if n == 0:
             return {"noisy": x0, "timestep": torch.empty(0, dtype=torch.int64, device=x0.device), "target": x0}
+        if self.on_student and on_student and not path:
+            return self._student_rows(obs, x0, action)
         if not self.draws:
             level = torch.randint(0, len(self.timesteps), (n,), device=x0.device)
             z = torch.randn_like(x0)
@@ -211,6 +226,67 @@ class Teacher:
         hits = [self.cache[k] for k in keys]
         return {"noisy": torch.stack([h[0] for h in hits]), "target": torch.stack([h[1] for h in hits]),
                 "timestep": torch.tensor([h[2] for h in hits], dtype=torch.int64, device=x0.device)}
+
+    def _student_rows(self, obs: dict[str, Any], x0: torch.Tensor, action: torch.Tensor) -> dict[str, Any]:
+        """later_inputs "student": each row's level and noise z as the draws give them (fixed per window with
+        draws_per_window, else fresh). At the first level the input is z and the target the teacher's chain
+        from it (cached with fixed draws); at a later level the input is what the student's own sampler feeds
+        that call: its earlier calls from z, each output re-noised by the few-step rule with fresh noise
+        (student_states). Those inputs move with the student, so their targets are computed every time."""
+        n = x0.shape[0]
+        if self.draws:
+            draws = self.draw_keys(obs, action, torch.randint(0, self.draws, (n,)))
+            level, z = self.draw_inputs(draws, x0)
+        else:
+            draws = None
+            level = torch.randint(0, len(self.timesteps), (n,), device=x0.device)
+            z = torch.randn_like(x0)
+        noisy, target = torch.empty_like(x0), torch.empty_like(x0)
+        first = (level == 0).nonzero().flatten().tolist()
+        if draws is not None:
+            keys = {i: draws[i] + b"\xff" for i in first}
+            misses = [i for i in first if keys[i] not in self.cache]
+            if misses:
+                rows = torch.tensor(misses, device=x0.device)
+                sub = {k: v[rows] for k, v in obs.items()}
+                _, got, _ = self._denoise(sub, z[rows], torch.zeros_like(rows), z[rows])
+                for j, i in enumerate(misses):
+                    self.cache[keys[i]] = (z[i], got[j], self.timesteps[0])
+            for i in first:
+                noisy[i], target[i] = self.cache[keys[i]][0], self.cache[keys[i]][1]
+            later = [i for i in range(n) if i not in keys]
+        else:
+            later = list(range(n))  # the first level's rows too: their input is z itself
+        if later:
+            rows = torch.tensor(later, device=x0.device)
+            sub = {k: v[rows] for k, v in obs.items()}
+            inputs = self.student_states(sub, z[rows], level[rows])
+            noisy[rows], target[rows], _ = self._denoise(sub, z[rows], level[rows], z[rows], inputs)
+        timestep = torch.tensor(self.timesteps, dtype=torch.int64, device=x0.device)[level.to(x0.device)]
+        return {"noisy": noisy, "timestep": timestep, "target": target}
+
+    def student_states(self, obs: dict[str, Any], z: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """The input the attached student's few-step sampler gives its call `level[i]` for row i when it starts
+        from pure noise z[i]: z at level 0; else its calls 0 .. level - 1, each output re-noised to the next
+        timestep by the few-step rule (the policy's StepPlan, the one every runtime runs) with fresh noise from
+        torch's generator. No gradient: the student is read, not trained, here."""
+        student = self.student
+        if student is None:
+            raise RuntimeError("later_inputs 'student' needs the student: Teacher.attach_student first")
+        x = z.clone()
+        top = int(level.max()) if len(level) else 0
+        if top == 0:
+            return x
+        with torch.no_grad():
+            cond = student.encoder(*student._check_obs(obs, check_finite=False))
+            plan = student.step_plan("fewstep", top + 1)
+            for k in range(top):
+                rows = (level > k).nonzero().flatten()
+                t = torch.full((len(rows),), int(plan.timesteps[k]), dtype=torch.int64, device=x.device)
+                out = student.denoiser(x[rows], t, cond[rows])
+                # a contiguous draw: randn_like would follow the denoiser output's strides
+                x[rows] = plan.step(k, x[rows], out, torch.randn(out.shape, dtype=out.dtype, device=out.device))
+        return x
 
     @property
     def rollout_windows(self) -> int:
@@ -319,8 +395,10 @@ class Teacher:
         target = run_reverse(denoise, self.plans[0], z, None)
         return torch.stack([seen[t] for t in self.timesteps]), target
 
-    def _denoise(self, obs: dict[str, Any], x0: torch.Tensor, level: torch.Tensor, z: torch.Tensor):
-        """The student's inputs at each row's level and the teacher's DDIM result from them."""
+    def _denoise(self, obs: dict[str, Any], x0: torch.Tensor, level: torch.Tensor, z: torch.Tensor,
+                 inputs: torch.Tensor | None = None):
+        """The student's inputs at each row's level and the teacher's DDIM result from them (`inputs`: the
+        inputs given, e.g. the student's own states, instead of noise or noised actions)."""
         policy = self.policy
         n = x0.shape[0]
         self.teacher_windows += n
@@ -333,7 +411,10 @@ class Teacher:
             if len(rows) == 0:
                 continue
             # the first timestep starts from pure noise, as sampling does; later ones from noised actions
-            x_t = z[rows] if j == 0 else self.sqrt_a[j] * x0[rows] + self.sqrt_1m_a[j] * z[rows]
+            if inputs is not None:
+                x_t = inputs[rows]
+            else:
+                x_t = z[rows] if j == 0 else self.sqrt_a[j] * x0[rows] + self.sqrt_1m_a[j] * z[rows]
             c = cond[rows]
 
             def denoise(x: torch.Tensor, tt: np.ndarray, c: torch.Tensor = c) -> torch.Tensor:

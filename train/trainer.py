@@ -404,6 +404,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     thread_choice = _apply_threads(threads, policy)
     model, optimizer = acc.prepare(policy, optimizer)
     unwrapped = acc.unwrap_model(model)
+    if teacher is not None:  # later_inputs "student" reads the student's own few-step states
+        teacher.attach_student(unwrapped)
     eval_policy = ema.module if ema is not None else unwrapped  # validation and rollouts score the EMA
     loader = _data_loader(cfg, train_ds, acc, first_step)
     per_epoch = loader.batch_sampler.per_epoch
@@ -426,7 +428,8 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
         step_loss = torch.zeros((), device=acc.device)
         for micro in range(step * t.grad_accum_steps, (step + 1) * t.grad_accum_steps):
             batch = _micro_batch(next(data_iter), acc.device, t.seed, rank, micro, teacher,
-                                 energy=teacher is not None and step >= cfg.distill.energy_from)
+                                 energy=teacher is not None and step >= cfg.distill.energy_from,
+                                 on_student=teacher is not None and step >= cfg.distill.later_inputs_from)
             with acc.accumulate(model):
                 loss = model(batch)
                 acc.backward(loss)
@@ -602,14 +605,15 @@ def _print_header(cfg: Config, acc, teacher, policy: torch.nn.Module, train_ds: 
 
 
 def _micro_batch(batch: Any, device: torch.device, seed: int, rank: int, micro: int, teacher,
-                 energy: bool = False) -> Any:
+                 energy: bool = False, on_student: bool = False) -> Any:
     """Micro-batch number `micro` of the run, on the device, with this process's generators reseeded for it
     (the diffusion noise and timesteps it draws); distillation swaps in the teacher's targets (with the
-    energy term's inputs when `energy` and the term is on)."""
+    energy term's inputs when `energy` and the term is on, and the student's own states as the later levels'
+    inputs when `on_student` and later_inputs is "student")."""
     batch = _to_device(batch, device)
     _seed_micro(seed, rank, micro)
     if teacher is not None:
-        batch = teacher.targets(batch, energy=energy)
+        batch = teacher.targets(batch, energy=energy, on_student=on_student)
     return batch
 
 
@@ -658,11 +662,12 @@ class _Window:
 
 def _validate(acc, policy: torch.nn.Module, val_ds: PushTDataset, t: TrainConfig, teacher) -> float | None:
     """The validation loss, computed by the main process (None on the others, or without a validation split);
-    a distillation's on the held-out demonstrations' windows alone, and its regression alone (no energy term)."""
+    a distillation's on the held-out demonstrations' windows alone, and its regression alone (no energy term,
+    and noised actions at the later levels whatever later_inputs, so runs' validation losses compare)."""
     val = None
     if acc.is_main_process:
         val = validation_loss(policy, val_ds, t.batch_size, t.val_batches, t.seed, acc.device,
-                              prepare=(lambda b: teacher.targets(b, rollouts=False, energy=False))
+                              prepare=(lambda b: teacher.targets(b, rollouts=False, energy=False, on_student=False))
                               if teacher is not None else None)
     acc.wait_for_everyone()
     return val
