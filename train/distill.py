@@ -277,15 +277,20 @@ class Teacher:
         top = int(level.max()) if len(level) else 0
         if top == 0:
             return x
-        with torch.no_grad():
-            cond = student.encoder(*student._check_obs(obs, check_finite=False))
-            plan = student.step_plan("fewstep", top + 1)
-            for k in range(top):
-                rows = (level > k).nonzero().flatten()
-                t = torch.full((len(rows),), int(plan.timesteps[k]), dtype=torch.int64, device=x.device)
-                out = student.denoiser(x[rows], t, cond[rows])
-                # a contiguous draw: randn_like would follow the denoiser output's strides
-                x[rows] = plan.step(k, x[rows], out, torch.randn(out.shape, dtype=out.dtype, device=out.device))
+        was_training = student.training
+        student.eval()  # as it samples (an image encoder's center crop, no random crop drawn)
+        try:
+            with torch.no_grad():
+                cond = student.encoder(*student._check_obs(obs, check_finite=False))
+                plan = student.step_plan("fewstep", top + 1)
+                for k in range(top):
+                    rows = (level > k).nonzero().flatten()
+                    t = torch.full((len(rows),), int(plan.timesteps[k]), dtype=torch.int64, device=x.device)
+                    out = student.denoiser(x[rows], t, cond[rows])
+                    # a contiguous draw: randn_like would follow the denoiser output's strides
+                    x[rows] = plan.step(k, x[rows], out, torch.randn(out.shape, dtype=out.dtype, device=out.device))
+        finally:
+            student.train(was_training)
         return x
 
     @property
