@@ -19,7 +19,11 @@ weighs the trajectory steps a chunk does not execute less in the loss (step_weig
 the actions the controller runs; `distill.pseudo_huber` c > 0 makes the loss robust per window
 (DiffusionPolicy.forward). With `distill.later_inputs` "teacher_path" the later levels' inputs are
 instead the states the first level's chain passes through there (each draw then gives every level an input
-and a target from one chain, for the chain's cost alone). With `distill.rollout_at` the student also learns
+and a target from one chain, for the chain's cost alone); with "student" they are what the student's own
+sampler feeds those calls (its earlier calls from pure noise, re-noised by the few-step rule), so the later
+calls learn to finish the student's own first guesses the way the teacher's chain would (from step
+`distill.later_inputs_from` on; those targets move with the student and are not cached). With
+`distill.rollout_at` the student also learns
 on the states it visits itself (on-policy states, as in DAgger): at those steps the trainer rolls the EMA
 student out in gym-pusht, its observation windows join the data (add_rollout_windows), and from then on a
 `distill.rollout_fraction` share of every batch is drawn from them, with inputs and targets from the
