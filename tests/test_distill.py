@@ -645,3 +645,46 @@ def test_spread_summary_is_relative_to_the_teachers_ddpm():
     got = summarize(raw)
     assert got["student"] == {"spread_px": 10.0, "of_teacher_ddpm100": 0.5, "median_ratio": 0.5,
                               "mean_offset_px": 5.0}
+
+
+def test_handoff_is_the_students_first_call_then_the_teachers_chain(tiny_runs, student, tmp_path, capsys):
+    """benchmarks/fewstep_handoff: the student's first call, re-noised to the level by the few-step rule, then
+    the teacher's DDIM chain from there; scored like dpkit-eval; bad input is one line."""
+    from dpkit.benchmarks import fewstep_handoff
+    from dpkit.train.checkpoint import load_checkpoint
+    from dpkit.train.distill import ode_chain
+
+    teacher, _ = load_checkpoint(tiny_runs["lowdim"])
+    pupil, _ = load_checkpoint(student)
+    handoff = fewstep_handoff.Handoff(teacher, pupil, 49, 10)
+    g = torch.Generator().manual_seed(0)
+    pc = pupil.cfg
+    obs = {k: torch.randn(3, pc.n_obs_steps, *shape, generator=g) for k, shape, _ in pupil.obs_specs}
+    z, n = (torch.randn(3, pc.horizon, pc.action_dim, generator=g) for _ in range(2))
+    got = handoff.sample(obs, z, n)
+    with torch.no_grad():
+        x0 = pupil.sample(obs, "fewstep", 1, initial_noise=z)  # the first call's (clipped) x0
+        a = float(np.float32(pupil.schedule_arrays.alphas_cumprod[49]))
+        x = np.float32(np.sqrt(a)) * x0 + np.float32(np.sqrt(np.float32(1) - a)) * n
+        plan = StepPlan.build(teacher.schedule_arrays, ode_chain(49, 10))
+        cond = teacher.encoder(*teacher._check_obs(obs, check_finite=False))
+        want = run_reverse(lambda xt, tt: teacher.denoiser(xt, torch.from_numpy(tt), cond), plan, x, None)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    out = tmp_path / "handoff.json"
+    common = ["--teacher", str(tiny_runs["lowdim"]), "--student", str(student), "--episodes", "2",
+              "--max-steps", "16", "--threads", "1", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        fewstep_handoff.main([*common, "--level", "49", "--json", str(out)])
+    assert e.value.code in (0, None)
+    report = json.loads(out.read_text())
+    assert 0.0 <= report["score"] <= 1.0 and report["n_episodes"] == 2
+    assert report["handoff"]["level"] == 49 and report["handoff"]["teacher_calls"] == 5
+    for bad, expect in ((["--level", str(_recipe_timesteps()[0])], "--level must be in [0, 99)"),
+                        (["--level", "9", "--teacher-ddim-steps", "0"], "--teacher-ddim-steps must be in [1, 100]")):
+        with pytest.raises(SystemExit) as e:
+            fewstep_handoff.main([*common, *bad])
+        assert e.value.code != 0 and expect in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        fewstep_handoff.main(["--teacher", str(student), "--student", str(student), "--level", "9", "--threads", "1"])
+    assert e.value.code != 0 and "--teacher is a few-step student" in capsys.readouterr().err
