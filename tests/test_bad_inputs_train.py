@@ -99,6 +99,8 @@ BAD_VALUES = {
     "policy.num_train_timesteps": [(1, "policy.num_train_timesteps must be in [2, 1000]"), (5000, "[2, 1000]")],
     "policy.beta_schedule": [("sigmoid", "policy.beta_schedule must be one of")],
     "policy.clip_sample": [(1, "policy.clip_sample must be true or false")],
+    "policy.fewstep_later_epsilon": [(1, "policy.fewstep_later_epsilon must be true or false"),
+                                     ("true", "policy.fewstep_later_epsilon is for a few-step student")],
     "policy.clip_sample_range": [(0, "policy.clip_sample_range must be > 0"), (".inf", "must be a finite number")],
     "policy.prediction_type": [("v_prediction", "policy.prediction_type must be 'epsilon' or 'sample'")],
     "policy.ddim_steps": [(101, "policy.ddim_steps must be in [1, num_train_timesteps]")],
@@ -166,6 +168,7 @@ BAD_VALUES = {
     "distill.energy_samples": [(1, "distill.energy_samples must be in [2, 64]"), (65, "must be in [2, 64], got 65")],
     "distill.energy_from": [(-1, "distill.energy_from must be in [0, 10000000]")],
     "distill.later_inputs_from": [(-1, "distill.later_inputs_from must be in [0, 10000000]")],
+    "distill.later_epsilon": [(1, "distill.later_epsilon must be true or false")],
     "distill.rollout_seed_start": [(100_001, "must lie in [0, 100000]: the rollouts never start from the test seeds"),
                                    (-1, "must lie in [0, 100000]")],
 }

@@ -688,3 +688,62 @@ def test_handoff_is_the_students_first_call_then_the_teachers_chain(tiny_runs, s
     with pytest.raises(SystemExit) as e:
         fewstep_handoff.main(["--teacher", str(student), "--student", str(student), "--level", "9", "--threads", "1"])
     assert e.value.code != 0 and "--teacher is a few-step student" in capsys.readouterr().err
+
+
+def test_later_epsilon_student_starts_from_its_teachers_one_call_estimate(tiny_runs, synthetic_store, tmp_path):
+    """distill.later_epsilon: at the later timesteps the student's network predicts the noise and its denoiser
+    returns x0 = (x - sqrt(1 - a) eps) / sqrt(a), so with its teacher's weights it is the teacher's one-call
+    estimate there; at the first timestep it predicts x0 directly. The mix is in the exported graph: the
+    bundle still outputs x0, and torch, ort and cpp agree on fewstep-1 and -2 (fp32 and int8)."""
+    import dataclasses
+
+    from dpkit.export import export_bundle
+    from dpkit.runtime import load_policy
+    from dpkit.runtime.parity import random_observations, trajectory_errors
+    from dpkit.train.checkpoint import load_checkpoint
+    from dpkit.train.config import DistillConfig
+    from dpkit.train.distill import student_policy
+    from dpkit.train.policy import DiffusionPolicy
+
+    teacher, _ = load_checkpoint(tiny_runs["lowdim"])
+    cfg = student_policy(teacher.cfg, DistillConfig(timesteps=(99, 29), later_epsilon=True))
+    pupil = DiffusionPolicy(cfg, teacher.normalizer)
+    pupil.load_state_dict(teacher.state_dict())  # the mix is no weight: the teacher's state dict loads as is
+    assert "denoiser.out_skip" not in pupil.state_dict()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, cfg.horizon, cfg.action_dim, generator=g)
+    c = torch.randn(4, pupil.cond_dim, generator=g)
+    acp = teacher.noise_scheduler.alphas_cumprod.double()
+    with torch.no_grad():
+        for t in (99, 29, 50):
+            tt = torch.full((4,), t)
+            eps = teacher.denoiser(x, tt, c)
+            got = pupil.denoiser(x, tt, c)
+            if t == 29:  # a later timestep: the teacher's one-call x0
+                a = acp[t]
+                want = ((x.double() - (1 - a).sqrt() * eps.double()) / a.sqrt()).float()
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            else:  # the first, and any other timestep: the U-Net's output as it is
+                assert torch.equal(got, eps)
+    with pytest.raises(DpkitError, match="fewstep_later_epsilon is for a few-step student"):
+        dataclasses.replace(teacher.cfg, fewstep_later_epsilon=True).validate()
+
+    out = tmp_path / "student"
+    assert _distill(tiny_runs["lowdim"], out, synthetic_store, "distill.later_epsilon=true",
+                    "distill.later_inputs=student", steps=2) == 0
+    s, _ = load_checkpoint(out)
+    assert s.cfg.fewstep_later_epsilon and s.denoiser.out_skip is not None
+    for precision in ("fp32", "int8"):
+        bundle = tmp_path / precision
+        export_bundle(out, bundle, precision=precision, log=lambda s: None)
+        manifest = json.loads((bundle / "policy.json").read_text())
+        assert manifest["scheduler"]["prediction_type"] == "sample"
+        if precision == "fp32":
+            assert manifest["parity"]["traj_fewstep"] <= 1e-4
+            ort = load_policy(bundle, backend="ort")
+            cpp = load_policy(bundle, backend="cpp")
+            obs = random_observations(ort.observations, ort.n_obs_steps, 2, seed=4)
+            for k in (1, 2):
+                errs = trajectory_errors(load_policy(out, backend="torch"), {"ort": ort, "cpp": cpp}, obs, "fewstep",
+                                         k, seed=5)
+                assert max(errs.values()) <= 1e-4, (k, errs)

@@ -115,6 +115,11 @@ class PolicyConfig:
     """A few-step student's timesteps (dpkit-distill), descending: its network predicts the clean trajectory
     (prediction_type "sample") at each, and fewstep-k runs the first k (docs/bundle-format.md, the few-step
     rule). Set, the policy samples only with "fewstep"; None: a diffusion policy (DDPM and DDIM)."""
+    fewstep_later_epsilon: bool = False
+    """A few-step student's output at its later timesteps (all but the first): False, the U-Net predicts x0
+    directly; True, it predicts the noise as its teacher does, and the denoiser turns that into x0 (x0 = (x -
+    sqrt(1 - a_t) eps) / sqrt(a_t), inside the exported graph, so the bundle still outputs x0), so the student
+    starts there from its teacher's own one-call estimate. The first timestep (pure noise) always predicts x0."""
 
     @property
     def first_action_index(self) -> int:
@@ -237,6 +242,8 @@ class PolicyConfig:
         else:
             _check(self.default_sampler != "fewstep",
                    "policy.default_sampler 'fewstep' needs policy.fewstep_timesteps (a few-step student)")
+            _check(not self.fewstep_later_epsilon,
+                   "policy.fewstep_later_epsilon is for a few-step student (policy.fewstep_timesteps)")
 
 
 @dataclass
@@ -412,6 +419,10 @@ class DistillConfig:
     few-step rule), with the teacher's chain from there: the later calls learn to finish the student's own
     first guesses as the teacher would. Those inputs move with the student, so their targets are computed
     every time (about 1 + the chain's steps network calls per such row, no caching)."""
+    later_epsilon: bool = False
+    """The student's later calls predict the noise, turned into x0 inside the network (policy.fewstep_later_epsilon):
+    they start from the teacher's own one-call estimate at those levels instead of learning x0 from scratch.
+    The bundle and every runtime are unchanged (the denoiser still outputs x0)."""
     later_inputs_from: int = 0
     """With later_inputs "student": the optimizer steps that take the student's own states, those after the
     first `later_inputs_from` (0: every step); before, the later levels take noised actions (whose targets
@@ -503,6 +514,8 @@ class Config:
                    f"{self.distill.teacher_ddim_steps} must lie below the teacher's num_train_timesteps={T}")
             _check(tuple(self.policy.fewstep_timesteps or ()) == tuple(self.distill.timesteps),
                    "a distillation's policy.fewstep_timesteps must be distill.timesteps (dpkit-distill sets both)")
+            _check(self.policy.fewstep_later_epsilon == self.distill.later_epsilon,
+                   "a distillation's policy.fewstep_later_epsilon must be distill.later_epsilon (dpkit-distill sets both)")
             if self.distill.rollout_at:
                 _check(self.policy.obs_mode == "lowdim",
                        "distill.rollout_at: rollouts collect low-dim observation windows; this policy observes "

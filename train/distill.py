@@ -51,7 +51,7 @@ from dpkit.train import checkpoint as ckpt_io
 from dpkit.train.config import Config, DistillConfig, PolicyConfig, off_chain
 
 # The policy fields a student sets itself; every other one is the teacher's (the same network).
-STUDENT_FIELDS = ("fewstep_timesteps", "prediction_type", "default_sampler")
+STUDENT_FIELDS = ("fewstep_timesteps", "prediction_type", "default_sampler", "fewstep_later_epsilon")
 
 
 def teacher_checkpoint(path: str | Path) -> Path:
@@ -77,7 +77,7 @@ def student_config(recipe: Config, teacher_cfg: Config) -> Config:
 
 def student_policy(teacher: PolicyConfig, distill: DistillConfig) -> PolicyConfig:
     return dataclasses.replace(teacher, fewstep_timesteps=tuple(distill.timesteps), prediction_type="sample",
-                               default_sampler="fewstep")
+                               default_sampler="fewstep", fewstep_later_epsilon=distill.later_epsilon)
 
 
 def check_student(student: PolicyConfig, teacher: PolicyConfig) -> None:

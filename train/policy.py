@@ -159,8 +159,24 @@ class Denoiser(nn.Module):
             final_norm_groups=cfg.final_norm_groups,
         )
 
+        # a few-step student's output per timestep: skip * sample + scale * unet (set_output_mix; None: the U-Net's)
+        self.register_buffer("out_skip", None, persistent=False)
+        self.register_buffer("out_scale", None, persistent=False)
+
+    def set_output_mix(self, skip: Tensor, scale: Tensor) -> None:
+        """Make the output skip[t] * sample + scale[t] * unet(sample, t, cond), per timestep t (tables of
+        num_train_timesteps). Buffers, not weights: derived from the config and the schedule, never saved, and
+        part of the exported graph (a Gather on each table), so every runtime runs them unchanged."""
+        self.out_skip, self.out_scale = skip, scale
+
     def forward(self, sample: Tensor, timestep: Tensor, cond: Tensor) -> Tensor:
-        return self.unet(sample, timestep, cond)
+        out = self.unet(sample, timestep, cond)
+        if self.out_skip is None:
+            return out
+        out = out.to(sample.dtype)
+        skip = self.out_skip.to(sample.dtype)[timestep][:, None, None]
+        scale = self.out_scale.to(sample.dtype)[timestep][:, None, None]
+        return skip * sample + scale * out
 
 
 class DiffusionPolicy(nn.Module):
@@ -184,6 +200,8 @@ class DiffusionPolicy(nn.Module):
         self.denoiser = Denoiser(cfg, self.cond_dim)
         self.noise_scheduler = self.make_scheduler("ddpm", cfg.num_train_timesteps)
         self._plans: dict[tuple[str, int], StepPlan] = {}  # step_plan's, per (kind, K): the config is fixed
+        if cfg.fewstep_later_epsilon:
+            self.denoiser.set_output_mix(*later_epsilon_mix(cfg, self.noise_scheduler.alphas_cumprod))
 
     # ---- observations -------------------------------------------------------------------------------
 
@@ -419,6 +437,20 @@ class DiffusionPolicy(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def later_epsilon_mix(cfg: PolicyConfig, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
+    """policy.fewstep_later_epsilon's output tables (Denoiser.set_output_mix): at the student's later timesteps
+    the U-Net's output is the noise, and the denoiser returns x0 = (x - sqrt(1 - a_t) * eps) / sqrt(a_t), the
+    teacher's own one-call estimate when the weights are the teacher's; elsewhere (its first timestep, where
+    a_t is near 0 and that estimate ill-conditioned) the U-Net's output is x0 itself."""
+    acp = alphas_cumprod.double()
+    skip = torch.zeros(cfg.num_train_timesteps, dtype=torch.float64)
+    scale = torch.ones(cfg.num_train_timesteps, dtype=torch.float64)
+    for t in (cfg.fewstep_timesteps or ())[1:]:
+        skip[t] = 1.0 / acp[t].sqrt()
+        scale[t] = -(1.0 - acp[t]).sqrt() / acp[t].sqrt()
+    return skip.float(), scale.float()
 
 
 def window_mse(diff: Tensor, w: Tensor | None) -> Tensor:
