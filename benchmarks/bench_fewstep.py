@@ -4,8 +4,8 @@
         --pair runs/teacher_s43 runs/student_s43 --episodes 200 --out benchmarks/results/fewstep
 
 For each (teacher run, student run): both are exported (fp32 bundles), then dpkit-eval scores, in the C++
-runtime, the teacher with DDPM-100 and DDIM-10 and the student with fewstep-1 and fewstep-2 on the same
-legacy seeds (100000 on). A student's figure is given as a fraction of its teacher's DDPM-100 score with the
+runtime, the teacher with DDPM-100 and DDIM-10 and the student with fewstep-1 and fewstep-2 (fewstep-1 alone
+for a student distilled with one timestep) on the same legacy seeds (100000 on). A student's figure is given as a fraction of its teacher's DDPM-100 score with the
 paired standard error of the per-episode difference (the same seed's start state on both sides). The cost is
 the student's distillation CPU time over its teacher's training CPU time (each run's train_summary.json,
 same machine). Pairs run one process each, side by side, with one thread each.
@@ -75,14 +75,28 @@ def _evaluations(bundle: Path, sampler: str, episodes: int, work: Path, name: st
 def _under_latency(teacher: Path, student: Path, delays: list[int], episodes: int, work: Path, cache: Path) -> dict:
     """Scores under a fixed inference delay of d environment steps (dpkit-eval --latency-steps d, its default
     execution async-inpaint): the teacher's DDIM-10 against the student's fewstep-1 and fewstep-2."""
-    bundles = {"ddim-10": cache / f"{teacher.name}_bundle", "fewstep-1": cache / f"{student.name}_bundle",
-               "fewstep-2": cache / f"{student.name}_bundle"}
+    bundles = {"ddim-10": cache / f"{teacher.name}_bundle"}
+    bundles |= {s: cache / f"{student.name}_bundle" for s in _student_samplers(student)}
     rows = {}
     for sampler, bundle in bundles.items():
         owner = teacher.name if sampler == "ddim-10" else student.name
         rows[sampler] = {d: _evaluate(bundle, sampler, episodes, work / f"{owner}_{sampler}_latency{d}.json", d)["score"]
                          for d in delays}
     return {"teacher": str(teacher), "student": str(student), "episodes": episodes, "scores": rows}
+
+
+def _student_samplers(student: Path) -> tuple[str, ...]:
+    """The STUDENT_SAMPLERS the student samples with: fewstep-k for k up to its distill.timesteps (a student
+    distilled with one timestep has fewstep-1 alone), from its latest checkpoint's config."""
+    from dpkit.train.checkpoint import latest_checkpoint, read_state
+
+    ckpt = latest_checkpoint(student)
+    if ckpt is None:
+        raise DpkitError(f"{student} has no checkpoint: is it a dpkit-distill run folder?")
+    calls = len(read_state(ckpt)["config"].get("policy", {}).get("fewstep_timesteps") or ())
+    if calls == 0:
+        raise DpkitError(f"{student} is not a few-step student (its policy has no fewstep_timesteps)")
+    return STUDENT_SAMPLERS[:calls]
 
 
 def _paired(diff: np.ndarray) -> tuple[float, float | None]:
@@ -94,10 +108,11 @@ def _pair(teacher: Path, student: Path, episodes: int, work: Path, cache: Path, 
           ddpm_sample_seeds: int | None = None) -> dict:
     name = student.name
     tb, sb = _bundle(teacher, cache / f"{teacher.name}_bundle"), _bundle(student, cache / f"{name}_bundle")
-    seeds = {s: sample_seeds for s in TEACHER_SAMPLERS + STUDENT_SAMPLERS}
+    mine = _student_samplers(student)
+    seeds = {s: sample_seeds for s in TEACHER_SAMPLERS + mine}
     seeds["ddpm-100"] = ddpm_sample_seeds or sample_seeds
     evals = {s: _evaluations(tb, s, episodes, work, teacher.name, seeds[s]) for s in TEACHER_SAMPLERS}
-    evals |= {s: _evaluations(sb, s, episodes, work, name, seeds[s]) for s in STUDENT_SAMPLERS}
+    evals |= {s: _evaluations(sb, s, episodes, work, name, seeds[s]) for s in mine}
     # each start state's reward, averaged over the sample seeds
     rewards = {s: np.mean([[e["max_reward"] for e in r["episodes"]] for r in rs], axis=0) for s, rs in evals.items()}
     ref = rewards["ddpm-100"]

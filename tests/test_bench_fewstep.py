@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,18 @@ def runs(tmp_path):
     for name in ("teacher_bundle", "student_bundle"):
         (cache / name).mkdir(parents=True)
         (cache / name / "policy.json").write_text("{}")
+    _student_checkpoint(student, [99, 29])
     work.mkdir()
     return teacher, student, cache, work
+
+
+def _student_checkpoint(run: Path, timesteps) -> None:
+    """The one thing bench_fewstep reads of a student's checkpoint: its policy's fewstep_timesteps."""
+    ckpt = run / "checkpoints" / "step_000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"format": "dpkit-checkpoint", "format_version": 1, "step": 10,
+                                                 "normalizer": {},
+                                                 "config": {"policy": {"fewstep_timesteps": timesteps}}}))
 
 
 def _write(work: Path, name: str, sampler: str, seed: int, rewards, steps):
@@ -91,4 +102,27 @@ def test_pair_refuses_an_evaluation_of_another_sample_seed(runs):
         _write(work, "teacher", sampler, 0, [1.0] * EPISODES, steps)
     (work / "student_fewstep-1.json").write_text(json.dumps(_report([1.0] * EPISODES, 1, sample_seed=3)))
     with pytest.raises(DpkitError, match="at sample seed 3, not 4 at 0"):
+        bench_fewstep._pair(teacher, student, EPISODES, work, cache)
+
+
+def test_a_one_call_student_gets_fewstep_1_alone(runs):
+    teacher, student, cache, work = runs
+    shutil.rmtree(student / "checkpoints")
+    _student_checkpoint(student, [99])  # distill.timesteps=[99]: no fewstep-2 to score
+    for sampler, steps in (("ddpm-100", 100), ("ddim-10", 10), ("fewstep-1", 1)):
+        _write(work, "teacher" if steps > 1 else "student", sampler, 0, [1.0, 0.9, 0.9, 0.8], steps)
+    pair = bench_fewstep._pair(teacher, student, EPISODES, work, cache)
+    assert list(pair["samplers"]) == ["ddpm-100", "ddim-10", "fewstep-1"]
+    md = bench_fewstep._markdown({"machine": "m", "date": "d", "uptime_before": "u", "episodes": EPISODES,
+                                  "pairs": [pair], "under_latency": None})
+    assert "| student | fewstep-1 |" in md and "fewstep-2" not in md
+
+
+def test_the_student_run_must_be_a_few_step_student(runs):
+    teacher, student, cache, work = runs
+    shutil.rmtree(student / "checkpoints")
+    with pytest.raises(DpkitError, match="has no checkpoint"):
+        bench_fewstep._pair(teacher, student, EPISODES, work, cache)
+    _student_checkpoint(student, None)  # a diffusion policy given as the student
+    with pytest.raises(DpkitError, match="is not a few-step student"):
         bench_fewstep._pair(teacher, student, EPISODES, work, cache)
