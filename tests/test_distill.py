@@ -747,3 +747,17 @@ def test_later_epsilon_student_starts_from_its_teachers_one_call_estimate(tiny_r
                 errs = trajectory_errors(load_policy(out, backend="torch"), {"ort": ort, "cpp": cpp}, obs, "fewstep",
                                          k, seed=5)
                 assert max(errs.values()) <= 1e-4, (k, errs)
+
+
+def test_the_two_call_recipe_is_the_recipe_with_its_documented_changes():
+    """pusht_lowdim_cpu_distill_2call: the measured V student (README "The second call") as a named config."""
+    import dataclasses
+
+    from dpkit.train.cli import DISTILL_RECIPE
+    from dpkit.train.config import load_config
+
+    base, two = load_config(DISTILL_RECIPE), load_config("pusht_lowdim_cpu_distill_2call")
+    changed = {f.name: getattr(two.distill, f.name) for f in dataclasses.fields(two.distill)
+               if getattr(two.distill, f.name) != getattr(base.distill, f.name)}
+    assert changed == {"later_inputs": "student", "later_inputs_from": 2400, "later_epsilon": True}
+    assert two.train.steps == 3800 and dataclasses.replace(two.train, steps=base.train.steps) == base.train
