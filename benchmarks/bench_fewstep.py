@@ -5,8 +5,9 @@
 
 For each (teacher run, student run): both are exported (fp32 bundles), then dpkit-eval scores, in the C++
 runtime, the teacher with DDPM-100 and DDIM-10 and the student with fewstep-1 and fewstep-2 (fewstep-1 alone
-for a student distilled with one timestep) on the same legacy seeds (100000 on). A student's figure is given as a fraction of its teacher's DDPM-100 score with the
-paired standard error of the per-episode difference (the same seed's start state on both sides). The cost is
+for a student distilled with one timestep) on the same legacy seeds (100000 on). A student's figure is given
+as a fraction of its teacher's DDPM-100 score with the paired standard error of the per-episode difference
+(the same seed's start state on both sides). The cost is
 the student's distillation CPU time over its teacher's training CPU time (each run's train_summary.json,
 same machine). Pairs run one process each, side by side, with one thread each.
 
