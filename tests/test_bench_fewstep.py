@@ -40,11 +40,13 @@ def runs(tmp_path):
 
 def _student_checkpoint(run: Path, timesteps) -> None:
     """The one thing bench_fewstep reads of a student's checkpoint: its policy's fewstep_timesteps."""
-    ckpt = run / "checkpoints" / "step_000010"
+    from dpkit.train import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.checkpoints_dir(run) / "step_000010"
     ckpt.mkdir(parents=True)
-    (ckpt / "state.json").write_text(json.dumps({"format": "dpkit-checkpoint", "format_version": 1, "step": 10,
-                                                 "normalizer": {},
-                                                 "config": {"policy": {"fewstep_timesteps": timesteps}}}))
+    (ckpt / ckpt_io.STATE).write_text(json.dumps({"format": ckpt_io.FORMAT, "format_version": ckpt_io.FORMAT_VERSION,
+                                                  "step": 10, "normalizer": {},
+                                                  "config": {"policy": {"fewstep_timesteps": timesteps}}}))
 
 
 def _write(work: Path, name: str, sampler: str, seed: int, rewards, steps):
