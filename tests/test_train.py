@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -338,3 +339,28 @@ def test_two_process_cpu_run(store, tmp_path):
     assert first["rank_losses"][0] == pytest.approx(single["final_loss"], abs=1e-6)
     assert abs(first["rank_losses"][1] - first["rank_losses"][0]) > 1e-4
     assert first["loss"] == pytest.approx(np.mean(first["rank_losses"]), abs=1e-6)
+
+
+def test_a_config_starts_from_its_base_and_overrides_win(tmp_path):
+    """`base:` layers a config on another (named, or a path from the file's folder); key=value overrides last."""
+    (tmp_path / "mid.yaml").write_text("base: tiny\ntrain:\n  lr: 2.0e-4\n  batch_size: 8\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\ntrain:\n  batch_size: 4\n")
+    tiny = load_config("tiny")
+    cfg = load_config(str(tmp_path / "top.yaml"), ["train.steps=7"])
+    assert cfg.name == "top"
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.steps) == (2.0e-4, 4, 7)
+    assert cfg.policy == tiny.policy and cfg.data == tiny.data
+    assert dataclasses.replace(cfg.train, lr=tiny.train.lr, batch_size=tiny.train.batch_size,
+                               steps=tiny.train.steps) == tiny.train
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: top.yaml\n", r"bases form a loop \(top -> top\)"),
+    ("base: no_such_config\n", "config 'no_such_config' not found"),
+    ("base: [tiny]\n", "base must name a config"),
+    ("- base\n- tiny\n", "top level must be a mapping"),
+])
+def test_a_bad_base_is_one_clear_error(tmp_path, text, message):
+    (tmp_path / "top.yaml").write_text(text)
+    with pytest.raises(DpkitError, match=message):
+        load_config(str(tmp_path / "top.yaml"))

@@ -672,21 +672,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a named config (`tiny`, `pusht_lowdim`, `pusht_lowdim_cpu`, `pusht_image`) or a YAML path, then apply overrides."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise DpkitError(f"config {name_or_path!r} not found (named configs: {known}; or give a YAML path)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DpkitError(f"config {path} is not valid YAML: {e}") from None
-    except RecursionError:  # the YAML parser recurses once per nesting level
-        raise DpkitError(f"config {path} nests too deeply to read (a dpkit config is a few levels deep)") from None
+    """Load a named config (`tiny`, `pusht_lowdim`, `pusht_lowdim_cpu`, `pusht_image`) or a YAML path, then apply overrides.
+
+    A config may start from another (`base: NAME`: a named config, or a YAML path taken from the file's own
+    folder): the base's values first, then its own, so a variant states only what it changes."""
+    path = _config_path(name_or_path)
     cfg = Config(name=path.stem)
-    _apply(cfg, raw, prefix="")
+    chain = [path]
+    raw = _read_config(path)
+    layers = [raw]
+    while "base" in raw:
+        base = raw.pop("base")
+        if not isinstance(base, str) or not base:
+            raise DpkitError(f"config {chain[-1]}: base must name a config, got {base!r}")
+        path = _config_path(base, relative_to=chain[-1].parent)
+        if path in chain:
+            raise DpkitError(f"config {chain[0]}: its bases form a loop ({' -> '.join(p.stem for p in chain + [path])})")
+        chain.append(path)
+        raw = _read_config(path)
+        layers.append(raw)
+    for layer in reversed(layers):
+        _apply(cfg, layer, prefix="")
     for text in overrides:
         keys, value = parse_override(text)
         nested: dict[str, Any] = {keys[-1]: value}
@@ -694,3 +700,28 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
             nested = {k: nested}
         _apply(cfg, nested, prefix="")
     return cfg.validate()
+
+
+def _config_path(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """A named config's file, or a YAML path (a base's relative path is taken from the file naming it)."""
+    path = Path(name_or_path)
+    if path.suffix and relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise DpkitError(f"config {name_or_path!r} not found (named configs: {known}; or give a YAML path)")
+    return path.resolve()
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DpkitError(f"config {path} is not valid YAML: {e}") from None
+    except RecursionError:  # the YAML parser recurses once per nesting level
+        raise DpkitError(f"config {path} nests too deeply to read (a dpkit config is a few levels deep)") from None
+    if not isinstance(raw, dict):
+        raise DpkitError(f"bad config: {path}'s top level must be a mapping, got {type(raw).__name__}")
+    return raw
