@@ -151,12 +151,11 @@ def policy_obs(policy):
     return random_observations(policy.observations, policy.n_obs_steps, 1, seed=0)
 
 
-@pytest.mark.parametrize("draws, later, rollouts, energy, end", [
-    (0, "noised_actions", [], 0.0, 1.0), (2, "noised_actions", [], 0.0, 1.0), (2, "teacher_path", [], 0.0, 1.0),
-    (1, "noised_actions", [1, 3], 0.0, 3.0), (1, "noised_actions", [], 0.5, 1.0),
-    (1, "noised_actions", [], "0.5@3", 1.0), (0, "student", [], 0.0, 1.0), (1, "student@3", [], 0.0, 1.0)])
-def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later, rollouts, energy,
-                                          end):
+@pytest.mark.parametrize("draws, later, rollouts, energy", [
+    (0, "noised_actions", [], 0.0), (2, "noised_actions", [], 0.0), (2, "teacher_path", [], 0.0),
+    (1, "noised_actions", [1, 3], 0.0), (1, "noised_actions", [], 0.5), (1, "noised_actions", [], "0.5@3"),
+    (0, "student", [], 0.0), (1, "student@3", [], 0.0)])
+def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, draws, later, rollouts, energy):
     # a constant LR, so the first part's shorter train.steps does not change the schedule; with fixed draws
     # the resumed run restores the targets computed so far from the checkpoint, and with rollouts the
     # windows of the round before it (the round after it runs in the resumed part)
@@ -165,8 +164,7 @@ def test_resume_continues_bit_identically(tiny_runs, synthetic_store, tmp_path, 
     later, _, later_from = later.partition("@")  # the same for the student's own states as inputs
     extra = ["train.lr_scheduler=constant", f"distill.draws_per_window={draws}", f"distill.later_inputs={later}",
              f"distill.later_inputs_from={later_from or 0}",
-             f"distill.energy_weight={weight}", "distill.energy_rows=4", f"distill.energy_from={start or 0}",
-             f"distill.episode_end_weight={end}", "distill.episode_end_fraction=0.5"]
+             f"distill.energy_weight={weight}", "distill.energy_rows=4", f"distill.energy_from={start or 0}"]
     if rollouts:
         extra += [f"distill.rollout_at={rollouts}", "distill.rollout_episodes=2"]
     assert _distill(tiny_runs["lowdim"], whole, synthetic_store, *extra, steps=4) == 0
@@ -444,56 +442,6 @@ def test_pseudo_huber_loss_is_per_window(tiny_runs):
         assert float(policy(plain)) == pytest.approx(float(((e + 0.05 ** 2).sqrt() - 0.05).mean()), rel=1e-5)
 
 
-def test_episode_end_weight_weighs_the_late_windows(tiny_runs):
-    teacher, batch = _teacher_and_batch(tiny_runs, 4, timesteps=(99, 59), unexecuted_weight=0.5, pseudo_huber=0.05,
-                                        episode_end_weight=3.0, episode_end_fraction=0.25)
-    policy = teacher.policy
-    batch["progress"] = torch.tensor([0.0, 0.74, 0.75, 0.95])
-    torch.manual_seed(1)
-    prepared = teacher.targets(batch)
-    assert prepared["row_weight"].tolist() == [1.0, 1.0, 3.0, 3.0]
-    with torch.no_grad():
-        loss = float(policy(prepared))
-        cond = policy.encoder(*policy._check_obs(prepared["obs"], check_finite=False))
-        err = (policy.denoiser(prepared["noisy"], prepared["timestep"], cond) - prepared["target"]).square()
-        unweighted = float(policy({k: v for k, v in prepared.items() if k != "row_weight"}))
-    w = prepared["weight"][None, :, None]
-    e = (err * w).sum(dim=(1, 2)) / (w.sum() * err.shape[2])
-    d = (e + 0.05 ** 2).sqrt() - 0.05  # each window's pseudo-Huber distance, then their weighted mean
-    assert loss == pytest.approx(float((d * torch.tensor([1.0, 1.0, 3.0, 3.0])).sum() / 8.0), rel=1e-5)
-    assert unweighted == pytest.approx(float(d.mean()), rel=1e-5) and loss != pytest.approx(unweighted, rel=1e-3)
-    # the same draws and targets as without the option: only the loss's weights change
-    plain = _teacher_and_batch(tiny_runs, 4, timesteps=(99, 59), unexecuted_weight=0.5, pseudo_huber=0.05)[0]
-    torch.manual_seed(1)
-    same = plain.targets(batch)
-    assert "row_weight" not in same and torch.equal(same["target"], prepared["target"])
-    # a batch without progress (validation) is unweighted; rollout windows (the batch's last rows) weigh 1
-    assert "row_weight" not in teacher.targets({k: v for k, v in batch.items() if k != "progress"})
-    teacher.add_rollout_windows({k: v[:2] for k, v in batch["obs"].items()})
-    teacher.rollout_fraction = 0.5
-    assert teacher.targets(batch)["row_weight"].tolist() == [1.0, 1.0, 1.0, 1.0]
-    batch["progress"] = torch.tensor([0.9, 0.1, 0.9, 0.9])
-    assert teacher.targets(batch)["row_weight"].tolist() == [3.0, 1.0, 1.0, 1.0]
-
-
-def test_window_progress_is_its_current_observations_place_in_the_episode(synthetic_store):
-    from dpkit.train.config import load_config
-    from dpkit.train.data import PushTDataset, load_replay
-
-    cfg = load_config("pusht_lowdim_cpu")
-    replay = load_replay(synthetic_store, "lowdim")
-    ds = PushTDataset(replay, np.arange(replay.n_episodes), cfg.policy)
-    start, end = replay.episode_bounds(0)
-    mine = np.flatnonzero(ds.index[:, 1] == start)
-    got = ds.progress(mine)
-    # the current observation is frame n_obs_steps - 1 of the window, clamped into the episode (padding)
-    now = np.clip(ds.index[mine, 0] + cfg.policy.n_obs_steps - 1, start, end - 1)
-    assert np.allclose(got, (now - start) / (end - start)) and got[0] == 0.0 and got.max() < 1.0
-    assert "progress" not in ds.__getitems__(mine[:3])
-    ds.with_progress = True
-    assert np.array_equal(ds.__getitems__(mine[:3])["progress"], got[:3])
-
-
 def test_energy_score_is_proper_and_as_defined():
     from dpkit.train.policy import energy_score
 
@@ -576,7 +524,6 @@ def latest_checkpoint_of(run: Path) -> Path:
 
 @pytest.mark.parametrize("case, expect", [
     ("energy_samples", "distill.energy_samples must be in [2, 64], got 1"),
-    ("end_weight", "distill.episode_end_weight must be > 0 and <= 100, got 0.0"),
     ("not_a_run", "is not a dpkit run folder or checkpoint"),
     ("missing", "no such run folder"),
     ("mismatch", "the student's policy.down_dims = (16, 32) does not match the teacher's (32, 64)"),
@@ -596,8 +543,6 @@ def test_bad_input_is_one_line(case, expect, tiny_runs, synthetic_store, student
         teacher = student
     elif case == "bad_timesteps":
         extra = ["distill.timesteps=[150,49]"]
-    elif case == "end_weight":
-        extra = ["distill.episode_end_weight=0"]
     elif case == "energy_samples":
         extra = ["distill.energy_weight=1", "distill.energy_samples=1"]
     out = tmp_path / "out"

@@ -410,14 +410,6 @@ class DistillConfig:
     """0: the (weighted) mean-squared loss. c > 0: each window's mean square e counts as sqrt(e + c^2) - c,
     quadratic below an RMS error of about c (in normalized action units) and linear above it, so the windows
     the student misses most weigh less than under the squared loss."""
-    episode_end_weight: float = 1.0
-    """The loss weight of the windows whose current observation lies in the last `episode_end_fraction` of its
-    demonstration, relative to the others (1.0: every window alike). A demonstration's end is where the task
-    is finished (on PushT, the block's final alignment), the precise part of the behavior that a closed-loop
-    rollout spends far more of its decisions on than the demonstrations' share of it. Rollout windows
-    (rollout_at) weigh 1."""
-    episode_end_fraction: float = 0.2
-    """The share of each demonstration, counted back from its end, that `episode_end_weight` weighs."""
     later_inputs: str = "noised_actions"
     """The input at the student's later timesteps. "noised_actions": the window's actions noised to that
     level, with the teacher's chain from there (one chain per input). "teacher_path": the state the
@@ -481,10 +473,6 @@ class DistillConfig:
         _range("distill.draws_per_window", self.draws_per_window, 0, 1000)
         _range("distill.unexecuted_weight", self.unexecuted_weight, 0.0, 1.0)
         _range("distill.pseudo_huber", self.pseudo_huber, 0.0, 10.0)
-        _check(0.0 < self.episode_end_weight <= 100.0,
-               f"distill.episode_end_weight must be > 0 and <= 100, got {self.episode_end_weight}")
-        _check(0.0 < self.episode_end_fraction <= 1.0,
-               f"distill.episode_end_fraction must be > 0 and <= 1, got {self.episode_end_fraction}")
         _check(self.later_inputs in LATER_INPUTS,
                f"distill.later_inputs must be one of {', '.join(LATER_INPUTS)}, got {self.later_inputs!r}")
         _check(list(self.rollout_at) == sorted(set(self.rollout_at)) and all(s >= 1 for s in self.rollout_at),

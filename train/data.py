@@ -309,7 +309,6 @@ class PushTDataset(torch.utils.data.Dataset):
         self.pad_before = policy.n_obs_steps - 1
         self.pad_after = policy.n_action_steps - 1
         self.index = window_index(replay.episode_ends, self.episodes, self.horizon, self.pad_before, self.pad_after)
-        self.with_progress = False  # batches also carry "progress" (distill.episode_end_weight)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -319,13 +318,6 @@ class PushTDataset(torch.utils.data.Dataset):
         rows = self.index[np.asarray(indices, dtype=np.int64)]
         t = rows[:, :1] + np.arange(self.horizon)
         return np.clip(t, rows[:, 1:2], rows[:, 2:3] - 1)
-
-    def progress(self, indices) -> np.ndarray:
-        """(B,) float32: where each window's current observation (its frame n_obs_steps - 1) lies in its
-        episode, as the share of the episode's steps before it: 0 at the first step, (L - 1) / L at the last."""
-        rows = self.index[np.asarray(indices, dtype=np.int64)]
-        now = np.clip(rows[:, 0] + self.n_obs_steps - 1, rows[:, 1], rows[:, 2] - 1)
-        return ((now - rows[:, 1]) / (rows[:, 2] - rows[:, 1])).astype(np.float32)
 
     def __getitems__(self, indices) -> dict:
         frames = self.frames(indices)
@@ -337,10 +329,7 @@ class PushTDataset(torch.utils.data.Dataset):
             img = r.image[obs_frames]  # (B, To, 96, 96, 3) uint8
             img = np.ascontiguousarray(img.transpose(0, 1, 4, 2, 3)).astype(np.float32) / np.float32(255)
             obs = {"image": img, "agent_pos": r.agent_pos[obs_frames]}
-        batch = {"obs": obs, "action": r.action[frames]}
-        if self.with_progress:
-            batch["progress"] = self.progress(indices)
-        return batch
+        return {"obs": obs, "action": r.action[frames]}
 
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):

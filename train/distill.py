@@ -128,7 +128,6 @@ class Teacher:
         self.draws = distill.draws_per_window
         self.weight = step_weights(policy.cfg, distill.unexecuted_weight)
         self.pseudo_huber = float(distill.pseudo_huber)
-        self.end_weight = (float(distill.episode_end_weight), float(distill.episode_end_fraction))
         self.seed = int(seed)
         self.cache: dict[bytes, tuple[torch.Tensor, torch.Tensor, int]] = {}  # draw key -> (noisy, target, t)
         self.teacher_windows = 0  # windows the teacher denoised (cache misses when draws are fixed)
@@ -165,10 +164,9 @@ class Teacher:
         def extra() -> dict[str, Any]:
             return self.energy_inputs(x0[: n - k]) if energy and self.energy[0] > 0 else {}
 
-        rows = self._row_weight(batch.get("progress"), n, k, x0.device)
         if k == 0:
             return {"obs": obs, **self._rows(obs, x0, batch["action"], self.path, on_student), **self._weight(x0),
-                    **rows, **extra()}
+                    **extra()}
         pick = torch.randint(0, self.rollout_windows, (k,)).to(x0.device)
         mine = {key: v[pick] for key, v in self.rollout_obs.items()}
         theirs = {key: v[: n - k] for key, v in obs.items()}
@@ -176,19 +174,7 @@ class Teacher:
         out = [self._rows(theirs, x0[: n - k], batch["action"][: n - k], self.path, on_student),
                self._rows(mine, x0[n - k:], torch.full_like(batch["action"][n - k:], torch.nan), True)]
         return {"obs": {key: torch.cat([theirs[key], mine[key]]) for key in obs},
-                **{key: torch.cat([o[key] for o in out]) for key in out[0]}, **self._weight(x0), **rows, **extra()}
-
-    def _row_weight(self, progress: torch.Tensor | None, n: int, k: int, device: Any) -> dict[str, Any]:
-        """{"row_weight": (n,)} with distill.episode_end_weight: the demonstration windows (the first n - k rows)
-        in the last episode_end_fraction of their episode (`progress`, PushTDataset.progress) weigh it, the
-        others 1, rollout windows (the last k) 1; {} without the option or a progress (validation batches)."""
-        weight, fraction = self.end_weight
-        if weight == 1.0 or progress is None:
-            return {}
-        late = progress.to(device).reshape(-1)[: n - k] >= 1.0 - fraction
-        w = torch.ones(n, device=device)
-        w[: n - k][late] = weight
-        return {"row_weight": w}
+                **{key: torch.cat([o[key] for o in out]) for key in out[0]}, **self._weight(x0), **extra()}
 
     def energy_inputs(self, x0: torch.Tensor) -> dict[str, Any]:
         """The energy term's entry for a batch whose first rows are demonstration windows with normalized

@@ -257,22 +257,17 @@ class DiffusionPolicy(nn.Module):
         the output to that target (the teacher's result from the same input), weighted per trajectory step
         when it carries "weight" (H,). With "pseudo_huber" c > 0 each window's (weighted) mean square e
         counts as sqrt(e + c^2) - c instead: quadratic below an RMS error of about c, linear above, so the
-        windows the student misses most do not dominate the fit. A "row_weight" (B,) weighs the windows'
-        losses (their weighted mean; distill.episode_end_weight)."""
+        windows the student misses most do not dominate the fit."""
         if "obs" in batch and "target" in batch:
             cond = self.encoder(*self._check_obs(batch["obs"], check_finite=False))
             out = self.denoiser(batch["noisy"], batch["timestep"], cond)
             c = float(batch.get("pseudo_huber", 0.0))
             w = batch["weight"].to(out.dtype) if "weight" in batch else None
-            rows = batch.get("row_weight")
-            if w is None and c == 0.0 and rows is None:
+            if w is None and c == 0.0:
                 loss = F.mse_loss(out, batch["target"])
             else:
                 per_window = window_mse(out - batch["target"], w)
-                if c != 0.0:
-                    per_window = (per_window + c * c).sqrt() - c
-                loss = (per_window.mean() if rows is None
-                        else (per_window * rows.to(out.dtype)).sum() / rows.to(out.dtype).sum())
+                loss = per_window.mean() if c == 0.0 else ((per_window + c * c).sqrt() - c).mean()
             if "energy" in batch:
                 loss = loss + self._energy_term(cond, batch["energy"], w, c)
             return loss

@@ -407,8 +407,6 @@ def _train(cfg: Config, run_dir: Path, acc, resume_from: Path | None, progress: 
     if teacher is not None:  # later_inputs "student" reads the student's own few-step states
         teacher.attach_student(unwrapped)
     eval_policy = ema.module if ema is not None else unwrapped  # validation and rollouts score the EMA
-    # distill.episode_end_weight weighs windows by where they lie in their demonstration
-    train_ds.with_progress = teacher is not None and cfg.distill.episode_end_weight != 1.0
     loader = _data_loader(cfg, train_ds, acc, first_step)
     per_epoch = loader.batch_sampler.per_epoch
     metrics = _Metrics(run_dir, main, resume_step=step if state is not None else None)
