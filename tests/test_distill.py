@@ -630,11 +630,34 @@ def test_spread_benchmark_compares_the_student_with_its_teacher(tiny_bundles, st
     assert list(rows) == ["ddpm-100", "ddim-10"] + [f"bundle fewstep-{k}" for k in range(1, n + 1)]
     assert rows["ddpm-100"]["of_teacher_ddpm100"] == 1.0 and rows["ddpm-100"]["mean_offset_px"] == 0.0
     assert all(r["spread_px"] > 0 and np.isfinite(r["mean_offset_px"]) for r in rows.values())
+    # --goal-distance: the states of whole episodes whose block lies in the band (here every state: the tiny
+    # teacher's episodes are short), evenly spread; a band no state lies in is one clear line
+    assert run("--student", str(student_bundle), "--goal-distance", "0,1e9", "--episodes", "1", "--states", "2",
+               "--samples", "2", "--json", str(out)) == 0
+    near = json.loads(out.read_text())
+    assert near["states"] == 2 and near["goal_distance_px"] == [0.0, 1e9] and near["episodes"] == 1
+    assert near["states_in_band"] == near["states_seen"] >= 2
+    capsys.readouterr()
+    assert run("--student", str(student_bundle), "--goal-distance", "0,0.001", "--episodes", "1",
+               "--samples", "2") != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "px from the goal (their distances:" in err[0], err
     # a teacher bundle is not a student's: one clear line
     capsys.readouterr()
     assert run("--student", str(tiny_bundles["lowdim"]), "--states", "1", "--samples", "2") != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a few-step student's bundle" in err[0], err
+
+
+def test_goal_distance_is_zero_at_the_goal_and_grows_with_the_offset():
+    from dpkit.benchmarks.fewstep_spread import goal_distance
+    from dpkit.eval.pusht import GOAL_POSE, block_keypoints
+
+    x, y, a = GOAL_POSE
+    obs = np.zeros((3, 2, 20))
+    for i, pose in enumerate([(x, y, a), (x + 30.0, y, a), (x, y - 40.0, a)]):
+        obs[i, -1, :18] = block_keypoints(np.array(pose)).reshape(-1)
+    assert np.allclose(goal_distance(obs), [0.0, 30.0, 40.0])
 
 
 def test_spread_summary_is_relative_to_the_teachers_ddpm():
