@@ -33,3 +33,18 @@ def test_make_dry_run_knows_both_targets():
     for target in ("demo", "test"):
         r = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
+
+
+def _relative_links(md: Path) -> list[str]:
+    text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)  # code blocks hold commands, not links
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [l.split("#", 1)[0] for l in links if not re.match(r"[a-z]+:", l) and not l.startswith("#")]
+
+
+def test_markdown_links_resolve():
+    """A moved or renamed record must not leave the README or the docs pointing at nothing."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted((ROOT / "benchmarks" / "results").rglob("*.md"))]
+    broken = [f"{md.relative_to(ROOT)}: {link}" for md in pages for link in _relative_links(md)
+              if not (md.parent / link).exists()]
+    assert not broken, "links to missing files:\n" + "\n".join(broken)

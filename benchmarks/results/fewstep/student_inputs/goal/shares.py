@@ -1,6 +1,7 @@
-"""The shares README "Few-step policies" quotes beside goal/ (a record of how they were computed):
-the demonstrations' steps with the block within 15 px of the goal (all, and in the last fifth of each
-demonstration), and the share of episodes whose best coverage reaches 0.95 in the committed evaluations.
+"""The shares docs/fewstep-distillation.md (and README "Few-step policies") quote beside goal/, a record of how
+they were computed: the demonstrations' steps with the block within 15 px of the goal (all, and in the last
+fifth of each demonstration), and the share of episodes whose best coverage reaches 0.95 in the committed
+evaluations.
 
     .venv/bin/python benchmarks/results/fewstep/student_inputs/goal/shares.py > benchmarks/results/fewstep/student_inputs/goal/shares.txt
 """
