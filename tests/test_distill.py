@@ -773,7 +773,8 @@ def test_later_epsilon_student_starts_from_its_teachers_one_call_estimate(tiny_r
 
 
 def test_the_two_call_recipe_is_the_recipe_with_its_documented_changes():
-    """pusht_lowdim_cpu_distill_2call: the measured V student (docs/fewstep-distillation.md, "The second call") as a named config."""
+    """pusht_lowdim_cpu_distill_2call: the measured V student as a named config (docs/fewstep-distillation.md,
+    "The second call")."""
     import dataclasses
 
     from dpkit.train.cli import DISTILL_RECIPE
